@@ -1,0 +1,38 @@
+# Tandem's two commands are `make demo` and `make test`; each sets up what it
+# needs (a project-local virtual environment from the lock files) on its own.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench venv clean
+
+demo: $(STAMP)
+	$(PY) -m shared.cli train --preset digits-cnn --dataset digits --epochs 15
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Long training runs that reproduce the seeds' accuracy figures.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) $(VENV)/.bench-installed
+	$(PY) -m bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/dev.lock
+	@command -v $(PYTHON) >/dev/null || { echo "Tandem needs $(PYTHON) on PATH (or PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.bench-installed: requirements/bench.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements/bench.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info
