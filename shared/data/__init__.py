@@ -1,0 +1,24 @@
+"""Offline datasets for Tandem: `load_dataset("digits")` and whatever IDX or
+.npz datasets sit in the data directory (see dataset.py)."""
+
+from .dataset import (
+    Dataset,
+    DatasetError,
+    DatasetNotFound,
+    list_datasets,
+    load_dataset,
+    resolve_data_dir,
+)
+from .idx import read_idx
+from .split import stratified_split
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "DatasetNotFound",
+    "list_datasets",
+    "load_dataset",
+    "read_idx",
+    "resolve_data_dir",
+    "stratified_split",
+]

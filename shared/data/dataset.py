@@ -1,0 +1,139 @@
+"""Datasets by name: the built-in `digits` set, plus IDX directories and .npz
+files found in a data directory.
+
+Every dataset comes back in the same shape: images as (N, 1, H, W) floats in
+[0, 1] (flat features as (N, F)), labels as int64 class indices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR_ENV = "TANDEM_DATA_DIR"
+# Where Debian's `dataset-fashion-mnist` package installs fashion-mnist/.
+DEFAULT_DATA_DIR = Path("/usr/share/datasets")
+BUILTIN_DATASETS = ("digits",)
+
+_FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float64)}
+
+
+class DatasetError(ValueError):
+    """A dataset file is unreadable or malformed; the message names the file."""
+
+
+class DatasetNotFound(LookupError):
+    """No dataset of that name; the message lists the available ones."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.x_train.shape[1:]
+
+    @classmethod
+    def from_arrays(cls, name, x_train, y_train, x_test, y_test) -> Dataset:
+        """Build a dataset whose classes are 0 .. max label seen in either split."""
+        for split, labels in (("train", y_train), ("test", y_test)):
+            if len(labels) == 0:
+                raise DatasetError(f"dataset {name!r}: the {split} split has no samples")
+        y_train = y_train.astype(np.int64, copy=False)
+        y_test = y_test.astype(np.int64, copy=False)
+        num_classes = int(np.concatenate([y_train, y_test]).max(initial=-1)) + 1
+        return cls(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The explicit argument, else $TANDEM_DATA_DIR, else /usr/share/datasets."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def list_datasets(data_dir: str | os.PathLike | None = None) -> list[str]:
+    return sorted({*BUILTIN_DATASETS, *_discover(resolve_data_dir(data_dir))})
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, dtype=np.float32
+) -> Dataset:
+    """Load a dataset by name; the built-in `digits` wins over a same-named file."""
+    # Imported here because the loaders import Dataset and DatasetError from this module.
+    from .digits import load_digits
+    from .idx import load_idx_dataset
+    from .npz import load_npz_dataset
+
+    dtype = check_dtype(dtype)
+    if name == "digits":
+        return load_digits(dtype)
+    root = resolve_data_dir(data_dir)
+    found = _discover(root)
+    if name not in found:
+        available = ", ".join(sorted({*BUILTIN_DATASETS, *found}))
+        raise DatasetNotFound(
+            f"no dataset named {name!r}; available: {available} "
+            f"(data dir searched: {root}; pass data_dir or set {DATA_DIR_ENV})"
+        )
+    path = found[name]
+    if path.is_dir():
+        return load_idx_dataset(name, path, dtype)
+    return load_npz_dataset(name, path, dtype)
+
+
+def _discover(root: Path) -> dict[str, Path]:
+    """Map name -> IDX directory or .npz file, in `root` and its immediate subdirectories.
+
+    A missing root holds no datasets. On a name clash the first found wins, root first.
+    """
+    from .idx import find_idx_files
+
+    if not root.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for directory in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if find_idx_files(directory) is not None:
+            found.setdefault(directory.name, directory)
+        for file in sorted(directory.glob("*.npz")):
+            found.setdefault(file.stem, file)
+    return found
+
+
+def check_dtype(dtype) -> np.dtype:
+    """Only float32 and float64 are supported; anything else is a ValueError."""
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)  # np.dtype(None) is float64
+    except TypeError:
+        resolved = None
+    if resolved not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+    return resolved
+
+
+def scale_pixels(x: np.ndarray, dtype: np.dtype, max_value: int) -> np.ndarray:
+    """Integer pixels 0..max_value -> [0, 1] floats of exactly `dtype`; float x is only cast."""
+    out = x.astype(dtype)
+    if np.issubdtype(x.dtype, np.integer):
+        out /= dtype.type(max_value)  # in place, so no float64 intermediate
+    return out
+
+
+def as_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Check that `y` is a 1-D array of non-negative integers; return it as int64."""
+    if y.ndim != 1:
+        raise DatasetError(f"{where}: labels must be 1-D, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise DatasetError(f"{where}: labels must be >= 0, found {y.min()}")
+    return y.astype(np.int64, copy=False)

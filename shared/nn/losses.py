@@ -1,0 +1,40 @@
+"""Softmax and the softmax + cross-entropy loss, fused and numerically stable."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax by log-sum-exp, with each row's maximum subtracted first."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits) against integer labels.
+
+    The loss is computed from log-softmax (never log(p + eps)), and its
+    gradient with respect to the logits is (softmax - one_hot) / N.
+    """
+
+    def __init__(self):
+        self._log_probs: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+
+    def forward(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        self._log_probs = log_softmax(logits)
+        self._labels = labels
+        picked = self._log_probs[np.arange(len(labels)), labels]
+        return float(-picked.mean())
+
+    def backward(self) -> np.ndarray:
+        n = len(self._labels)
+        dlogits = np.exp(self._log_probs)
+        dlogits[np.arange(n), self._labels] -= 1
+        return dlogits / np.asarray(n, dtype=dlogits.dtype)

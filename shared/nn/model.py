@@ -1,0 +1,130 @@
+"""A model: a checked stack of layers with its spec, dtype and parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.nn.layers import Layer
+from shared.nn.losses import SoftmaxCrossEntropy, softmax
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_model_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+class Model:
+    """Layers in sequence; the last one outputs one logit per class.
+
+    Parameters are named "layers.<index>.<W|b>", the names used by
+    `state_dict`, the optimisers and checkpoints.
+    """
+
+    def __init__(self, spec: dict, layers: list[Layer], dtype=np.float32):
+        self.spec = spec
+        self.layers = layers
+        self.dtype = as_model_dtype(dtype)
+        self.loss = SoftmaxCrossEntropy()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.layers[0].input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.layers[-1].output_shape[0]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            f"layers.{i}.{name}": shape
+            for i, layer in enumerate(self.layers)
+            for name, shape in layer.param_shapes().items()
+        }
+
+    def initialise(self, seed: int | np.random.Generator) -> "Model":
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.initialise(rng, self.dtype)
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters by name (the live arrays, not copies)."""
+        return {
+            f"layers.{i}.{name}": array
+            for i, layer in enumerate(self.layers)
+            for name, array in layer.params.items()
+        }
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {
+            f"layers.{i}.{name}": array
+            for i, layer in enumerate(self.layers)
+            for name, array in layer.grads.items()
+        }
+
+    def load_state_dict(self, weights: dict[str, np.ndarray]) -> "Model":
+        """Take parameters from `weights`, which must match this architecture exactly."""
+        expected = self.param_shapes()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not match the architecture: missing {missing}, unexpected {unexpected}"
+            )
+        for name, shape in expected.items():
+            if tuple(weights[name].shape) != tuple(shape):
+                raise ValueError(
+                    f"weights do not match the architecture: {name} has shape "
+                    f"{tuple(weights[name].shape)}, the spec needs {tuple(shape)}"
+                )
+        for i, layer in enumerate(self.layers):
+            layer.params = {
+                name: np.array(weights[f"layers.{i}.{name}"], dtype=self.dtype)
+                for name in layer.param_shapes()
+            }
+        return self
+
+    def _check_batch(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"input batch has sample shape {x.shape[1:]}, the model needs {self.input_shape}"
+            )
+        # The one deliberate cast: inputs are brought to the model's dtype at the door.
+        return x.astype(self.dtype, copy=False)
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """Logits for a batch."""
+        out = self._check_batch(x)
+        for layer in self.layers:
+            out = layer.forward(out, training)
+        return out
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        grad = dlogits
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+
+    def train_step_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Forward, loss and backward on one batch; returns (loss, logits).
+
+        Gradients are left in each layer's `grads` (see `gradients()`).
+        """
+        logits = self.forward(x, training=True)
+        loss = self.loss.forward(logits, y)
+        self.backward(self.loss.backward())
+        return loss, logits
+
+    def predict_proba(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Softmax probabilities, computed in batches to bound memory."""
+        x = self._check_batch(x)
+        parts = [softmax(self.forward(x[i:i + batch_size]))
+                 for i in range(0, len(x), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), self.dtype)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        return self.predict_proba(x, batch_size).argmax(axis=1)

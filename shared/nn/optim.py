@@ -1,0 +1,131 @@
+"""Optimisers: minibatch SGD (plain, momentum, Nesterov) and Adam.
+
+`step(params, grads)` updates the named parameter arrays in place; the
+gradient arrays are only read. Optional L2 weight decay adds
+`weight_decay * W` to the gradient of weights, not of biases.
+Learning rates and other settings are Python floats, so float32
+parameters stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> float:
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    def __init__(self, lr: float, weight_decay: float = 0.0):
+        self.lr = _positive("learning_rate", lr)
+        self.weight_decay = _in_range("weight_decay", weight_decay, 0.0, 1.0)
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    def _decayed(self, name: str, param: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        if self.weight_decay and name.endswith(".W"):
+            return grad + self.weight_decay * param
+        return grad
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        for name, param in params.items():
+            self._update(name, param, self._decayed(name, param, grads[name]))
+
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """SGD; with momentum it keeps a velocity v = momentum * v - lr * g.
+
+    Nesterov uses the look-ahead form w += momentum * v - lr * g (after
+    updating v), as in Sutskever et al. 2013 and PyTorch.
+    """
+
+    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.momentum = _in_range("momentum", momentum, 0.0, 1.0)
+        if nesterov and not self.momentum:
+            raise ValueError("nesterov needs momentum > 0")
+        self.nesterov = nesterov
+
+    def _update(self, name, param, grad):
+        if not self.momentum:
+            param -= self.lr * grad
+            return
+        velocity = self.state.setdefault(name, {"v": np.zeros_like(param)})["v"]
+        velocity *= self.momentum
+        velocity -= self.lr * grad
+        if self.nesterov:
+            param += self.momentum * velocity - self.lr * grad
+        else:
+            param += velocity
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) with bias-corrected moment estimates."""
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.beta1 = _in_range("beta1", beta1, 0.0, 1.0)
+        self.beta2 = _in_range("beta2", beta2, 0.0, 1.0)
+        self.eps = _positive("eps", eps)
+        self.steps = 0
+
+    def step(self, params, grads):
+        self.steps += 1
+        super().step(params, grads)
+
+    def _update(self, name, param, grad):
+        slot = self.state.setdefault(name, {"m": np.zeros_like(param), "v": np.zeros_like(param)})
+        m, v = slot["m"], slot["v"]
+        m *= self.beta1
+        m += (1 - self.beta1) * grad
+        v *= self.beta2
+        v += (1 - self.beta2) * (grad * grad)
+        step_size = self.lr * np.sqrt(1 - self.beta2 ** self.steps) / (1 - self.beta1 ** self.steps)
+        param -= float(step_size) * m / (np.sqrt(v) + self.eps)
+
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+
+
+def make_optimizer(name: str, lr: float, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> Optimizer:
+    """An optimiser by name: 'sgd', 'momentum', 'nesterov' or 'adam'."""
+    if name == "sgd":
+        return SGD(lr, weight_decay=weight_decay)
+    if name in ("momentum", "nesterov"):
+        return SGD(lr, momentum=momentum, nesterov=name == "nesterov", weight_decay=weight_decay)
+    if name == "adam":
+        return Adam(lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate for 0-based `step` of `total_steps`.
+
+    "cosine" anneals from base_lr towards 0 along half a cosine
+    (Loshchilov & Hutter 2017, without restarts), as PyTorch's
+    CosineAnnealingLR with eta_min=0.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")

@@ -1,0 +1,201 @@
+"""The training loop: epochs over shuffled minibatches, metrics, early stopping.
+
+`fit` is deterministic for a given seed: the same seed, data and settings
+give bit-identical weights. A callback sees every step and every epoch;
+raising `StopTraining` from it ends training at that step boundary (the
+trainer service cancels jobs this way).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from shared.data.split import stratified_split
+from shared.nn.losses import log_softmax
+from shared.nn.model import Model
+from shared.nn.optim import Optimizer, scheduled_lr
+
+MONITORS = ("val_loss", "val_accuracy")
+
+
+class StopTraining(Exception):
+    """Raised by a callback to stop training at the current step boundary."""
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    epoch: int            # 1-based
+    step: int             # 1-based, counted over the whole run
+    steps_per_epoch: int
+    batch_loss: float
+    batch_accuracy: float
+
+
+@dataclass(frozen=True)
+class EpochEvent:
+    epoch: int
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when `monitor` has not improved by `min_delta` for `patience` epochs."""
+
+    monitor: str = "val_loss"
+    patience: int = 3
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if self.monitor not in MONITORS:
+            raise ValueError(f"early_stopping.monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.patience < 1:
+            raise ValueError(f"early_stopping.patience must be >= 1, got {self.patience}")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.monitor == "val_loss":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+
+@dataclass
+class History:
+    """Every epoch's metrics, and how and where training ended."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = "completed"      # completed | early_stopping | stopped
+    best_epoch: int | None = None
+    steps: int = 0
+    weights_epoch: int | None = None    # the epoch whose weights the model ended with
+
+    @property
+    def weights_metrics(self) -> dict[str, float]:
+        """Metrics of the weights the model holds (the best epoch's after early stopping)."""
+        for metrics in self.epochs:
+            if metrics["epoch"] == self.weights_epoch:
+                return metrics
+        return {}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model on (x, y)."""
+    if len(x) == 0:
+        raise ValueError("cannot evaluate on an empty set of samples")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model.forward(x[start:start + batch_size])
+        labels = y[start:start + batch_size]
+        log_probs = log_softmax(logits)
+        total_loss -= float(log_probs[np.arange(len(labels)), labels].sum())
+        correct += int((logits.argmax(axis=1) == labels).sum())
+    return total_loss / len(x), correct / len(x)
+
+
+def fit(
+    model: Model,
+    optimizer: Optimizer,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    validation_split: float = 0.0,
+    early_stopping: EarlyStopping | None = None,
+    callback: Callable[[StepEvent | EpochEvent], None] | None = None,
+    first_epoch: int = 1,
+    lr_schedule: str = "constant",
+) -> History:
+    """Train `model` in place and return its history.
+
+    Metrics per epoch: train_loss/train_accuracy (running means over the
+    epoch's minibatches, as Keras and PyTorch loops report them),
+    val_* on the held-out `validation_split` of the training data,
+    test_* on (x_test, y_test), and the epoch's wall time in seconds.
+    `first_epoch` > 1 continues a run (resume) with the same shuffling
+    and learning-rate schedule. `lr_schedule` ("constant" or "cosine")
+    sets the optimiser's rate before every step from its starting rate.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    if early_stopping and not validation_split:
+        raise ValueError("early stopping monitors validation data: set validation_split > 0")
+    x_val = y_val = None
+    if validation_split:
+        train_idx, val_idx = stratified_split(y_train, validation_split, seed)
+        x_train, y_train, x_val, y_val = x_train[train_idx], y_train[train_idx], x_train[val_idx], y_train[val_idx]
+    n = len(x_train)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be between 1 and the {n} training samples, got {batch_size}")
+
+    steps_per_epoch = -(-n // batch_size)
+    history = History(steps=(first_epoch - 1) * steps_per_epoch)
+    base_lr = optimizer.lr
+    scheduled_lr(base_lr, lr_schedule, 0, 1)  # refuses an unknown schedule before any work
+    best_value, best_weights, waited = None, None, 0
+    for epoch in range(first_epoch, epochs + 1):
+        started = time.perf_counter()
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        loss_sum = correct = 0.0
+        try:
+            for start in range(0, n, batch_size):
+                batch = order[start:start + batch_size]
+                optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps,
+                                            epochs * steps_per_epoch)
+                loss, logits = model.train_step_gradients(x_train[batch], y_train[batch])
+                optimizer.step(model.state_dict(), model.gradients())
+                hits = int((logits.argmax(axis=1) == y_train[batch]).sum())
+                loss_sum += loss * len(batch)
+                correct += hits
+                history.steps += 1
+                if callback:
+                    callback(StepEvent(epoch, history.steps, steps_per_epoch, loss, hits / len(batch)))
+        except StopTraining:
+            history.stop_reason = "stopped"
+            return history
+
+        metrics = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}
+        if x_val is not None:
+            metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
+        if x_test is not None:
+            metrics["test_loss"], metrics["test_accuracy"] = evaluate(model, x_test, y_test)
+        metrics["seconds"] = time.perf_counter() - started
+        history.epochs.append(metrics)
+        history.weights_epoch = epoch
+        try:
+            if callback:
+                callback(EpochEvent(epoch, history.steps, dict(metrics)))
+        except StopTraining:
+            history.stop_reason = "stopped"
+            return history
+
+        if early_stopping:
+            value = metrics[early_stopping.monitor]
+            if early_stopping.improved(value, best_value):
+                best_value, waited, history.best_epoch = value, 0, epoch
+                if early_stopping.restore_best:
+                    best_weights = copy.deepcopy(model.state_dict())
+            else:
+                waited += 1
+                if waited >= early_stopping.patience:
+                    history.stop_reason = "early_stopping"
+                    if best_weights is not None:
+                        model.load_state_dict(best_weights)
+                        history.weights_epoch = history.best_epoch
+                    return history
+    return history
