@@ -1,0 +1,129 @@
+"""A training run: architecture + dataset + hyperparameters -> trained model and history.
+
+This is the one entry point the CLI, the trainer service and the
+benchmarks share, so a job trained anywhere is trained the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import numpy as np
+
+from shared.data import Dataset
+from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
+from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS
+from shared.nn.presets import get_preset
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"    # or "cosine": anneal to 0 over the run
+    momentum: float = 0.9            # for "momentum" and "nesterov"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 10
+    seed: int = 0                    # initial weights and shuffling
+    dtype: str = "float32"
+    validation_split: float = 0.0
+    early_stopping_patience: int = 0  # 0 = off; else stop after this many epochs without gain
+    early_stopping_monitor: str = "val_loss"
+
+    def __post_init__(self):
+        """Check every setting, naming the field that is wrong."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if not 0 <= self.validation_split < 1:
+            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(
+                f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.early_stopping_patience and not self.validation_split:
+            raise ValueError("early_stopping_patience needs validation_split > 0")
+        self.early_stopping()  # checks the monitor
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> "Hyperparameters":
+        """The preset's tuned settings, with `overrides` (None values ignored) on top."""
+        settings = {**get_preset(preset).training,
+                    **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**settings)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hyperparameters":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def early_stopping(self) -> EarlyStopping | None:
+        if not self.early_stopping_patience:
+            return None
+        return EarlyStopping(monitor=self.early_stopping_monitor,
+                             patience=self.early_stopping_patience)
+
+
+@dataclass
+class TrainedModel:
+    model: Model
+    history: History
+
+
+def train(
+    spec: dict,
+    dataset: Dataset,
+    hp: Hyperparameters,
+    callback: Callable | None = None,
+    *,
+    initial_weights: dict[str, np.ndarray] | None = None,
+    first_epoch: int = 1,
+) -> TrainedModel:
+    """Build `spec`, initialise it (or take `initial_weights` to resume), and fit it."""
+    model = build_model(spec, dtype=hp.dtype)
+    if tuple(dataset.input_shape) != model.input_shape:
+        raise ValueError(
+            f"the spec's input_shape {list(model.input_shape)} does not fit dataset "
+            f"{dataset.name!r}, whose samples have shape {list(dataset.input_shape)}"
+        )
+    if dataset.num_classes > model.num_classes:
+        raise ValueError(
+            f"the spec outputs {model.num_classes} classes, dataset {dataset.name!r} has "
+            f"{dataset.num_classes}"
+        )
+    if initial_weights is None:
+        model.initialise(hp.seed)
+    else:
+        model.load_state_dict(initial_weights)
+    optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
+    dtype = np.dtype(hp.dtype)
+    history = fit(
+        model, optimizer,
+        dataset.x_train.astype(dtype, copy=False), dataset.y_train,
+        x_test=dataset.x_test.astype(dtype, copy=False), y_test=dataset.y_test,
+        epochs=hp.epochs, batch_size=hp.batch_size, seed=hp.seed,
+        validation_split=hp.validation_split, early_stopping=hp.early_stopping(),
+        callback=callback, first_epoch=first_epoch, lr_schedule=hp.lr_schedule,
+    )
+    return TrainedModel(model, history)
