@@ -1,0 +1,103 @@
+"""Training progress for people: a live status line per epoch, then one line per epoch.
+
+`Progress` is a callback for `shared.nn.fit` (through `shared.training.train`).
+On a terminal it redraws one status line in place with `\\r`,
+
+    epoch 3/15 [#########.........] 120/506  loss 0.1234  acc 96.5%
+
+at most ~10 times a second, however fast the steps come, and replaces it by
+the epoch's summary line when the epoch ends. Anywhere else (a pipe, a log
+file, CI) it writes only the summary lines, so logs hold no `\\r` noise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+from shared.nn import EpochEvent, StepEvent
+
+BAR_WIDTH = 18
+REDRAW_INTERVAL = 0.1  # seconds
+
+
+def format_epoch(metrics: dict[str, float], total_epochs: int) -> str:
+    """`epoch  3/15  train loss 0.1234 acc 96.54%  [val …]  test loss … acc …  (1.2 s)`."""
+    width = len(str(total_epochs))
+    parts = [f"epoch {metrics['epoch']:>{width}}/{total_epochs}"]
+    for split in ("train", "val", "test"):
+        if f"{split}_loss" in metrics:
+            parts.append(f"{split} loss {metrics[f'{split}_loss']:.4f} "
+                         f"acc {metrics[f'{split}_accuracy']:.2%}")
+    parts.append(f"({metrics['seconds']:.1f} s)")
+    return "  ".join(parts)
+
+
+class Progress:
+    """Call it with each StepEvent and EpochEvent; `close()` when training ends or fails."""
+
+    def __init__(
+        self,
+        total_epochs: int,
+        stream: TextIO | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = REDRAW_INTERVAL,
+    ):
+        self.total_epochs = total_epochs
+        self.stream = stream if stream is not None else sys.stdout
+        self.live = self.stream.isatty()
+        self.clock = clock
+        self.interval = interval
+        self._last_draw: float | None = None
+        self._shown = 0  # length of the status line on screen; 0 when none is
+        # The epoch being run, and running means over its steps so far.
+        self._epoch = 0
+        self._steps = 0
+        self._loss_sum = 0.0
+        self._accuracy_sum = 0.0
+
+    def __call__(self, event: StepEvent | EpochEvent) -> None:
+        if isinstance(event, EpochEvent):
+            self._clear()
+            self._write(format_epoch(event.metrics, self.total_epochs) + "\n")
+        elif self.live:
+            self._step(event)
+
+    def close(self) -> None:
+        """Clear the status line, so that what is printed next starts on a clean line."""
+        self._clear()
+
+    def _step(self, event: StepEvent) -> None:
+        if event.epoch != self._epoch:
+            self._epoch, self._steps, self._loss_sum, self._accuracy_sum = event.epoch, 0, 0.0, 0.0
+        self._steps += 1
+        self._loss_sum += event.batch_loss
+        self._accuracy_sum += event.batch_accuracy
+        now = self.clock()
+        # The epoch's last step is always drawn: the full bar stays up while the
+        # epoch's validation and test metrics are computed.
+        due = self._last_draw is None or now - self._last_draw >= self.interval
+        if due or self._steps == event.steps_per_epoch:
+            self._last_draw = now
+            self._draw(event.steps_per_epoch)
+
+    def _draw(self, steps_per_epoch: int) -> None:
+        filled = BAR_WIDTH * self._steps // steps_per_epoch
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        line = (f"epoch {self._epoch}/{self.total_epochs} [{bar}] {self._steps}/{steps_per_epoch}"
+                f"  loss {self._loss_sum / self._steps:.4f}"
+                f"  acc {self._accuracy_sum / self._steps:.1%}")
+        # Pad with spaces to overwrite a longer line drawn before.
+        self._write("\r" + line.ljust(self._shown))
+        self._shown = len(line)
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._write("\r" + " " * self._shown + "\r")
+            self._shown = 0
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()

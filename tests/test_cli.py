@@ -1,0 +1,293 @@
+"""Tests for the `tandem` command line (shared.cli) and its progress display (shared.progress)."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.checkpoint import load
+from shared.cli import main
+from shared.data import load_dataset
+from shared.nn import EpochEvent, StepEvent
+from shared.progress import Progress
+
+EPOCH_LINE = re.compile(
+    r"^epoch (\d)/2  train loss \d\.\d{4} acc \d+\.\d\d%  test loss \d\.\d{4} acc \d+\.\d\d%  "
+    r"\(\d+\.\d s\)$")
+ACCURACY = re.compile(r"\d+\.\d\d% \(\d+/179\)")
+TINY_MLP = {"input_shape": [1, 8, 8], "layers": [
+    {"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "relu"},
+    {"type": "dense", "units": 10},
+]}
+
+
+@pytest.fixture(autouse=True)
+def _no_data_dir_env(monkeypatch):
+    monkeypatch.delenv("TANDEM_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """digits-cnn trained for 2 epochs, shared by the tests that need a model: (path, output)."""
+    path = tmp_path_factory.mktemp("model") / "digits-cnn.safetensors"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main(["train", "--preset", "digits-cnn", "--epochs", "2", "--seed", "0",
+                     "--out", str(path)])
+    assert code == 0
+    return path, output.getvalue()
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(path: Path, content) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+# ---------------------------------------------------------------- train and evaluate
+
+
+def test_train_prints_epochs_and_final_accuracy_then_saves(trained):
+    path, output = trained
+    lines = output.splitlines()
+    assert [EPOCH_LINE.match(line).group(1) for line in lines[:2]] == ["1", "2"]
+    assert re.fullmatch(rf"final test accuracy {ACCURACY.pattern}", lines[2])
+    assert lines[3] == f"saved {path}"
+    assert len(lines) == 4 and "\r" not in output
+
+    meta = load(path).meta
+    assert (meta.model_name, meta.epoch, meta.step) == ("digits-cnn", 2, 102)
+    assert meta.dataset == "digits"
+    assert meta.hyperparameters["epochs"] == 2
+    assert meta.hyperparameters["batch_size"] == 32  # the preset's setting
+    assert f"{meta.metrics['test_accuracy']:.2%}" in lines[2]
+
+
+def test_evaluate_prints_the_accuracy_training_ended_with(trained, capsys):
+    path, output = trained
+    code, out, err = run(capsys, "evaluate", path, "--dataset", "digits")
+    assert (code, err) == (0, "")
+    assert "model digits-cnn: epoch 2, step 102, trained on digits" in out
+    final = ACCURACY.search(output.splitlines()[2]).group()
+    assert re.search(rf"test loss \d\.\d{{4}}  accuracy {re.escape(final)}$", out, re.M)
+
+
+def test_train_from_spec_file_with_default_name_and_out(tmp_path, monkeypatch, capsys):
+    spec_file = write(tmp_path / "tiny.json", TINY_MLP)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--spec", spec_file, "--epochs", "2",
+                         "--batch-size", "64", "--validation-split", "0.1")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("epoch 1/2  train loss ")
+    assert "  val loss " in lines[0] and "  test loss " in lines[0]
+    assert lines[-1] == "saved runs/tiny.safetensors"
+
+    checkpoint = load(tmp_path / "runs" / "tiny.safetensors")
+    assert checkpoint.meta.model_name == "tiny"
+    assert checkpoint.meta.hyperparameters["validation_split"] == 0.1
+    assert checkpoint.model.spec["layers"][1]["units"] == 16
+
+
+def test_early_stopping_is_reported_and_the_best_weights_saved(tmp_path, capsys):
+    spec_file = write(tmp_path / "tiny.json", TINY_MLP)
+    out_file = tmp_path / "tiny.safetensors"
+    code, out, _ = run(capsys, "train", "--spec", spec_file, "--out", out_file, "--epochs", "30",
+                       "--batch-size", "64", "--validation-split", "0.2",
+                       "--early-stopping-patience", "1", "--early-stopping-monitor", "val_accuracy")
+    assert code == 0
+    final = re.search(r"^final test accuracy (.*)  \(early stopping after epoch (\d+); "
+                      r"kept the weights of epoch (\d+)\)$", out, re.M)
+    assert final and int(final.group(3)) < int(final.group(2)) < 30
+
+    _, evaluated, _ = run(capsys, "evaluate", out_file, "--dataset", "digits")
+    assert f"accuracy {final.group(1)}\n" in evaluated
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predicted_classes(out: str) -> list[int]:
+    return [int(c) for c in re.findall(r"^ +\d+  predicted (\d)", out, re.M)]
+
+
+def test_predict_from_dataset_shows_labels_top_k_and_accuracy(trained, capsys):
+    path, _ = trained
+    code, out, _ = run(capsys, "predict", path, "--dataset", "digits",
+                       "--limit", "5", "--top-k", "2")
+    assert code == 0
+    rows = out.splitlines()
+    assert len(rows) == 6
+    top_2 = r"\d: \d+\.\d\d%  \d: \d+\.\d\d%"
+    assert re.fullmatch(rf"   0  predicted \d  true \d( \(wrong\))?  top 2: {top_2}", rows[0])
+    assert re.fullmatch(r"accuracy \d+\.\d\d% \(\d/5\)", rows[-1])
+
+
+@pytest.mark.parametrize("shape", ["flat", "image", "single"])
+def test_predict_from_npy_matches_the_dataset(trained, capsys, tmp_path, shape):
+    path, _ = trained
+    x = load_dataset("digits").x_test[:4]
+    samples = {"flat": x.reshape(4, 64), "image": x, "single": x[0]}[shape]
+    np.save(tmp_path / "x.npy", samples)
+
+    _, from_dataset, _ = run(capsys, "predict", path, "--dataset", "digits", "--limit", "4")
+    code, from_npy, _ = run(capsys, "predict", path, "--npy", tmp_path / "x.npy")
+    assert code == 0
+    expected = predicted_classes(from_dataset)[:1 if shape == "single" else 4]
+    assert predicted_classes(from_npy) == expected
+    assert "true" not in from_npy and "accuracy" not in from_npy
+
+
+# ---------------------------------------------------------------- listings
+
+
+def test_datasets_and_presets(capsys, tmp_path):
+    np.savez(tmp_path / "tiny.npz", x=np.zeros((10, 4), np.float32), y=np.arange(10) % 2)
+    code, out, _ = run(capsys, "datasets", "--data-dir", tmp_path)
+    assert (code, out) == (0, "digits\ntiny\n")
+
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    assert re.search(r"^digits-cnn +Seed 002: conv", out, re.M)
+    settings = "optimizer adam, learning_rate 0.001, batch_size 32, epochs 15"
+    assert re.search(rf"^ +hidden 300; {settings}$", out, re.M)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def corrupted_copy(model: Path, directory: Path) -> Path:
+    blob = bytearray(model.read_bytes())
+    blob[-5] ^= 0xFF  # in the weights, past the header
+    copy = directory / "corrupt.safetensors"
+    copy.write_bytes(bytes(blob))
+    return copy
+
+
+def no_flatten_spec(directory: Path) -> Path:
+    return write(directory / "noflat.json", {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3}, {"type": "dense", "units": 10}]})
+
+
+def tiny_dataset_dir(directory: Path) -> Path:
+    np.savez(directory / "tiny.npz", x=np.zeros((20, 4), np.float32), y=np.arange(20) % 2)
+    return directory
+
+
+def wrong_shape_npy(directory: Path) -> Path:
+    np.save(directory / "x.npy", np.zeros((3, 8, 7)))
+    return directory / "x.npy"
+
+
+@pytest.mark.parametrize("make_argv, message", [
+    (lambda d, m: ["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (lambda d, m: ["train", "--spec", no_flatten_spec(d)],
+     "noflat.json: layer 1 (dense) with input shape (4, 6, 6)"),
+    (lambda d, m: ["train", "--preset", "mlp", "--dataset", "nope", "--data-dir", d],
+     "no dataset named 'nope'"),
+    (lambda d, m: ["train", "--preset", "mlp", "--batch-size", "0"], "batch_size must be >= 1"),
+    (lambda d, m: ["train", "--spec", d / "absent.json"], "absent.json: No such file or directory"),
+    (lambda d, m: ["evaluate", d / "absent.safetensors", "--dataset", "digits"],
+     "absent.safetensors: No such file or directory"),
+    (lambda d, m: ["evaluate", corrupted_copy(m, d), "--dataset", "digits"],
+     "corrupt.safetensors: checksum mismatch"),
+    (lambda d, m: ["evaluate", m, "--dataset", "tiny", "--data-dir", tiny_dataset_dir(d)],
+     "dataset 'tiny' has samples of shape [4], but the model in"),
+    (lambda d, m: ["predict", m, "--npy", wrong_shape_npy(d)],
+     "x.npy holds an array of shape [3, 8, 7]; the model takes samples of shape [1, 8, 8]"),
+], ids=["preset", "spec", "dataset", "batch-size", "spec-file", "model-file", "corrupt-model",
+        "shape-mismatch", "npy-shape"])
+def test_bad_input_is_one_error_line_and_exit_2(make_argv, message, trained, tmp_path, capsys):
+    code, out, err = run(capsys, *make_argv(tmp_path, trained[0]))
+    assert code == 2
+    assert err.startswith("tandem: error: ") and err.count("\n") == 1
+    assert message in err
+    assert out == ""
+
+
+def test_usage_errors_return_2_instead_of_exiting(capsys):
+    code, _, err = run(capsys, "train", "--preset", "mlp", "--spec", "x.json")
+    assert code == 2
+    assert "not allowed with argument --preset" in err
+
+
+# ---------------------------------------------------------------- the console script
+
+
+def test_console_script_runs(trained):
+    path, output = trained
+    tandem = Path(sys.executable).parent / "tandem"
+    result = subprocess.run([tandem, "evaluate", path, "--dataset", "digits"],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert ACCURACY.search(output.splitlines()[2]).group() in result.stdout
+
+
+# ---------------------------------------------------------------- progress display
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class FakeClock:
+    def __init__(self, times):
+        self.times = iter(times)
+
+    def __call__(self) -> float:
+        return next(self.times)
+
+
+EPOCH_METRICS = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.875,
+                 "test_loss": 0.25, "test_accuracy": 0.9375, "seconds": 2.0}
+
+
+def feed(progress: Progress, steps: int = 4) -> None:
+    """One epoch of `steps` steps (losses 1, 2, ...; accuracy 0.5), then its end."""
+    for step in range(1, steps + 1):
+        progress(StepEvent(1, step, steps, float(step), 0.5))
+    progress(EpochEvent(1, steps, EPOCH_METRICS))
+
+
+def test_progress_on_a_terminal_redraws_at_most_every_interval(capsys):
+    stream = FakeTty()
+    # Steps at t = 0, 0.05, 0.12, 0.15: the second and fourth come too soon after
+    # a redraw, but the fourth is the epoch's last and is drawn anyway.
+    feed(Progress(15, stream, clock=FakeClock([0.0, 0.05, 0.12, 0.15])))
+    status = "epoch 1/15 [{}] {}/4  loss {:.4f}  acc 50.0%"
+    assert stream.getvalue().split("\r")[1:] == [
+        status.format("####..............", 1, 1.0),
+        status.format("#############.....", 3, 2.0),
+        status.format("##################", 4, 2.5),
+        " " * len(status.format("#" * 18, 4, 2.5)),  # cleared for the epoch line
+        "epoch  1/15  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n",
+    ]
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_elsewhere_prints_only_epoch_lines():
+    stream = io.StringIO()
+    feed(Progress(2, stream, clock=FakeClock([])))  # the clock is never read
+    assert stream.getvalue() == (
+        "epoch 1/2  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n")
+
+
+def test_progress_close_clears_a_status_line():
+    stream = FakeTty()
+    progress = Progress(2, stream, clock=FakeClock([0.0]))
+    progress(StepEvent(1, 1, 10, 1.0, 0.5))
+    progress.close()
+    drawn = "epoch 1/2 [#.................] 1/10  loss 1.0000  acc 50.0%"
+    assert stream.getvalue() == f"\r{drawn}\r{' ' * len(drawn)}\r"
