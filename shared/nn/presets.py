@@ -81,12 +81,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("two-layer-net", two_layer_net, (50,),
            {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 100, "epochs": 17}),
     Preset("mlp", mlp, DEFAULT_MLP_HIDDEN,
-           {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "epochs": 20},
+           {"optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": "cosine", "batch_size": 64,
+            "epochs": 20},
            fixed_depth=False),
     Preset("digits-cnn", digits_cnn, (300,),
            {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 32, "epochs": 15}),
     Preset("cnn", cnn, (128,),
-           {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "epochs": 12}),
+           {"optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": "cosine", "batch_size": 64,
+            "epochs": 10}),
 )}
 
 
