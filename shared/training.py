@@ -97,7 +97,7 @@ def train(
     callback: Callable | None = None,
     *,
     initial_weights: dict[str, np.ndarray] | None = None,
-    first_epoch: int = 1,
+    start_step: int = 0,
 ) -> TrainedModel:
     """Build `spec`, initialise it (or take `initial_weights` to resume), and fit it."""
     model = build_model(spec, dtype=hp.dtype)
@@ -124,6 +124,6 @@ def train(
         x_test=dataset.x_test.astype(dtype, copy=False), y_test=dataset.y_test,
         epochs=hp.epochs, batch_size=hp.batch_size, seed=hp.seed,
         validation_split=hp.validation_split, early_stopping=hp.early_stopping(),
-        callback=callback, first_epoch=first_epoch, lr_schedule=hp.lr_schedule,
+        callback=callback, start_step=start_step, lr_schedule=hp.lr_schedule,
     )
     return TrainedModel(model, history)

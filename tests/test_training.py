@@ -55,6 +55,26 @@ def test_training_learns_and_keeps_its_dtype(dtype):
                                       "test_accuracy", "seconds"}
 
 
+def test_resuming_mid_epoch_replays_the_same_batches():
+    """Plain SGD keeps no state, so a resumed run must end bit-identical to an unbroken one."""
+    x, y = small_problem()
+    unbroken = build_model(MLP_SPEC).initialise(0)
+    fit(unbroken, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4)
+
+    def stop_after_step_11(event):
+        if isinstance(event, StepEvent) and event.step == 11:
+            raise StopTraining
+
+    interrupted = build_model(MLP_SPEC).initialise(0)
+    fit(interrupted, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4,
+        callback=stop_after_step_11)
+    history = fit(interrupted, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4,
+                  start_step=11)
+    assert history.steps == 24 and [e["epoch"] for e in history.epochs] == [2, 3]
+    for name, weights in unbroken.state_dict().items():
+        assert weights.tobytes() == interrupted.state_dict()[name].tobytes()
+
+
 def test_callback_sees_every_step_and_epoch():
     events = []
     _, history = fresh_fit(seed=0, epochs=2, callback=events.append)

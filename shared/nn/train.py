@@ -116,7 +116,7 @@ def fit(
     validation_split: float = 0.0,
     early_stopping: EarlyStopping | None = None,
     callback: Callable[[StepEvent | EpochEvent], None] | None = None,
-    first_epoch: int = 1,
+    start_step: int = 0,
     lr_schedule: str = "constant",
 ) -> History:
     """Train `model` in place and return its history.
@@ -125,8 +125,9 @@ def fit(
     epoch's minibatches, as Keras and PyTorch loops report them),
     val_* on the held-out `validation_split` of the training data,
     test_* on (x_test, y_test), and the epoch's wall time in seconds.
-    `first_epoch` > 1 continues a run (resume) with the same shuffling
-    and learning-rate schedule. `lr_schedule` ("constant" or "cosine")
+    `start_step` > 0 resumes a run after that many steps, with the same
+    shuffling and learning-rate schedule (a resumed partial epoch reports
+    train metrics over the batches it ran). `lr_schedule` ("constant" or "cosine")
     sets the optimiser's rate before every step from its starting rate.
     """
     if epochs < 1:
@@ -144,16 +145,20 @@ def fit(
         raise ValueError(f"batch_size must be between 1 and the {n} training samples, got {batch_size}")
 
     steps_per_epoch = -(-n // batch_size)
-    history = History(steps=(first_epoch - 1) * steps_per_epoch)
+    if not 0 <= start_step < epochs * steps_per_epoch:
+        raise ValueError(f"start_step must be in [0, {epochs * steps_per_epoch}), got {start_step}")
+    history = History(steps=start_step)
     base_lr = optimizer.lr
     scheduled_lr(base_lr, lr_schedule, 0, 1)  # refuses an unknown schedule before any work
     best_value, best_weights, waited = None, None, 0
-    for epoch in range(first_epoch, epochs + 1):
+    first_epoch, steps_done = divmod(start_step, steps_per_epoch)
+    for epoch in range(first_epoch + 1, epochs + 1):
         started = time.perf_counter()
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        loss_sum = correct = 0.0
+        skip = steps_done * batch_size if epoch == first_epoch + 1 else 0
+        loss_sum = correct = seen = 0.0
         try:
-            for start in range(0, n, batch_size):
+            for start in range(skip, n, batch_size):
                 batch = order[start:start + batch_size]
                 optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps,
                                             epochs * steps_per_epoch)
@@ -162,6 +167,7 @@ def fit(
                 hits = int((logits.argmax(axis=1) == y_train[batch]).sum())
                 loss_sum += loss * len(batch)
                 correct += hits
+                seen += len(batch)
                 history.steps += 1
                 if callback:
                     callback(StepEvent(epoch, history.steps, steps_per_epoch, loss, hits / len(batch)))
@@ -169,7 +175,7 @@ def fit(
             history.stop_reason = "stopped"
             return history
 
-        metrics = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}
+        metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
         if x_val is not None:
             metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
         if x_test is not None:
