@@ -156,9 +156,11 @@ class _WindowLayer(Layer):
 class Conv2D(_WindowLayer):
     """2-D convolution (cross-correlation) by im2col and one matrix product.
 
-    im2col is a zero-copy `as_strided` view of the padded input, made
-    contiguous once; the backward scatters columns back with one strided
-    add per kernel offset (kh * kw slices, no loops over samples or pixels).
+    The columns are a zero-copy `as_strided` view of the padded input laid
+    out as (c, kh, kw) x (n, oh, ow), made contiguous once: each row is a
+    run of whole output rows, so gathering it copies long contiguous runs.
+    The backward scatters columns back with one strided add per kernel
+    offset (kh * kw slices; no loops over samples or pixels).
     """
 
     type_name = "conv2d"
@@ -191,42 +193,43 @@ class Conv2D(_WindowLayer):
         }
 
     def _im2col(self, x_padded: np.ndarray) -> np.ndarray:
-        """Rows are output positions (n, oh, ow); columns are (c, kh, kw)."""
+        """Rows are (c, kh, kw), columns are output positions (n, oh, ow)."""
         n, c = x_padded.shape[:2]
         w = self.window
         sn, sc, sh, sw = x_padded.strides
         view = as_strided(
             x_padded,
-            shape=(n, w.out_h, w.out_w, c, *w.kernel),
-            strides=(sn, sh * w.stride[0], sw * w.stride[1], sc, sh, sw),
+            shape=(c, *w.kernel, n, w.out_h, w.out_w),
+            strides=(sc, sh, sw, sn, sh * w.stride[0], sw * w.stride[1]),
             writeable=False,
         )
-        return view.reshape(n * w.out_h * w.out_w, -1)
+        return view.reshape(c * w.kernel[0] * w.kernel[1], -1)
 
     def forward(self, x, training=True):
-        x_padded = np.ascontiguousarray(_pad(x, self.window, 0))
+        x_padded = _pad(x, self.window, 0)
         cols = self._im2col(x_padded)
-        weights = self.params["W"].reshape(self.filters, -1)
-        out = cols @ weights.T + self.params["b"]
+        out = self.params["W"].reshape(self.filters, -1) @ cols
+        out += self.params["b"][:, None]
         if training:
             self._cols, self._padded_shape = cols, x_padded.shape
-        n = x.shape[0]
-        return out.reshape(n, self.window.out_h, self.window.out_w, self.filters).transpose(0, 3, 1, 2)
+        out = out.reshape(self.filters, x.shape[0], self.window.out_h, self.window.out_w)
+        # Contiguous NCHW, so the next layers' elementwise work runs at full speed.
+        return np.ascontiguousarray(out.transpose(1, 0, 2, 3))
 
     def backward(self, dout):
         n = dout.shape[0]
-        dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, self.filters)
+        dout_rows = dout.transpose(1, 0, 2, 3).reshape(self.filters, -1)
+        weights = self.params["W"].reshape(self.filters, -1)
         self.grads = {
-            "W": (dout_rows.T @ self._cols).reshape(self.params["W"].shape),
-            "b": dout_rows.sum(axis=0),
+            "W": (dout_rows @ self._cols.T).reshape(self.params["W"].shape),
+            "b": dout_rows.sum(axis=1),
         }
-        channels = self.input_shape[0]
-        kh, kw = self.window.kernel
-        dcols = (dout_rows @ self.params["W"].reshape(self.filters, -1)).reshape(
-            n, self.window.out_h, self.window.out_w, channels, kh, kw)
+        dcols = (weights.T @ dout_rows).reshape(
+            self.input_shape[0], *self.window.kernel, n, self.window.out_h, self.window.out_w)
         dx_padded = np.zeros(self._padded_shape, dtype=dout.dtype)
+        dx_channels_first = dx_padded.transpose(1, 0, 2, 3)
         for i, j in _taps(self.window):
-            _tap(dx_padded, self.window, i, j)[...] += dcols[..., i, j].transpose(0, 3, 1, 2)
+            _tap(dx_channels_first, self.window, i, j)[...] += dcols[:, i, j]
         return _unpad(dx_padded, self.window)
 
 

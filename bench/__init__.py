@@ -1,0 +1,1 @@
+"""Tandem's benchmarks, run by `make bench` or `python -m bench [name ...]`."""

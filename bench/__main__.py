@@ -1,0 +1,32 @@
+"""`python -m bench [name ...]`: run the named benchmarks, or all of them.
+
+Environment: BENCH_THREADS (default 1) sets the thread count for NumPy's
+BLAS and for torch; BENCH_QUICK=1 makes every benchmark shorter. Results
+go to stdout and to bench/results/<name>.json.
+"""
+
+import argparse
+
+from bench import train_speed
+
+BENCHMARKS = {  # name -> function that runs it
+    "speed": train_speed.run,
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Run Tandem's benchmarks.",
+        epilog="BENCH_THREADS=n sets the thread count (default 1); BENCH_QUICK=1 shortens every run.")
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help=f"benchmarks to run, default all: {', '.join(BENCHMARKS)}")
+    names = parser.parse_args(argv).names or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    for name in names:
+        BENCHMARKS[name]()
+
+
+if __name__ == "__main__":
+    main()
