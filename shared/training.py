@@ -90,16 +90,9 @@ class TrainedModel:
     history: History
 
 
-def train(
-    spec: dict,
-    dataset: Dataset,
-    hp: Hyperparameters,
-    callback: Callable | None = None,
-    *,
-    initial_weights: dict[str, np.ndarray] | None = None,
-    start_step: int = 0,
-) -> TrainedModel:
-    """Build `spec`, initialise it (or take `initial_weights` to resume), and fit it."""
+def prepare_model(spec: dict, dataset: Dataset, hp: Hyperparameters,
+                  initial_weights: dict[str, np.ndarray] | None = None) -> Model:
+    """Build `spec` for `dataset`, initialised from `hp.seed` or from `initial_weights`."""
     model = build_model(spec, dtype=hp.dtype)
     if tuple(dataset.input_shape) != model.input_shape:
         raise ValueError(
@@ -112,13 +105,17 @@ def train(
             f"{dataset.num_classes}"
         )
     if initial_weights is None:
-        model.initialise(hp.seed)
-    else:
-        model.load_state_dict(initial_weights)
+        return model.initialise(hp.seed)
+    return model.load_state_dict(initial_weights)
+
+
+def fit_model(model: Model, dataset: Dataset, hp: Hyperparameters,
+              callback: Callable | None = None, *, start_step: int = 0) -> History:
+    """Train a prepared model in place with `hp` (resuming after `start_step` steps)."""
     optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
                                weight_decay=hp.weight_decay)
     dtype = np.dtype(hp.dtype)
-    history = fit(
+    return fit(
         model, optimizer,
         dataset.x_train.astype(dtype, copy=False), dataset.y_train,
         x_test=dataset.x_test.astype(dtype, copy=False), y_test=dataset.y_test,
@@ -126,4 +123,10 @@ def train(
         validation_split=hp.validation_split, early_stopping=hp.early_stopping(),
         callback=callback, start_step=start_step, lr_schedule=hp.lr_schedule,
     )
-    return TrainedModel(model, history)
+
+
+def train(spec: dict, dataset: Dataset, hp: Hyperparameters,
+          callback: Callable | None = None) -> TrainedModel:
+    """Build, initialise and train `spec` on `dataset`: the whole run in one call."""
+    model = prepare_model(spec, dataset, hp)
+    return TrainedModel(model, fit_model(model, dataset, hp, callback))
