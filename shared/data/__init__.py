@@ -10,12 +10,14 @@ from .dataset import (
     resolve_data_dir,
 )
 from .idx import read_idx
+from .npz import dataset_from_arrays
 from .split import stratified_split
 
 __all__ = [
     "Dataset",
     "DatasetError",
     "DatasetNotFound",
+    "dataset_from_arrays",
     "list_datasets",
     "load_dataset",
     "read_idx",

@@ -22,7 +22,11 @@ SPLIT_SEED = 0
 
 
 def load_npz_dataset(name: str, path: Path, dtype: np.dtype) -> Dataset:
-    arrays = _read(path)
+    return dataset_from_arrays(name, _read(path), path, dtype)
+
+
+def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray], path, dtype: np.dtype) -> Dataset:
+    """Check and normalise arrays named as in an .npz archive; errors name `path`."""
     if set(SPLIT_KEYS) <= arrays.keys():
         x_train, y_train = _samples(path, arrays, "x_train", "y_train", dtype)
         x_test, y_test = _samples(path, arrays, "x_test", "y_test", dtype)

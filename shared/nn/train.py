@@ -145,8 +145,8 @@ def fit(
         raise ValueError(f"batch_size must be between 1 and the {n} training samples, got {batch_size}")
 
     steps_per_epoch = -(-n // batch_size)
-    if not 0 <= start_step < epochs * steps_per_epoch:
-        raise ValueError(f"start_step must be in [0, {epochs * steps_per_epoch}), got {start_step}")
+    if not 0 <= start_step <= epochs * steps_per_epoch:
+        raise ValueError(f"start_step must be in [0, {epochs * steps_per_epoch}], got {start_step}")
     history = History(steps=start_step)
     base_lr = optimizer.lr
     scheduled_lr(base_lr, lr_schedule, 0, 1)  # refuses an unknown schedule before any work
