@@ -36,3 +36,9 @@ $(VENV)/.bench-installed: requirements/bench.txt $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate the gRPC stubs in shared/rpc/ from proto/*.proto; commit the result
+# (tests/test_protos.py fails while they differ).
+.PHONY: protos
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
