@@ -117,6 +117,8 @@ def read_meta(blob: bytes) -> CheckpointMeta:
         fields = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"not a Tandem checkpoint: unreadable header ({error})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError("not a Tandem checkpoint: its metadata is not a JSON object")
     if fields.pop("format", None) != FORMAT_VERSION:
         raise CheckpointError(f"unsupported checkpoint format; this build reads format {FORMAT_VERSION}")
     try:

