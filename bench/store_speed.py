@@ -1,0 +1,64 @@
+"""Checkpoint publish and load through the Redis store, against plain SET/GET of the same bytes.
+
+The peer is what any store must pay at least: moving the checkpoint's
+bytes to Redis and back. Our extra work on top is encoding (safetensors
+and the SHA-256), the transaction's bookkeeping and announcements, and on
+load the checksum and architecture verification. Aim: at most 1.3x the
+plain round trip. Runs against an embedded Redis on a unix socket (or
+REDIS_URL when set).
+"""
+
+from __future__ import annotations
+
+from bench.common import (Timing, bench_threads, interleaved_medians, limited_threads,
+                          machine_facts, print_facts, print_table, quick_mode, write_json)
+from shared import checkpoint
+from shared.checkpoint import CheckpointMeta
+from shared.embedded_redis import redis_for_local_use
+from shared.nn import build_model
+from shared.nn.presets import get_preset
+from shared.redis_client import connect
+from shared.store import CheckpointStore
+
+AIM = 1.3
+# (label, hidden widths of an mlp on 28x28 inputs): about 1 MB and about 20 MB of float32 weights.
+SIZES = [("~1 MB", (256, 128, 100)), ("~20 MB", (2048, 1536))]
+
+
+def run() -> None:
+    threads = bench_threads()
+    facts = machine_facts(threads)
+    timing = Timing(rounds=3, block_seconds=0.3, warmup_calls=3) if quick_mode() else \
+        Timing(rounds=7, block_seconds=1.0, warmup_calls=5)
+    rows, results = [], []
+    with limited_threads(threads), redis_for_local_use() as url:
+        client = connect(url)
+        facts["redis"] = f"{client.info()['redis_version']} at {url.split('@')[-1]}"
+        print_facts("Checkpoint store: publish and load vs plain SET/GET (same bytes)", facts)
+        store = CheckpointStore(client, retention=2, prefix="bench")
+        for label, hidden in SIZES:
+            model = build_model(get_preset("mlp").spec((1, 28, 28), 10, hidden)).initialise(0)
+            meta = CheckpointMeta(model_name="bench", spec={}, dtype="")
+            blob = checkpoint.encode(model, meta)
+            store.publish(model, meta)
+            medians = interleaved_medians({
+                "publish": lambda: store.publish(model, meta),
+                "set": lambda: client.set("bench:plain", blob),
+                "load": lambda: store.latest("bench"),
+                "get": lambda: client.get("bench:plain"),
+            }, timing)
+            publish_ratio = medians["publish"] / medians["set"]
+            load_ratio = medians["load"] / medians["get"]
+            for what, ours, peer, ratio in (("publish", "publish", "set", publish_ratio),
+                                            ("load", "load", "get", load_ratio)):
+                rows.append([label, f"{len(blob) / 1e6:.1f}", what, f"{medians[ours] * 1e3:.2f}",
+                             f"{medians[peer] * 1e3:.2f}", f"{ratio:.2f}",
+                             "pass" if ratio <= AIM else "MISS"])
+            results.append({"size": label, "bytes": len(blob), "hidden": list(hidden),
+                            "ms": {k: v * 1e3 for k, v in medians.items()},
+                            "publish_ratio": publish_ratio, "load_ratio": load_ratio})
+        client.delete(*client.keys("bench:*"))
+    print()
+    print_table(["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio",
+                 f"aim <= {AIM}x"], rows)
+    print(f"\nwrote {write_json('store', {'facts': facts, 'results': results})}")
