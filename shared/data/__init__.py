@@ -2,6 +2,7 @@
 .npz datasets sit in the data directory (see dataset.py)."""
 
 from .dataset import (
+    BUILTIN_DATASETS,
     Dataset,
     DatasetError,
     DatasetNotFound,
@@ -14,6 +15,7 @@ from .npz import dataset_from_arrays
 from .split import stratified_split
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "Dataset",
     "DatasetError",
     "DatasetNotFound",

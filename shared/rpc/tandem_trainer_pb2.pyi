@@ -845,8 +845,9 @@ class DatasetInfo(_message.Message):
     train_size: _builtins.int
     test_size: _builtins.int
     source: _builtins.str
-    """Where it comes from: "builtin", "idx" (a directory of MNIST-format
-    files), "npz" (a .npz file, uploaded ones included).
+    """Where it comes from: "builtin" (shipped with Tandem), "directory" (IDX
+    files or a .npz file in the trainer's data directory) or "upload"
+    (UploadDataset, kept in Redis).
     """
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -1,0 +1,3 @@
+from trainer_svc.server import main
+
+main()

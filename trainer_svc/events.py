@@ -1,0 +1,103 @@
+"""Progress events of running jobs, fanned out to any number of watchers.
+
+Each watcher has its own bounded buffer: a slow watcher loses its oldest
+buffered events rather than slowing training down, and a watcher that
+goes away costs nothing once it unsubscribes. When a job ends, its
+watchers are told so after the last event.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from trainer_svc.jobs import JobRecord
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    batch_loss: float
+    batch_accuracy: float
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class CheckpointPublished:
+    meta: dict   # the checkpoint's metadata, its version included
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """The job changed state without ending (running, cancelling, interrupted)."""
+
+    record: JobRecord
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    record: JobRecord
+
+
+Event = StepProgress | EpochDone | CheckpointPublished | JobSnapshot | JobFinished
+
+
+class Subscription:
+    """One watcher's buffer of a job's events."""
+
+    def __init__(self, hub: "EventHub", job_id: str, capacity: int):
+        self._hub, self.job_id = hub, job_id
+        self._events: deque[Event] = deque(maxlen=capacity)
+        self._ready = threading.Condition()
+
+    def _push(self, event: Event) -> None:
+        with self._ready:
+            self._events.append(event)
+            self._ready.notify_all()
+
+    def next(self, timeout: float) -> Event | None:
+        """The next event, or None if none came within `timeout` seconds."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._events, timeout)
+            return self._events.popleft() if self._events else None
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self)
+
+
+class EventHub:
+    def __init__(self, capacity: int = 1024):
+        self._capacity = capacity
+        self._watchers: dict[str, set[Subscription]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, job_id: str) -> Subscription:
+        subscription = Subscription(self, job_id, self._capacity)
+        with self._lock:
+            self._watchers.setdefault(job_id, set()).add(subscription)
+        return subscription
+
+    def publish(self, job_id: str, event: Event) -> None:
+        with self._lock:
+            watchers = list(self._watchers.get(job_id, ()))
+        for subscription in watchers:
+            subscription._push(event)
+
+    def watcher_count(self, job_id: str) -> int:
+        with self._lock:
+            return len(self._watchers.get(job_id, ()))
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            watchers = self._watchers.get(subscription.job_id)
+            if watchers is not None:
+                watchers.discard(subscription)
+                if not watchers:
+                    del self._watchers[subscription.job_id]

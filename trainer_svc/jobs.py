@@ -1,0 +1,101 @@
+"""Training jobs as data: what was asked for (JobRequest) and where it stands (JobRecord).
+
+Both are plain JSON-serialisable data, so a record survives in Redis and a
+restarted trainer can list and resume its jobs. Nothing here knows gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+from shared.training import Hyperparameters
+
+
+class JobState(str, Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"  # stopped by a trainer shutdown; resumed when a trainer starts
+    CANCELLING = "CANCELLING"    # asked to cancel; stops at its next step boundary
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A checked request: the spec is resolved (from a preset if one was named) and valid."""
+
+    model_name: str
+    dataset: str
+    spec: dict
+    hyperparameters: Hyperparameters
+    preset: str = ""
+    checkpoint_every_steps: int = 0     # 0: not by steps
+    checkpoint_every_epoch: bool = True
+    resume_from_version: int = 0        # 0: start fresh
+    request_id: str = ""                # the client's idempotency key, if it gave one
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["hyperparameters"] = self.hyperparameters.as_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobRequest":
+        return cls(**{**data, "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"])})
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    request: JobRequest
+    state: JobState = JobState.QUEUED
+    epoch: int = 0
+    step: int = 0
+    steps_total: int = 0
+    samples_per_second: float = 0.0
+    history: list[dict] = field(default_factory=list)   # every finished epoch's metrics
+    stop_reason: str = ""
+    last_published_version: int = 0
+    last_published_step: int = 0
+    error: str = ""
+    restarts: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @classmethod
+    def new(cls, request: JobRequest) -> "JobRecord":
+        return cls(job_id=uuid.uuid4().hex[:16], request=request)
+
+    @property
+    def model_name(self) -> str:
+        return self.request.model_name
+
+    @property
+    def last_metrics(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def copy(self) -> "JobRecord":
+        return replace(self, history=list(self.history))
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["request"] = self.request.as_dict()
+        data["state"] = self.state.value
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "JobRecord":
+        data = json.loads(text)
+        data["request"] = JobRequest.from_dict(data["request"])
+        data["state"] = JobState(data["state"])
+        return cls(**data)

@@ -1,0 +1,391 @@
+"""The job manager: checks requests, queues jobs, runs them, and reports on them.
+
+Jobs run on worker threads of their own (at most `max_concurrent` at once;
+the rest wait QUEUED), so the gRPC threads stay free. Each running job
+trains with `shared.training`, whose callback here keeps the record's
+progress, emits events to watchers, publishes checkpoints on schedule, and
+stops training at a step boundary when the job is cancelled or the trainer
+shuts down. Records are saved to Redis at every change of state, epoch and
+checkpoint, so a restarted trainer lists them and resumes the unfinished.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from shared.checkpoint import CheckpointMeta, check_model_name
+from shared.nn import EpochEvent, StepEvent, StopTraining, build_model
+from shared.nn.presets import get_preset
+from shared.redis_client import StoreUnavailable
+from shared.store import CheckpointStore
+from shared.training import Hyperparameters, fit_model, prepare_model
+from trainer_svc import metrics
+from trainer_svc.datasets import DatasetCatalog
+from trainer_svc.events import (CheckpointPublished, EpochDone, EventHub, JobFinished,
+                                JobSnapshot, StepProgress, Subscription)
+from trainer_svc.job_store import JobRepository
+from trainer_svc.jobs import JobRecord, JobRequest, JobState
+from trainer_svc.publisher import CheckpointPublisher
+
+log = logging.getLogger("tandem.trainer.jobs")
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class NotAccepting(RuntimeError):
+    """The trainer is shutting down and takes no new jobs."""
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """A request as a client states it; `JobManager.check` turns it into a JobRequest."""
+
+    model_name: str
+    dataset: str
+    preset: str = ""
+    spec: dict | None = None
+    hidden: tuple[int, ...] = ()
+    hyperparameters: dict = field(default_factory=dict)  # only the settings given
+    checkpoint_every_steps: int = 0
+    checkpoint_every_epoch: bool = True
+    resume_from_version: int = 0
+    request_id: str = ""
+
+
+@dataclass
+class Settings:
+    max_concurrent: int = 1
+    outage_limit: float = 60.0          # seconds Redis may be away before a job fails
+    step_event_interval: float = 0.25   # at most one step event per this many seconds
+    max_restarts: int = 3
+    resume_interrupted: bool = True
+
+
+class _ActiveJob:
+    """A job this trainer holds: its live record and why it should stop, if it should."""
+
+    def __init__(self, record: JobRecord):
+        self.record = record
+        self.stop_as: JobState | None = None   # CANCELLED or INTERRUPTED once asked
+        self.lock = threading.Lock()
+
+
+class JobManager:
+    def __init__(self, store: CheckpointStore, repository: JobRepository,
+                 catalog: DatasetCatalog, settings: Settings | None = None):
+        self.store, self.repository, self.catalog = store, repository, catalog
+        self.settings = settings or Settings()
+        self.events = EventHub()
+        self._queue: queue.Queue[_ActiveJob | None] = queue.Queue()
+        self._active: dict[str, _ActiveJob] = {}
+        self._lock = threading.Lock()
+        self._accepting = True
+        self._workers = [threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True)
+                         for i in range(self.settings.max_concurrent)]
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the workers, first queueing the unfinished jobs of an earlier run."""
+        if self.settings.resume_interrupted:
+            for record in self.repository.unfinished():
+                self._requeue(record)
+        for worker in self._workers:
+            worker.start()
+
+    def shutdown(self, grace: float) -> None:
+        """Take no new jobs; stop running ones at a step boundary with a final checkpoint."""
+        with self._lock:
+            self._accepting = False
+            active = list(self._active.values())
+        for job in active:
+            with job.lock:
+                job.stop_as = job.stop_as or JobState.INTERRUPTED
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + grace
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------ requests
+
+    def check(self, start: StartJob) -> JobRequest:
+        """Validate everything before a job exists; raise ValueError or LookupError naming the field."""
+        try:
+            check_model_name(start.model_name)
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+        dataset = self.catalog.load(start.dataset)
+        if bool(start.preset) == (start.spec is not None):
+            raise ValueError("architecture: give exactly one of preset or spec")
+        if start.preset:
+            preset = get_preset(start.preset)
+            spec = preset.spec(dataset.input_shape, dataset.num_classes, start.hidden or None)
+            hp = Hyperparameters.for_preset(start.preset, **start.hyperparameters)
+        else:
+            spec = start.spec
+            hp = Hyperparameters.from_dict(start.hyperparameters)
+        spec = build_model(spec, dtype=hp.dtype).spec
+        prepare_model(spec, dataset, hp)  # the spec must fit the dataset's shape and classes
+        if hp.batch_size > len(dataset.y_train) * (1 - hp.validation_split):
+            raise ValueError(f"hyperparameters.batch_size {hp.batch_size} is larger than the "
+                             f"{len(dataset.y_train)} training samples of {dataset.name!r}")
+        if start.checkpoint_every_steps < 0:
+            raise ValueError("checkpoint_schedule.every_steps must be >= 0")
+        if start.resume_from_version:
+            meta = self.store.get(start.model_name, start.resume_from_version).meta
+            if meta.spec != spec:
+                raise ValueError(f"resume_from_version {start.resume_from_version} of "
+                                 f"{start.model_name!r} has another architecture than this job")
+        return JobRequest(
+            model_name=start.model_name, dataset=dataset.name, spec=spec, hyperparameters=hp,
+            preset=start.preset, checkpoint_every_steps=start.checkpoint_every_steps,
+            checkpoint_every_epoch=start.checkpoint_every_epoch,
+            resume_from_version=start.resume_from_version, request_id=start.request_id)
+
+    def submit(self, start: StartJob) -> JobRecord:
+        """Queue a new job, or return the job an earlier call with the same request_id made."""
+        with self._lock:
+            if not self._accepting:
+                raise NotAccepting("the trainer is shutting down and takes no new jobs")
+        record = JobRecord.new(self.check(start))
+        if start.request_id:
+            earlier = self.repository.claim_request_id(start.request_id, record.job_id)
+            if earlier:
+                return self.get(earlier)
+        self.repository.save(record)
+        job = _ActiveJob(record)
+        with self._lock:
+            self._active[record.job_id] = job
+        self._queue.put(job)
+        log.info("event=job_queued job=%s model=%s dataset=%s", record.job_id,
+                 record.model_name, record.request.dataset)
+        return record.copy()
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            job = self._active.get(job_id)
+        if job:
+            with job.lock:
+                return job.record.copy()
+        record = self.repository.get(job_id)
+        if record is None:
+            raise JobNotFound(f"job_id {job_id!r}: no such job")
+        return record
+
+    def list(self, state: JobState | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        records = self.repository.list()
+        with self._lock:
+            live = {job_id: job for job_id, job in self._active.items()}
+        records = [self.get(r.job_id) if r.job_id in live else r for r in records]
+        if state:
+            records = [r for r in records if r.state == state]
+        return records[offset:offset + limit]
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            job = self._active.get(job_id)
+        if job is None:
+            return self.get(job_id)  # finished already (or unknown: JobNotFound)
+        with job.lock:
+            job.stop_as = JobState.CANCELLED
+            if job.record.state == JobState.QUEUED:  # never started: ends here
+                self._finish(job, JobState.CANCELLED)
+            elif job.record.state == JobState.RUNNING:
+                job.record.state = JobState.CANCELLING
+            record = job.record.copy()
+        self._save(record)
+        self.events.publish(record.job_id, JobSnapshot(record))
+        return record
+
+    def watch(self, job_id: str) -> tuple[JobRecord, Subscription]:
+        """The job's current record, and a subscription to what happens next."""
+        subscription = self.events.subscribe(job_id)
+        try:
+            record = self.get(job_id)
+        except JobNotFound:
+            subscription.close()
+            raise
+        if record.state.finished:
+            self.events.publish(job_id, JobFinished(record))
+        return record, subscription
+
+    # ------------------------------------------------------------ running
+
+    def _requeue(self, record: JobRecord) -> None:
+        job = _ActiveJob(record)
+        if record.state == JobState.CANCELLING:  # the trainer stopped while it was cancelling
+            self._finish(job, JobState.CANCELLED)
+            return
+        if record.state in (JobState.RUNNING, JobState.INTERRUPTED):
+            record.restarts += 1
+        if record.restarts > self.settings.max_restarts:
+            record.error = f"gave up after {self.settings.max_restarts} restarts"
+            self._finish(job, JobState.FAILED)
+            return
+        record.state = JobState.QUEUED
+        self._save(record)
+        with self._lock:
+            self._active[record.job_id] = job
+        self._queue.put(job)
+        log.info("event=job_resumable job=%s restarts=%d from_version=%d", record.job_id,
+                 record.restarts, record.last_published_version)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with job.lock:
+                if job.record.state.finished:
+                    continue
+                if job.stop_as == JobState.INTERRUPTED:
+                    continue  # shutting down before it started: stays QUEUED for the next trainer
+                job.record.state = JobState.RUNNING
+                job.record.started_at = job.record.started_at or time.time()
+                record = job.record.copy()
+            self._save(record)
+            self.events.publish(record.job_id, JobSnapshot(record))
+            try:
+                final = self._train(job)
+            except Exception as error:  # noqa: BLE001 - any failure ends the job, clearly
+                log.exception("event=job_failed job=%s", job.record.job_id)
+                with job.lock:
+                    job.record.error = f"{type(error).__name__}: {error}"
+                final = JobState.FAILED
+            with job.lock:
+                self._finish(job, final)
+
+    def _train(self, job: _ActiveJob) -> JobState:
+        request = job.record.request
+        hp = request.hyperparameters
+        dataset = self.catalog.load(request.dataset)
+        version = job.record.last_published_version or request.resume_from_version
+        weights, start_step = None, 0
+        if version:
+            checkpoint = self.store.get(request.model_name, version)
+            weights, start_step = checkpoint.model.state_dict(), checkpoint.meta.step
+            with job.lock:  # epochs after that checkpoint will be trained again
+                job.record.history = [e for e in job.record.history if e["step"] <= start_step]
+        model = prepare_model(request.spec, dataset, hp, weights)
+        publisher = CheckpointPublisher(
+            self.store, lambda v, meta, seconds: self._published(job, v, meta, seconds),
+            outage_limit=self.settings.outage_limit, on_failure=metrics.PUBLISH_FAILURES.inc)
+        progress = _Progress(self, job, model, publisher, dataset.name)
+        try:
+            history = fit_model(model, dataset, hp, progress, start_step=start_step)
+            with job.lock:
+                stop_as = job.stop_as
+                job.record.stop_reason = history.stop_reason
+            final = JobState.SUCCEEDED if history.stop_reason != "stopped" else stop_as
+            progress.checkpoint()
+            if not publisher.close(timeout=self.settings.outage_limit + 5):
+                raise publisher.error or RuntimeError("the final checkpoint was not published in time")
+            return final
+        finally:
+            publisher.close(timeout=0)
+
+    def _published(self, job: _ActiveJob, version: int, meta: CheckpointMeta, seconds: float) -> None:
+        metrics.PUBLISH_SECONDS.observe(seconds)
+        with job.lock:
+            if version > job.record.last_published_version:
+                job.record.last_published_version, job.record.last_published_step = version, meta.step
+            record = job.record.copy()
+        self._save(record)
+        self.events.publish(record.job_id, CheckpointPublished({**asdict(meta), "version": version}))
+        log.info("event=checkpoint_published job=%s model=%s version=%d step=%d seconds=%.3f",
+                 record.job_id, record.model_name, version, meta.step, seconds)
+
+    def _finish(self, job: _ActiveJob, state: JobState) -> None:
+        """Record the final state (caller holds job.lock) and tell the watchers."""
+        job.record.state = state
+        if state.finished:
+            job.record.finished_at = time.time()
+        record = job.record.copy()
+        self._save(record)
+        with self._lock:
+            self._active.pop(record.job_id, None)
+        event = JobFinished(record) if state.finished else JobSnapshot(record)
+        self.events.publish(record.job_id, event)
+        log.info("event=job_%s job=%s model=%s version=%d error=%r", state.value.lower(),
+                 record.job_id, record.model_name, record.last_published_version, record.error)
+
+    def _save(self, record: JobRecord) -> None:
+        """Best effort: a Redis outage must not stop training; the next save catches up."""
+        try:
+            self.repository.save(record)
+        except StoreUnavailable as error:
+            log.warning("event=job_save_failed job=%s error=%r", record.job_id, str(error))
+
+
+class _Progress:
+    """The training callback of one job (see the module docstring)."""
+
+    def __init__(self, manager: JobManager, job: _ActiveJob, model, publisher: CheckpointPublisher,
+                 dataset: str):
+        self.manager, self.job, self.model, self.publisher = manager, job, model, publisher
+        self.dataset = dataset
+        self.request = job.record.request
+        self.last_event = 0.0
+        self.last_checkpoint_step = -1
+        self.window_started, self.window_step = time.monotonic(), job.record.step
+        self.epoch = 0
+
+    def __call__(self, event) -> None:
+        if isinstance(event, StepEvent):
+            self._step(event)
+        elif isinstance(event, EpochEvent):
+            self._epoch(event)
+        if self.publisher.error:
+            raise self.publisher.error
+        with self.job.lock:
+            stop = self.job.stop_as
+        if stop:
+            raise StopTraining
+
+    def _step(self, event: StepEvent) -> None:
+        hp = self.request.hyperparameters
+        now = time.monotonic()
+        self.epoch = event.epoch
+        with self.job.lock:
+            record = self.job.record
+            record.epoch, record.step = event.epoch, event.step
+            record.steps_total = hp.epochs * event.steps_per_epoch
+            if now - self.window_started >= 1.0:
+                record.samples_per_second = ((event.step - self.window_step) * hp.batch_size
+                                             / (now - self.window_started))
+                self.window_started, self.window_step = now, event.step
+                metrics.SAMPLES_PER_SECOND.set(record.samples_per_second)
+        metrics.STEPS.inc()
+        if now - self.last_event >= self.manager.settings.step_event_interval:
+            self.last_event = now
+            self.manager.events.publish(self.job.record.job_id, StepProgress(
+                event.epoch, event.step, event.steps_per_epoch, event.batch_loss, event.batch_accuracy))
+        every = self.request.checkpoint_every_steps
+        if every and event.step % every == 0:
+            self.checkpoint()
+
+    def _epoch(self, event: EpochEvent) -> None:
+        with self.job.lock:
+            self.job.record.history.append({**event.metrics, "step": event.step})
+            record = self.job.record.copy()
+        self.manager._save(record)
+        self.manager.events.publish(record.job_id, EpochDone(dict(event.metrics)))
+        if self.request.checkpoint_every_epoch:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Hand the current weights to the publisher (once per step)."""
+        with self.job.lock:
+            record = self.job.record
+            if record.step == self.last_checkpoint_step:
+                return
+            self.last_checkpoint_step = record.step
+            meta = CheckpointMeta(
+                model_name=record.model_name, spec=self.model.spec, dtype=self.model.dtype.name,
+                step=record.step, epoch=record.epoch, metrics=dict(record.last_metrics),
+                dataset=self.dataset, hyperparameters=self.request.hyperparameters.as_dict())
+        self.publisher.submit(self.model, meta)

@@ -1,0 +1,105 @@
+"""The trainer process: gRPC server, health, reflection, metrics, and graceful shutdown.
+
+`TrainerServer` wires the parts together (store, job records, datasets,
+job manager, servicer) so that tests start a real server in-process and
+`python -m trainer_svc` runs the same thing until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from shared.redis_client import connect
+from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
+from shared.store import CheckpointStore
+from trainer_svc import metrics
+from trainer_svc.config import TrainerConfig
+from trainer_svc.datasets import DatasetCatalog
+from trainer_svc.job_store import JobRepository
+from trainer_svc.manager import JobManager, Settings
+from trainer_svc.servicer import TrainerServicer
+
+log = logging.getLogger("tandem.trainer")
+SERVICE_NAME = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+MAX_MESSAGE_BYTES = 8 * 2**20
+
+
+class TrainerServer:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        client = connect(config.redis_url)
+        self.manager = JobManager(
+            CheckpointStore(client, retention=config.checkpoint_retention),
+            JobRepository(client),
+            DatasetCatalog(client, config.data_dir, max_upload_bytes=config.max_upload_bytes),
+            Settings(max_concurrent=config.max_concurrent_jobs,
+                     outage_limit=config.publish_outage_seconds,
+                     max_restarts=config.max_restarts,
+                     resume_interrupted=config.resume_interrupted))
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=config.grpc_workers * 4,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self.manager), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(config.listen)
+        self.metrics_http = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "TrainerServer":
+        self.manager.start()
+        if self.config.metrics_port:
+            self.metrics_http, _ = start_http_server(self.config.metrics_port,
+                                                     addr=self.config.metrics_address)
+            metrics.register_job_states(lambda: (r.state.value for r in self.manager.list()))
+        self.server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("event=trainer_started listen=%s port=%d metrics_port=%d", self.config.listen,
+                 self.port, self.config.metrics_port)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, let running jobs checkpoint at a step boundary, then exit."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.health.enter_graceful_shutdown()
+        log.info("event=trainer_stopping grace=%.1fs", grace)
+        self.manager.shutdown(grace)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+        log.info("event=trainer_stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def main() -> None:
+    configure_logging()
+    server = TrainerServer(TrainerConfig()).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: threading.Thread(target=server.stop).start())
+    server.wait()
+    server.server.wait_for_termination()

@@ -1,0 +1,207 @@
+"""The Trainer gRPC servicer: translates between protobuf and the job manager, nothing more.
+
+Status codes: ValueError (a spec, hyperparameter or field that cannot work)
+-> INVALID_ARGUMENT; LookupError (unknown job, preset, dataset, model or
+version) -> NOT_FOUND; an existing upload -> ALREADY_EXISTS; an upload over
+the size limit -> RESOURCE_EXHAUSTED; Redis unreachable or the trainer
+shutting down -> UNAVAILABLE. Messages come from the domain and name the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict
+
+import grpc
+
+from shared.redis_client import StoreUnavailable
+from shared.rpc import tandem_trainer_pb2 as pb
+from shared.rpc import tandem_trainer_pb2_grpc
+from shared.wire import checkpoint_info, timestamp
+from trainer_svc.datasets import ArrayHeader, DatasetUpload
+from trainer_svc.events import CheckpointPublished, EpochDone, JobFinished, JobSnapshot, StepProgress
+from trainer_svc.jobs import JobRecord, JobState
+from trainer_svc.manager import JobManager, NotAccepting, StartJob
+
+DEFAULT_PAGE_SIZE = 100
+WATCH_POLL_SECONDS = 1.0   # how often a quiet watch checks that its client is still there
+
+STATUS_BY_ERROR = [  # the first match wins
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (OverflowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LookupError, grpc.StatusCode.NOT_FOUND),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotAccepting, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def translate_errors(method):
+    """Abort the call with the status that fits a domain error, and its message."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except tuple(error for error, _ in STATUS_BY_ERROR) as error:
+            status = next(code for kind, code in STATUS_BY_ERROR if isinstance(error, kind))
+            context.abort(status, str(error))
+    return wrapper
+
+
+HYPERPARAMETER_FIELDS = [f.name for f in pb.Hyperparameters.DESCRIPTOR.fields]
+
+
+def start_job_from_proto(request: pb.StartJobRequest) -> StartJob:
+    spec = None
+    if request.WhichOneof("architecture") == "spec_json":
+        try:
+            spec = json.loads(request.spec_json)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"spec_json is not valid JSON: {error}") from None
+    hp = request.hyperparameters
+    return StartJob(
+        model_name=request.model_name, dataset=request.dataset, preset=request.preset,
+        spec=spec, hidden=tuple(request.hidden),
+        hyperparameters={name: getattr(hp, name) for name in HYPERPARAMETER_FIELDS if hp.HasField(name)},
+        checkpoint_every_steps=request.checkpoints.every_steps,
+        checkpoint_every_epoch=request.checkpoints.every_epoch,
+        resume_from_version=request.resume_from_version, request_id=request.request_id)
+
+
+def epoch_metrics(metrics: dict) -> pb.EpochMetrics:
+    fields = {f.name for f in pb.EpochMetrics.DESCRIPTOR.fields}
+    return pb.EpochMetrics(**{k: v for k, v in metrics.items() if k in fields})
+
+
+def job_to_proto(record: JobRecord) -> pb.Job:
+    request = record.request
+    hp = request.hyperparameters.as_dict()
+    submitted = pb.StartJobRequest(
+        model_name=request.model_name, dataset=request.dataset,
+        hyperparameters=pb.Hyperparameters(**hp),
+        checkpoints=pb.CheckpointSchedule(every_steps=request.checkpoint_every_steps,
+                                          every_epoch=request.checkpoint_every_epoch),
+        request_id=request.request_id)
+    if request.preset:
+        submitted.preset = request.preset
+    else:
+        submitted.spec_json = json.dumps(request.spec)
+    if request.resume_from_version:
+        submitted.resume_from_version = request.resume_from_version
+    history = [epoch_metrics(m) for m in record.history]
+    return pb.Job(
+        job_id=record.job_id, model_name=record.model_name,
+        state=pb.JobState.Value(f"JOB_STATE_{record.state.value}"), request=submitted,
+        progress=pb.Progress(epoch=record.epoch, epochs=request.hyperparameters.epochs,
+                             step=record.step, steps_total=record.steps_total,
+                             samples_per_second=record.samples_per_second),
+        last_metrics=history[-1] if history else None,
+        last_published_version=record.last_published_version, error=record.error,
+        restarts=record.restarts, created_at=timestamp(record.created_at),
+        started_at=timestamp(record.started_at), finished_at=timestamp(record.finished_at),
+        hyperparameters=pb.Hyperparameters(**hp), spec_json=json.dumps(request.spec),
+        history=history, stop_reason=record.stop_reason)
+
+
+class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    @translate_errors
+    def StartJob(self, request, context):
+        return job_to_proto(self.manager.submit(start_job_from_proto(request)))
+
+    @translate_errors
+    def GetJob(self, request, context):
+        return job_to_proto(self.manager.get(request.job_id))
+
+    @translate_errors
+    def ListJobs(self, request, context):
+        states = {JobState(pb.JobState.Name(s).removeprefix("JOB_STATE_")) for s in request.states}
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError:
+            raise ValueError(f"page_token {request.page_token!r} is not one this server gave") from None
+        jobs = [r for r in self.manager.list()
+                if (not states or r.state in states)
+                and (not request.model_name or r.model_name == request.model_name)]
+        page = jobs[offset:offset + page_size]
+        more = offset + page_size < len(jobs)
+        return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in page],
+                                   next_page_token=str(offset + page_size) if more else "")
+
+    @translate_errors
+    def WatchJob(self, request, context):
+        record, subscription = self.manager.watch(request.job_id)
+        try:
+            yield self._event(record.job_id, snapshot=job_to_proto(record))
+            while context.is_active():
+                event = subscription.next(timeout=WATCH_POLL_SECONDS)
+                if event is None:
+                    continue
+                yield self._event_from(record.job_id, event)
+                if isinstance(event, JobFinished):
+                    return
+        finally:
+            subscription.close()
+
+    @translate_errors
+    def CancelJob(self, request, context):
+        return job_to_proto(self.manager.cancel(request.job_id))
+
+    @translate_errors
+    def ListCheckpoints(self, request, context):
+        versions = self.manager.store.versions(request.model_name)
+        if not versions:
+            raise LookupError(f"model_name {request.model_name!r} has no checkpoints")
+        latest = self.manager.store.latest_version(request.model_name)
+        return pb.ListCheckpointsResponse(checkpoints=[
+            checkpoint_info(meta, latest=meta["version"] == latest) for meta in reversed(versions)])
+
+    @translate_errors
+    def ListDatasets(self, request, context):
+        catalog = self.manager.catalog
+        return pb.ListDatasetsResponse(datasets=[
+            dataset_info(catalog.load(name), catalog.source(name)) for name in catalog.names()])
+
+    @translate_errors
+    def UploadDataset(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("chunk") != "header":
+            raise ValueError("the first chunk must be the header")
+        header = first.header
+        upload = DatasetUpload(header.name, [
+            ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays
+        ], self.manager.catalog.max_upload_bytes)
+        for chunk in request_iterator:
+            if chunk.WhichOneof("chunk") != "piece":
+                raise ValueError("only the first chunk may be a header")
+            upload.add(chunk.piece.array, chunk.piece.offset, chunk.piece.data)
+        dataset = self.manager.catalog.store_upload(upload, overwrite=header.overwrite)
+        return dataset_info(dataset, "upload")
+
+    # ---------------------------------------------------------------- events
+
+    @staticmethod
+    def _event(job_id: str, **event) -> pb.JobEvent:
+        return pb.JobEvent(job_id=job_id, time=timestamp(time.time()), **event)
+
+    def _event_from(self, job_id: str, event) -> pb.JobEvent:
+        if isinstance(event, StepProgress):
+            return self._event(job_id, step=pb.StepProgress(**asdict(event)))
+        if isinstance(event, EpochDone):
+            return self._event(job_id, epoch=epoch_metrics(event.metrics))
+        if isinstance(event, CheckpointPublished):
+            return self._event(job_id, checkpoint=checkpoint_info(event.meta))
+        if isinstance(event, JobSnapshot):
+            return self._event(job_id, snapshot=job_to_proto(event.record))
+        return self._event(job_id, finished=job_to_proto(event.record))
+
+
+def dataset_info(dataset, source: str) -> pb.DatasetInfo:
+    return pb.DatasetInfo(name=dataset.name, input_shape=dataset.input_shape,
+                          num_classes=dataset.num_classes, train_size=len(dataset.y_train),
+                          test_size=len(dataset.y_test), source=source)
