@@ -4,14 +4,14 @@ from shared.nn.geometry import SpecError
 from shared.nn.gradcheck import eval_numerical_gradient_array, numerical_gradient, rel_error
 from shared.nn.layers import LAYER_TYPES
 from shared.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
-from shared.nn.model import Model
+from shared.nn.model import Model, as_batch
 from shared.nn.optim import OPTIMIZERS, SGD, Adam, make_optimizer
 from shared.nn.spec import build_model, spec_to_json
 from shared.nn.train import EarlyStopping, EpochEvent, History, StepEvent, StopTraining, evaluate, fit
 
 __all__ = [
     "LAYER_TYPES", "OPTIMIZERS", "SGD", "Adam", "EarlyStopping", "EpochEvent", "History", "Model",
-    "SoftmaxCrossEntropy", "SpecError", "StepEvent", "StopTraining", "build_model",
+    "SoftmaxCrossEntropy", "SpecError", "as_batch", "StepEvent", "StopTraining", "build_model",
     "eval_numerical_gradient_array", "evaluate", "fit", "log_softmax", "make_optimizer",
     "numerical_gradient", "rel_error", "softmax", "spec_to_json",
 ]

@@ -17,6 +17,23 @@ def as_model_dtype(dtype) -> np.dtype:
     return dtype
 
 
+def as_batch(array: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """`array` as a batch for a model with samples of `input_shape`.
+
+    Accepts a batch of samples of that shape or flat (N, prod(shape)), or
+    one sample either way; anything else is a ValueError giving the shapes.
+    """
+    flat = (int(np.prod(input_shape)),)
+    for sample in (tuple(input_shape), flat):
+        if array.shape == sample:
+            return array.reshape(1, *input_shape)
+        if array.shape[1:] == sample:
+            return array.reshape(len(array), *input_shape)
+    raise ValueError(
+        f"shape {list(array.shape)} does not fit the model's samples of shape {list(input_shape)} "
+        f"(or flat {list(flat)}): send one sample or a batch [N, ...] of them")
+
+
 class Model:
     """Layers in sequence; the last one outputs one logit per class.
 

@@ -1,0 +1,56 @@
+"""Predictions: checks a batch against the model that will answer it, runs it, ranks classes.
+
+Both servicers (Tandem's Predict and the Open Inference Protocol's
+ModelInfer) call `Predictor.predict`, so both check input the same way.
+Errors are ValueError (a bad batch; the message names the field and what
+was expected), LookupError (unknown model or version), ModelUnavailable
+and QueueFull.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.nn import as_batch
+from infer_svc.batching import Batcher
+from infer_svc.registry import Registry
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model_name: str
+    version: int
+    probabilities: np.ndarray   # float32 [N, classes]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(classes, probabilities), each [N, k], most probable first (ties by class index)."""
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+
+class Predictor:
+    def __init__(self, registry: Registry, batcher: Batcher, max_rows: int = 4096):
+        self.registry, self.batcher, self.max_rows = registry, batcher, max_rows
+
+    def predict(self, model_name: str, inputs: np.ndarray, version: int | None = None,
+                field: str = "inputs") -> Prediction:
+        servable = self.registry.get(model_name, version)
+        try:
+            x = as_batch(inputs, servable.input_shape)
+        except ValueError as error:
+            raise ValueError(f"{field}: {error}") from None
+        if len(x) == 0:
+            raise ValueError(f"{field}: the batch is empty; send at least one sample")
+        if len(x) > self.max_rows:
+            raise ValueError(f"{field}: {len(x)} rows exceed the limit of {self.max_rows} per request")
+        if not np.isfinite(x).all():
+            row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0])
+            raise ValueError(f"{field}: NaN or infinity in the input (first in row {row})")
+        probabilities = self.batcher.run(servable, x.astype(servable.model.dtype, copy=False))
+        return Prediction(servable.name, servable.version, probabilities)

@@ -1,0 +1,151 @@
+"""The model registry (TF Serving's manager): which version of each model serves, and swaps.
+
+- Each served model has a policy: follow the latest version (default) or
+  stay pinned to one. The registry loads that version at start (for the
+  configured models) or on first use (for any other model asked for).
+- `offer(name, version)` is how new versions arrive (from the version
+  source: Pub/Sub announcements and periodic polls). Loading, verifying and
+  warming up happen on a loader thread, off the request path; only then is
+  the new servable swapped in, by replacing one dict entry. A request that
+  already holds the old servable finishes on it.
+- A version that fails to load or verify is logged and counted, and the
+  last good version keeps serving; the next offer tries again.
+- A request may name a specific version still in the store: it is loaded
+  on demand and kept in a small LRU cache beside the served ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+from shared.checkpoint import CheckpointError
+from shared.redis_client import StoreUnavailable
+from shared.store import CheckpointNotFound, CheckpointStore
+from infer_svc.servable import Servable
+
+log = logging.getLogger("tandem.infer.registry")
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that is known to exist cannot be served right now (e.g. Redis is down)."""
+
+
+class Registry:
+    def __init__(self, store: CheckpointStore, *, pinned: dict[str, int] | None = None,
+                 extra_versions: int = 4,
+                 on_loaded: Callable[[Servable], None] = lambda s: None,
+                 on_failed: Callable[[str, int, Exception], None] = lambda n, v, e: None):
+        self.store = store
+        self.pinned = dict(pinned or {})
+        self._served: dict[str, Servable] = {}
+        self._extra: OrderedDict[tuple[str, int], Servable] = OrderedDict()
+        self._extra_size = extra_versions
+        self._lock = threading.Lock()
+        self._on_loaded, self._on_failed = on_loaded, on_failed
+        self._offers: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        self._loader = threading.Thread(target=self._load_offers, name="model-loader", daemon=True)
+        self._loader.start()
+
+    # ------------------------------------------------------------ reading
+
+    def served(self) -> dict[str, Servable]:
+        with self._lock:
+            return dict(self._served)
+
+    @property
+    def ready(self) -> bool:
+        """Ready once at least one model serves."""
+        with self._lock:
+            return bool(self._served)
+
+    def get(self, name: str, version: int | None = None) -> Servable:
+        """The servable to answer a request for `name` (and `version`, if one is asked for)."""
+        with self._lock:
+            current = self._served.get(name)
+            if current and version in (None, current.version):
+                return current
+            if version is not None and (name, version) in self._extra:
+                self._extra.move_to_end((name, version))
+                return self._extra[(name, version)]
+        if version is None:
+            return self.load_policy_version(name)
+        servable = self._load(name, version)
+        with self._lock:
+            self._extra[(name, version)] = servable
+            while len(self._extra) > self._extra_size:
+                self._extra.popitem(last=False)
+        return servable
+
+    # ------------------------------------------------------------ loading
+
+    def load_policy_version(self, name: str) -> Servable:
+        """Load and serve the version the model's policy wants (pinned, else latest)."""
+        version = self.pinned.get(name) or self._latest_version(name)
+        servable = self._load(name, version)
+        self._swap_in(servable)
+        return self.served()[name]
+
+    def offer(self, name: str, version: int) -> None:
+        """A version of `name` exists: load it in the background if the policy wants it."""
+        self._offers.put((name, version))
+
+    def close(self) -> None:
+        self._offers.put(None)
+        self._loader.join(timeout=5)
+
+    def _wants(self, name: str, version: int) -> bool:
+        with self._lock:
+            current = self._served.get(name)
+        if current is None:
+            return False  # not served here (yet): loaded on first use instead
+        if name in self.pinned:
+            return version == self.pinned[name] and current.version != version
+        return version > current.version
+
+    def _load_offers(self) -> None:
+        while (offer := self._offers.get()) is not None:
+            name, version = offer
+            if not self._wants(name, version):
+                continue
+            try:
+                self._swap_in(self._load(name, version))
+            except (CheckpointError, CheckpointNotFound, ModelUnavailable) as error:
+                log.warning("event=reload_failed model=%s version=%d error=%r", name, version, str(error))
+
+    def _latest_version(self, name: str) -> int:
+        version = self._store_call(name, lambda: self.store.latest_version(name))
+        if version is None:
+            raise CheckpointNotFound(f"model_name {name!r}: no such model in the store")
+        return version
+
+    def _load(self, name: str, version: int) -> Servable:
+        try:
+            servable = self._store_call(name, lambda: Servable.load(self.store, name, version))
+        except CheckpointError as error:
+            self._on_failed(name, version, error)
+            raise
+        log.info("event=model_loaded model=%s version=%d", name, version)
+        self._on_loaded(servable)
+        return servable
+
+    def _store_call(self, name: str, call):
+        try:
+            return call()
+        except StoreUnavailable as error:
+            raise ModelUnavailable(f"model_name {name!r} is not loaded and Redis is unavailable: "
+                                   f"{error}") from None
+
+    def _swap_in(self, servable: Servable) -> None:
+        """Serve `servable` if the policy prefers it (a slower, older load never wins)."""
+        with self._lock:
+            current = self._served.get(servable.name)
+            pinned = self.pinned.get(servable.name)
+            if current is None or (servable.version == pinned if pinned
+                                   else servable.version > current.version):
+                self._served[servable.name] = servable
+                log.info("event=model_swapped model=%s version=%d previous=%s", servable.name,
+                         servable.version, current.version if current else None)
