@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-slow bench venv clean
 
 demo: $(STAMP)
-	$(PY) -m shared.cli train --preset digits-cnn --dataset digits --epochs 15
+	$(PY) scripts/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

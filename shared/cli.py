@@ -8,34 +8,53 @@
     tandem datasets
     tandem presets
 
+and train on a trainer service (`--trainer HOST:PORT`, default
+$TANDEM_TRAINER, else 127.0.0.1:50051):
+
+    tandem jobs start --model-name digits --preset digits-cnn --dataset digits --follow
+    tandem jobs list --state running
+    tandem jobs watch JOB_ID
+    tandem jobs cancel JOB_ID
+    tandem jobs checkpoints digits
+    tandem jobs plot JOB_ID --out digits.png
+
 Bad input (an unknown preset or dataset, a spec that cannot work, a bad
 setting, a missing or corrupt file) is reported as `tandem: error: ...` on
-stderr with exit code 2, like a usage error, and without a traceback.
+stderr with exit code 2, like a usage error, and without a traceback; so is
+a call the trainer refuses, as `tandem: error: STATUS: message`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from datetime import timezone
 from pathlib import Path
 
+import grpc
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.checkpoint import (Checkpoint, CheckpointError, CheckpointMeta, check_model_name,
                                load, save)
+from shared.client import JOB_STATE_NAMES, TrainerClient, job_state_name
 from shared.data import Dataset, list_datasets, load_dataset
-from shared.nn import OPTIMIZERS, Model, SpecError, build_model, evaluate
+from shared.nn import (OPTIMIZERS, EpochEvent, Model, SpecError, StepEvent, as_batch, build_model,
+                       evaluate)
 from shared.nn.presets import PRESETS, get_preset
 from shared.nn.optim import LR_SCHEDULES
 from shared.nn.train import MONITORS
 from shared.progress import Progress
+from shared.rpc import tandem_common_pb2
+from shared.rpc import tandem_trainer_pb2 as pb
 from shared.training import Hyperparameters, train
 
-EXIT_ERROR = 2         # the exit code argparse uses for usage errors
-EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+EXIT_ERROR = 2             # the exit code argparse uses for usage errors
+EXIT_JOB_UNSUCCESSFUL = 1  # a job watched to its end FAILED or was CANCELLED
+EXIT_INTERRUPTED = 130     # the shell's code for a process stopped by Ctrl-C
+DEFAULT_TRAINER = "127.0.0.1:50051"  # where `python -m trainer_svc` listens by default
 
 # (flag, Hyperparameters field, type, help). A flag left out is None, which
 # keeps the preset's tuned setting, or else the Hyperparameters default.
@@ -65,19 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a usage error argparse has already reported
         return exit_.code
     try:
-        args.run(args)
+        exit_code = args.run(args)  # None for success, as for most commands
     except BrokenPipeError:  # the reader went away, as in `tandem predict ... | head`
         # Point stdout at /dev/null, or Python fails again flushing it at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     # SpecError, CheckpointError and DatasetError are ValueErrors; DatasetNotFound is a LookupError.
     except (ValueError, LookupError, OSError) as error:
-        print(f"tandem: error: {describe(error)}", file=sys.stderr)
-        return EXIT_ERROR
+        return report(describe(error))
+    except grpc.RpcError as error:  # only the jobs commands make calls, and they have --trainer
+        exit_code = report(f"{error.code().name}: {error.details()}")
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            print(f"tandem: no trainer answers at {args.trainer}? Start one with "
+                  "`python -m trainer_svc`, or name another with --trainer HOST:PORT.",
+                  file=sys.stderr)
+        return exit_code
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return exit_code or 0
+
+
+def report(message: str) -> int:
+    """Print `tandem: error: message` on stderr; return the exit code for it."""
+    print(f"tandem: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def describe(error: Exception) -> str:
@@ -101,25 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser(
         "train", parents=[data_dir], help="train a model and save it")
-    architecture = train_parser.add_mutually_exclusive_group(required=True)
-    architecture.add_argument(
-        "--preset", metavar="NAME", help="a named architecture (see `tandem presets`)")
-    architecture.add_argument(
-        "--spec", metavar="FILE.json", help="a model spec (see shared/nn/spec.py)")
-    train_parser.add_argument("--hidden", type=widths, metavar="W1,W2,...",
-                        help="hidden layer widths, instead of the preset's")
+    add_architecture_flags(train_parser)
     train_parser.add_argument("--dataset", default="digits", metavar="NAME", help="default: digits")
     train_parser.add_argument(
         "--name", help="the model's name (default: the preset's name or the spec file's stem)")
     train_parser.add_argument(
         "--out", metavar="PATH", help="checkpoint to write (default: runs/<name>.safetensors)")
-    settings = train_parser.add_argument_group(
-        "hyperparameters",
-        "Unset ones keep the preset's tuned settings (see `tandem presets`), "
-        "else the defaults below.")
-    for flag, field, type_, help_ in HYPERPARAMETER_FLAGS:
-        settings.add_argument(flag, dest=field, type=type_, metavar=METAVARS[type_],
-                              help=f"{help_} (default: {getattr(Hyperparameters, field)})")
+    add_hyperparameter_flags(train_parser)
     train_parser.set_defaults(run=run_train)
 
     evaluate_parser = commands.add_parser(
@@ -145,7 +164,90 @@ def build_parser() -> argparse.ArgumentParser:
     datasets_parser.set_defaults(run=run_datasets)
     presets_parser = commands.add_parser("presets", help="list the preset architectures")
     presets_parser.set_defaults(run=run_presets)
+
+    add_jobs_commands(commands)
     return parser
+
+
+def add_jobs_commands(commands: argparse._SubParsersAction) -> None:
+    """`tandem jobs ...`: training jobs on a trainer service."""
+    jobs = commands.add_parser(
+        "jobs", help="train on a trainer service: start, follow, list and cancel jobs"
+    ).add_subparsers(title="jobs commands", required=True, metavar="COMMAND")
+    trainer = argparse.ArgumentParser(add_help=False)
+    trainer.add_argument(
+        "--trainer", metavar="HOST:PORT", default=os.environ.get("TANDEM_TRAINER", DEFAULT_TRAINER),
+        help=f"the trainer's address (default: $TANDEM_TRAINER, else {DEFAULT_TRAINER})")
+
+    start_parser = jobs.add_parser("start", parents=[trainer], help="queue a training job")
+    start_parser.add_argument("--model-name", required=True, metavar="NAME",
+                              help="the name its checkpoints are published under")
+    add_architecture_flags(start_parser)
+    start_parser.add_argument("--dataset", required=True, metavar="NAME",
+                              help="a dataset the trainer has (see its ListDatasets)")
+    add_hyperparameter_flags(start_parser)
+    schedule = start_parser.add_argument_group(
+        "checkpoints", "The final checkpoint is always published; these add intermediate ones.")
+    schedule.add_argument("--every-steps", type=int, default=0, metavar="N",
+                          help="publish every N optimiser steps (default: 0, not by steps)")
+    schedule.add_argument("--no-every-epoch", dest="every_epoch", action="store_false",
+                          help="do not publish at the end of every epoch")
+    start_parser.add_argument("--resume-from-version", type=positive_int, metavar="V",
+                              help="start from this published version of the model")
+    start_parser.add_argument("--follow", action="store_true",
+                              help="then watch it to its end, as `tandem jobs watch`")
+    start_parser.set_defaults(run=run_jobs_start)
+
+    list_parser = jobs.add_parser("list", parents=[trainer], help="list the jobs, newest first")
+    list_parser.add_argument("--state", action="append", default=[], type=str.upper,
+                             choices=JOB_STATE_NAMES, metavar="STATE",
+                             help="only jobs in this state (repeatable): "
+                                  + ", ".join(JOB_STATE_NAMES))
+    list_parser.add_argument("--model-name", default="", metavar="NAME",
+                             help="only jobs publishing to this model")
+    list_parser.set_defaults(run=run_jobs_list)
+
+    watch_parser = jobs.add_parser(
+        "watch", parents=[trainer],
+        help="follow a job to its end (exit code 0 if it SUCCEEDED, 1 if not)")
+    watch_parser.add_argument("job_id", metavar="JOB_ID")
+    watch_parser.set_defaults(run=run_jobs_watch)
+
+    cancel_parser = jobs.add_parser("cancel", parents=[trainer], help="stop a job")
+    cancel_parser.add_argument("job_id", metavar="JOB_ID")
+    cancel_parser.set_defaults(run=run_jobs_cancel)
+
+    checkpoints_parser = jobs.add_parser(
+        "checkpoints", parents=[trainer], help="list a model's published versions")
+    checkpoints_parser.add_argument("model_name", metavar="MODEL_NAME")
+    checkpoints_parser.set_defaults(run=run_jobs_checkpoints)
+
+    plot_parser = jobs.add_parser(
+        "plot", parents=[trainer],
+        help="plot a job's loss and accuracy per epoch (needs matplotlib: tandem[plot])")
+    plot_parser.add_argument("job_id", metavar="JOB_ID")
+    plot_parser.add_argument("--out", required=True, metavar="FILE.png", help="the image to write")
+    plot_parser.set_defaults(run=run_jobs_plot)
+
+
+def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
+    architecture = parser.add_mutually_exclusive_group(required=True)
+    architecture.add_argument(
+        "--preset", metavar="NAME", help="a named architecture (see `tandem presets`)")
+    architecture.add_argument(
+        "--spec", metavar="FILE.json", help="a model spec (see shared/nn/spec.py)")
+    parser.add_argument("--hidden", type=widths, metavar="W1,W2,...",
+                        help="hidden layer widths, instead of the preset's")
+
+
+def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    settings = parser.add_argument_group(
+        "hyperparameters",
+        "Unset ones keep the preset's tuned settings (see `tandem presets`), "
+        "else the defaults below.")
+    for flag, field, type_, help_ in HYPERPARAMETER_FLAGS:
+        settings.add_argument(flag, dest=field, type=type_, metavar=METAVARS[type_],
+                              help=f"{help_} (default: {getattr(Hyperparameters, field)})")
 
 
 def positive_int(text: str) -> int:
@@ -199,8 +301,13 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"saved {out}")
 
 
+def given_hyperparameters(args: argparse.Namespace) -> dict:
+    """The hyperparameter flags by field name; None for those not given."""
+    return {field: getattr(args, field) for _, field, _, _ in HYPERPARAMETER_FLAGS}
+
+
 def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
-    given = {field: getattr(args, field) for _, field, _, _ in HYPERPARAMETER_FLAGS}
+    given = given_hyperparameters(args)
     if args.preset:
         return Hyperparameters.for_preset(args.preset, **given)
     return Hyperparameters(**{field: value for field, value in given.items() if value is not None})
@@ -212,16 +319,20 @@ def model_spec(args: argparse.Namespace, dataset: Dataset) -> dict:
         return get_preset(args.preset).spec(dataset.input_shape, dataset.num_classes, args.hidden)
     if args.hidden:
         raise ValueError("--hidden applies to --preset only; a spec file sets its own layer widths")
-    with open(args.spec) as f:
-        try:
-            spec = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{args.spec}: not valid JSON: {error}") from None
+    spec = read_spec_file(args.spec)
     try:
         build_model(spec)  # train() builds it too; checked here to name the file in the error
     except SpecError as error:
         raise SpecError(f"{args.spec}: {error}") from None
     return spec
+
+
+def read_spec_file(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from None
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -271,6 +382,174 @@ def run_presets(args: argparse.Namespace) -> None:
         print(f"{'':<{width}}  hidden {hidden}; {training}")
 
 
+# ---------------------------------------------------------------- the jobs commands
+
+
+def run_jobs_start(args: argparse.Namespace) -> int | None:
+    with TrainerClient(args.trainer) as trainer:
+        job = trainer.start_job(
+            args.model_name, args.dataset, preset=args.preset,
+            spec=read_spec_file(args.spec) if args.spec else None, hidden=args.hidden or (),
+            hyperparameters=given_hyperparameters(args), every_steps=args.every_steps,
+            every_epoch=args.every_epoch, resume_from_version=args.resume_from_version)
+        print(f"started job {job.job_id} ({job_state_name(job)})")
+        if args.follow:
+            return watch_exit_code(watch_job(trainer, job.job_id))
+    return None
+
+
+def run_jobs_list(args: argparse.Namespace) -> None:
+    with TrainerClient(args.trainer) as trainer:
+        jobs = trainer.list_jobs(states=args.state, model_name=args.model_name)
+    if not jobs:
+        print("no jobs")
+        return
+    print_table(["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST ACC", "VERSION", "CREATED"], [
+        [job.job_id, job_state_name(job), job.model_name, job.request.dataset,
+         f"{job.progress.epoch}/{job.progress.epochs}",
+         f"{job.last_metrics.test_accuracy:.2%}" if job.HasField("last_metrics") else "-",
+         job.last_published_version or "-", local_time(job.created_at)]
+        for job in jobs])
+
+
+def run_jobs_watch(args: argparse.Namespace) -> int:
+    with TrainerClient(args.trainer) as trainer:
+        return watch_exit_code(watch_job(trainer, args.job_id))
+
+
+def run_jobs_cancel(args: argparse.Namespace) -> None:
+    with TrainerClient(args.trainer) as trainer:
+        job = trainer.cancel(args.job_id)
+    print(f"job {job.job_id}: {job_state_name(job)}")
+
+
+def run_jobs_checkpoints(args: argparse.Namespace) -> None:
+    with TrainerClient(args.trainer) as trainer:
+        print_checkpoints(trainer.list_checkpoints(args.model_name))
+
+
+def run_jobs_plot(args: argparse.Namespace) -> int | None:
+    try:
+        from matplotlib.figure import Figure  # an optional extra
+    except ImportError:
+        return report("`tandem jobs plot` needs matplotlib: pip install 'tandem[plot]'")
+    with TrainerClient(args.trainer) as trainer:
+        job = trainer.get_job(args.job_id)
+    if not job.history:
+        raise ValueError(f"job {job.job_id} has no finished epoch to plot yet")
+    history = [metrics_dict(epoch) for epoch in job.history]
+    epochs = [metrics["epoch"] for metrics in history]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure.suptitle(f"job {job.job_id}: {job.model_name} on {job.request.dataset}")
+    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+        for split in ("train", "val", "test"):
+            if f"{split}_{metric}" in history[0]:
+                axes.plot(epochs, [m[f"{split}_{metric}"] for m in history], marker="o", label=split)
+        axes.set(title=metric, xlabel="epoch")
+        axes.legend()
+    figure.savefig(args.out)
+    print(f"wrote {args.out}")
+    return None
+
+
+def watch_job(trainer: TrainerClient, job_id: str) -> pb.Job:
+    """Show a job's progress until it ends; return it as it ended.
+
+    What has happened so far first (its state, its finished epochs), then
+    the progress bar and a line per epoch (Progress: on a terminal; plain
+    lines elsewhere), a line per published checkpoint and per change of
+    state, and the final state.
+    """
+    progress = None
+    try:
+        for event in trainer.watch(job_id):
+            kind = event.WhichOneof("event")
+            if progress is None:  # the first event: the job's snapshot
+                job = event.snapshot
+                print(f"job {job.job_id}: {job.model_name} on {job.request.dataset}, "
+                      f"{job.progress.epochs} epochs: {job_state_name(job)}")
+                progress = Progress(job.progress.epochs)
+                for epoch in job.history:
+                    progress(epoch_event(epoch))
+            elif kind == "step":
+                step = event.step
+                progress(StepEvent(step.epoch, step.step, step.steps_per_epoch,
+                                   step.batch_loss, step.batch_accuracy))
+            elif kind == "epoch":
+                progress(epoch_event(event.epoch))
+            else:
+                progress.close()  # clears the status line for the line below
+                if kind == "snapshot":
+                    print(f"job {job_id}: {job_state_name(event.snapshot)}")
+                elif kind == "checkpoint":
+                    print(f"published {checkpoint_text(event.checkpoint)}")
+                else:
+                    print(job_end_text(event.finished))
+                    return event.finished
+    finally:
+        if progress is not None:
+            progress.close()
+    raise ConnectionError(f"the trainer ended the watch of job {job_id} before the job ended")
+
+
+def watch_exit_code(job: pb.Job) -> int:
+    return 0 if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_JOB_UNSUCCESSFUL
+
+
+def metrics_dict(epoch: pb.EpochMetrics) -> dict[str, float]:
+    """An epoch's metrics by the training loop's names; val_* only when the job has them."""
+    return {field.name: getattr(epoch, field.name) for field in epoch.DESCRIPTOR.fields
+            if not field.has_presence or epoch.HasField(field.name)}
+
+
+def epoch_event(epoch: pb.EpochMetrics) -> EpochEvent:
+    return EpochEvent(epoch.epoch, epoch.step, metrics_dict(epoch))
+
+
+def checkpoint_text(checkpoint: tandem_common_pb2.CheckpointInfo) -> str:
+    """`digits version 3 (epoch 3, step 153, test accuracy 97.77%)`."""
+    details = [f"epoch {checkpoint.epoch}", f"step {checkpoint.step}"]
+    if "test_accuracy" in checkpoint.metrics:
+        details.append(f"test accuracy {checkpoint.metrics['test_accuracy']:.2%}")
+    return f"{checkpoint.model_name} version {checkpoint.version} ({', '.join(details)})"
+
+
+def job_end_text(job: pb.Job) -> str:
+    """`job 1f2e…: SUCCEEDED (completed), test accuracy 98.88% after epoch 15, latest version 15`."""
+    text = f"job {job.job_id}: {job_state_name(job)}"
+    if job.stop_reason:
+        text += f" ({job.stop_reason})"
+    if job.error:
+        text += f": {job.error}"
+    if job.HasField("last_metrics"):
+        text += (f", test accuracy {job.last_metrics.test_accuracy:.2%} "
+                 f"after epoch {job.last_metrics.epoch}")
+    if job.last_published_version:
+        text += f", latest version {job.last_published_version}"
+    return text
+
+
+def print_checkpoints(checkpoints: list[tandem_common_pb2.CheckpointInfo]) -> None:
+    """A table of CheckpointInfo messages; the latest version is marked with `*`."""
+    print_table(["VERSION", "EPOCH", "STEP", "TEST ACC", "SIZE", "CREATED"], [
+        [f"{c.version}{' *' if c.latest else ''}", c.epoch, c.step,
+         f"{c.metrics['test_accuracy']:.2%}" if "test_accuracy" in c.metrics else "-",
+         f"{c.size_bytes / 1024:.1f} KiB", local_time(c.created_at)]
+        for c in checkpoints])
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def local_time(stamp: Timestamp) -> str:
+    """A protobuf Timestamp in the local time zone, to the second."""
+    return stamp.ToDatetime(tzinfo=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 # ---------------------------------------------------------------- shared steps
 
 
@@ -304,15 +583,10 @@ def read_samples(path: str, input_shape: tuple[int, ...]) -> np.ndarray:
     if not isinstance(array, np.ndarray):  # an .npz archive
         array.close()
         raise ValueError(f"{path}: expected a single array (.npy), found an .npz archive")
-    flat = (math.prod(input_shape),)
-    for sample in (input_shape, flat):
-        if array.shape == sample:
-            return array.reshape(1, *input_shape)
-        if array.shape[1:] == sample:
-            return array.reshape(len(array), *input_shape)
-    raise ValueError(
-        f"{path} holds an array of shape {list(array.shape)}; the model takes samples of shape "
-        f"{list(input_shape)} (or flat {list(flat)}): one, or a batch of them")
+    try:
+        return as_batch(array, input_shape)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def score_test_split(model: Model, dataset: Dataset) -> tuple[float, int]:

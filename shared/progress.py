@@ -8,6 +8,10 @@ On a terminal it redraws one status line in place with `\\r`,
 at most ~10 times a second, however fast the steps come, and replaces it by
 the epoch's summary line when the epoch ends. Anywhere else (a pipe, a log
 file, CI) it writes only the summary lines, so logs hold no `\\r` noise.
+
+It need not see every step: the bar follows the steps' numbers, and loss and
+accuracy are the means over the steps it was shown, so it also draws the
+thinned-out step events of a job watched on the trainer (`tandem jobs watch`).
 """
 
 from __future__ import annotations
@@ -52,9 +56,9 @@ class Progress:
         self.interval = interval
         self._last_draw: float | None = None
         self._shown = 0  # length of the status line on screen; 0 when none is
-        # The epoch being run, and running means over its steps so far.
+        # The epoch being run, and running means over the steps of it shown so far.
         self._epoch = 0
-        self._steps = 0
+        self._shown_steps = 0
         self._loss_sum = 0.0
         self._accuracy_sum = 0.0
 
@@ -71,24 +75,26 @@ class Progress:
 
     def _step(self, event: StepEvent) -> None:
         if event.epoch != self._epoch:
-            self._epoch, self._steps, self._loss_sum, self._accuracy_sum = event.epoch, 0, 0.0, 0.0
-        self._steps += 1
+            self._epoch, self._shown_steps = event.epoch, 0
+            self._loss_sum = self._accuracy_sum = 0.0
+        self._shown_steps += 1
         self._loss_sum += event.batch_loss
         self._accuracy_sum += event.batch_accuracy
+        step_in_epoch = event.step - (event.epoch - 1) * event.steps_per_epoch
         now = self.clock()
         # The epoch's last step is always drawn: the full bar stays up while the
         # epoch's validation and test metrics are computed.
         due = self._last_draw is None or now - self._last_draw >= self.interval
-        if due or self._steps == event.steps_per_epoch:
+        if due or step_in_epoch == event.steps_per_epoch:
             self._last_draw = now
-            self._draw(event.steps_per_epoch)
+            self._draw(step_in_epoch, event.steps_per_epoch)
 
-    def _draw(self, steps_per_epoch: int) -> None:
-        filled = BAR_WIDTH * self._steps // steps_per_epoch
+    def _draw(self, step_in_epoch: int, steps_per_epoch: int) -> None:
+        filled = BAR_WIDTH * step_in_epoch // steps_per_epoch
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        line = (f"epoch {self._epoch}/{self.total_epochs} [{bar}] {self._steps}/{steps_per_epoch}"
-                f"  loss {self._loss_sum / self._steps:.4f}"
-                f"  acc {self._accuracy_sum / self._steps:.1%}")
+        line = (f"epoch {self._epoch}/{self.total_epochs} [{bar}] {step_in_epoch}/{steps_per_epoch}"
+                f"  loss {self._loss_sum / self._shown_steps:.4f}"
+                f"  acc {self._accuracy_sum / self._shown_steps:.1%}")
         # Pad with spaces to overwrite a longer line drawn before.
         self._write("\r" + line.ljust(self._shown))
         self._shown = len(line)

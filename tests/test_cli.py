@@ -205,7 +205,7 @@ def wrong_shape_npy(directory: Path) -> Path:
     (lambda d, m: ["evaluate", m, "--dataset", "tiny", "--data-dir", tiny_dataset_dir(d)],
      "dataset 'tiny' has samples of shape [4], but the model in"),
     (lambda d, m: ["predict", m, "--npy", wrong_shape_npy(d)],
-     "x.npy holds an array of shape [3, 8, 7]; the model takes samples of shape [1, 8, 8]"),
+     "x.npy: shape [3, 8, 7] does not fit the model's samples of shape [1, 8, 8] (or flat [64])"),
 ], ids=["preset", "spec", "dataset", "batch-size", "spec-file", "model-file", "corrupt-model",
         "shape-mismatch", "npy-shape"])
 def test_bad_input_is_one_error_line_and_exit_2(make_argv, message, trained, tmp_path, capsys):
@@ -275,6 +275,19 @@ def test_progress_on_a_terminal_redraws_at_most_every_interval(capsys):
         "epoch  1/15  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n",
     ]
     assert capsys.readouterr().out == ""
+
+
+def test_progress_follows_the_step_numbers_of_thinned_out_steps():
+    """A job watched on the trainer sends only some steps' events (`tandem jobs watch`)."""
+    stream = FakeTty()
+    progress = Progress(2, stream, clock=FakeClock([0.0, 1.0]))
+    progress(StepEvent(2, 12, 10, 1.0, 0.5))  # the 2nd step of epoch 2
+    progress(StepEvent(2, 19, 10, 3.0, 1.0))  # its 9th
+    status = "epoch 2/2 [{}] {}/10  loss {:.4f}  acc {:.1%}"
+    assert stream.getvalue().split("\r")[1:] == [
+        status.format("###...............", 2, 1.0, 0.5),
+        status.format("################..", 9, 2.0, 0.75),  # means over the steps shown
+    ]
 
 
 def test_progress_elsewhere_prints_only_epoch_lines():

@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-
-def _env(name: str, default, kind=str):
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if kind is bool:
-        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError(f"{name} must be true or false, got {raw!r}")
-        return raw.lower() in ("1", "true", "yes")
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+from shared.config import env
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    listen: str = field(default_factory=lambda: _env("TRAINER_LISTEN", "127.0.0.1:50051"))
-    data_dir: str | None = field(default_factory=lambda: _env("TANDEM_DATA_DIR", None))
-    max_concurrent_jobs: int = field(default_factory=lambda: _env("TRAINER_MAX_CONCURRENT_JOBS", 1, int))
-    grace_seconds: float = field(default_factory=lambda: _env("TRAINER_GRACE_SECONDS", 30.0, float))
-    metrics_port: int = field(default_factory=lambda: _env("TRAINER_METRICS_PORT", 9101, int))
-    metrics_address: str = field(default_factory=lambda: _env("TRAINER_METRICS_ADDRESS", "127.0.0.1"))
-    resume_interrupted: bool = field(default_factory=lambda: _env("TRAINER_RESUME_INTERRUPTED", True, bool))
-    max_restarts: int = field(default_factory=lambda: _env("TRAINER_MAX_RESTARTS", 3, int))
+    redis_url: str = field(default_factory=lambda: env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    listen: str = field(default_factory=lambda: env("TRAINER_LISTEN", "127.0.0.1:50051"))
+    data_dir: str | None = field(default_factory=lambda: env("TANDEM_DATA_DIR", None))
+    max_concurrent_jobs: int = field(default_factory=lambda: env("TRAINER_MAX_CONCURRENT_JOBS", 1, int))
+    grace_seconds: float = field(default_factory=lambda: env("TRAINER_GRACE_SECONDS", 30.0, float))
+    metrics_port: int = field(default_factory=lambda: env("TRAINER_METRICS_PORT", 9101, int))
+    metrics_address: str = field(default_factory=lambda: env("TRAINER_METRICS_ADDRESS", "127.0.0.1"))
+    resume_interrupted: bool = field(default_factory=lambda: env("TRAINER_RESUME_INTERRUPTED", True, bool))
+    max_restarts: int = field(default_factory=lambda: env("TRAINER_MAX_RESTARTS", 3, int))
     publish_outage_seconds: float = field(
-        default_factory=lambda: _env("TRAINER_PUBLISH_OUTAGE_SECONDS", 60.0, float))
-    checkpoint_retention: int = field(default_factory=lambda: _env("TANDEM_CHECKPOINT_RETENTION", 5, int))
-    max_upload_bytes: int = field(default_factory=lambda: _env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
-    grpc_workers: int = field(default_factory=lambda: _env("TRAINER_GRPC_WORKERS", 32, int))
+        default_factory=lambda: env("TRAINER_PUBLISH_OUTAGE_SECONDS", 60.0, float))
+    checkpoint_retention: int = field(default_factory=lambda: env("TANDEM_CHECKPOINT_RETENTION", 5, int))
+    max_upload_bytes: int = field(default_factory=lambda: env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
+    grpc_workers: int = field(default_factory=lambda: env("TRAINER_GRPC_WORKERS", 32, int))

@@ -151,7 +151,7 @@ class DatasetCatalog:
         return dataset_from_arrays(name, arrays, f"uploaded dataset {name!r}", np.float32)
 
     def store_upload(self, upload: DatasetUpload, overwrite: bool = False) -> Dataset:
-        """Check a complete upload, then write it in one command (all or nothing)."""
+        """Check a complete upload, then write it in one transaction (all or nothing)."""
         arrays = upload.finish()
         if upload.name in list_datasets(self._data_dir):
             raise ValueError(f"header.name {upload.name!r} is a built-in or data-directory dataset")
@@ -159,17 +159,17 @@ class DatasetCatalog:
         header = {a: {"dtype": h.dtype, "shape": list(h.shape)} for a, h in upload.headers.items()}
         fields = {"header": json.dumps(header), **{a: arrays[a].tobytes() for a in arrays}}
         key = self._key(upload.name)
-        with unavailable_on_error(self._redis):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.exists(key)
-            if overwrite:
-                pipe.delete(key)
-                pipe.hset(key, mapping=fields)
-                pipe.execute()
-            elif not self._redis.hsetnx(key, "header", fields.pop("header")):
+        with unavailable_on_error(self._redis), self._redis.pipeline(transaction=True) as pipe:
+            pipe.watch(key)
+            if pipe.exists(key) and not overwrite:
                 raise FileExistsError(f"dataset {upload.name!r} exists; set header.overwrite to replace it")
-            else:
-                self._redis.hset(key, mapping=fields)
+            pipe.multi()
+            pipe.delete(key)
+            pipe.hset(key, mapping=fields)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                raise FileExistsError(f"another upload of {upload.name!r} finished first") from None
         with self._lock:
             self._cache.pop(upload.name, None)
         return dataset

@@ -1,7 +1,8 @@
 """Job records in Redis, so that any trainer (or a restarted one) lists and resumes them.
 
 Keys: `{prefix}:job:{id}` holds a record as JSON; `{prefix}:jobs` is a
-sorted set of job ids by creation time.
+sorted set of job ids by creation time; `{prefix}:request:{request_id}`
+names the job a client's idempotency key started.
 """
 
 from __future__ import annotations
@@ -12,10 +13,24 @@ from shared.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
 
 
+REQUEST_ID_SECONDS = 7 * 24 * 3600   # how long a request_id names its job
+
+# KEYS: request key, job key, index; ARGV: job id, record JSON, created_at, request key TTL.
+CLAIM_AND_SAVE = """
+local earlier = redis.call('GET', KEYS[1])
+if earlier then return earlier end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return false
+"""
+
+
 class JobRepository:
     def __init__(self, client: redis.Redis, prefix: str = "tandem"):
         self._redis = client
         self._prefix = prefix
+        self._claim_and_save = client.register_script(CLAIM_AND_SAVE)
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -31,13 +46,21 @@ class JobRepository:
             pipe.zadd(self._index, {record.job_id: record.created_at})
             pipe.execute()
 
-    def claim_request_id(self, request_id: str, job_id: str) -> str | None:
-        """Tie a client's idempotency key to `job_id`; return the job it already names, if any."""
-        key = f"{self._prefix}:request:{request_id}"
+    def save_new(self, record: JobRecord, request_id: str = "") -> str | None:
+        """Save a new job; with a client's idempotency key, only if no job has it yet.
+
+        Returns the id of the job that already has `request_id` (and saves nothing),
+        else None. Claiming the key and saving the record is one step (a script), so
+        a retry racing the first call finds that call's job, never a key naming none.
+        """
+        if not request_id:
+            self.save(record)
+            return None
         with unavailable_on_error(self._redis):
-            if self._redis.set(key, job_id, nx=True, ex=7 * 24 * 3600):
-                return None
-            return self._redis.get(key).decode()
+            earlier = self._claim_and_save(
+                keys=[f"{self._prefix}:request:{request_id}", self._key(record.job_id), self._index],
+                args=[record.job_id, record.to_json(), record.created_at, REQUEST_ID_SECONDS])
+        return earlier.decode() if earlier else None
 
     def get(self, job_id: str) -> JobRecord | None:
         with unavailable_on_error(self._redis):

@@ -38,6 +38,7 @@ class JobRequest:
     spec: dict
     hyperparameters: Hyperparameters
     preset: str = ""
+    hidden: tuple[int, ...] = ()        # the preset's widths as asked for (the spec has them too)
     checkpoint_every_steps: int = 0     # 0: not by steps
     checkpoint_every_epoch: bool = True
     resume_from_version: int = 0        # 0: start fresh
@@ -50,7 +51,8 @@ class JobRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobRequest":
-        return cls(**{**data, "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"])})
+        return cls(**{**data, "hidden": tuple(data.get("hidden", ())),
+                      "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"])})
 
 
 @dataclass

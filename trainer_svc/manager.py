@@ -21,7 +21,7 @@ from shared.checkpoint import CheckpointMeta, check_model_name
 from shared.nn import EpochEvent, StepEvent, StopTraining, build_model
 from shared.nn.presets import get_preset
 from shared.redis_client import StoreUnavailable
-from shared.store import CheckpointStore
+from shared.store import CheckpointNotFound, CheckpointStore
 from shared.training import Hyperparameters, fit_model, prepare_model
 from trainer_svc import metrics
 from trainer_svc.datasets import DatasetCatalog
@@ -124,6 +124,8 @@ class JobManager:
         dataset = self.catalog.load(start.dataset)
         if bool(start.preset) == (start.spec is not None):
             raise ValueError("architecture: give exactly one of preset or spec")
+        if start.spec is not None and start.hidden:
+            raise ValueError("hidden: only a preset takes hidden-layer widths; a spec states its own")
         if start.preset:
             preset = get_preset(start.preset)
             spec = preset.spec(dataset.input_shape, dataset.num_classes, start.hidden or None)
@@ -139,13 +141,16 @@ class JobManager:
         if start.checkpoint_every_steps < 0:
             raise ValueError("checkpoint_schedule.every_steps must be >= 0")
         if start.resume_from_version:
-            meta = self.store.get(start.model_name, start.resume_from_version).meta
+            try:
+                meta = self.store.get(start.model_name, start.resume_from_version).meta
+            except CheckpointNotFound as error:
+                raise CheckpointNotFound(f"resume_from_version {start.resume_from_version}: {error}") from None
             if meta.spec != spec:
                 raise ValueError(f"resume_from_version {start.resume_from_version} of "
                                  f"{start.model_name!r} has another architecture than this job")
         return JobRequest(
             model_name=start.model_name, dataset=dataset.name, spec=spec, hyperparameters=hp,
-            preset=start.preset, checkpoint_every_steps=start.checkpoint_every_steps,
+            preset=start.preset, hidden=start.hidden, checkpoint_every_steps=start.checkpoint_every_steps,
             checkpoint_every_epoch=start.checkpoint_every_epoch,
             resume_from_version=start.resume_from_version, request_id=start.request_id)
 
@@ -155,11 +160,9 @@ class JobManager:
             if not self._accepting:
                 raise NotAccepting("the trainer is shutting down and takes no new jobs")
         record = JobRecord.new(self.check(start))
-        if start.request_id:
-            earlier = self.repository.claim_request_id(start.request_id, record.job_id)
-            if earlier:
-                return self.get(earlier)
-        self.repository.save(record)
+        earlier = self.repository.save_new(record, start.request_id)
+        if earlier:
+            return self.get(earlier)
         job = _ActiveJob(record)
         with self._lock:
             self._active[record.job_id] = job
@@ -179,14 +182,14 @@ class JobManager:
             raise JobNotFound(f"job_id {job_id!r}: no such job")
         return record
 
-    def list(self, state: JobState | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+    def list(self, state: JobState | None = None, limit: int | None = None, offset: int = 0) -> list[JobRecord]:
         records = self.repository.list()
         with self._lock:
             live = {job_id: job for job_id, job in self._active.items()}
         records = [self.get(r.job_id) if r.job_id in live else r for r in records]
         if state:
             records = [r for r in records if r.state == state]
-        return records[offset:offset + limit]
+        return records[offset:None if limit is None else offset + limit]
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._lock:
@@ -194,14 +197,19 @@ class JobManager:
         if job is None:
             return self.get(job_id)  # finished already (or unknown: JobNotFound)
         with job.lock:
+            if job.record.state.finished:  # ended meanwhile; its final record is being saved
+                return job.record.copy()
             job.stop_as = JobState.CANCELLED
             if job.record.state == JobState.QUEUED:  # never started: ends here
                 self._finish(job, JobState.CANCELLED)
-            elif job.record.state == JobState.RUNNING:
+                return job.record.copy()
+            if job.record.state == JobState.RUNNING:
                 job.record.state = JobState.CANCELLING
             record = job.record.copy()
-        self._save(record)
-        self.events.publish(record.job_id, JobSnapshot(record))
+            # Under the job's lock, like the final save in _finish: this record cannot
+            # overwrite the final one, nor its event follow the job's last.
+            self._save(record)
+            self.events.publish(record.job_id, JobSnapshot(record))
         return record
 
     def watch(self, job_id: str) -> tuple[JobRecord, Subscription]:
@@ -291,8 +299,9 @@ class JobManager:
     def _published(self, job: _ActiveJob, version: int, meta: CheckpointMeta, seconds: float) -> None:
         metrics.PUBLISH_SECONDS.observe(seconds)
         with job.lock:
-            if version > job.record.last_published_version:
-                job.record.last_published_version, job.record.last_published_step = version, meta.step
+            # The publisher publishes one snapshot at a time, in order, so this version is the
+            # job's latest even when it is lower: a Redis that lost its data counts from 1 again.
+            job.record.last_published_version, job.record.last_published_step = version, meta.step
             record = job.record.copy()
         self._save(record)
         self.events.publish(record.job_id, CheckpointPublished({**asdict(meta), "version": version}))
@@ -300,25 +309,50 @@ class JobManager:
                  record.job_id, record.model_name, version, meta.step, seconds)
 
     def _finish(self, job: _ActiveJob, state: JobState) -> None:
-        """Record the final state (caller holds job.lock) and tell the watchers."""
+        """Record the final state (caller holds job.lock) and tell the watchers.
+
+        A final record that Redis does not take now is saved again by a thread of its
+        own until it does (within the outage limit); the job stays in `_active` till
+        then, so that GetJob answers from it and not from the stale record in Redis.
+        """
         job.record.state = state
         if state.finished:
             job.record.finished_at = time.time()
         record = job.record.copy()
-        self._save(record)
-        with self._lock:
-            self._active.pop(record.job_id, None)
+        if self._save(record) or not state.finished:
+            self._forget(record.job_id)
+        else:
+            threading.Thread(target=self._save_final, args=(record,), daemon=True,
+                             name=f"save-{record.job_id}").start()
         event = JobFinished(record) if state.finished else JobSnapshot(record)
         self.events.publish(record.job_id, event)
         log.info("event=job_%s job=%s model=%s version=%d error=%r", state.value.lower(),
                  record.job_id, record.model_name, record.last_published_version, record.error)
 
-    def _save(self, record: JobRecord) -> None:
+    def _save(self, record: JobRecord) -> bool:
         """Best effort: a Redis outage must not stop training; the next save catches up."""
         try:
             self.repository.save(record)
+            return True
         except StoreUnavailable as error:
             log.warning("event=job_save_failed job=%s error=%r", record.job_id, str(error))
+            return False
+
+    def _save_final(self, record: JobRecord, backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+        """Save a job's final record, retrying with backoff; there is no next save to catch up."""
+        deadline = time.monotonic() + self.settings.outage_limit
+        delay = backoff[0]
+        while not self._save(record):
+            if time.monotonic() + delay > deadline:
+                log.error("event=job_record_not_saved job=%s state=%s", record.job_id, record.state.value)
+                return  # kept in _active: this trainer still answers for the job
+            time.sleep(delay)
+            delay = min(delay * 2, backoff[1])
+        self._forget(record.job_id)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._active.pop(job_id, None)
 
 
 class _Progress:
@@ -343,7 +377,9 @@ class _Progress:
             raise self.publisher.error
         with self.job.lock:
             stop = self.job.stop_as
-        if stop:
+        # A stop at an epoch's last step waits for that epoch's end, a moment later: a run
+        # resumed at that step starts with the next epoch, so this one would lose its metrics.
+        if stop and not (isinstance(event, StepEvent) and event.step % event.steps_per_epoch == 0):
             raise StopTraining
 
     def _step(self, event: StepEvent) -> None:
@@ -369,11 +405,12 @@ class _Progress:
             self.checkpoint()
 
     def _epoch(self, event: EpochEvent) -> None:
+        entry = {**event.metrics, "step": event.step}
         with self.job.lock:
-            self.job.record.history.append({**event.metrics, "step": event.step})
+            self.job.record.history.append(entry)
             record = self.job.record.copy()
         self.manager._save(record)
-        self.manager.events.publish(record.job_id, EpochDone(dict(event.metrics)))
+        self.manager.events.publish(record.job_id, EpochDone(dict(entry)))
         if self.request.checkpoint_every_epoch:
             self.checkpoint()
 

@@ -38,3 +38,7 @@ def register_job_states(states: Callable[[], Iterable[str]]) -> JobStates:
     collector = JobStates(states)
     REGISTRY.register(collector)
     return collector
+
+
+def unregister_job_states(collector: JobStates) -> None:
+    REGISTRY.unregister(collector)

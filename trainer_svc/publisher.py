@@ -106,7 +106,10 @@ class CheckpointPublisher:
                             f"no checkpoint could be published for {self._outage_limit:.0f} s: {error}")
                         self._changed.notify_all()
                         return
-                    self._changed.wait(timeout=delay)  # woken early by close or a newer snapshot
+                    # Back off: a newer snapshot waits its turn (it replaces this one). Close cuts
+                    # the wait short and ends the thread: close has waited for what it could publish.
+                    if self._changed.wait_for(lambda: self._closing, timeout=delay):
+                        return
                 delay = min(delay * 2, self._backoff[1])
                 continue
             outage_since, delay = None, self._backoff[0]

@@ -8,18 +8,16 @@ job manager, servicer) so that tests start a real server in-process and
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from concurrent import futures
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
+from shared.service import configure_logging, grpc_server, run_until_signalled
 from shared.store import CheckpointStore
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
@@ -46,11 +44,7 @@ class TrainerServer:
                      max_restarts=config.max_restarts,
                      resume_interrupted=config.resume_interrupted))
         self.health = health.HealthServicer()
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=config.grpc_workers * 4,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES)
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -64,7 +58,8 @@ class TrainerServer:
         if self.config.metrics_port:
             self.metrics_http, _ = start_http_server(self.config.metrics_port,
                                                      addr=self.config.metrics_address)
-            metrics.register_job_states(lambda: (r.state.value for r in self.manager.list()))
+            self._job_states = metrics.register_job_states(
+                lambda: (r.state.value for r in self.manager.list()))
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -85,21 +80,14 @@ class TrainerServer:
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.metrics_http:
             self.metrics_http.shutdown()
+            self.metrics_http.server_close()   # free the port, for a trainer started after this one
+            metrics.unregister_job_states(self._job_states)
         log.info("event=trainer_stopped")
 
     def wait(self) -> None:
         self._stopped.wait()
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
 def main() -> None:
     configure_logging()
-    server = TrainerServer(TrainerConfig()).start()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: threading.Thread(target=server.stop).start())
-    server.wait()
-    server.server.wait_for_termination()
+    run_until_signalled(TrainerServer(TrainerConfig()).start())

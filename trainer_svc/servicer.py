@@ -9,13 +9,13 @@ shutting down -> UNAVAILABLE. Messages come from the domain and name the field.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import asdict
 
 import grpc
 
+from shared.grpc_errors import translate_errors
 from shared.redis_client import StoreUnavailable
 from shared.rpc import tandem_trainer_pb2 as pb
 from shared.rpc import tandem_trainer_pb2_grpc
@@ -36,18 +36,6 @@ STATUS_BY_ERROR = [  # the first match wins
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (NotAccepting, grpc.StatusCode.UNAVAILABLE),
 ]
-
-
-def translate_errors(method):
-    """Abort the call with the status that fits a domain error, and its message."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except tuple(error for error, _ in STATUS_BY_ERROR) as error:
-            status = next(code for kind, code in STATUS_BY_ERROR if isinstance(error, kind))
-            context.abort(status, str(error))
-    return wrapper
 
 
 HYPERPARAMETER_FIELDS = [f.name for f in pb.Hyperparameters.DESCRIPTOR.fields]
@@ -86,6 +74,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         request_id=request.request_id)
     if request.preset:
         submitted.preset = request.preset
+        submitted.hidden.extend(request.hidden)
     else:
         submitted.spec_json = json.dumps(request.spec)
     if request.resume_from_version:
@@ -109,15 +98,15 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
     def __init__(self, manager: JobManager):
         self.manager = manager
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def StartJob(self, request, context):
         return job_to_proto(self.manager.submit(start_job_from_proto(request)))
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def GetJob(self, request, context):
         return job_to_proto(self.manager.get(request.job_id))
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def ListJobs(self, request, context):
         states = {JobState(pb.JobState.Name(s).removeprefix("JOB_STATE_")) for s in request.states}
         page_size = request.page_size or DEFAULT_PAGE_SIZE
@@ -133,7 +122,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in page],
                                    next_page_token=str(offset + page_size) if more else "")
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def WatchJob(self, request, context):
         record, subscription = self.manager.watch(request.job_id)
         try:
@@ -148,11 +137,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         finally:
             subscription.close()
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def CancelJob(self, request, context):
         return job_to_proto(self.manager.cancel(request.job_id))
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def ListCheckpoints(self, request, context):
         versions = self.manager.store.versions(request.model_name)
         if not versions:
@@ -161,13 +150,13 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         return pb.ListCheckpointsResponse(checkpoints=[
             checkpoint_info(meta, latest=meta["version"] == latest) for meta in reversed(versions)])
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def ListDatasets(self, request, context):
         catalog = self.manager.catalog
         return pb.ListDatasetsResponse(datasets=[
             dataset_info(catalog.load(name), catalog.source(name)) for name in catalog.names()])
 
-    @translate_errors
+    @translate_errors(STATUS_BY_ERROR)
     def UploadDataset(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("chunk") != "header":

@@ -6,10 +6,11 @@ weight checkpoints to the checkpoint store (Redis). Python stubs:
 shared.rpc.tandem_trainer_pb2 / _pb2_grpc (`make protos`).
 
 Status codes: INVALID_ARGUMENT for a request that cannot work (a bad
-spec, names the layer; a bad hyperparameter, names the field; an unknown
-preset), NOT_FOUND for an unknown job, dataset or model, FAILED_PRECONDITION
-for an action the job's state does not allow, UNAVAILABLE while the
-service starts or shuts down.
+spec, names the layer; a bad hyperparameter, names the field),
+NOT_FOUND for an unknown job, preset, dataset, model or version,
+ALREADY_EXISTS for an upload whose name is taken, RESOURCE_EXHAUSTED for
+an upload over the size limit, UNAVAILABLE while Redis is unreachable or
+the service shuts down.
 """
 
 from collections import abc as _abc

@@ -1,0 +1,178 @@
+"""A thin Python client for the trainer service (proto/tandem_trainer.proto).
+
+    with TrainerClient("127.0.0.1:50051") as trainer:
+        trainer.wait_until_ready(10)
+        job = trainer.start_job("digits-cnn", "digits", preset="digits-cnn",
+                                hyperparameters={"epochs": 5})
+        for event in trainer.watch(job.job_id):
+            ...
+
+Each method turns Python values into the request message, makes one call
+and returns the response's messages (Job, JobEvent, CheckpointInfo,
+DatasetInfo) as they are; every check happens on the server. A failed call
+raises grpc.RpcError with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.rpc import tandem_common_pb2, tandem_trainer_pb2_grpc
+from shared.rpc import tandem_trainer_pb2 as pb
+from shared.tensors import to_tensor
+
+TRAINER_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+# "QUEUED", "RUNNING", ...: the job states by the names job_state_name gives.
+JOB_STATE_NAMES = [name.removeprefix("JOB_STATE_") for name in pb.JobState.keys()
+                   if name != "JOB_STATE_UNSPECIFIED"]
+
+
+def job_state_name(job: pb.Job) -> str:
+    """The job's state without the enum's prefix: "RUNNING", "SUCCEEDED", ..."""
+    return pb.JobState.Name(job.state).removeprefix("JOB_STATE_")
+
+
+def job_state(name: str) -> int:
+    """The JobState value of a name as job_state_name gives it ("running" works too)."""
+    return pb.JobState.Value(f"JOB_STATE_{name.upper()}")
+
+
+class TrainerClient:
+    """A channel to one trainer; `timeout` bounds each call except `watch`."""
+
+    def __init__(self, target: str, timeout: float = 30.0):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._trainer = tandem_trainer_pb2_grpc.TrainerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls still in progress (a watch) are cancelled."""
+        self._channel.close()
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Wait until the trainer reports SERVING on grpc.health.v1.
+
+        Follows the health status as a stream (no polling), waiting for the
+        trainer to come up if it is not there yet; raises grpc.RpcError
+        (DEADLINE_EXCEEDED) if it is not serving within `timeout` seconds.
+        """
+        statuses = self._health.Watch(health_pb2.HealthCheckRequest(service=TRAINER_SERVICE),
+                                      timeout=timeout, wait_for_ready=True)
+        try:
+            for status in statuses:
+                if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        finally:
+            statuses.cancel()
+
+    # ---------------------------------------------------------------- jobs
+
+    def start_job(
+        self,
+        model_name: str,
+        dataset: str,
+        *,
+        preset: str | None = None,
+        spec: dict | None = None,
+        hidden: Iterable[int] = (),
+        hyperparameters: dict | None = None,
+        every_steps: int = 0,
+        every_epoch: bool = True,
+        resume_from_version: int | None = None,
+        request_id: str = "",
+    ) -> pb.Job:
+        """Queue a job training `preset` or `spec` on `dataset`; returns it QUEUED.
+
+        `hyperparameters` maps Hyperparameters field names to values; a
+        missing or None value keeps the default (the preset's, else the
+        core's).
+        """
+        if preset is not None and spec is not None:
+            raise ValueError("give a preset or a spec, not both")
+        settings = {name: value for name, value in (hyperparameters or {}).items()
+                    if value is not None}
+        request = pb.StartJobRequest(
+            model_name=model_name, dataset=dataset, hidden=hidden,
+            hyperparameters=pb.Hyperparameters(**settings),
+            checkpoints=pb.CheckpointSchedule(every_steps=every_steps, every_epoch=every_epoch),
+            resume_from_version=resume_from_version, request_id=request_id)
+        if preset is not None:
+            request.preset = preset
+        if spec is not None:
+            request.spec_json = json.dumps(spec)
+        return self._trainer.StartJob(request, timeout=self.timeout)
+
+    def get_job(self, job_id: str) -> pb.Job:
+        return self._trainer.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
+    def list_jobs(self, states: Iterable[str] = (), model_name: str = "",
+                  page_size: int = 0) -> list[pb.Job]:
+        """Every job (newest first) in one of `states` (names, as job_state_name gives them),
+        following the pages to the last."""
+        request = pb.ListJobsRequest(states=[job_state(name) for name in states],
+                                     model_name=model_name, page_size=page_size)
+        jobs: list[pb.Job] = []
+        while True:
+            page = self._trainer.ListJobs(request, timeout=self.timeout)
+            jobs.extend(page.jobs)
+            if not page.next_page_token:
+                return jobs
+            request.page_token = page.next_page_token
+
+    def watch(self, job_id: str) -> Iterator[pb.JobEvent]:
+        """The job's events until it ends (its snapshot first, `finished` last); no deadline."""
+        return self._trainer.WatchJob(pb.WatchJobRequest(job_id=job_id))
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self._trainer.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=self.timeout)
+
+    # ---------------------------------------------------------------- checkpoints and datasets
+
+    def list_checkpoints(self, model_name: str) -> list[tandem_common_pb2.CheckpointInfo]:
+        """The model's retained versions, newest first."""
+        response = self._trainer.ListCheckpoints(
+            pb.ListCheckpointsRequest(model_name=model_name), timeout=self.timeout)
+        return list(response.checkpoints)
+
+    def list_datasets(self) -> list[pb.DatasetInfo]:
+        response = self._trainer.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout)
+        return list(response.datasets)
+
+    def upload_dataset(self, name: str, arrays: dict[str, np.ndarray], overwrite: bool = False,
+                       piece_bytes: int = 1 << 20) -> pb.DatasetInfo:
+        """Upload arrays x_train, y_train, x_test, y_test (or x, y) as dataset `name`.
+
+        Sends a header declaring each array's dtype, shape, byte count and
+        SHA-256, then each array's bytes (row-major, little-endian) in pieces
+        of at most `piece_bytes`. Returns the dataset as the trainer loaded it.
+        """
+        tensors = {array_name: to_tensor(array) for array_name, array in arrays.items()}
+        header = pb.UploadDatasetHeader(name=name, overwrite=overwrite, arrays=[
+            pb.DatasetArrayHeader(name=array_name, dtype=tensor.dtype, shape=tensor.shape,
+                                  size_bytes=len(tensor.data),
+                                  sha256=hashlib.sha256(tensor.data).hexdigest())
+            for array_name, tensor in tensors.items()])
+
+        def chunks() -> Iterator[pb.UploadDatasetChunk]:
+            yield pb.UploadDatasetChunk(header=header)
+            for array_name, tensor in tensors.items():
+                for offset in range(0, len(tensor.data), piece_bytes):
+                    yield pb.UploadDatasetChunk(piece=pb.DatasetArrayPiece(
+                        array=array_name, offset=offset,
+                        data=tensor.data[offset:offset + piece_bytes]))
+
+        return self._trainer.UploadDataset(chunks(), timeout=self.timeout)

@@ -1,0 +1,27 @@
+"""Settings of the service processes, read from environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import os
+
+
+def env(name: str, default, kind=str):
+    """The variable `name` parsed by `kind` (str, int, float, bool or a parser), else `default`.
+
+    Unset and empty mean the default. A value `kind` cannot parse is a
+    ValueError naming the variable, so a misconfigured service stops at start.
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    parse = _flag if kind is bool else kind
+    try:
+        return parse(raw)
+    except ValueError as error:
+        raise ValueError(f"{name}={raw!r}: {error}") from None
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError("must be true or false")
+    return raw.lower() in ("1", "true", "yes")

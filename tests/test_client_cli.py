@@ -1,0 +1,233 @@
+"""The trainer client (shared/client.py), `tandem jobs ...` and `make demo`, against a real
+trainer service on 127.0.0.1 over a real Redis (tests/conftest.py).
+
+Jobs are small (an mlp with 16 hidden units on digits) and every wait is on
+the trainer's own events: a watch ends when the job does.
+"""
+
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.cli import main
+from shared.client import TrainerClient, job_state_name
+from shared.data import load_dataset
+from shared.embedded_redis import free_loopback_port
+from shared.rpc import tandem_trainer_pb2 as pb
+from trainer_svc.config import TrainerConfig
+from trainer_svc.server import TrainerServer
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_JOB = ["--preset", "mlp", "--hidden", "16", "--dataset", "digits"]
+
+
+@pytest.fixture
+def trainer(redis_url, redis_client):
+    """A trainer service on a free port of 127.0.0.1, running one job at a time; its address."""
+    config = TrainerConfig(redis_url=redis_url, listen="127.0.0.1:0", metrics_port=0,
+                           max_concurrent_jobs=1, resume_interrupted=False)
+    server = TrainerServer(config).start()
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with TrainerClient(address) as client:
+            client.wait_until_ready(10)
+        yield address
+    finally:
+        server.stop(grace=10)
+
+
+@pytest.fixture
+def model_name():
+    """A model name of the test's own, so a shared REDIS_URL server holds no versions of it."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def jobs(trainer, capsys):
+    """`jobs("list", "--state", "running")` runs `tandem jobs list --trainer ADDRESS --state running`;
+    returns (exit code, stdout, stderr)."""
+    def run(command: str, *args: str) -> tuple[int, str, str]:
+        code = main(["jobs", command, "--trainer", trainer, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def run_to_end(client: TrainerClient, job: pb.Job) -> pb.Job:
+    """Watch the job until it ends; the job as it ended."""
+    *_, last = client.watch(job.job_id)
+    return last.finished
+
+
+def start_small_job(client: TrainerClient, model_name: str, dataset: str = "digits",
+                    epochs: int = 2) -> pb.Job:
+    return client.start_job(model_name, dataset, preset="mlp", hidden=[16],
+                            hyperparameters={"epochs": epochs})
+
+
+# ---------------------------------------------------------------- tandem jobs
+
+
+def test_start_follow_trains_publishes_and_reports_success(jobs, model_name):
+    code, out, err = jobs("start", "--model-name", model_name, *SMALL_JOB, "--epochs", "2",
+                          "--follow")
+    assert (code, err) == (0, "")
+    job_id = re.match(r"started job (\w+) \(QUEUED\)\n", out)[1]
+    assert re.search(rf"^job {job_id}: {model_name} on digits, 2 epochs: (QUEUED|RUNNING)$", out, re.M)
+    for epoch in (1, 2):
+        assert re.search(rf"^epoch {epoch}/2  train loss \S+ acc \S+%  test loss \S+ acc \S+%", out, re.M)
+        assert re.search(rf"^published {model_name} version {epoch} \(epoch {epoch}, step \d+, "
+                         r"test accuracy \S+%\)$", out, re.M)
+    assert re.search(rf"^job {job_id}: SUCCEEDED \(completed\), test accuracy \S+% after epoch 2, "
+                     r"latest version 2$", out, re.M)
+
+
+def test_list_watch_and_checkpoints_of_a_finished_job(jobs, trainer, model_name):
+    with TrainerClient(trainer) as client:
+        job = run_to_end(client, start_small_job(client, model_name))
+
+    code, out, _ = jobs("list", "--model-name", model_name)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == ["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST", "ACC", "VERSION",
+                              "CREATED"]
+    assert row.split()[:7] == [job.job_id, "SUCCEEDED", model_name, "digits", "2/2",
+                               f"{job.last_metrics.test_accuracy:.2%}", "2"]
+    assert job.job_id in jobs("list", "--state", "succeeded")[1]
+    assert jobs("list", "--state", "running", "--state", "queued", "--model-name", model_name)[1] == "no jobs\n"
+
+    # Watching a finished job shows what happened and its end, and exits 0 for SUCCEEDED.
+    code, out, _ = jobs("watch", job.job_id)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"job {job.job_id}: {model_name} on digits, 2 epochs: SUCCEEDED"
+    assert [line.split("  ")[0] for line in lines[1:3]] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[3].startswith(f"job {job.job_id}: SUCCEEDED (completed)")
+
+    code, out, _ = jobs("checkpoints", model_name)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["VERSION", "EPOCH", "STEP", "TEST", "ACC", "SIZE", "CREATED"]
+    first, last = job.history
+    assert rows[0].split()[:5] == ["2", "*", "2", str(last.step), f"{last.test_accuracy:.2%}"]
+    assert rows[1].split()[:4] == ["1", "1", str(first.step), f"{first.test_accuracy:.2%}"]
+
+
+def test_cancel_a_queued_and_a_running_job(jobs, trainer, model_name):
+    with TrainerClient(trainer) as client:
+        # The trainer runs one job at a time: the second waits behind the first, which
+        # would run for hours.
+        running = start_small_job(client, model_name, epochs=10_000)
+        queued = start_small_job(client, model_name)
+
+    code, out, _ = jobs("cancel", queued.job_id)
+    assert (code, out) == (0, f"job {queued.job_id}: CANCELLED\n")
+    code, out, _ = jobs("cancel", running.job_id)
+    assert code == 0
+    assert re.fullmatch(rf"job {running.job_id}: (CANCELLING|CANCELLED)\n", out)
+
+    for job in (queued, running):
+        code, out, _ = jobs("watch", job.job_id)
+        assert code == 1
+        assert re.search(rf"^job {job.job_id}: CANCELLED", out, re.M)
+
+
+def test_a_refused_call_reports_its_status(jobs, tmp_path):
+    spec = tmp_path / "bad.json"
+    spec.write_text('{"input_shape": [1, 8, 8], "layers": [{"type": "dense", "units": 3}]}')
+    code, out, err = jobs("start", "--model-name", "bad", "--spec", str(spec), "--dataset", "digits")
+    assert (code, out) == (2, "")
+    assert err.startswith("tandem: error: INVALID_ARGUMENT: layer 0 (dense)")
+
+    code, _, err = jobs("watch", "no-such-job")
+    assert code == 2
+    assert err.startswith("tandem: error: NOT_FOUND: ")
+
+
+def test_an_unreachable_trainer_is_unavailable(capsys):
+    address = f"127.0.0.1:{free_loopback_port()}"  # nothing listens there
+    assert main(["jobs", "list", "--trainer", address]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("tandem: error: UNAVAILABLE: ")
+    assert f"no trainer answers at {address}" in err
+
+
+def test_plot_writes_a_png(jobs, trainer, model_name, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: tandem[plot]")
+    with TrainerClient(trainer) as client:
+        job = run_to_end(client, start_small_job(client, model_name))
+    image = tmp_path / "history.png"
+    code, out, _ = jobs("plot", job.job_id, "--out", str(image))
+    assert (code, out) == (0, f"wrote {image}\n")
+    assert image.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    assert main(["jobs", "plot", "some-job", "--out", str(tmp_path / "plot.png")]) == 2
+    assert "pip install 'tandem[plot]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the client
+
+
+def test_an_uploaded_dataset_trains_exactly_as_the_original(trainer, model_name):
+    digits = load_dataset("digits")
+    name = f"digits-copy-{uuid.uuid4().hex[:8]}"
+    arrays = {"x_train": digits.x_train.astype(">f4"),  # big-endian: sent little-endian all the same
+              "y_train": digits.y_train, "x_test": digits.x_test, "y_test": digits.y_test}
+    with TrainerClient(trainer) as client:
+        info = client.upload_dataset(name, arrays, piece_bytes=10_000)  # many pieces per array
+        assert (info.name, list(info.input_shape), info.num_classes, info.train_size,
+                info.test_size, info.source) == (name, [1, 8, 8], 10, 1618, 179, "upload")
+        assert name in [dataset.name for dataset in client.list_datasets()]
+
+        with pytest.raises(grpc.RpcError) as refused:
+            client.upload_dataset(name, arrays)
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert client.upload_dataset(name, arrays, overwrite=True).name == name
+
+        # Same seed, same data: the same metrics, bit for bit.
+        original, copy = (run_to_end(client, start_small_job(client, model_name, dataset, epochs=1))
+                          for dataset in ("digits", name))
+    assert job_state_name(original) == job_state_name(copy) == "SUCCEEDED"
+    assert [(m.train_loss, m.test_loss, m.test_accuracy) for m in copy.history] == \
+        [(m.train_loss, m.test_loss, m.test_accuracy) for m in original.history]
+
+
+def test_list_jobs_follows_the_pages(trainer, model_name):
+    with TrainerClient(trainer) as client:
+        started = [client.cancel(start_small_job(client, model_name, epochs=10_000).job_id)
+                   for _ in range(3)]
+        listed = client.list_jobs(model_name=model_name, page_size=2)
+    assert [job.job_id for job in listed] == [job.job_id for job in reversed(started)]  # newest first
+
+
+def test_wait_until_ready_is_bounded():
+    with TrainerClient(f"127.0.0.1:{free_loopback_port()}") as client:  # nothing listens there
+        with pytest.raises(grpc.RpcError) as waited:
+            client.wait_until_ready(timeout=0.2)
+    assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# ---------------------------------------------------------------- make demo
+
+
+def test_demo_trains_the_digits_cnn_through_the_trainer():
+    demo = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    accuracies = re.findall(r"^epoch +\d+/15 .* test loss \S+ acc (\S+)%", out, re.M)
+    assert len(accuracies) == 15
+    assert len(re.findall(r"^published digits-cnn version \d+ \(epoch \d+", out, re.M)) == 15
+    assert re.search(r"^VERSION +EPOCH +STEP +TEST ACC +SIZE +CREATED$", out, re.M)
+    assert re.search(r"^\d+ \* +15 +", out, re.M)  # the latest version: the last epoch's
+    assert float(re.search(r"^final test accuracy (\S+)%$", out, re.M)[1]) >= 97
