@@ -28,6 +28,10 @@ class QueueFull(RuntimeError):
     """The batching queue has no room for the request."""
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher has stopped (the server is shutting down): nothing would compute the request."""
+
+
 @dataclass
 class _Request:
     x: np.ndarray
@@ -69,6 +73,8 @@ class Batcher:
             return probabilities
         request = _Request(x, self._clock())
         with self._changed:
+            if self._stopping:
+                raise BatcherStopped("the server is shutting down; retry on another replica")
             if self._queued_rows + len(x) > self.max_queue_rows:
                 raise QueueFull(f"the batching queue is full ({self._queued_rows} rows waiting, "
                                 f"limit {self.max_queue_rows}); retry later")

@@ -3,8 +3,9 @@
 Both servicers (Tandem's Predict and the Open Inference Protocol's
 ModelInfer) call `Predictor.predict`, so both check input the same way.
 Errors are ValueError (a bad batch; the message names the field and what
-was expected), LookupError (unknown model or version), ModelUnavailable
-and QueueFull.
+was expected), LookupError (unknown model or version), ModelUnavailable,
+CheckpointError (a stored version that fails verification), QueueFull
+and BatcherStopped.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ class Predictor:
             raise ValueError(f"{field}: the batch is empty; send at least one sample")
         if len(x) > self.max_rows:
             raise ValueError(f"{field}: {len(x)} rows exceed the limit of {self.max_rows} per request")
+        with np.errstate(over="ignore"):   # a value beyond the model dtype's range becomes inf
+            x = x.astype(servable.model.dtype, copy=False)
         if not np.isfinite(x).all():
             row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0])
-            raise ValueError(f"{field}: NaN or infinity in the input (first in row {row})")
-        probabilities = self.batcher.run(servable, x.astype(servable.model.dtype, copy=False))
+            raise ValueError(f"{field}: NaN, infinity or a value beyond {x.dtype}'s range in the "
+                             f"input (first in row {row})")
+        probabilities = self.batcher.run(servable, x)
         return Prediction(servable.name, servable.version, probabilities)

@@ -1,8 +1,10 @@
 """The model registry (TF Serving's manager): which version of each model serves, and swaps.
 
-- Each served model has a policy: follow the latest version (default) or
-  stay pinned to one. The registry loads that version at start (for the
-  configured models) or on first use (for any other model asked for).
+- The registry serves the configured models, or, with none configured,
+  any model asked for. Each served model has a policy: follow the latest
+  version (default) or stay pinned to one. The registry loads that version
+  at start (for the configured models; one not published yet loads when
+  its first version is offered) or on first use (for any other model).
 - `offer(name, version)` is how new versions arrive (from the version
   source: Pub/Sub announcements and periodic polls). Loading, verifying and
   warming up happen on a loader thread, off the request path; only then is
@@ -12,6 +14,8 @@
   last good version keeps serving; the next offer tries again.
 - A request may name a specific version still in the store: it is loaded
   on demand and kept in a small LRU cache beside the served ones.
+- Callbacks, for metrics and health: `on_loaded` after each version loads,
+  `on_failed` after one fails verification, `on_swapped` once a version serves.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Callable
 
 from shared.checkpoint import CheckpointError
@@ -35,17 +41,19 @@ class ModelUnavailable(RuntimeError):
 
 
 class Registry:
-    def __init__(self, store: CheckpointStore, *, pinned: dict[str, int] | None = None,
-                 extra_versions: int = 4,
+    def __init__(self, store: CheckpointStore, *, models: Iterable[str] = (),
+                 pinned: dict[str, int] | None = None, extra_versions: int = 4,
                  on_loaded: Callable[[Servable], None] = lambda s: None,
-                 on_failed: Callable[[str, int, Exception], None] = lambda n, v, e: None):
+                 on_failed: Callable[[str, int, Exception], None] = lambda n, v, e: None,
+                 on_swapped: Callable[[Servable], None] = lambda s: None):
         self.store = store
+        self.models = tuple(models)     # the only models served here; empty = any model asked for
         self.pinned = dict(pinned or {})
         self._served: dict[str, Servable] = {}
         self._extra: OrderedDict[tuple[str, int], Servable] = OrderedDict()
         self._extra_size = extra_versions
         self._lock = threading.Lock()
-        self._on_loaded, self._on_failed = on_loaded, on_failed
+        self._on_loaded, self._on_failed, self._on_swapped = on_loaded, on_failed, on_swapped
         self._offers: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self._loader = threading.Thread(target=self._load_offers, name="model-loader", daemon=True)
         self._loader.start()
@@ -56,6 +64,31 @@ class Registry:
         with self._lock:
             return dict(self._served)
 
+    def serves(self, name: str) -> bool:
+        """Whether `name` may be served here (it may not be loaded yet)."""
+        return not self.models or name in self.models
+
+    def model_names(self) -> list[str]:
+        """The models to follow for new versions: those serving, and configured ones not loaded yet."""
+        return sorted(set(self.models) | set(self.served()))
+
+    def versions(self, name: str) -> list[dict]:
+        """Metadata of each version of `name` a request can ask for, oldest first.
+
+        The store's versions (as `CheckpointStore.versions` lists them), plus
+        loaded ones it no longer holds, which serve on from memory; while
+        Redis is down, the loaded ones alone.
+        """
+        with self._lock:
+            loaded = [s for s in (self._served.get(name), *self._extra.values()) if s and s.name == name]
+        try:
+            listing = {meta["version"]: meta for meta in self.store.versions(name)}
+        except StoreUnavailable:
+            listing = {}
+        for servable in loaded:
+            listing.setdefault(servable.version, asdict(servable.meta))
+        return [listing[version] for version in sorted(listing)]
+
     @property
     def ready(self) -> bool:
         """Ready once at least one model serves."""
@@ -64,6 +97,9 @@ class Registry:
 
     def get(self, name: str, version: int | None = None) -> Servable:
         """The servable to answer a request for `name` (and `version`, if one is asked for)."""
+        if not self.serves(name):
+            raise LookupError(f"model_name {name!r} is not served here; this server serves "
+                              f"{', '.join(self.models)}")
         with self._lock:
             current = self._served.get(name)
             if current and version in (None, current.version):
@@ -89,6 +125,14 @@ class Registry:
         self._swap_in(servable)
         return self.served()[name]
 
+    def load_configured(self) -> None:
+        """Load each configured model's policy version; one that cannot load yet waits for an offer."""
+        for name in self.models:
+            try:
+                self.load_policy_version(name)
+            except (CheckpointError, CheckpointNotFound, ModelUnavailable) as error:
+                log.warning("event=model_not_loaded model=%s error=%r", name, str(error))
+
     def offer(self, name: str, version: int) -> None:
         """A version of `name` exists: load it in the background if the policy wants it."""
         self._offers.put((name, version))
@@ -100,8 +144,8 @@ class Registry:
     def _wants(self, name: str, version: int) -> bool:
         with self._lock:
             current = self._served.get(name)
-        if current is None:
-            return False  # not served here (yet): loaded on first use instead
+        if current is None:  # a configured model not loaded yet; any other loads on first use
+            return name in self.models
         if name in self.pinned:
             return version == self.pinned[name] and current.version != version
         return version > current.version
@@ -111,9 +155,9 @@ class Registry:
             name, version = offer
             if not self._wants(name, version):
                 continue
-            try:
-                self._swap_in(self._load(name, version))
-            except (CheckpointError, CheckpointNotFound, ModelUnavailable) as error:
+            try:  # a pinned model not loaded yet loads its pin, whichever version was offered
+                self._swap_in(self._load(name, self.pinned.get(name, version)))
+            except Exception as error:  # noqa: BLE001 - the loader must outlive any one bad version
                 log.warning("event=reload_failed model=%s version=%d error=%r", name, version, str(error))
 
     def _latest_version(self, name: str) -> int:
@@ -144,8 +188,10 @@ class Registry:
         with self._lock:
             current = self._served.get(servable.name)
             pinned = self.pinned.get(servable.name)
-            if current is None or (servable.version == pinned if pinned
-                                   else servable.version > current.version):
-                self._served[servable.name] = servable
-                log.info("event=model_swapped model=%s version=%d previous=%s", servable.name,
-                         servable.version, current.version if current else None)
+            if current is not None and not (servable.version == pinned if pinned
+                                            else servable.version > current.version):
+                return
+            self._served[servable.name] = servable
+        log.info("event=model_swapped model=%s version=%d previous=%s", servable.name,
+                 servable.version, current.version if current else None)
+        self._on_swapped(servable)

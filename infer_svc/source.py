@@ -2,7 +2,7 @@
 
 Two paths, because Pub/Sub alone loses messages:
 - Pub/Sub announcements, for reloads within milliseconds of a publish;
-- a poll of each served model's `latest` every `poll_interval` seconds, and
+- a poll of each followed model's `latest` every `poll_interval` seconds, and
   at once after every (re)connection, so an announcement missed while
   disconnected is caught up on.
 While Redis is down the source retries with backoff; the registry keeps
@@ -39,8 +39,8 @@ class VersionSource:
         self._thread.join(timeout=5)
 
     def poll(self) -> None:
-        """Offer every served model's latest version to the registry."""
-        for name in self.registry.served():
+        """Offer the latest version of every model the registry follows."""
+        for name in self.registry.model_names():
             version = self.store.latest_version(name)
             if version is not None:
                 self.registry.offer(name, version)

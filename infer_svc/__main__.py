@@ -1,0 +1,3 @@
+from infer_svc.server import main
+
+main()

@@ -1,0 +1,46 @@
+"""The inference service's settings, from environment variables with documented defaults (README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.checkpoint import check_model_name
+from shared.config import env
+
+
+def model_list(raw: str) -> tuple[str, ...]:
+    """"digits,other" -> ("digits", "other")."""
+    return tuple(check_model_name(name.strip()) for name in raw.split(",") if name.strip())
+
+
+def version_pins(raw: str) -> dict[str, int]:
+    """"digits=3,other=7" -> {"digits": 3, "other": 7}."""
+    pins = {}
+    for pin in filter(None, (part.strip() for part in raw.split(","))):
+        name, equals, version = pin.partition("=")
+        if not equals or not version.strip().isdigit() or int(version) < 1:
+            raise ValueError(f"{pin!r} is not MODEL=VERSION with a version of 1 or more")
+        pins[check_model_name(name.strip())] = int(version)
+    return pins
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    redis_url: str = field(default_factory=lambda: env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    listen: str = field(default_factory=lambda: env("INFER_LISTEN", "127.0.0.1:50052"))
+    # Loaded at start, and the only models served; empty = any model asked for, loaded on first use.
+    models: tuple[str, ...] = field(default_factory=lambda: env("INFER_MODELS", (), model_list))
+    # Models that serve one version rather than the latest.
+    pinned: dict[str, int] = field(default_factory=lambda: env("INFER_PINNED", {}, version_pins))
+    poll_seconds: float = field(default_factory=lambda: env("INFER_POLL_SECONDS", 2.0, float))
+    batching: bool = field(default_factory=lambda: env("INFER_BATCHING", True, bool))
+    max_batch_size: int = field(default_factory=lambda: env("INFER_MAX_BATCH_SIZE", 64, int))
+    max_queue_delay_ms: float = field(default_factory=lambda: env("INFER_MAX_QUEUE_DELAY_MS", 2.0, float))
+    max_queue_rows: int = field(default_factory=lambda: env("INFER_MAX_QUEUE_ROWS", 4096, int))
+    max_rows: int = field(default_factory=lambda: env("INFER_MAX_ROWS", 4096, int))   # per request
+    max_message_bytes: int = field(
+        default_factory=lambda: env("INFER_MAX_MESSAGE_BYTES", 16 * 2**20, int))
+    grace_seconds: float = field(default_factory=lambda: env("INFER_GRACE_SECONDS", 10.0, float))
+    metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))   # 0 = off
+    metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
+    grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))

@@ -1,0 +1,113 @@
+"""The inference process: gRPC server, health, reflection, metrics, and graceful shutdown.
+
+`InferenceServer` wires the parts together (store, registry, version
+source, batcher, predictor, and the two servicers: Tandem's Inference and
+the Open Inference Protocol's GRPCInferenceService) so that tests start a
+real server in-process and `python -m infer_svc` runs the same thing until
+SIGTERM.
+
+Liveness and readiness: the server answers as soon as it starts; it is
+ready (grpc.health.v1 SERVING, ServerReady true) once a first model version
+serves, and NOT_SERVING again from the start of a shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from shared.redis_client import connect
+from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
+from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
+from shared.service import configure_logging, grpc_server, run_until_signalled
+from shared.store import CheckpointStore
+from infer_svc import metrics
+from infer_svc.batching import Batcher
+from infer_svc.config import InferConfig
+from infer_svc.kserve import KServeServicer
+from infer_svc.predict import Predictor
+from infer_svc.registry import Registry
+from infer_svc.servable import Servable
+from infer_svc.servicer import InferenceServicer
+from infer_svc.source import VersionSource
+
+log = logging.getLogger("tandem.infer")
+SERVICE_NAME = tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+KSERVE_SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)   # "" = the server as a whole
+
+
+class InferenceServer:
+    def __init__(self, config: InferConfig):
+        self.config = config
+        self.store = CheckpointStore(connect(config.redis_url))
+        self.health = health.HealthServicer()
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.registry = Registry(self.store, models=config.models, pinned=config.pinned,
+                                 on_loaded=metrics.record_loaded, on_failed=metrics.record_failed,
+                                 on_swapped=self._swapped)
+        self.batcher = Batcher(enabled=config.batching, max_batch_size=config.max_batch_size,
+                               max_delay=config.max_queue_delay_ms / 1000,
+                               max_queue_rows=config.max_queue_rows, on_batch=metrics.record_batch)
+        self.predictor = Predictor(self.registry, self.batcher, max_rows=config.max_rows)
+        self.source = VersionSource(self.store, self.registry, poll_interval=config.poll_seconds)
+        self.server = grpc_server(config.grpc_workers, config.max_message_bytes)
+        tandem_inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.predictor),
+                                                                  self.server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.predictor),
+                                                                         self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Reflection describes services from the default descriptor pool. The Open Inference
+        # Protocol's service is in a pool of its own (grpc_service_pb2.POOL, so that
+        # tritonclient's copy of the same .proto can be imported beside it): not listed.
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(config.listen)
+        self.metrics_http = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "InferenceServer":
+        if self.config.metrics_port:
+            self.metrics_http, _ = start_http_server(self.config.metrics_port,
+                                                     addr=self.config.metrics_address)
+        self.server.start()
+        self.registry.load_configured()
+        self.source.start()
+        log.info("event=infer_started listen=%s port=%d models=%s metrics_port=%d", self.config.listen,
+                 self.port, ",".join(self.config.models) or "any", self.config.metrics_port)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let those in flight finish within `grace` seconds, then stop the rest."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        log.info("event=infer_stopping grace=%.1fs", grace)
+        self.server.stop(grace).wait()
+        self.batcher.stop()
+        self.source.stop()
+        self.registry.close()
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        log.info("event=infer_stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def _swapped(self, servable: Servable) -> None:
+        metrics.record_swapped(servable)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+
+def main() -> None:
+    configure_logging()
+    run_until_signalled(InferenceServer(InferConfig()).start())
