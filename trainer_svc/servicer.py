@@ -16,6 +16,7 @@ from dataclasses import asdict
 import grpc
 
 from shared.grpc_errors import translate_errors
+from shared.nn import spec_to_json
 from shared.redis_client import StoreUnavailable
 from shared.rpc import tandem_trainer_pb2 as pb
 from shared.rpc import tandem_trainer_pb2_grpc
@@ -76,7 +77,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         submitted.preset = request.preset
         submitted.hidden.extend(request.hidden)
     else:
-        submitted.spec_json = json.dumps(request.spec)
+        submitted.spec_json = spec_to_json(request.spec)
     if request.resume_from_version:
         submitted.resume_from_version = request.resume_from_version
     history = [epoch_metrics(m) for m in record.history]
@@ -90,7 +91,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         last_published_version=record.last_published_version, error=record.error,
         restarts=record.restarts, created_at=timestamp(record.created_at),
         started_at=timestamp(record.started_at), finished_at=timestamp(record.finished_at),
-        hyperparameters=pb.Hyperparameters(**hp), spec_json=json.dumps(request.spec),
+        hyperparameters=pb.Hyperparameters(**hp), spec_json=spec_to_json(request.spec),
         history=history, stop_reason=record.stop_reason)
 
 
