@@ -830,3 +830,20 @@ def test_the_metrics_endpoint_serves_job_states_and_publish_times(start_trainer)
     states = {s.labels["state"]: s.value for s in scrape(port)["tandem_trainer_jobs"].samples}
     assert states == {"SUCCEEDED": 1, "CANCELLED": 1}
     again.close()
+
+
+def test_a_slow_watcher_loses_only_old_step_events():
+    from trainer_svc.events import EpochDone, EventHub, StepProgress
+
+    hub = EventHub(capacity=3)
+    watcher = hub.subscribe("job")
+    hub.publish("job", EpochDone({"epoch": 1}))
+    for step in range(1, 11):
+        hub.publish("job", StepProgress(1, step, 10, 0.5, 0.5, 100.0))
+    hub.publish("job", EpochDone({"epoch": 2}))
+    received = []
+    while (event := watcher.next(timeout=0)) is not None:
+        received.append(event)
+    assert [type(e).__name__ for e in received] == [
+        "EpochDone", "StepProgress", "StepProgress", "StepProgress", "EpochDone"]
+    assert [e.step for e in received if isinstance(e, StepProgress)] == [8, 9, 10]

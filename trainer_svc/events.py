@@ -1,9 +1,10 @@
 """Progress events of running jobs, fanned out to any number of watchers.
 
-Each watcher has its own bounded buffer: a slow watcher loses its oldest
-buffered events rather than slowing training down, and a watcher that
-goes away costs nothing once it unsubscribes. When a job ends, its
-watchers are told so after the last event.
+Each watcher has its own bounded buffer of step events: a slow watcher
+loses its oldest step events rather than slowing training down (the
+others, a few per epoch, are always kept), and a watcher that goes away
+costs nothing once it unsubscribes. When a job ends, its watchers are told
+so after the last event.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class StepProgress:
     steps_per_epoch: int
     batch_loss: float
     batch_accuracy: float
+    samples_per_second: float
 
 
 @dataclass(frozen=True)
@@ -54,19 +56,36 @@ class Subscription:
 
     def __init__(self, hub: "EventHub", job_id: str, capacity: int):
         self._hub, self.job_id = hub, job_id
-        self._events: deque[Event] = deque(maxlen=capacity)
+        self._events: deque[Event] = deque()
+        self._capacity = capacity
+        self._steps = 0            # how many of the buffered events are StepProgress
         self._ready = threading.Condition()
 
     def _push(self, event: Event) -> None:
         with self._ready:
+            if isinstance(event, StepProgress):
+                if self._steps >= self._capacity:
+                    self._drop_oldest_step()
+                self._steps += 1
             self._events.append(event)
             self._ready.notify_all()
+
+    def _drop_oldest_step(self) -> None:
+        for index, buffered in enumerate(self._events):
+            if isinstance(buffered, StepProgress):
+                del self._events[index]
+                self._steps -= 1
+                return
 
     def next(self, timeout: float) -> Event | None:
         """The next event, or None if none came within `timeout` seconds."""
         with self._ready:
             self._ready.wait_for(lambda: self._events, timeout)
-            return self._events.popleft() if self._events else None
+            if not self._events:
+                return None
+            event = self._events.popleft()
+            self._steps -= isinstance(event, StepProgress)
+            return event
 
     def close(self) -> None:
         self._hub._unsubscribe(self)

@@ -399,7 +399,8 @@ class _Progress:
         if now - self.last_event >= self.manager.settings.step_event_interval:
             self.last_event = now
             self.manager.events.publish(self.job.record.job_id, StepProgress(
-                event.epoch, event.step, event.steps_per_epoch, event.batch_loss, event.batch_accuracy))
+                event.epoch, event.step, event.steps_per_epoch, event.batch_loss, event.batch_accuracy,
+                self.job.record.samples_per_second))
         every = self.request.checkpoint_every_steps
         if every and event.step % every == 0:
             self.checkpoint()
