@@ -7,11 +7,12 @@ go to stdout and to bench/results/<name>.json.
 
 import argparse
 
-from bench import accuracy, store_speed, train_speed
+from bench import accuracy, serve_speed, store_speed, train_speed
 
 BENCHMARKS = {  # name -> function that runs it
     "speed": train_speed.run,
     "store": store_speed.run,
+    "serve": serve_speed.run,
     "accuracy": accuracy.run,
 }
 

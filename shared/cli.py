@@ -8,6 +8,12 @@
     tandem datasets
     tandem presets
 
+predict through an inference service (`--server HOST:PORT`; without a
+value, $TANDEM_INFERENCE, else 127.0.0.1:50052):
+
+    tandem predict --server 127.0.0.1:50052 --model-name digits --dataset digits --limit 200
+    tandem predict --server --model-name digits --npy samples.npy --version 3 --top-k 2
+
 and train on a trainer service (`--trainer HOST:PORT`, default
 $TANDEM_TRAINER, else 127.0.0.1:50051):
 
@@ -21,7 +27,7 @@ $TANDEM_TRAINER, else 127.0.0.1:50051):
 Bad input (an unknown preset or dataset, a spec that cannot work, a bad
 setting, a missing or corrupt file) is reported as `tandem: error: ...` on
 stderr with exit code 2, like a usage error, and without a traceback; so is
-a call the trainer refuses, as `tandem: error: STATUS: message`.
+a call a service refuses, as `tandem: error: STATUS: message`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
 
@@ -39,7 +47,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.checkpoint import (Checkpoint, CheckpointError, CheckpointMeta, check_model_name,
                                load, save)
-from shared.client import JOB_STATE_NAMES, TrainerClient, job_state_name
+from shared.client import JOB_STATE_NAMES, InferenceClient, TrainerClient, job_state_name
 from shared.data import Dataset, list_datasets, load_dataset
 from shared.nn import (OPTIMIZERS, EpochEvent, Model, SpecError, StepEvent, as_batch, build_model,
                        evaluate)
@@ -55,6 +63,8 @@ EXIT_ERROR = 2             # the exit code argparse uses for usage errors
 EXIT_JOB_UNSUCCESSFUL = 1  # a job watched to its end FAILED or was CANCELLED
 EXIT_INTERRUPTED = 130     # the shell's code for a process stopped by Ctrl-C
 DEFAULT_TRAINER = "127.0.0.1:50051"  # where `python -m trainer_svc` listens by default
+DEFAULT_INFERENCE = "127.0.0.1:50052"  # where `python -m infer_svc` listens by default
+SERVER_PREDICT_ROWS = 1024  # rows per Predict call (a server takes at most INFER_MAX_ROWS, 4096)
 
 # (flag, Hyperparameters field, type, help). A flag left out is None, which
 # keeps the preset's tuned setting, or else the Hyperparameters default.
@@ -92,12 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     # SpecError, CheckpointError and DatasetError are ValueErrors; DatasetNotFound is a LookupError.
     except (ValueError, LookupError, OSError) as error:
         return report(describe(error))
-    except grpc.RpcError as error:  # only the jobs commands make calls, and they have --trainer
+    except grpc.RpcError as error:  # from `jobs ...` (--trainer) or `predict --server`
         exit_code = report(f"{error.code().name}: {error.details()}")
         if error.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"tandem: no trainer answers at {args.trainer}? Start one with "
-                  "`python -m trainer_svc`, or name another with --trainer HOST:PORT.",
-                  file=sys.stderr)
+            print(unavailable_hint(args), file=sys.stderr)
         return exit_code
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)
@@ -109,6 +117,16 @@ def report(message: str) -> int:
     """Print `tandem: error: message` on stderr; return the exit code for it."""
     print(f"tandem: error: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def unavailable_hint(args: argparse.Namespace) -> str:
+    """What to try when the service a command called is UNAVAILABLE."""
+    if getattr(args, "server", None):
+        return (f"tandem: is an inference service at {args.server}, with a version of "
+                f"{args.model_name!r} loaded? Start one with `python -m infer_svc`, or name "
+                "another with --server HOST:PORT.")
+    return (f"tandem: no trainer answers at {args.trainer}? Start one with "
+            "`python -m trainer_svc`, or name another with --trainer HOST:PORT.")
 
 
 def describe(error: Exception) -> str:
@@ -149,8 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.set_defaults(run=run_evaluate)
 
     predict_parser = commands.add_parser(
-        "predict", parents=[data_dir], help="a saved model's predictions for some samples")
-    predict_parser.add_argument("model", metavar="MODEL_FILE")
+        "predict", parents=[data_dir],
+        help="predictions for some samples, from a saved model or an inference service",
+        description="Predict with the model in MODEL_FILE, in this process, or with a model an "
+                    "inference service serves (--server); give one of the two.")
+    predict_parser.add_argument("model", metavar="MODEL_FILE", nargs="?",
+                                help="a saved model (tandem train's output)")
+    server = predict_parser.add_argument_group("through an inference service")
+    default_server = os.environ.get("TANDEM_INFERENCE", DEFAULT_INFERENCE)
+    server.add_argument(
+        "--server", metavar="HOST:PORT", nargs="?", const=default_server,
+        help=f"ask the inference service at HOST:PORT (without a value: $TANDEM_INFERENCE, "
+             f"else {DEFAULT_INFERENCE})")
+    server.add_argument("--model-name", metavar="NAME", help="the served model to ask (needed)")
+    server.add_argument("--version", type=positive_int, metavar="V",
+                        help="a version still in the store (default: the one the service serves)")
     samples = predict_parser.add_mutually_exclusive_group(required=True)
     samples.add_argument("--dataset", metavar="NAME", help="predict the dataset's test split")
     samples.add_argument("--npy", metavar="FILE.npy", help="predict the samples in a .npy array")
@@ -337,7 +368,8 @@ def read_spec_file(path: str) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.model)
-    dataset = load_dataset_for(checkpoint.model, args.dataset, args.data_dir, args.model)
+    dataset = load_dataset_for(checkpoint.model, args.dataset, args.data_dir,
+                               f"the model in {args.model}")
     meta = checkpoint.meta
     print(f"model {meta.model_name}: epoch {meta.epoch}, step {meta.step}, "
           f"trained on {meta.dataset or 'an unnamed dataset'}")
@@ -347,16 +379,73 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    model = read_checkpoint(args.model).model
-    if args.dataset:
-        dataset = load_dataset_for(model, args.dataset, args.data_dir, args.model)
-        x, labels = dataset.x_test[:args.limit], dataset.y_test[:args.limit]
-    else:
-        x, labels = read_samples(args.npy, model.input_shape)[:args.limit], None
+    """Predict with a model file or through a service: only where probabilities come from differs."""
+    with model_to_predict_with(args) as (model, model_text):
+        x, labels = predict_samples(args, model, model_text)
+        probabilities = model.predict_proba(x)
+    print_predictions(probabilities, labels, args.top_k)
+    if isinstance(model, ServedModel):
+        print(f"answered by {model.name} version {model.version} at {args.server}")
 
-    probabilities = model.predict_proba(x)
+
+@contextmanager
+def model_to_predict_with(args: argparse.Namespace) -> Iterator[tuple[Model | ServedModel, str]]:
+    """The model in MODEL_FILE, or the one served at --server; with how errors name it."""
+    if (args.model is None) == (args.server is None):
+        raise ValueError("give a MODEL_FILE or --server HOST:PORT (with --model-name), "
+                         "one of the two")
+    if args.server is None:
+        if args.model_name or args.version:
+            raise ValueError("--model-name and --version apply to --server only; "
+                             "MODEL_FILE holds one model")
+        yield read_checkpoint(args.model).model, f"the model in {args.model}"
+        return
+    if not args.model_name:
+        raise ValueError("--server needs --model-name NAME: the served model to ask")
+    with InferenceClient(args.server) as client:
+        yield (ServedModel(client, args.model_name, args.version),
+               f"model {args.model_name!r} at {args.server}")
+
+
+class ServedModel:
+    """A model an inference service serves, with the Model attributes predict needs:
+    input_shape, num_classes and dtype (from its metadata) and predict_proba (by Predict calls)."""
+
+    def __init__(self, client: InferenceClient, name: str, version: int | None):
+        self.client, self.name = client, name
+        metadata = client.model_metadata(name, version)
+        self.version = metadata.version
+        self.input_shape = tuple(metadata.input_shape)
+        self.num_classes = metadata.num_classes
+        self.dtype = np.dtype(metadata.dtype)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities from the version the metadata described, in calls of at most
+        SERVER_PREDICT_ROWS rows, so a reload midway never mixes versions.
+
+        Like Model.predict_proba, it takes samples of any real dtype: they are
+        cast to the model's here, as the model would at its door.
+        """
+        x = x.astype(self.dtype, copy=False)
+        parts = [self.client.predict(self.name, x[start:start + SERVER_PREDICT_ROWS],
+                                     version=self.version).probabilities
+                 for start in range(0, len(x), SERVER_PREDICT_ROWS)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+
+
+def predict_samples(args: argparse.Namespace, model, model_text: str,
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The samples to predict (the first --limit) and, from a dataset's test split, their labels."""
+    if args.dataset:
+        dataset = load_dataset_for(model, args.dataset, args.data_dir, model_text)
+        return dataset.x_test[:args.limit], dataset.y_test[:args.limit]
+    return read_samples(args.npy, model.input_shape)[:args.limit], None
+
+
+def print_predictions(probabilities: np.ndarray, labels: np.ndarray | None, top_k: int) -> None:
+    """A line per sample with its top_k classes; with labels, whether it is right, and the accuracy."""
     # Most probable first; a stable sort breaks ties by class index, as argmax does.
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :args.top_k]
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     for row, classes in enumerate(top):
         line = f"{row:>4}  predicted {classes[0]}"
         if labels is not None:
@@ -452,13 +541,15 @@ def run_jobs_plot(args: argparse.Namespace) -> int | None:
     return None
 
 
-def watch_job(trainer: TrainerClient, job_id: str) -> pb.Job:
+def watch_job(trainer: TrainerClient, job_id: str,
+              on_checkpoint: Callable[[pb.JobEvent], None] | None = None) -> pb.Job:
     """Show a job's progress until it ends; return it as it ended.
 
     What has happened so far first (its state, its finished epochs), then
     the progress bar and a line per epoch (Progress: on a terminal; plain
     lines elsewhere), a line per published checkpoint and per change of
-    state, and the final state.
+    state, and the final state. `on_checkpoint` is called with each
+    checkpoint event, after its line (the watch waits for it).
     """
     progress = None
     try:
@@ -483,6 +574,8 @@ def watch_job(trainer: TrainerClient, job_id: str) -> pb.Job:
                     print(f"job {job_id}: {job_state_name(event.snapshot)}")
                 elif kind == "checkpoint":
                     print(f"published {checkpoint_text(event.checkpoint)}")
+                    if on_checkpoint is not None:
+                        on_checkpoint(event)
                 else:
                     print(job_end_text(event.finished))
                     return event.finished
@@ -560,17 +653,21 @@ def read_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: {error}") from None
 
 
-def load_dataset_for(model: Model, name: str, data_dir: str | None, model_path: str) -> Dataset:
-    """Load dataset `name` in the model's dtype; refuse it if its samples do not fit the model."""
+def load_dataset_for(model: Model | ServedModel, name: str, data_dir: str | None,
+                     model_text: str) -> Dataset:
+    """Load dataset `name` in the model's dtype; refuse it if its samples do not fit the model.
+
+    `model_text` names the model in errors: "the model in PATH", "model 'digits' at HOST:PORT".
+    """
     dataset = load_dataset(name, data_dir, dtype=model.dtype)
     if dataset.input_shape != model.input_shape:
         raise ValueError(
             f"dataset {name!r} has samples of shape {list(dataset.input_shape)}, "
-            f"but the model in {model_path} takes {list(model.input_shape)}")
+            f"but {model_text} takes {list(model.input_shape)}")
     if dataset.num_classes > model.num_classes:
         raise ValueError(
             f"dataset {name!r} has {dataset.num_classes} classes, "
-            f"but the model in {model_path} tells only {model.num_classes} apart")
+            f"but {model_text} tells only {model.num_classes} apart")
     return dataset
 
 

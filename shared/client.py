@@ -1,4 +1,5 @@
-"""A thin Python client for the trainer service (proto/tandem_trainer.proto).
+"""Thin Python clients for the trainer service (proto/tandem_trainer.proto) and the
+inference service (proto/tandem_inference.proto).
 
     with TrainerClient("127.0.0.1:50051") as trainer:
         trainer.wait_until_ready(10)
@@ -7,10 +8,18 @@
         for event in trainer.watch(job.job_id):
             ...
 
+    with InferenceClient("127.0.0.1:50052") as inference:
+        inference.wait_until_ready(10)
+        prediction = inference.predict("digits-cnn", x_test)   # x_test: [N, 1, 8, 8]
+        prediction.classes, prediction.probabilities, prediction.version
+
 Each method turns Python values into the request message, makes one call
 and returns the response's messages (Job, JobEvent, CheckpointInfo,
-DatasetInfo) as they are; every check happens on the server. A failed call
-raises grpc.RpcError with the server's status code and message.
+DatasetInfo, ModelMetadata) as they are; every check happens on the
+server. The one exception is `InferenceClient.predict`, whose answer is
+mostly tensors: it returns a `Prediction` with them decoded to numpy
+arrays. A failed call raises grpc.RpcError with the server's status code
+and message.
 """
 
 from __future__ import annotations
@@ -18,16 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.rpc import tandem_common_pb2, tandem_trainer_pb2_grpc
+from shared.rpc import tandem_common_pb2, tandem_inference_pb2_grpc, tandem_trainer_pb2_grpc
+from shared.rpc import tandem_inference_pb2 as inference_pb
 from shared.rpc import tandem_trainer_pb2 as pb
-from shared.tensors import to_tensor
+from shared.tensors import from_tensor, to_tensor
 
 TRAINER_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+INFERENCE_SERVICE = inference_pb.DESCRIPTOR.services_by_name["Inference"].full_name
 # "QUEUED", "RUNNING", ...: the job states by the names job_state_name gives.
 JOB_STATE_NAMES = [name.removeprefix("JOB_STATE_") for name in pb.JobState.keys()
                    if name != "JOB_STATE_UNSPECIFIED"]
@@ -43,17 +55,18 @@ def job_state(name: str) -> int:
     return pb.JobState.Value(f"JOB_STATE_{name.upper()}")
 
 
-class TrainerClient:
-    """A channel to one trainer; `timeout` bounds each call except `watch`."""
+class _ServiceClient:
+    """A channel to one server of `service`; `timeout` bounds each unary call."""
 
-    def __init__(self, target: str, timeout: float = 30.0):
+    service: str  # the full service name that grpc.health.v1 reports on
+
+    def __init__(self, target: str, timeout: float = 30.0, options: list | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
-        self._trainer = tandem_trainer_pb2_grpc.TrainerStub(self._channel)
+        self._channel = grpc.insecure_channel(target, options=options)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def __enter__(self) -> TrainerClient:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -64,20 +77,25 @@ class TrainerClient:
         self._channel.close()
 
     def wait_until_ready(self, timeout: float) -> None:
-        """Wait until the trainer reports SERVING on grpc.health.v1.
+        """Wait until the server reports SERVING for its service on grpc.health.v1.
 
         Follows the health status as a stream (no polling), waiting for the
-        trainer to come up if it is not there yet; raises grpc.RpcError
-        (DEADLINE_EXCEEDED) if it is not serving within `timeout` seconds.
+        server to come up if it is not there yet; raises grpc.RpcError
+        (DEADLINE_EXCEEDED) if it is not serving within `timeout` seconds. A
+        trainer serves once started; an inference server once a first model
+        version serves.
         """
-        statuses = self._health.Watch(health_pb2.HealthCheckRequest(service=TRAINER_SERVICE),
-                                      timeout=timeout, wait_for_ready=True)
-        try:
-            for status in statuses:
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        finally:
-            statuses.cancel()
+        wait_until_serving(self._health, self.service, timeout)
+
+
+class TrainerClient(_ServiceClient):
+    """A channel to one trainer; `timeout` bounds each call except `watch`."""
+
+    service = TRAINER_SERVICE
+
+    def __init__(self, target: str, timeout: float = 30.0):
+        super().__init__(target, timeout)
+        self._trainer = tandem_trainer_pb2_grpc.TrainerStub(self._channel)
 
     # ---------------------------------------------------------------- jobs
 
@@ -176,3 +194,83 @@ class TrainerClient:
                         data=tensor.data[offset:offset + piece_bytes]))
 
         return self._trainer.UploadDataset(chunks(), timeout=self.timeout)
+
+
+# ---------------------------------------------------------------- inference
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A PredictResponse with its tensors decoded to numpy arrays.
+
+    `probabilities` is read-only (it shares the response's bytes);
+    np.array(prediction.probabilities) makes a writable copy.
+    """
+
+    model_name: str
+    version: int                    # the version that computed every row
+    probabilities: np.ndarray       # float32 [N, classes]; rows sum to 1
+    classes: np.ndarray             # int64 [N]: each row's most probable class
+    top_k_classes: np.ndarray       # int64 [N, k], most probable first; k = 0 without top_k
+    top_k_probabilities: np.ndarray  # float32 [N, k], in the same order
+
+
+class InferenceClient(_ServiceClient):
+    """A channel to one inference server; `timeout` bounds each call."""
+
+    service = INFERENCE_SERVICE
+
+    def __init__(self, target: str, timeout: float = 30.0):
+        # The server bounds what it sends (INFER_MAX_MESSAGE_BYTES); gRPC's own 4 MiB default
+        # would refuse a large batch's probabilities here after the server computed them.
+        super().__init__(target, timeout, options=[("grpc.max_receive_message_length", -1)])
+        self._inference = tandem_inference_pb2_grpc.InferenceStub(self._channel)
+
+    def predict(self, model_name: str, inputs: np.ndarray, version: int | None = None,
+                top_k: int = 0) -> Prediction:
+        """Class probabilities for the samples `inputs`, [N, *input_shape] (or flat [N, features]).
+
+        float32 and float64 travel as they are (the server converts them to
+        the model's dtype); any other dtype is refused. `version` asks for
+        one loaded version rather than the one the server's policy serves;
+        `top_k` > 0 also ranks each row's k most probable classes.
+        """
+        response = self._inference.Predict(inference_pb.PredictRequest(
+            model_name=model_name, version=version, inputs=to_tensor(inputs), top_k=top_k),
+            timeout=self.timeout)
+        probabilities = from_tensor(response.probabilities, allowed_dtypes=("float32",),
+                                    field="probabilities")
+        rows = len(response.classes)
+        return Prediction(
+            model_name=response.model_name, version=response.version,
+            probabilities=probabilities,
+            classes=np.array(response.classes, dtype=np.int64),
+            top_k_classes=np.array([row.classes for row in response.top_k],
+                                   dtype=np.int64).reshape(rows, top_k),
+            top_k_probabilities=np.array([row.probabilities for row in response.top_k],
+                                         dtype=np.float32).reshape(rows, top_k))
+
+    def model_metadata(self, model_name: str,
+                       version: int | None = None) -> inference_pb.ModelMetadata:
+        """What the model expects (input shape, classes, dtype) and which version answers."""
+        return self._inference.GetModelMetadata(
+            inference_pb.GetModelMetadataRequest(model_name=model_name, version=version),
+            timeout=self.timeout)
+
+    def list_models(self) -> list[inference_pb.ModelMetadata]:
+        """Every model the server has loaded, by name, each as its served version."""
+        response = self._inference.ListModels(inference_pb.ListModelsRequest(),
+                                              timeout=self.timeout)
+        return list(response.models)
+
+
+def wait_until_serving(health: health_pb2_grpc.HealthStub, service: str, timeout: float) -> None:
+    """Follow `service`'s health status until SERVING; DEADLINE_EXCEEDED after `timeout` seconds."""
+    statuses = health.Watch(health_pb2.HealthCheckRequest(service=service),
+                            timeout=timeout, wait_for_ready=True)
+    try:
+        for status in statuses:
+            if status.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    finally:
+        statuses.cancel()

@@ -1,5 +1,6 @@
 """The trainer client (shared/client.py), `tandem jobs ...` and `make demo`, against a real
-trainer service on 127.0.0.1 over a real Redis (tests/conftest.py).
+trainer service on 127.0.0.1 over a real Redis (tests/conftest.py). The inference client
+and `tandem predict --server` are in test_inference_client.py.
 
 Jobs are small (an mlp with 16 hidden units on digits) and every wait is on
 the trainer's own events: a watch ends when the job does.
@@ -220,14 +221,28 @@ def test_wait_until_ready_is_bounded():
 # ---------------------------------------------------------------- make demo
 
 
-def test_demo_trains_the_digits_cnn_through_the_trainer():
+def test_demo_trains_through_the_trainer_and_predicts_through_the_inference_service():
     demo = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     out = demo.stdout
     accuracies = re.findall(r"^epoch +\d+/15 .* test loss \S+ acc (\S+)%", out, re.M)
     assert len(accuracies) == 15
-    assert len(re.findall(r"^published digits-cnn version \d+ \(epoch \d+", out, re.M)) == 15
+    published = [int(v) for v in
+                 re.findall(r"^published digits-cnn version (\d+) \(epoch \d+", out, re.M)]
+    assert len(published) == 15
+    # After each publish, the inference service (started before training) serves that
+    # version, or already the next one if training outran the look.
+    served = [int(v) for v in re.findall(r"^inference now serves version (\d+) \(after \d+ ms\)$",
+                                         out, re.M)]
+    assert len(served) == len(published)
+    assert all(s >= p for s, p in zip(served, published)) and served == sorted(served)
+    assert served[-1] == published[-1]
     assert re.search(r"^VERSION +EPOCH +STEP +TEST ACC +SIZE +CREATED$", out, re.M)
     assert re.search(r"^\d+ \* +15 +", out, re.M)  # the latest version: the last epoch's
     assert float(re.search(r"^final test accuracy (\S+)%$", out, re.M)[1]) >= 97
+    answer = re.search(r"^inference service: 179 held-out digits in one request, "
+                       r"accuracy (\S+)% \(\d+/179\), answered by version (\d+)$", out, re.M)
+    assert answer, out
+    assert float(answer[1]) >= 97
+    assert int(answer[2]) == published[-1]
