@@ -74,6 +74,17 @@ class _ActiveJob:
         self.record = record
         self.stop_as: JobState | None = None   # CANCELLED or INTERRUPTED once asked
         self.lock = threading.Lock()
+        # Copies of the record are saved from several threads (training loop, publisher,
+        # cancel); each copy is numbered under `lock` and a copy older than the one already
+        # in Redis is never written over it (see JobManager._save_copy).
+        self.copies = 0
+        self.saved_copy = 0
+        self.save_lock = threading.Lock()
+
+    def copy_for_saving(self) -> tuple[int, JobRecord]:
+        """A numbered copy of the record; the caller holds `lock`."""
+        self.copies += 1
+        return self.copies, self.record.copy()
 
 
 class JobManager:
@@ -205,10 +216,10 @@ class JobManager:
                 return job.record.copy()
             if job.record.state == JobState.RUNNING:
                 job.record.state = JobState.CANCELLING
-            record = job.record.copy()
+            number, record = job.copy_for_saving()
             # Under the job's lock, like the final save in _finish: this record cannot
             # overwrite the final one, nor its event follow the job's last.
-            self._save(record)
+            self._save_copy(job, number, record)
             self.events.publish(record.job_id, JobSnapshot(record))
         return record
 
@@ -238,7 +249,7 @@ class JobManager:
             self._finish(job, JobState.FAILED)
             return
         record.state = JobState.QUEUED
-        self._save(record)
+        self._save_copy(job, *job.copy_for_saving())
         with self._lock:
             self._active[record.job_id] = job
         self._queue.put(job)
@@ -254,8 +265,8 @@ class JobManager:
                     continue  # shutting down before it started: stays QUEUED for the next trainer
                 job.record.state = JobState.RUNNING
                 job.record.started_at = job.record.started_at or time.time()
-                record = job.record.copy()
-            self._save(record)
+                number, record = job.copy_for_saving()
+            self._save_copy(job, number, record)
             self.events.publish(record.job_id, JobSnapshot(record))
             try:
                 final = self._train(job)
@@ -302,8 +313,8 @@ class JobManager:
             # The publisher publishes one snapshot at a time, in order, so this version is the
             # job's latest even when it is lower: a Redis that lost its data counts from 1 again.
             job.record.last_published_version, job.record.last_published_step = version, meta.step
-            record = job.record.copy()
-        self._save(record)
+            number, record = job.copy_for_saving()
+        self._save_copy(job, number, record)
         self.events.publish(record.job_id, CheckpointPublished({**asdict(meta), "version": version}))
         log.info("event=checkpoint_published job=%s model=%s version=%d step=%d seconds=%.3f",
                  record.job_id, record.model_name, version, meta.step, seconds)
@@ -318,11 +329,11 @@ class JobManager:
         job.record.state = state
         if state.finished:
             job.record.finished_at = time.time()
-        record = job.record.copy()
-        if self._save(record) or not state.finished:
+        number, record = job.copy_for_saving()
+        if self._save_copy(job, number, record) or not state.finished:
             self._forget(record.job_id)
         else:
-            threading.Thread(target=self._save_final, args=(record,), daemon=True,
+            threading.Thread(target=self._save_final, args=(job, number, record), daemon=True,
                              name=f"save-{record.job_id}").start()
         event = JobFinished(record) if state.finished else JobSnapshot(record)
         self.events.publish(record.job_id, event)
@@ -338,11 +349,28 @@ class JobManager:
             log.warning("event=job_save_failed job=%s error=%r", record.job_id, str(error))
             return False
 
-    def _save_final(self, record: JobRecord, backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+    def _save_copy(self, job: _ActiveJob, number: int, record: JobRecord) -> bool:
+        """Save a numbered copy of the job's record unless a later copy is in Redis already.
+
+        Copies are taken under the job's lock but saved outside it, from several threads;
+        without this, a copy taken before a checkpoint was published (an epoch's end on
+        the training thread) could land after the copy that records that checkpoint, and a
+        trainer that died then would resume from the checkpoint before.
+        """
+        with job.save_lock:
+            if number <= job.saved_copy:
+                return True
+            if not self._save(record):
+                return False
+            job.saved_copy = number
+            return True
+
+    def _save_final(self, job: _ActiveJob, number: int, record: JobRecord,
+                    backoff: tuple[float, float] = (0.2, 5.0)) -> None:
         """Save a job's final record, retrying with backoff; there is no next save to catch up."""
         deadline = time.monotonic() + self.settings.outage_limit
         delay = backoff[0]
-        while not self._save(record):
+        while not self._save_copy(job, number, record):
             if time.monotonic() + delay > deadline:
                 log.error("event=job_record_not_saved job=%s state=%s", record.job_id, record.state.value)
                 return  # kept in _active: this trainer still answers for the job
@@ -409,8 +437,8 @@ class _Progress:
         entry = {**event.metrics, "step": event.step}
         with self.job.lock:
             self.job.record.history.append(entry)
-            record = self.job.record.copy()
-        self.manager._save(record)
+            number, record = self.job.copy_for_saving()
+        self.manager._save_copy(self.job, number, record)
         self.manager.events.publish(record.job_id, EpochDone(dict(entry)))
         if self.request.checkpoint_every_epoch:
             self.checkpoint()
