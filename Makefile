@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow test-compose compose-images bench venv clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -16,6 +16,16 @@ test: $(STAMP)
 # Long training runs that reproduce the seeds' accuracy figures.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The compose tier alone (also part of `make test`): docker-compose.yml on a real Docker
+# engine. Skipped loudly without one; REQUIRE_DOCKER=1 makes a missing engine fail.
+test-compose: $(STAMP)
+	$(PY) -m pytest -q tests/compose
+
+# Base images for an air-gapped machine: local stand-ins for python:3.11-slim and
+# redis:7 when they can be neither found nor pulled (does nothing otherwise).
+compose-images:
+	bash scripts/prepare_offline_images.sh
 
 bench: $(STAMP) $(VENV)/.bench-installed
 	$(PY) -m bench

@@ -1,0 +1,160 @@
+"""The compose tier: docker-compose.yml on a real Docker engine, driven from this machine.
+
+One stack per session (`stack`): base images prepared if missing
+(scripts/prepare_offline_images.sh), images built once, `up --wait`, and
+`down -v --remove-orphans` at the end: after a failure, after Ctrl-C
+(pytest tears session fixtures down on KeyboardInterrupt; SIGTERM and SIGHUP
+are turned into one), and from atexit if anything got past that.
+
+Without an engine (or without Compose v2, or without the Docker SDK) every
+test here is skipped with a loud line at the start and at the end of the run;
+with REQUIRE_DOCKER=1 they fail instead. When a test fails, the services'
+logs are added to its report.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+
+import pytest
+
+from tests.compose.stack import Stack, StackError, find_engine
+
+REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER", "").lower() in ("1", "true", "yes")
+_MESSAGE = pytest.StashKey[str]()
+
+_engine = None
+_stack: Stack | None = None    # the session's stack while it exists, for logs and clean-up
+
+
+def engine():
+    global _engine
+    if _engine is None:
+        _engine = find_engine()
+    return _engine
+
+
+def _loud(reporter, message: str) -> None:
+    """A line of "!", the message, another line of "!": hard to miss in any output."""
+    title, _, detail = message.partition(": ")
+    reporter.ensure_newline()
+    reporter.write_sep("!", title, red=True, bold=True)
+    reporter.write_line(detail, red=True, bold=True)
+    reporter.write_sep("!", red=True, bold=True)
+
+
+@pytest.hookimpl(trylast=True)   # after `-m` deselection: no engine check when the tier is not run
+def pytest_collection_modifyitems(config, items):
+    tier = [item for item in items if item.get_closest_marker("compose")]
+    if not tier or engine().ok:
+        return
+    if REQUIRE_DOCKER:
+        message = (f"COMPOSE TIER FAILS: REQUIRE_DOCKER=1 but {engine().problem}; "
+                   f"its {len(tier)} tests fail")
+    else:
+        message = (f"COMPOSE TIER SKIPPED: {engine().problem}; its {len(tier)} tests did not run "
+                   f"(REQUIRE_DOCKER=1 turns this into a failure)")
+        skip = pytest.mark.skip(reason=message)
+        for item in tier:
+            item.add_marker(skip)
+    config.stash[_MESSAGE] = message
+    if (reporter := config.pluginmanager.get_plugin("terminalreporter")) is not None:
+        _loud(reporter, message)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if message := config.stash.get(_MESSAGE, None):
+        _loud(terminalreporter, message)
+    if _stack is not None and _stack.timings:
+        timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in _stack.timings.items())
+        terminalreporter.write_sep("-", f"compose tier ({_stack.project}): {timings}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _stack is not None and _stack.started and not _stack.removed \
+            and item.get_closest_marker("compose"):
+        report.sections.append((f"compose logs ({_stack.project}, last lines per service)",
+                                _stack.logs()))
+
+
+class _Teardown:
+    """Take the stack down exactly once: at the fixture's end, on SIGTERM/SIGHUP, or at exit.
+
+    The first SIGTERM or SIGHUP is handled like Ctrl-C (pytest stops and tears the
+    session's fixtures down). While `down` runs, SIGINT, SIGTERM and SIGHUP are ignored,
+    so that an impatient second Ctrl-C cannot leave containers or volumes behind;
+    `down` itself is bounded (stack.DOWN_TIMEOUT).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self.previous = {}
+        self.done = False
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._interrupt)
+            except ValueError:   # not the main thread: rely on the fixture and atexit
+                pass
+        atexit.register(self.run)
+
+    def _interrupt(self, signum, frame):
+        for other in self.SIGNALS:   # once: a second signal must not break the teardown
+            signal.signal(other, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def run(self) -> None:
+        if self.done:
+            return
+        shielded = (signal.SIGINT, *self.SIGNALS)
+        try:
+            before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in shielded}
+        except ValueError:   # not the main thread
+            before = {}
+        try:
+            self.stack.down()
+            self.done = True
+            atexit.unregister(self.run)
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, self.previous.get(signum, handler))
+
+
+@pytest.fixture(scope="session")
+def stack():
+    global _stack
+    if not engine().ok:
+        if REQUIRE_DOCKER:
+            pytest.fail(f"REQUIRE_DOCKER=1 but {engine().problem}", pytrace=False)
+        pytest.skip(f"COMPOSE TIER SKIPPED: {engine().problem}")
+    _stack = Stack(engine())
+    teardown = _Teardown(_stack)
+    try:
+        try:
+            _stack.prepare_base_images()
+            _stack.build()
+            _stack.up()
+            _stack.wait_healthy()
+        except (StackError, OSError) as error:
+            logs = _stack.logs() if _stack.started else "(the stack was not started)"
+            raise StackError(f"{error}\n---- compose logs ----\n{logs}") from None
+        yield _stack
+    finally:
+        teardown.run()
+
+
+@pytest.fixture
+def healthy_stack(stack) -> Stack:
+    """The stack with every container running and healthy (an earlier test may have stopped one)."""
+    for service in ("redis", "trainer", "infer"):
+        for container in stack.containers(service):
+            if container.status in ("exited", "created"):
+                container.start()
+    stack.wait_healthy()
+    return stack

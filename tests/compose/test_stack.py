@@ -1,0 +1,490 @@
+"""The compose stack end to end: the scenarios of a deployment, from this machine.
+
+Everything goes through the ports the stack publishes on 127.0.0.1 (found
+through the Docker SDK, and found again after a container restarts: an
+ephemeral host port may change), with the project's own clients: the
+TrainerClient, the generated tandem.v1.Inference stubs, and tritonclient
+for the Open Inference Protocol. Containers are controlled with the Docker
+SDK. Every wait is bounded: gRPC deadlines, or a deadline on a condition.
+
+Each test trains a model of its own name, so the order of the tests does not
+matter; one that stops a container starts it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.client import TrainerClient, job_state_name
+from shared.data import load_dataset
+from shared.rpc import tandem_inference_pb2 as pb
+from shared.rpc import tandem_inference_pb2_grpc
+from shared.tensors import from_tensor, to_tensor
+from tests.compose.stack import INFER_PORT, Stack
+
+pytestmark = pytest.mark.compose
+
+TRAIN_TIMEOUT = 240.0      # one job, start to end
+READY_TIMEOUT = 90.0       # a (re)started service answering
+RELOAD_TIMEOUT = 30.0      # a replica serving a newly published version
+CALL_TIMEOUT = 30.0
+LONG_EPOCHS = 40           # a job long enough to be interrupted mid-way (a few seconds per 10 epochs)
+
+
+# ---------------------------------------------------------------- helpers
+
+def digits():
+    return load_dataset("digits")
+
+
+def deadline_loop(what: str, timeout: float, interval: float = 0.1):
+    """Yield until the caller breaks out; fail once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class JobWatch:
+    """A trainer's WatchJob stream followed in a thread, each event with its arrival time.
+
+    Bounded: the stream is cancelled after `timeout` seconds.
+    """
+
+    def __init__(self, client: TrainerClient, job_id: str, timeout: float = TRAIN_TIMEOUT):
+        self.job_id = job_id
+        self.events: list[tuple[float, object]] = []
+        self.error: grpc.RpcError | None = None
+        self.ended = False
+        self._condition = threading.Condition()
+        self._stream = client.watch(job_id)
+        self._timer = threading.Timer(timeout, self._stream.cancel)
+        self._timer.daemon = True
+        self._timer.start()
+        threading.Thread(target=self._follow, name=f"watch-{job_id}", daemon=True).start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self._stream:
+                with self._condition:
+                    self.events.append((time.monotonic(), event))
+                    self._condition.notify_all()
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self._timer.cancel()
+            with self._condition:
+                self.ended = True
+                self._condition.notify_all()
+
+    def wait_for(self, predicate: Callable, what: str, timeout: float = TRAIN_TIMEOUT):
+        """The first event that satisfies `predicate`; fails if the stream ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while True:
+                for _, event in self.events:
+                    if predicate(event):
+                        return event
+                if self.ended:
+                    pytest.fail(f"job {self.job_id}: the watch ended ({self.error!r}) before {what}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"job {self.job_id}: no {what} within {timeout} s")
+                self._condition.wait(remaining)
+
+    def wait_ended(self, timeout: float) -> None:
+        with self._condition:
+            if not self._condition.wait_for(lambda: self.ended, timeout):
+                pytest.fail(f"job {self.job_id}: the watch did not end within {timeout} s")
+
+    def finished(self, timeout: float = TRAIN_TIMEOUT):
+        return self.wait_for(lambda e: e.HasField("finished"), "end of the job", timeout).finished
+
+    def of_kind(self, kind: str) -> list[tuple[float, object]]:
+        with self._condition:
+            return [(at, getattr(e, kind)) for at, e in self.events if e.WhichOneof("event") == kind]
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+
+class Inference:
+    """A channel to one inference replica (or several, with `options`), Tandem's own API."""
+
+    def __init__(self, target: str, options=()):
+        self.channel = grpc.insecure_channel(target, options=list(options))
+        self.stub = tandem_inference_pb2_grpc.InferenceStub(self.channel)
+
+    def predict(self, model: str, x: np.ndarray, timeout: float = CALL_TIMEOUT) -> pb.PredictResponse:
+        return self.stub.Predict(pb.PredictRequest(model_name=model, inputs=to_tensor(x)),
+                                 timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class PredictLoop:
+    """Predictions in a thread, round robin over `calls`, every outcome recorded with its time.
+
+    Bounded: at most `max_seconds`; paced by `interval` so that it leaves the CPU to training.
+    """
+
+    def __init__(self, calls: list[Callable[[], pb.PredictResponse]], interval: float = 0.02,
+                 max_seconds: float = 180.0):
+        self.calls, self.interval, self.max_seconds = calls, interval, max_seconds
+        self.outcomes: list[tuple[float, bool, str]] = []   # (time, ok, version or error)
+        self._stop = threading.Event()
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="predict-loop", daemon=True)
+
+    def __enter__(self) -> PredictLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        index = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            call = self.calls[index % len(self.calls)]
+            index += 1
+            try:
+                outcome = (True, str(call().version))
+            except grpc.RpcError as error:
+                outcome = (False, f"{error.code().name}: {error.details()}")
+            with self._condition:
+                self.outcomes.append((time.monotonic(), *outcome))
+                self._condition.notify_all()
+            self._stop.wait(self.interval)
+        with self._condition:
+            self._stop.set()
+            self._condition.notify_all()
+
+    def successes(self) -> int:
+        with self._condition:
+            return sum(ok for _, ok, _ in self.outcomes)
+
+    def failures(self) -> list[tuple[float, bool, str]]:
+        with self._condition:
+            return [outcome for outcome in self.outcomes if not outcome[1]]
+
+    def wait_successes(self, count: int, timeout: float = 60.0) -> None:
+        with self._condition:
+            if not self._condition.wait_for(
+                    lambda: self._stop.is_set() or sum(ok for _, ok, _ in self.outcomes) >= count, timeout) \
+                    or sum(ok for _, ok, _ in self.outcomes) < count:
+                pytest.fail(f"the client loop reached {self.successes()} of {count} answers "
+                            f"(failures: {self.failures()[:5]})")
+
+    def between(self, start: float, end: float) -> list[tuple[float, bool, str]]:
+        with self._condition:
+            return [outcome for outcome in self.outcomes if start <= outcome[0] <= end]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=CALL_TIMEOUT + 5)
+
+
+def connect_trainer(stack: Stack) -> TrainerClient:
+    client = TrainerClient(stack.trainer_address(), timeout=CALL_TIMEOUT)
+    client.wait_until_ready(READY_TIMEOUT)
+    return client
+
+
+def wait_until_serving(replica: Inference, model: str, version: int, sample: np.ndarray) -> None:
+    """Until the replica answers `model` with `version` (hot reload), bounded."""
+    for _ in deadline_loop(f"version {version} of {model} to serve", RELOAD_TIMEOUT):
+        if replica.predict(model, sample).version == version:
+            return
+
+
+def requests_served(stack: Stack, container, model: str) -> float:
+    """The replica's count of answered Predict requests for `model` (its Prometheus metrics)."""
+    with urllib.request.urlopen(stack.infer_metrics_url(container), timeout=10) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "tandem_infer_requests_total" and sample.labels.get("model") == model
+               and sample.labels.get("method") == "Predict")
+
+
+def crash(container, process: str) -> None:
+    """SIGKILL the service's process inside the container, as a crash or the OOM killer would.
+
+    Not `container.kill()`: Docker counts a kill through its API as a manual stop and
+    then applies no restart policy, whereas a process that dies is restarted.
+    """
+    script = (
+        "import os, signal\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "    except OSError:\n"
+        "        continue\n"
+        f"    if argv[0].endswith(b'python') and {process.encode()!r} in argv and int(pid) != os.getpid():\n"
+        "        os.kill(int(pid), signal.SIGKILL)\n"
+        "        print('killed', pid)\n")
+    exit_code, output = container.exec_run(["python", "-c", script])
+    assert exit_code == 0 and b"killed" in output, output.decode(errors="replace")
+
+
+@pytest.fixture
+def trainer(healthy_stack):
+    client = connect_trainer(healthy_stack)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def small_model(stack):
+    """A digits CNN trained for two epochs, for the tests that only need something to serve."""
+    with connect_trainer(stack) as client:
+        job = client.start_job("compose-small", "digits", preset="digits-cnn",
+                               hyperparameters={"epochs": 2, "seed": 5})
+        watch = JobWatch(client, job.job_id)
+        final = watch.finished()
+    assert job_state_name(final) == "SUCCEEDED", final.error
+    return final
+
+
+# ---------------------------------------------------------------- 1. train and predict
+
+def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
+    model = "compose-digits"
+    job = trainer.start_job(model, "digits", preset="digits-cnn",
+                            hyperparameters={"epochs": 8, "seed": 7})
+    watch = JobWatch(trainer, job.job_id)
+    final = watch.finished()
+    assert job_state_name(final) == "SUCCEEDED", final.error
+    checkpoints = [checkpoint for _, checkpoint in watch.of_kind("checkpoint")]
+    assert checkpoints and checkpoints[-1].version == final.last_published_version
+    assert len(watch.of_kind("epoch")) == 8
+    listed = trainer.list_checkpoints(model)
+    assert listed[0].version == final.last_published_version and listed[0].latest
+
+    data = digits()
+    replica = Inference(healthy_stack.infer_addresses()[0])
+    try:
+        response = replica.predict(model, data.x_test)
+    finally:
+        replica.close()
+    assert response.version == final.last_published_version
+    probabilities = from_tensor(response.probabilities, allowed_dtypes=("float32",), field="probabilities")
+    assert probabilities.shape == (len(data.y_test), 10)
+    accuracy = float(np.mean(np.asarray(response.classes) == data.y_test))
+    assert accuracy >= 0.97, f"held-out accuracy {accuracy:.2%}"
+    # The same weights as the trainer evaluated: its last reported test accuracy.
+    assert accuracy == pytest.approx(final.last_metrics.test_accuracy, abs=1e-6)
+
+
+# ---------------------------------------------------------------- 2. replicas agree after a publish
+
+def test_both_replicas_serve_the_latest_version_after_a_publish(healthy_stack, trainer):
+    model = "compose-replicas"
+    sample = digits().x_test[:4]
+    replicas = [Inference(address) for address in healthy_stack.infer_addresses()]
+    assert len(replicas) == 2
+    try:
+        first = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
+                                                    hyperparameters={"epochs": 1, "seed": 1}).job_id).finished()
+        assert job_state_name(first) == "SUCCEEDED", first.error
+        # Both replicas load the model on first use and follow it from then on.
+        assert [r.predict(model, sample).version for r in replicas] == [first.last_published_version] * 2
+
+        second = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
+                                                     hyperparameters={"epochs": 2, "seed": 2}).job_id).finished()
+        assert job_state_name(second) == "SUCCEEDED", second.error
+        assert second.last_published_version > first.last_published_version
+        for replica in replicas:   # hot reloaded: announced over Pub/Sub, or caught up by the poll
+            wait_until_serving(replica, model, second.last_published_version, sample)
+        answers = [replica.predict(model, sample) for replica in replicas]
+        assert {a.version for a in answers} == {second.last_published_version}
+        assert list(answers[0].classes) == list(answers[1].classes)
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
+# ---------------------------------------------------------------- 3. Redis restarts mid-training
+
+def test_redis_restart_mid_training(healthy_stack, trainer):
+    model = "compose-redis-restart"
+    sample = digits().x_test[:4]
+    job = trainer.start_job(model, "digits", preset="digits-cnn",
+                            hyperparameters={"epochs": LONG_EPOCHS, "seed": 3},
+                            every_steps=100, every_epoch=False)
+    watch = JobWatch(trainer, job.job_id)
+    watch.wait_for(lambda e: e.HasField("checkpoint"), "a first checkpoint")
+    replicas = [Inference(address) for address in healthy_stack.infer_addresses()]
+    try:
+        for replica in replicas:   # loaded before the outage
+            replica.predict(model, sample)
+        with PredictLoop([lambda r=r: r.predict(model, sample) for r in replicas]) as loop:
+            loop.wait_successes(10)
+            redis = healthy_stack.container("redis")
+            steps_before = max((step.step for _, step in watch.of_kind("step")), default=0)
+            outage_start = time.monotonic()
+            redis.restart(timeout=10)      # SIGTERM (Redis saves and exits), then a new start
+            outage_end = time.monotonic()  # the server is starting again
+            final = watch.finished()
+            loop.wait_successes(loop.successes() + 10)
+        assert job_state_name(final) == "SUCCEEDED", final.error
+        # Mid-training: the job had steps to go when Redis went down, and ended after it was back.
+        assert final.progress.step == final.progress.steps_total > 0
+        assert steps_before < final.progress.steps_total
+        finished_at = watch.of_kind("finished")[0][0]
+        assert finished_at > outage_end
+        assert any(at > outage_end for at, _ in watch.of_kind("checkpoint")), \
+            "no checkpoint was published to the restarted Redis"
+        # Redis kept its data (append-only file on its volume): versions counted on across the
+        # restart instead of starting from 1 again.
+        versions = [checkpoint.version for _, checkpoint in watch.of_kind("checkpoint")]
+        assert versions == list(range(1, len(versions) + 1)), versions
+        healthy_stack.wait_healthy()   # Redis included, by its own health check
+        # Inference answered throughout, the outage included, and never failed.
+        assert loop.failures() == []
+        assert len(loop.between(outage_start, outage_end)) > 0
+        # And it catches up with what was published after the restart.
+        for replica in replicas:
+            wait_until_serving(replica, model, final.last_published_version, sample)
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
+# ---------------------------------------------------------------- 4. the trainer dies mid-job
+
+def test_killed_trainer_restarts_and_resumes_the_job(healthy_stack, trainer):
+    model = "compose-trainer-kill"
+    job = trainer.start_job(model, "digits", preset="digits-cnn",
+                            hyperparameters={"epochs": LONG_EPOCHS, "seed": 4},
+                            every_steps=50, every_epoch=False)
+    watch = JobWatch(trainer, job.job_id)
+    watch.wait_for(lambda e: e.HasField("checkpoint") and e.checkpoint.version >= 2, "a second checkpoint")
+    container = healthy_stack.container("trainer")
+    restarts_before = container.attrs["RestartCount"]
+    crash(container, "trainer_svc")
+    watch.wait_ended(CALL_TIMEOUT)   # the stream breaks with the process
+    assert not watch.of_kind("finished"), "the job ended before the trainer was killed"
+    seen = {checkpoint.version: checkpoint.step for _, checkpoint in watch.of_kind("checkpoint")}
+
+    for _ in deadline_loop("the restart policy to bring the trainer back", READY_TIMEOUT, 0.25):
+        container.reload()
+        if container.attrs["RestartCount"] > restarts_before and container.status == "running":
+            break
+    with connect_trainer(healthy_stack) as client:   # its port may have changed
+        resumed = JobWatch(client, job.job_id)
+        final = resumed.finished()
+    assert job_state_name(final) == "SUCCEEDED", final.error
+    assert final.restarts == 1
+
+    # It resumed from its last checkpoint, not from scratch.
+    logs = container.logs().decode(errors="replace")
+    match = re.search(rf"event=job_resumable job={job.job_id} restarts=1 from_version=(\d+)", logs)
+    assert match, "the restarted trainer did not log the job as resumable"
+    from_version = int(match.group(1))
+    assert from_version >= max(seen)
+    first_step = min(step.step for _, step in resumed.of_kind("step"))
+    if from_version in seen:
+        assert first_step > seen[from_version], (first_step, seen)
+    assert first_step > 1
+    assert all(c.version > from_version for _, c in resumed.of_kind("checkpoint"))
+    steps_per_epoch = resumed.of_kind("step")[-1][1].steps_per_epoch
+    assert final.progress.step == final.progress.steps_total == LONG_EPOCHS * steps_per_epoch
+    assert [e.epoch for e in final.history] == list(range(1, LONG_EPOCHS + 1))
+
+
+# ---------------------------------------------------------------- 5. one replica stops under load
+
+# The client's failover: one channel over both replicas' ports, balanced round robin (a
+# replica that goes away leaves the pick list once its connection drops), and a retry for
+# the call that met the closing replica (Predict is idempotent): on UNAVAILABLE, and on
+# CANCELLED, which is what gRPC's server answers to calls that arrived but had not reached a
+# handler when its shutdown began (grpc/grpc#41785). A call this client cancels itself is
+# never retried: retry policies apply to statuses from the server only.
+FAILOVER_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "tandem.v1.Inference"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
+    }],
+}
+
+
+def test_one_replica_stops_under_a_client_loop(healthy_stack, small_model):
+    model = small_model.model_name
+    sample = digits().x_test[:4]
+    stopped, survivor = healthy_stack.containers("infer", all=False)
+    addresses = [healthy_stack.published(c, INFER_PORT) for c in (stopped, survivor)]
+    client = Inference("ipv4:" + ",".join(addresses),
+                       options=[("grpc.service_config", json.dumps(FAILOVER_CONFIG)),
+                                ("grpc.enable_retries", 1)])
+    try:
+        with PredictLoop([lambda: client.predict(model, sample)], interval=0.01) as loop:
+            loop.wait_successes(40)
+            served_before = [requests_served(healthy_stack, c, model) for c in (stopped, survivor)]
+            assert all(count > 0 for count in served_before), f"not balanced: {served_before}"
+            stopped.stop(timeout=15)   # SIGTERM: graceful, calls in flight finish
+            stopped.reload()
+            assert stopped.status == "exited"
+            after_stop = loop.successes()
+            loop.wait_successes(after_stop + 60)
+        assert loop.failures() == []
+        assert requests_served(healthy_stack, survivor, model) >= served_before[1] + 60
+        assert {version for _, ok, version in loop.outcomes} == {str(small_model.last_published_version)}
+    finally:
+        client.close()
+        stopped.reload()
+        if stopped.status != "running":
+            stopped.start()
+    healthy_stack.wait_healthy()
+
+
+# ---------------------------------------------------------------- 6. the Open Inference Protocol
+
+def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model):
+    import tritonclient.grpc as triton
+
+    model, version = small_model.model_name, small_model.last_published_version
+    x = digits().x_test[:16].astype(np.float32)
+    address = healthy_stack.infer_addresses()[-1]
+    client = triton.InferenceServerClient(url=address)
+    replica = Inference(address)
+    try:
+        assert client.is_server_live(client_timeout=CALL_TIMEOUT)
+        inputs = triton.InferInput("input", list(x.shape), "FP32")
+        inputs.set_data_from_numpy(x)
+        result = client.infer(model, [inputs], outputs=[triton.InferRequestedOutput("probabilities"),
+                                                        triton.InferRequestedOutput("classes")],
+                              client_timeout=CALL_TIMEOUT)
+        assert result.get_response().model_version == str(version)
+        probabilities, classes = result.as_numpy("probabilities"), result.as_numpy("classes")
+        assert probabilities.shape == (16, 10) and classes.shape == (16,)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+        assert client.is_server_ready(client_timeout=CALL_TIMEOUT)
+        assert client.is_model_ready(model, client_timeout=CALL_TIMEOUT)
+        metadata = client.get_model_metadata(model, client_timeout=CALL_TIMEOUT)
+        assert [i.name for i in metadata.inputs] == ["input"]
+        # The same answer as Tandem's own API on the same replica.
+        own = replica.predict(model, x)
+        assert list(classes) == list(own.classes)
+        np.testing.assert_allclose(probabilities, from_tensor(own.probabilities, allowed_dtypes=("float32",),
+                                                              field="probabilities"), rtol=1e-5, atol=1e-7)
+    finally:
+        client.close()
+        replica.close()
