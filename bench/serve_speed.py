@@ -97,7 +97,7 @@ def server_config(redis_url: str, batching: bool) -> InferConfig:
     queue: 32 clients with 256 rows each may wait at once, beyond the default 4096 rows."""
     return InferConfig(
         redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,), pinned={},
-        poll_seconds=2.0, batching=batching, max_batch_size=64, max_queue_delay_ms=2.0,
+        poll_seconds=2.0, batching=batching, max_batch_size=64, max_queue_delay_ms=0.0,
         max_queue_rows=max(CONCURRENCY) * max(BATCHES), max_rows=4096,
         max_message_bytes=16 * 2**20, grace_seconds=1.0, metrics_port=0,
         metrics_address="127.0.0.1", grpc_workers=32)

@@ -50,7 +50,7 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, *, enabled: bool = True, max_batch_size: int = 64, max_delay: float = 0.002,
+    def __init__(self, *, enabled: bool = True, max_batch_size: int = 64, max_delay: float = 0.0,
                  max_queue_rows: int = 4096, on_batch: Callable[[BatchStats], None] = lambda s: None,
                  clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled

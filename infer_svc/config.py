@@ -35,7 +35,9 @@ class InferConfig:
     poll_seconds: float = field(default_factory=lambda: env("INFER_POLL_SECONDS", 2.0, float))
     batching: bool = field(default_factory=lambda: env("INFER_BATCHING", True, bool))
     max_batch_size: int = field(default_factory=lambda: env("INFER_MAX_BATCH_SIZE", 64, int))
-    max_queue_delay_ms: float = field(default_factory=lambda: env("INFER_MAX_QUEUE_DELAY_MS", 2.0, float))
+    # 0, as Triton's dynamic batcher and TF Serving on CPUs default to: no request waits for
+    # company; those that queue while a forward pass runs share the next one.
+    max_queue_delay_ms: float = field(default_factory=lambda: env("INFER_MAX_QUEUE_DELAY_MS", 0.0, float))
     max_queue_rows: int = field(default_factory=lambda: env("INFER_MAX_QUEUE_ROWS", 4096, int))
     max_rows: int = field(default_factory=lambda: env("INFER_MAX_ROWS", 4096, int))   # per request
     max_message_bytes: int = field(

@@ -59,7 +59,7 @@ def test_settings_come_from_the_environment(monkeypatch):
         monkeypatch.delenv(name)
     defaults = InferConfig()
     assert (defaults.listen, defaults.models, defaults.pinned) == ("127.0.0.1:50052", (), {})
-    assert (defaults.batching, defaults.max_queue_delay_ms, defaults.metrics_port) == (True, 2.0, 9102)
+    assert (defaults.batching, defaults.max_queue_delay_ms, defaults.metrics_port) == (True, 0.0, 9102)
 
     monkeypatch.setenv("INFER_MODELS", " digits, other ,")
     monkeypatch.setenv("INFER_PINNED", "digits=3,other=7")
