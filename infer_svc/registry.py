@@ -14,6 +14,8 @@
   last good version keeps serving; the next offer tries again.
 - A request may name a specific version still in the store: it is loaded
   on demand and kept in a small LRU cache beside the served ones.
+- A version is loaded once however many requests ask for it at the same
+  time: the first loads it, the others wait for that load.
 - Callbacks, for metrics and health: `on_loaded` after each version loads,
   `on_failed` after one fails verification, `on_swapped` once a version serves.
 """
@@ -25,6 +27,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import asdict
 from typing import Callable
 
@@ -52,6 +55,7 @@ class Registry:
         self._served: dict[str, Servable] = {}
         self._extra: OrderedDict[tuple[str, int], Servable] = OrderedDict()
         self._extra_size = extra_versions
+        self._loading: dict[tuple[str, int], Future] = {}   # loads in progress, for their waiters
         self._lock = threading.Lock()
         self._on_loaded, self._on_failed, self._on_swapped = on_loaded, on_failed, on_swapped
         self._offers: queue.Queue[tuple[str, int] | None] = queue.Queue()
@@ -109,20 +113,14 @@ class Registry:
                 return self._extra[(name, version)]
         if version is None:
             return self.load_policy_version(name)
-        servable = self._load(name, version)
-        with self._lock:
-            self._extra[(name, version)] = servable
-            while len(self._extra) > self._extra_size:
-                self._extra.popitem(last=False)
-        return servable
+        return self._load(name, version, self._keep_extra)
 
     # ------------------------------------------------------------ loading
 
     def load_policy_version(self, name: str) -> Servable:
         """Load and serve the version the model's policy wants (pinned, else latest)."""
         version = self.pinned.get(name) or self._latest_version(name)
-        servable = self._load(name, version)
-        self._swap_in(servable)
+        self._load(name, version, self._swap_in)
         return self.served()[name]
 
     def load_configured(self) -> None:
@@ -156,7 +154,7 @@ class Registry:
             if not self._wants(name, version):
                 continue
             try:  # a pinned model not loaded yet loads its pin, whichever version was offered
-                self._swap_in(self._load(name, self.pinned.get(name, version)))
+                self._load(name, self.pinned.get(name, version), self._swap_in)
             except Exception as error:  # noqa: BLE001 - the loader must outlive any one bad version
                 log.warning("event=reload_failed model=%s version=%d error=%r", name, version, str(error))
 
@@ -166,7 +164,37 @@ class Registry:
             raise CheckpointNotFound(f"model_name {name!r}: no such model in the store")
         return version
 
-    def _load(self, name: str, version: int) -> Servable:
+    def _load(self, name: str, version: int, install: Callable[[Servable], None]) -> Servable:
+        """Load a version and `install` it (swap it in, or keep it as an extra version).
+
+        Only one thread loads a given version: one that asks while the load is
+        in progress waits for it, and one that asks after it was installed gets
+        the installed servable.
+        """
+        key = (name, version)
+        with self._lock:
+            loading = self._loading.get(key)
+            first = loading is None
+            if first:
+                if (installed := self._installed(name, version)) is not None:
+                    return installed
+                loading = self._loading[key] = Future()
+        if not first:
+            return loading.result()
+        try:
+            servable = self._load_now(name, version)
+            install(servable)
+        except BaseException as error:
+            loading.set_exception(error)
+            raise
+        else:
+            loading.set_result(servable)
+            return servable
+        finally:
+            with self._lock:
+                del self._loading[key]
+
+    def _load_now(self, name: str, version: int) -> Servable:
         try:
             servable = self._store_call(name, lambda: Servable.load(self.store, name, version))
         except CheckpointError as error:
@@ -182,6 +210,20 @@ class Registry:
         except StoreUnavailable as error:
             raise ModelUnavailable(f"model_name {name!r} is not loaded and Redis is unavailable: "
                                    f"{error}") from None
+
+    def _installed(self, name: str, version: int) -> Servable | None:
+        """The loaded servable of that version, if any; the caller holds `_lock`."""
+        current = self._served.get(name)
+        if current is not None and current.version == version:
+            return current
+        return self._extra.get((name, version))
+
+    def _keep_extra(self, servable: Servable) -> None:
+        """Keep a version asked for by number in the LRU cache beside the served ones."""
+        with self._lock:
+            self._extra[(servable.name, servable.version)] = servable
+            while len(self._extra) > self._extra_size:
+                self._extra.popitem(last=False)
 
     def _swap_in(self, servable: Servable) -> None:
         """Serve `servable` if the policy prefers it (a slower, older load never wins)."""

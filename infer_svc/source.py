@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from shared.backoff import Backoff
 from shared.redis_client import StoreUnavailable
 from shared.store import CheckpointStore, parse_announcement
 from infer_svc.registry import Registry
@@ -46,21 +47,22 @@ class VersionSource:
                 self.registry.offer(name, version)
 
     def _run(self) -> None:
-        delay = self.backoff[0]
+        backoff = Backoff(*self.backoff)
         while not self._stopping.is_set():
             try:
-                self._listen()
+                self._listen(on_connected=backoff.reset)
                 return
             except StoreUnavailable as error:
+                delay = backoff.next()
                 log.warning("event=source_disconnected error=%r retry_in=%.1fs", str(error), delay)
                 self._stopping.wait(delay)
-                delay = min(delay * 2, self.backoff[1])
 
-    def _listen(self) -> None:
+    def _listen(self, on_connected) -> None:
         """Follow announcements until stopped, polling between them; raise StoreUnavailable on loss."""
         subscription = self.store.subscribe()
         try:
             self.poll()  # catch up on whatever was announced while we were away
+            on_connected()
             log.info("event=source_connected")
             while not self._stopping.is_set():
                 try:

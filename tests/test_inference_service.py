@@ -141,6 +141,21 @@ def test_any_model_asked_for_loads_on_first_use(checkpoints, start_inference):
     assert status_of(lambda: inference.predict(samples(1), name="missing")) == NOT_FOUND
 
 
+def test_concurrent_first_requests_load_the_model_once(checkpoints, start_inference):
+    publish(checkpoints, seed=0, name="crowd")
+    inference = start_inference(models=())
+    clients = 16
+    start = threading.Barrier(clients)
+
+    def first_request(_):
+        start.wait(timeout=DEADLINE)
+        return inference.predict(samples(1), name="crowd").version
+
+    with ThreadPoolExecutor(clients) as pool:
+        assert list(pool.map(first_request, range(clients))) == [1] * clients
+    assert metric("tandem_infer_model_loads_total", model="crowd") == 1
+
+
 def test_only_configured_models_serve(checkpoints, start_inference):
     publish(checkpoints, seed=0)
     publish(checkpoints, seed=1, name="other")
