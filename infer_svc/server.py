@@ -17,13 +17,12 @@ import logging
 import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared.redis_client import connect
 from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
 from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
-from shared.service import configure_logging, grpc_server, run_until_signalled
+from shared.service import configure_logging, enable_reflection, grpc_server, run_until_signalled
 from shared.store import CheckpointStore
 from infer_svc import metrics
 from infer_svc.batching import Batcher
@@ -36,8 +35,9 @@ from infer_svc.servicer import InferenceServicer
 from infer_svc.source import VersionSource
 
 log = logging.getLogger("tandem.infer")
-SERVICE_NAME = tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-KSERVE_SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE = tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME, KSERVE_SERVICE_NAME = SERVICE.full_name, KSERVE_SERVICE.full_name
 HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)   # "" = the server as a whole
 
 
@@ -62,11 +62,7 @@ class InferenceServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.predictor),
                                                                          self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # Reflection describes services from the default descriptor pool. The Open Inference
-        # Protocol's service is in a pool of its own (grpc_service_pb2.POOL, so that
-        # tritonclient's copy of the same .proto can be imported beside it): not listed.
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        enable_reflection(self.server, SERVICE, KSERVE_SERVICE)
         self.port = self.server.add_insecure_port(config.listen)
         self.metrics_http = None
         self._stopped = threading.Event()

@@ -9,6 +9,10 @@ from concurrent import futures
 from typing import Protocol
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 
 class Service(Protocol):
@@ -26,6 +30,34 @@ def grpc_server(workers: int, max_message_bytes: int) -> grpc.Server:
         maximum_concurrent_rpcs=workers * 4,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
+
+
+def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None:
+    """Server reflection for `services`, grpc.health.v1 and reflection itself.
+
+    Reflection reads one descriptor pool, and the services' descriptors live
+    in two (the Open Inference Protocol's in a private pool of its own, see
+    shared/rpc/grpc_service_pb2.py): a pool for reflection alone gets a copy
+    of every file they need.
+    """
+    services = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"],
+                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:   # a file's imports go into the pool first
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for service in services:
+        add(service.file)
+    reflection.enable_server_reflection([service.full_name for service in services], server, pool=pool)
 
 
 def configure_logging() -> None:

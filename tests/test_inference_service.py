@@ -19,7 +19,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -396,6 +398,20 @@ def test_a_full_queue_refuses_with_resource_exhausted(checkpoints, start_inferen
         inference.predict(samples(5))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in refused.value.details()
+
+
+def test_reflection_lists_and_describes_both_apis(checkpoints, start_inference):
+    # grpcurl and other generic tools find Tandem's API and the Open Inference Protocol alike.
+    inference = start_inference(models=())
+    database = ProtoReflectionDescriptorDatabase(inference.channel)
+    assert set(database.get_services()) == {
+        "tandem.v1.Inference", "inference.GRPCInferenceService", "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection"}
+    pool = DescriptorPool(database)
+    kserve = pool.FindServiceByName("inference.GRPCInferenceService")
+    assert kserve.methods_by_name["ModelInfer"].input_type.full_name == "inference.ModelInferRequest"
+    predict = pool.FindServiceByName("tandem.v1.Inference").methods_by_name["Predict"]
+    assert "inputs" in predict.input_type.fields_by_name
 
 
 # ---------------------------------------------------------------- readiness, Redis, shutdown

@@ -168,7 +168,7 @@ def test_kserve_file_has_a_descriptor_pool_of_its_own():
     # So that tritonclient's own build of grpc_service.proto can be imported too.
     assert grpc_service_pb2.DESCRIPTOR.pool is grpc_service_pb2.POOL
     assert grpc_service_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
-    # Tandem's files stay in the default pool (where gRPC server reflection looks).
+    # Tandem's own files stay in the default pool.
     assert descriptor_pool.Default().FindServiceByName("tandem.v1.Trainer")
 
 

@@ -12,12 +12,11 @@ import threading
 import time
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
-from shared.service import configure_logging, grpc_server, run_until_signalled
+from shared.service import configure_logging, enable_reflection, grpc_server, run_until_signalled
 from shared.store import CheckpointStore
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
@@ -27,7 +26,8 @@ from trainer_svc.manager import JobManager, Settings
 from trainer_svc.servicer import TrainerServicer
 
 log = logging.getLogger("tandem.trainer")
-SERVICE_NAME = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+SERVICE = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
+SERVICE_NAME = SERVICE.full_name
 MAX_MESSAGE_BYTES = 8 * 2**20
 
 
@@ -47,8 +47,7 @@ class TrainerServer:
         self.server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES)
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        enable_reflection(self.server, SERVICE)
         self.port = self.server.add_insecure_port(config.listen)
         self.metrics_http = None
         self._stopped = threading.Event()
