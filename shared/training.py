@@ -13,7 +13,7 @@ import numpy as np
 
 from shared.data import Dataset
 from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
-from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS
+from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
 
 
@@ -109,11 +109,31 @@ def prepare_model(spec: dict, dataset: Dataset, hp: Hyperparameters,
     return model.load_state_dict(initial_weights)
 
 
-def fit_model(model: Model, dataset: Dataset, hp: Hyperparameters,
-              callback: Callable | None = None, *, start_step: int = 0) -> History:
-    """Train a prepared model in place with `hp` (resuming after `start_step` steps)."""
+def prepare_optimizer(model: Model, hp: Hyperparameters,
+                      initial_state: dict[str, np.ndarray] | None = None) -> Optimizer:
+    """`hp`'s optimiser for `model`, fresh or from `initial_state` (an Optimizer.state_dict).
+
+    A state that does not fit the optimiser and the model is a ValueError.
+    """
     optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
                                weight_decay=hp.weight_decay)
+    if initial_state is not None:
+        optimizer.load_state_dict(initial_state, model.state_dict())
+    return optimizer
+
+
+def fit_model(model: Model, dataset: Dataset, hp: Hyperparameters,
+              callback: Callable | None = None, *, start_step: int = 0,
+              optimizer: Optimizer | None = None) -> History:
+    """Train a prepared model in place with `hp` (resuming after `start_step` steps).
+
+    `optimizer` (from `prepare_optimizer`, default a fresh one) is updated in
+    place: a callback that holds it sees its state after each step, as it
+    sees the model's weights, and a resumed run passes the state saved with
+    the checkpoint it resumes from.
+    """
+    if optimizer is None:
+        optimizer = prepare_optimizer(model, hp)
     dtype = np.dtype(hp.dtype)
     return fit(
         model, optimizer,

@@ -15,6 +15,7 @@ Waits are bounded: polling in a loop with a deadline, or gRPC deadlines.
 import collections
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -41,10 +42,10 @@ from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2 as pb
 from shared.rpc import tandem_trainer_pb2_grpc as pb_grpc
 from shared.store import CheckpointStore
-from shared.training import train
+from shared.training import Hyperparameters, train
 from trainer_svc.config import TrainerConfig
 from trainer_svc.job_store import JobRepository
-from trainer_svc.jobs import JobState
+from trainer_svc.jobs import JobRecord, JobRequest, JobState
 from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -442,14 +443,16 @@ def terminate(process, log_path: Path) -> float:
     return time.monotonic() - sent
 
 
+@pytest.mark.parametrize("optimizer, learning_rate", [("sgd", 0.05), ("momentum", 0.01), ("adam", 1e-3)])
 def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finishes_it(
-        private_redis, tmp_path):
+        private_redis, tmp_path, optimizer, learning_rate):
     log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
     client = connect(private_redis.url)
     store, jobs = CheckpointStore(client), JobRepository(client)
-    # SGD has no optimiser state, so a resumed run must end with exactly the unbroken run's weights.
-    request = mlp_job("resumed", epochs=4, batch_size=1, every_steps=500, optimizer="sgd",
-                      learning_rate=0.05, seed=3)
+    # The optimiser's state (momentum, Adam's moments and step) resumes with the weights, so a
+    # resumed run must end with exactly the unbroken run's weights.
+    request = mlp_job("resumed", epochs=4, batch_size=1, every_steps=500, optimizer=optimizer,
+                      learning_rate=learning_rate, seed=3)
     total = 4 * DIGITS_TRAIN
 
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
@@ -482,9 +485,43 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
     final = store.get("resumed", done.last_published_version)
     assert final.meta.step == total and store.latest_version("resumed") == done.last_published_version
     assert jobs.get(job.job_id).state == JobState.SUCCEEDED
-    unbroken = train(final.model.spec, load_dataset("digits"), record.request.hyperparameters).model
+    assert_resumed_like_an_unbroken_run(client, job.job_id, final, record.request, log_path)
+    client.close()
+
+
+def assert_resumed_like_an_unbroken_run(client, job_id: str, final, request, log_path: Path) -> None:
+    """The final checkpoint holds exactly the weights of the job's run trained without a break."""
+    assert "optimizer_state_missing" not in log_path.read_text()
+    assert not client.exists(f"tandem:job:{job_id}:optimizer")      # gone with the job's end
+    unbroken = train(final.model.spec, load_dataset("digits"), request.hyperparameters).model
     for name, weights in unbroken.state_dict().items():
-        np.testing.assert_allclose(final.model.state_dict()[name], weights, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert np.isfinite(weights).all(), name
+        assert final.model.state_dict()[name].tobytes() == weights.tobytes(), name
+
+
+def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_checkpoint(
+        private_redis, tmp_path):
+    log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
+    client = connect(private_redis.url)
+    store, jobs = CheckpointStore(client), JobRepository(client)
+    request = mlp_job("crashed", epochs=2, batch_size=1, every_steps=300, optimizer="adam", seed=5)
+
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
+        job = stub.StartJob(request, timeout=10)
+        wait_until(lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2, 60,
+                   "a record naming a second checkpoint")
+        process.kill()                   # no final checkpoint: it resumes from the last periodic one
+        process.wait(timeout=10)
+    record = jobs.get(job.job_id)
+    assert record.state == JobState.RUNNING and record.last_published_step < 2 * DIGITS_TRAIN
+
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
+        done = wait_finished(stub, job.job_id, timeout=120)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.restarts == 1 and done.progress.step == 2 * DIGITS_TRAIN
+        terminate(process, log_path)
+    final = store.get("crashed", done.last_published_version)
+    assert_resumed_like_an_unbroken_run(client, job.job_id, final, record.request, log_path)
     client.close()
 
 
@@ -506,6 +543,66 @@ def test_a_job_interrupted_at_an_epochs_last_step_keeps_that_epoch_when_it_resum
     assert done.restarts == 1 and done.progress.step == 60
     assert [m.epoch for m in done.history] == list(range(1, 61))
     assert [m.step for m in done.history] == list(range(1, 61))
+
+
+def test_optimizer_states_are_kept_for_a_jobs_two_newest_checkpoints_and_go_when_it_ends(
+        redis_client, key_prefix):
+    jobs = JobRepository(redis_client, prefix=key_prefix)
+    record = JobRecord.new(JobRequest(model_name="m", dataset="digits", spec={},
+                                      hyperparameters=Hyperparameters()))
+    jobs.save(record)
+    states = {v: {"layers.0.W.exp_avg": np.full((2, 3), v, np.float32), "step": np.array(v, np.int64)}
+              for v in (1, 2, 3)}
+    jobs.save_optimizer_state(record.job_id, 1, 100, states[1], keep=(0, 0))
+    jobs.save_optimizer_state(record.job_id, 2, 200, states[2], keep=(1, 100))
+    jobs.save_optimizer_state(record.job_id, 3, 300, states[3], keep=(2, 200))
+    assert jobs.optimizer_state(record.job_id, 1, 100) is None           # older than the kept one
+    assert jobs.optimizer_state(record.job_id, 2, 250) is None           # another step: not its state
+    for version in (2, 3):
+        loaded = jobs.optimizer_state(record.job_id, version, version * 100)
+        assert {k: (v.dtype, v.shape, v.tobytes()) for k, v in loaded.items()} == \
+            {k: (v.dtype, v.shape, v.tobytes()) for k, v in states[version].items()}
+    record.state = JobState.INTERRUPTED
+    jobs.save(record)                                                    # resumable: kept
+    assert jobs.optimizer_state(record.job_id, 3, 300) is not None
+    redis_client.hset(f"{key_prefix}:job:{record.job_id}:optimizer", "3:300", b"not safetensors")
+    with pytest.raises(ValueError, match="unreadable optimizer state"):
+        jobs.optimizer_state(record.job_id, 3, 300)
+    record.state = JobState.SUCCEEDED
+    jobs.save(record)                                                    # nothing resumes it now
+    assert not redis_client.exists(f"{key_prefix}:job:{record.job_id}:optimizer")
+
+
+@pytest.mark.parametrize("lose", ["deleted", "unreadable"])
+def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(start_trainer, private_redis,
+                                                                      caplog, lose):
+    first = start_trainer()
+    job = first.stub.StartJob(mlp_job("lost-state", epochs=2, batch_size=1, every_steps=500,
+                                      optimizer="adam"))
+    wait_for_job(first.stub, job.job_id, lambda j: j.last_published_version >= 1, 30, "a first checkpoint")
+    first.close()
+    client = connect(private_redis.url)
+    record = JobRepository(client).get(job.job_id)
+    version, step = record.last_published_version, record.last_published_step
+    assert record.state == JobState.INTERRUPTED and 0 < step < 2 * DIGITS_TRAIN
+    assert JobRepository(client).optimizer_state(job.job_id, version, step) is not None
+    key = f"tandem:job:{job.job_id}:optimizer"
+    if lose == "deleted":       # as when Redis loses it
+        client.delete(key)
+    else:
+        client.hset(key, f"{version}:{step}", b"\x00" * 16)
+    client.close()
+
+    with caplog.at_level(logging.WARNING, logger="tandem.trainer.jobs"):
+        second = start_trainer()
+        done = wait_finished(second.stub, job.job_id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.restarts == 1 and done.progress.step == 2 * DIGITS_TRAIN
+    assert [m.epoch for m in done.history] == [1, 2]
+    missing = [r.getMessage() for r in caplog.records if "optimizer_state_missing" in r.getMessage()]
+    assert len(missing) == 1, missing
+    assert missing[0].startswith(
+        f"event=optimizer_state_missing job={job.job_id} version={version} step={step} "), missing
 
 
 # ---------------------------------------------------------------- 5. bad requests
@@ -595,6 +692,30 @@ def test_a_redis_outage_mid_job_does_not_fail_it(trainer):
     assert record is not None and record.state == JobState.SUCCEEDED
     assert (record.last_published_version, record.step) == (latest.meta.version, DIGITS_TRAIN)
     assert [j.job_id for j in all_jobs(trainer.stub)] == [job.job_id]
+
+
+def test_epochs_go_on_during_a_redis_outage_and_their_records_are_saved_after_it(trainer):
+    """An epoch's record is saved off the training thread: during an outage, when each save
+    fails only after the client's retries (about 5 s), the epochs go on at their own pace."""
+    epochs = 60       # 51 steps each, a few ms
+    job = trainer.stub.StartJob(mlp_job("outage-epochs", epochs=epochs))
+    wait_for_job(trainer.stub, job.job_id, lambda j: len(j.history) >= 2, 30, "2 epochs")
+    with trainer.redis.down():
+        first = get_job(trainer.stub, job.job_id).progress.epoch
+        started = time.monotonic()
+        # Four epoch ends with their record saves failing: waiting for them took 20 s and more.
+        seen = wait_for_job(trainer.stub, job.job_id, lambda j: j.progress.epoch >= first + 4, 10,
+                            "4 epochs during the outage")
+        assert time.monotonic() - started < 10
+        assert seen.state == pb.JOB_STATE_RUNNING
+    done = wait_finished(trainer.stub, job.job_id, timeout=90)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert [m.epoch for m in done.history] == list(range(1, epochs + 1))
+    # Redis came back empty; the final record is in it, and no older copy landed after it.
+    record = wait_until(lambda: trainer.jobs.get(job.job_id), 30, "the record to be saved again")
+    assert record.state == JobState.SUCCEEDED and record.step == epochs * 51
+    assert [e["epoch"] for e in record.history] == list(range(1, epochs + 1))
+    assert record.last_published_version == trainer.store.latest_version("outage-epochs")
 
 
 def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes_them(trainer):

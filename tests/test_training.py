@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from shared.data import load_dataset
 from shared.nn import (SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit,
@@ -55,24 +56,101 @@ def test_training_learns_and_keeps_its_dtype(dtype):
                                       "test_accuracy", "seconds"}
 
 
-def test_resuming_mid_epoch_replays_the_same_batches():
-    """Plain SGD keeps no state, so a resumed run must end bit-identical to an unbroken one."""
+def weights_bytes(model) -> dict[str, bytes]:
+    return {name: weights.tobytes() for name, weights in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_resuming_mid_epoch_with_the_optimizers_state_ends_bit_identical(name):
+    """Resumed with its weights and its optimiser's state (through safetensors bytes), a run
+    ends bit-identical to an unbroken one; with a fresh optimiser only plain SGD does."""
     x, y = small_problem()
     unbroken = build_model(MLP_SPEC).initialise(0)
-    fit(unbroken, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4)
+    fit(unbroken, make_optimizer(name, 0.05), x, y, epochs=3, batch_size=32, seed=4)
 
-    def stop_after_step_11(event):
+    optimizer, saved = make_optimizer(name, 0.05), {}
+
+    def stop_after_step_11(event):   # holds the optimiser, as the trainer's callback does
         if isinstance(event, StepEvent) and event.step == 11:
+            saved.update(safetensors.numpy.load(safetensors.numpy.save(optimizer.state_dict())))
             raise StopTraining
 
     interrupted = build_model(MLP_SPEC).initialise(0)
-    fit(interrupted, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4,
-        callback=stop_after_step_11)
-    history = fit(interrupted, make_optimizer("sgd", 0.05), x, y, epochs=3, batch_size=32, seed=4,
-                  start_step=11)
+    fit(interrupted, optimizer, x, y, epochs=3, batch_size=32, seed=4, callback=stop_after_step_11)
+    weights = {k: v.copy() for k, v in interrupted.state_dict().items()}
+    resumed = make_optimizer(name, 0.05).load_state_dict(saved, interrupted.state_dict())
+    history = fit(interrupted, resumed, x, y, epochs=3, batch_size=32, seed=4, start_step=11)
     assert history.steps == 24 and [e["epoch"] for e in history.epochs] == [2, 3]
-    for name, weights in unbroken.state_dict().items():
-        assert weights.tobytes() == interrupted.state_dict()[name].tobytes()
+    assert weights_bytes(interrupted) == weights_bytes(unbroken)
+
+    fresh = build_model(MLP_SPEC).load_state_dict(weights)
+    fit(fresh, make_optimizer(name, 0.05), x, y, epochs=3, batch_size=32, seed=4, start_step=11)
+    assert (weights_bytes(fresh) == weights_bytes(unbroken)) == (name == "sgd")
+
+
+PARAMS = {"layers.0.W": np.ones((2, 3), np.float32), "layers.0.b": np.ones(3, np.float32)}
+GRADS = {"layers.0.W": np.full((2, 3), 0.5, np.float32), "layers.0.b": np.full(3, -0.5, np.float32)}
+
+
+def stepped(optimizer, steps: int = 2):
+    params = {k: v.copy() for k, v in PARAMS.items()}
+    for _ in range(steps):
+        optimizer.step(params, GRADS)
+    return optimizer
+
+
+MOMENTUM_NAMES = ["layers.0.W.momentum_buffer", "layers.0.b.momentum_buffer"]
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: SGD(0.1), []),
+    (lambda: SGD(0.1, momentum=0.9), MOMENTUM_NAMES),
+    (lambda: SGD(0.1, momentum=0.9, nesterov=True), MOMENTUM_NAMES),
+    (lambda: Adam(0.1), ["layers.0.W.exp_avg", "layers.0.W.exp_avg_sq", "layers.0.b.exp_avg",
+                         "layers.0.b.exp_avg_sq", "step"]),
+], ids=["sgd", "momentum", "nesterov", "adam"])
+def test_an_optimizers_state_dict_round_trips_as_plain_arrays(make, names):
+    state = stepped(make()).state_dict()
+    assert sorted(state) == names and all(isinstance(a, np.ndarray) for a in state.values())
+    if "step" in state:
+        assert state["step"].dtype == np.int64 and state["step"].shape == () and state["step"] == 2
+    loaded = make().load_state_dict(state, PARAMS).state_dict()
+    assert {k: (v.dtype, v.tobytes()) for k, v in loaded.items()} == \
+        {k: (v.dtype, v.tobytes()) for k, v in state.items()}
+    for array in state.values():      # loading copies: nothing is shared with the state given
+        assert not any(np.shares_memory(array, other) for other in loaded.values())
+    # The state of an optimiser that has not stepped yet loads too.
+    assert make().load_state_dict(make().state_dict(), PARAMS).state_dict().keys() <= {"step"}
+
+
+def adam_state(**changes):
+    state = {k: v.copy() for k, v in stepped(Adam(0.1)).state_dict().items()}
+    return {k: v for k, v in {**state, **changes}.items() if v is not None}
+
+
+@pytest.mark.parametrize("optimizer, state, words", [
+    (Adam(0.1), adam_state(**{"layers.0.W.exp_avg": None}), ["missing ['layers.0.W.exp_avg']"]),
+    (Adam(0.1), adam_state(step=None), ["missing ['step']"]),
+    (Adam(0.1), adam_state(**{"layers.1.W.exp_avg": np.ones(3, np.float32)}),
+     ["unknown ['layers.1.W.exp_avg']"]),
+    (Adam(0.1), adam_state(**{"layers.0.b.exp_avg_sq": np.ones(4, np.float32)}),
+     ["layers.0.b.exp_avg_sq", "[4]", "[3]"]),
+    (Adam(0.1), adam_state(**{"layers.0.W.exp_avg": np.ones((2, 3), np.float64)}),
+     ["layers.0.W.exp_avg", "float64", "needs float32"]),
+    (Adam(0.1), adam_state(step=np.array(2.0)), ["step", "float64", "needs int64"]),
+    (Adam(0.1), adam_state(step=np.array(0, np.int64)), ["step 0 with moment estimates"]),
+    (Adam(0.1), {"step": np.array(3, np.int64)}, ["step 3 with no moment estimates"]),
+    (SGD(0.1, momentum=0.9), adam_state(), ["SGD state", "unknown", "step"]),
+    (SGD(0.1), stepped(SGD(0.1, momentum=0.9)).state_dict(), ["unknown ['layers.0.W.momentum_buffer'"]),
+])
+def test_an_optimizer_refuses_a_state_that_does_not_fit(optimizer, state, words):
+    before = {k: v.copy() for k, v in stepped(optimizer, 1).state_dict().items()}
+    with pytest.raises(ValueError) as refused:
+        optimizer.load_state_dict(state, PARAMS)
+    for word in words:
+        assert word in str(refused.value), str(refused.value)
+    after = optimizer.state_dict()     # left as it was
+    assert {k: v.tobytes() for k, v in after.items()} == {k: v.tobytes() for k, v in before.items()}
 
 
 def test_callback_sees_every_step_and_epoch():

@@ -3,11 +3,23 @@
 Keys: `{prefix}:job:{id}` holds a record as JSON; `{prefix}:jobs` is a
 sorted set of job ids by creation time; `{prefix}:request:{request_id}`
 names the job a client's idempotency key started.
+
+`{prefix}:job:{id}:optimizer` is a hash of the job's optimiser state for its
+own resumption, field `VERSION:STEP` (the checkpoint it goes with) -> the
+arrays of `Optimizer.state_dict()` as safetensors bytes (never pickled). It
+holds the states of the job's two newest checkpoints: the newest is written
+before the record that names its version, so a trainer that dies in between
+resumes from the one before, whose state is still there. The hash goes when
+the job's record is saved in a finished state: nothing resumes the job then.
+Checkpoints themselves (shared.store) stay weights-only, all that inference reads.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import redis
+import safetensors
+import safetensors.numpy
 
 from shared.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
@@ -35,6 +47,9 @@ class JobRepository:
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
 
+    def _optimizer_key(self, job_id: str) -> str:
+        return f"{self._key(job_id)}:optimizer"
+
     @property
     def _index(self) -> str:
         return f"{self._prefix}:jobs"
@@ -44,6 +59,8 @@ class JobRepository:
             pipe = self._redis.pipeline(transaction=True)
             pipe.set(self._key(record.job_id), record.to_json())
             pipe.zadd(self._index, {record.job_id: record.created_at})
+            if record.state.finished:
+                pipe.delete(self._optimizer_key(record.job_id))
             pipe.execute()
 
     def save_new(self, record: JobRecord, request_id: str = "") -> str | None:
@@ -62,6 +79,37 @@ class JobRepository:
                 args=[record.job_id, record.to_json(), record.created_at, REQUEST_ID_SECONDS])
         return earlier.decode() if earlier else None
 
+    def save_optimizer_state(self, job_id: str, version: int, step: int,
+                             state: dict[str, np.ndarray], keep: tuple[int, int]) -> None:
+        """Store the optimiser state that goes with checkpoint `version` (at `step`) of a job.
+
+        Of the states stored before, only the one of checkpoint `keep` (version, step)
+        stays: the job's record may still name it.
+        """
+        key, field = self._optimizer_key(job_id), _field(version, step)
+        blob = safetensors.numpy.save(state)
+        with unavailable_on_error(self._redis):
+            stale = [f for f in self._redis.hkeys(key) if f.decode() not in (field, _field(*keep))]
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(key, field, blob)
+            if stale:
+                pipe.hdel(key, *stale)
+            pipe.execute()
+
+    def optimizer_state(self, job_id: str, version: int, step: int) -> dict[str, np.ndarray] | None:
+        """The optimiser state stored with checkpoint `version` at `step`; None if there is none.
+
+        Bytes that are not safetensors are a ValueError.
+        """
+        with unavailable_on_error(self._redis):
+            blob = self._redis.hget(self._optimizer_key(job_id), _field(version, step))
+        if blob is None:
+            return None
+        try:
+            return safetensors.numpy.load(blob)
+        except (safetensors.SafetensorError, ValueError) as error:
+            raise ValueError(f"unreadable optimizer state: {error}") from None
+
     def get(self, job_id: str) -> JobRecord | None:
         with unavailable_on_error(self._redis):
             text = self._redis.get(self._key(job_id))
@@ -78,3 +126,7 @@ class JobRepository:
         """Jobs that a trainer should take up again, oldest first."""
         resumable = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED, JobState.CANCELLING)
         return [r for r in reversed(self.list()) if r.state in resumable]
+
+
+def _field(version: int, step: int) -> str:
+    return f"{version}:{step}"

@@ -6,7 +6,11 @@ trains with `shared.training`, whose callback here keeps the record's
 progress, emits events to watchers, publishes checkpoints on schedule, and
 stops training at a step boundary when the job is cancelled or the trainer
 shuts down. Records are saved to Redis at every change of state, epoch and
-checkpoint, so a restarted trainer lists them and resumes the unfinished.
+checkpoint, so a restarted trainer lists them and resumes the unfinished;
+an epoch's record goes through a saver thread of the job's own, so that the
+training thread never waits for Redis. With each checkpoint goes the
+optimiser's state (job_store.py), and a job resuming from its own checkpoint
+resumes the optimiser too.
 """
 
 from __future__ import annotations
@@ -17,19 +21,22 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from shared.backoff import Backoff
 from shared.checkpoint import CheckpointMeta, check_model_name
 from shared.nn import EpochEvent, StepEvent, StopTraining, build_model
+from shared.nn.optim import Optimizer
 from shared.nn.presets import get_preset
 from shared.redis_client import StoreUnavailable
 from shared.store import CheckpointNotFound, CheckpointStore
-from shared.training import Hyperparameters, fit_model, prepare_model
+from shared.training import Hyperparameters, fit_model, prepare_model, prepare_optimizer
 from trainer_svc import metrics
+from trainer_svc.background import NewestOnly
 from trainer_svc.datasets import DatasetCatalog
 from trainer_svc.events import (CheckpointPublished, EpochDone, EventHub, JobFinished,
                                 JobSnapshot, StepProgress, Subscription)
 from trainer_svc.job_store import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
-from trainer_svc.publisher import CheckpointPublisher
+from trainer_svc.publisher import CheckpointPublisher, Snapshot
 
 log = logging.getLogger("tandem.trainer.jobs")
 
@@ -290,12 +297,14 @@ class JobManager:
             with job.lock:  # epochs after that checkpoint will be trained again
                 job.record.history = [e for e in job.record.history if e["step"] <= start_step]
         model = prepare_model(request.spec, dataset, hp, weights)
+        optimizer = self._optimizer(job, model, version, start_step)
         publisher = CheckpointPublisher(
-            self.store, lambda v, meta, seconds: self._published(job, v, meta, seconds),
+            self.store, lambda v, item, seconds: self._published(job, v, item, seconds),
             outage_limit=self.settings.outage_limit, on_failure=metrics.PUBLISH_FAILURES.inc)
-        progress = _Progress(self, job, model, publisher, dataset.name)
+        saver = _RecordSaver(self, job)
+        progress = _Progress(self, job, model, optimizer, publisher, saver, dataset.name)
         try:
-            history = fit_model(model, dataset, hp, progress, start_step=start_step)
+            history = fit_model(model, dataset, hp, progress, start_step=start_step, optimizer=optimizer)
             with job.lock:
                 stop_as = job.stop_as
                 job.record.stop_reason = history.stop_reason
@@ -306,9 +315,38 @@ class JobManager:
             return final
         finally:
             publisher.close(timeout=0)
+            # A copy still waiting for Redis is superseded by the final one that _finish saves
+            # next, under a higher number; one being written holds the job's save lock till done.
+            saver.close(timeout=0)
 
-    def _published(self, job: _ActiveJob, version: int, meta: CheckpointMeta, seconds: float) -> None:
+    def _optimizer(self, job: _ActiveJob, model, version: int, step: int) -> Optimizer:
+        """A fresh optimiser, or for a job resuming from a checkpoint of its own, the one saved with it.
+
+        A job started from another job's checkpoint (resume_from_version) starts a fresh
+        optimiser: the state belongs to the job that saved it.
+        """
+        hp = job.record.request.hyperparameters
+        if not job.record.last_published_version:
+            return prepare_optimizer(model, hp)
+        try:
+            state = self.repository.optimizer_state(job.record.job_id, version, step)
+            if state is not None:
+                return prepare_optimizer(model, hp, state)
+            reason = "none stored for this checkpoint"
+        except ValueError as error:
+            reason = str(error)
+        log.warning("event=optimizer_state_missing job=%s version=%d step=%d reason=%r",
+                    job.record.job_id, version, step, reason)
+        return prepare_optimizer(model, hp)
+
+    def _published(self, job: _ActiveJob, version: int, item: Snapshot, seconds: float) -> None:
         metrics.PUBLISH_SECONDS.observe(seconds)
+        meta = item.meta
+        with job.lock:
+            previous = (job.record.last_published_version, job.record.last_published_step)
+            finished = job.record.state.finished   # its final record deleted the states
+        if not finished:
+            self._save_optimizer_state(job.record.job_id, version, item, keep=previous)
         with job.lock:
             # The publisher publishes one snapshot at a time, in order, so this version is the
             # job's latest even when it is lower: a Redis that lost its data counts from 1 again.
@@ -318,6 +356,16 @@ class JobManager:
         self.events.publish(record.job_id, CheckpointPublished({**asdict(meta), "version": version}))
         log.info("event=checkpoint_published job=%s model=%s version=%d step=%d seconds=%.3f",
                  record.job_id, record.model_name, version, meta.step, seconds)
+
+    def _save_optimizer_state(self, job_id: str, version: int, item: Snapshot,
+                              keep: tuple[int, int]) -> None:
+        """Best effort, before the record names `version`: the state of checkpoint `keep` stays."""
+        try:
+            self.repository.save_optimizer_state(job_id, version, item.meta.step,
+                                                 item.optimizer_state, keep=keep)
+        except StoreUnavailable as error:
+            log.warning("event=optimizer_state_save_failed job=%s version=%d error=%r",
+                        job_id, version, str(error))
 
     def _finish(self, job: _ActiveJob, state: JobState) -> None:
         """Record the final state (caller holds job.lock) and tell the watchers.
@@ -340,42 +388,40 @@ class JobManager:
         log.info("event=job_%s job=%s model=%s version=%d error=%r", state.value.lower(),
                  record.job_id, record.model_name, record.last_published_version, record.error)
 
-    def _save(self, record: JobRecord) -> bool:
-        """Best effort: a Redis outage must not stop training; the next save catches up."""
+    def _save_copy(self, job: _ActiveJob, number: int, record: JobRecord) -> bool:
+        """Best effort (`_write_copy`): a Redis outage must not stop training; the next save catches up."""
         try:
-            self.repository.save(record)
+            self._write_copy(job, number, record)
             return True
         except StoreUnavailable as error:
             log.warning("event=job_save_failed job=%s error=%r", record.job_id, str(error))
             return False
 
-    def _save_copy(self, job: _ActiveJob, number: int, record: JobRecord) -> bool:
+    def _write_copy(self, job: _ActiveJob, number: int, record: JobRecord) -> None:
         """Save a numbered copy of the job's record unless a later copy is in Redis already.
 
         Copies are taken under the job's lock but saved outside it, from several threads;
         without this, a copy taken before a checkpoint was published (an epoch's end on
         the training thread) could land after the copy that records that checkpoint, and a
         trainer that died then would resume from the checkpoint before.
+        Raises StoreUnavailable.
         """
         with job.save_lock:
-            if number <= job.saved_copy:
-                return True
-            if not self._save(record):
-                return False
-            job.saved_copy = number
-            return True
+            if number > job.saved_copy:
+                self.repository.save(record)
+                job.saved_copy = number
 
     def _save_final(self, job: _ActiveJob, number: int, record: JobRecord,
                     backoff: tuple[float, float] = (0.2, 5.0)) -> None:
         """Save a job's final record, retrying with backoff; there is no next save to catch up."""
         deadline = time.monotonic() + self.settings.outage_limit
-        delay = backoff[0]
+        delays = Backoff(*backoff)
         while not self._save_copy(job, number, record):
+            delay = delays.next()
             if time.monotonic() + delay > deadline:
                 log.error("event=job_record_not_saved job=%s state=%s", record.job_id, record.state.value)
                 return  # kept in _active: this trainer still answers for the job
             time.sleep(delay)
-            delay = min(delay * 2, backoff[1])
         self._forget(record.job_id)
 
     def _forget(self, job_id: str) -> None:
@@ -383,12 +429,34 @@ class JobManager:
             self._active.pop(job_id, None)
 
 
+class _RecordSaver(NewestOnly[tuple[int, JobRecord]]):
+    """Saves the numbered record copies a job's training loop hands over, off its thread.
+
+    Only the newest copy waits (an older one is superseded, never written after
+    it); while Redis is away it is retried with backoff until it is saved,
+    superseded, or the saver closed. `_write_copy` keeps it from landing over a
+    newer copy that another thread saved meanwhile.
+    """
+
+    def __init__(self, manager: JobManager, job: _ActiveJob):
+        self._manager, self._job = manager, job
+        super().__init__(f"record-saver-{job.record.job_id}")
+
+    def _handle(self, item: tuple[int, JobRecord]) -> None:
+        self._manager._write_copy(self._job, *item)
+
+    def _failed(self, item: tuple[int, JobRecord], error: StoreUnavailable, retry_in: float) -> None:
+        log.warning("event=job_save_failed job=%s error=%r retry_in=%.1fs",
+                    self._job.record.job_id, str(error), retry_in)
+
+
 class _Progress:
     """The training callback of one job (see the module docstring)."""
 
-    def __init__(self, manager: JobManager, job: _ActiveJob, model, publisher: CheckpointPublisher,
-                 dataset: str):
-        self.manager, self.job, self.model, self.publisher = manager, job, model, publisher
+    def __init__(self, manager: JobManager, job: _ActiveJob, model, optimizer: Optimizer,
+                 publisher: CheckpointPublisher, saver: _RecordSaver, dataset: str):
+        self.manager, self.job, self.model, self.optimizer = manager, job, model, optimizer
+        self.publisher, self.saver = publisher, saver
         self.dataset = dataset
         self.request = job.record.request
         self.last_event = 0.0
@@ -438,13 +506,13 @@ class _Progress:
         with self.job.lock:
             self.job.record.history.append(entry)
             number, record = self.job.copy_for_saving()
-        self.manager._save_copy(self.job, number, record)
+        self.saver.submit((number, record))
         self.manager.events.publish(record.job_id, EpochDone(dict(entry)))
         if self.request.checkpoint_every_epoch:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Hand the current weights to the publisher (once per step)."""
+        """Hand the current weights and optimiser state to the publisher (once per step)."""
         with self.job.lock:
             record = self.job.record
             if record.step == self.last_checkpoint_step:
@@ -454,4 +522,4 @@ class _Progress:
                 model_name=record.model_name, spec=self.model.spec, dtype=self.model.dtype.name,
                 step=record.step, epoch=record.epoch, metrics=dict(record.last_metrics),
                 dataset=self.dataset, hyperparameters=self.request.hyperparameters.as_dict())
-        self.publisher.submit(self.model, meta)
+        self.publisher.submit(self.model, meta, self.optimizer.state_dict())

@@ -5,6 +5,13 @@ gradient arrays are only read. Optional L2 weight decay adds
 `weight_decay * W` to the gradient of weights, not of biases.
 Learning rates and other settings are Python floats, so float32
 parameters stay float32.
+
+`state_dict()` / `load_state_dict()` carry what an optimiser has learnt
+(momentum velocities; Adam's moments and step count) as plain arrays by
+name, PyTorch's names: `PARAM.momentum_buffer`, `PARAM.exp_avg`,
+`PARAM.exp_avg_sq` and `step`. A run resumed with the state saved at a
+step goes on exactly as the unbroken run would have. Settings (learning
+rate, betas, ...) are not state: they come from the hyperparameters.
 """
 
 from __future__ import annotations
@@ -27,10 +34,58 @@ def _in_range(name: str, value: float, low: float, high: float) -> float:
 
 
 class Optimizer:
+    slots: tuple[str, ...] = ()   # the arrays kept per parameter, by their state_dict suffix
+
     def __init__(self, lr: float, weight_decay: float = 0.0):
         self.lr = _positive("learning_rate", lr)
         self.weight_decay = _in_range("weight_decay", weight_decay, 0.0, 1.0)
-        self.state: dict[str, dict[str, np.ndarray]] = {}
+        self.state: dict[str, dict[str, np.ndarray]] = {}   # parameter -> slot -> array
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The state by name (the live arrays, not copies, like Model.state_dict).
+
+        `PARAM.SLOT` for each parameter's arrays (none before the first step),
+        and the optimiser's counters (Adam's `step`, an int64 scalar).
+        """
+        arrays = {f"{name}.{slot}": array
+                  for name, slots in self.state.items() for slot, array in slots.items()}
+        return {**arrays, **self._counters()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray],
+                        params: dict[str, np.ndarray]) -> "Optimizer":
+        """Take a `state_dict()` for the parameters `params` (copied, checked against them).
+
+        Every parameter must have every slot, with its shape and dtype, or none
+        may (an optimiser that has not stepped yet); counters must be there too.
+        Anything else is refused with a ValueError that names the arrays, and
+        this optimiser stays as it was.
+        """
+        counters = self._counters()
+        slots = {f"{name}.{slot}": param for name, param in params.items() for slot in self.slots}
+        stepped = not slots.keys().isdisjoint(state)
+        expected = {**(slots if stepped else {}), **counters}
+        unknown = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(state))
+        if unknown or missing:
+            raise ValueError(f"{type(self).__name__} state does not fit: "
+                             f"missing {missing}, unknown {unknown}")
+        for name, like in expected.items():
+            array = np.asarray(state[name])
+            if array.shape != like.shape or array.dtype != like.dtype:
+                raise ValueError(
+                    f"{type(self).__name__} state does not fit: {name} is {array.dtype} "
+                    f"{list(array.shape)}, needs {like.dtype} {list(like.shape)}")
+        self._set_counters({name: int(state[name]) for name in counters}, stepped)
+        self.state = {name: {slot: np.array(state[f"{name}.{slot}"]) for slot in self.slots}
+                      for name in params} if stepped else {}
+        return self
+
+    def _counters(self) -> dict[str, np.ndarray]:
+        """Scalar state beside the per-parameter arrays."""
+        return {}
+
+    def _set_counters(self, counters: dict[str, int], stepped: bool) -> None:
+        """Take checked counters (`stepped`: the per-parameter arrays are there)."""
 
     def _decayed(self, name: str, param: np.ndarray, grad: np.ndarray) -> np.ndarray:
         if self.weight_decay and name.endswith(".W"):
@@ -59,12 +114,14 @@ class SGD(Optimizer):
         if nesterov and not self.momentum:
             raise ValueError("nesterov needs momentum > 0")
         self.nesterov = nesterov
+        self.slots = ("momentum_buffer",) if self.momentum else ()
 
     def _update(self, name, param, grad):
         if not self.momentum:
             param -= self.lr * grad
             return
-        velocity = self.state.setdefault(name, {"v": np.zeros_like(param)})["v"]
+        slot = self.state.setdefault(name, {"momentum_buffer": np.zeros_like(param)})
+        velocity = slot["momentum_buffer"]
         velocity *= self.momentum
         velocity -= self.lr * grad
         if self.nesterov:
@@ -75,6 +132,8 @@ class SGD(Optimizer):
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba 2015) with bias-corrected moment estimates."""
+
+    slots = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0):
@@ -88,9 +147,19 @@ class Adam(Optimizer):
         self.steps += 1
         super().step(params, grads)
 
+    def _counters(self):
+        return {"step": np.array(self.steps, dtype=np.int64)}
+
+    def _set_counters(self, counters, stepped):
+        if counters["step"] < 0 or (counters["step"] > 0) != stepped:
+            raise ValueError(f"Adam state does not fit: step {counters['step']} with "
+                             f"{'' if stepped else 'no '}moment estimates")
+        self.steps = counters["step"]
+
     def _update(self, name, param, grad):
-        slot = self.state.setdefault(name, {"m": np.zeros_like(param), "v": np.zeros_like(param)})
-        m, v = slot["m"], slot["v"]
+        slot = self.state.setdefault(name, {"exp_avg": np.zeros_like(param),
+                                            "exp_avg_sq": np.zeros_like(param)})
+        m, v = slot["exp_avg"], slot["exp_avg_sq"]
         m *= self.beta1
         m += (1 - self.beta1) * grad
         v *= self.beta2

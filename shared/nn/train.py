@@ -127,8 +127,12 @@ def fit(
     test_* on (x_test, y_test), and the epoch's wall time in seconds.
     `start_step` > 0 resumes a run after that many steps, with the same
     shuffling and learning-rate schedule (a resumed partial epoch reports
-    train metrics over the batches it ran). `lr_schedule` ("constant" or "cosine")
-    sets the optimiser's rate before every step from its starting rate.
+    train metrics over the batches it ran); given the optimiser's state at
+    that step too (`Optimizer.load_state_dict`), it ends bit-identical to the
+    unbroken run. The optimiser is updated in place, so a callback holding it
+    sees its state after each step, as it sees the model's weights.
+    `lr_schedule` ("constant" or "cosine") sets the optimiser's rate before
+    every step from its starting rate.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
