@@ -17,12 +17,12 @@ import logging
 import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from shared.redis_client import connect
 from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
 from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
-from shared.service import configure_logging, enable_reflection, grpc_server, run_until_signalled
+from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
+                            run_until_signalled)
 from shared.store import CheckpointStore
 from infer_svc import metrics
 from infer_svc.batching import Batcher
@@ -68,9 +68,7 @@ class InferenceServer:
         self._stopped = threading.Event()
 
     def start(self) -> "InferenceServer":
-        if self.config.metrics_port:
-            self.metrics_http, _ = start_http_server(self.config.metrics_port,
-                                                     addr=self.config.metrics_address)
+        self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
         self.server.start()
         self.registry.load_configured()
         self.source.start()
@@ -91,8 +89,7 @@ class InferenceServer:
         self.source.stop()
         self.registry.close()
         if self.metrics_http:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+            self.metrics_http.close()
         log.info("event=infer_stopped")
 
     def wait(self) -> None:

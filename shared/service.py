@@ -13,6 +13,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import start_http_server
 
 
 class Service(Protocol):
@@ -30,6 +31,19 @@ def grpc_server(workers: int, max_message_bytes: int) -> grpc.Server:
         maximum_concurrent_rpcs=workers * 4,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
+
+
+class MetricsEndpoint:
+    """Prometheus metrics over HTTP (`/metrics`) on `address:port`; port 0 means none."""
+
+    def __init__(self, port: int, address: str):
+        self._http = start_http_server(port, addr=address)[0] if port else None
+
+    def close(self) -> None:
+        """Stop serving and free the port (for a server started after this one)."""
+        if self._http:
+            self._http.shutdown()
+            self._http.server_close()
 
 
 def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None:

@@ -12,11 +12,11 @@ import threading
 import time
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
-from shared.service import configure_logging, enable_reflection, grpc_server, run_until_signalled
+from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
+                            run_until_signalled)
 from shared.store import CheckpointStore
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
@@ -55,8 +55,7 @@ class TrainerServer:
     def start(self) -> "TrainerServer":
         self.manager.start()
         if self.config.metrics_port:
-            self.metrics_http, _ = start_http_server(self.config.metrics_port,
-                                                     addr=self.config.metrics_address)
+            self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
             self._job_states = metrics.register_job_states(
                 lambda: (r.state.value for r in self.manager.list()))
         self.server.start()
@@ -78,8 +77,7 @@ class TrainerServer:
         self.manager.shutdown(grace)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.metrics_http:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()   # free the port, for a trainer started after this one
+            self.metrics_http.close()
             metrics.unregister_job_states(self._job_states)
         log.info("event=trainer_stopped")
 
