@@ -1,8 +1,9 @@
 """The Open Inference Protocol (KServe v2) servicer, inference.GRPCInferenceService: translation only.
 
 What tritonclient and other KServe v2 clients call. A model is a Tandem
-model name, a version its checkpoint version as a decimal string ("" = the
-version the server's policy serves). Each model has one input, "input"
+model name, a version its checkpoint version as a decimal string, written
+the one way the server writes it ("7", not "07" or "+7"; "" = the version
+the server's policy serves). Each model has one input, "input"
 (FP32 or FP64, shape [N, *input_shape]), and two outputs, "probabilities"
 (FP32 [N, classes]) and "classes" (INT64 [N], the most probable class),
 answered as raw_output_contents, one entry per output, as Triton does.
@@ -12,6 +13,7 @@ Status codes are those of infer_svc.servicer (STATUS_BY_ERROR).
 from __future__ import annotations
 
 import math
+import re
 from importlib import metadata
 
 import numpy as np
@@ -34,6 +36,8 @@ DATATYPE_OF = {"float32": "FP32", "float64": "FP64"}   # a model's dtype, as the
 # Outputs, in the order answered when the request names none: datatype and wire dtype.
 OUTPUTS = {"probabilities": ("FP32", "<f4"), "classes": ("INT64", "<i8")}
 TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+VERSION = re.compile("[1-9][0-9]*")   # [0-9], not \d, which matches every script's digits
+MAX_VERSION = 2**63 - 1               # int64, the version's type in Tandem's own API
 
 
 def server_version() -> str:
@@ -43,14 +47,21 @@ def server_version() -> str:
         return "0.1.0"
 
 
-def requested_version(text: str) -> int | None:
-    """A model_version / version field as a version number; None for "" (the policy's version)."""
+def requested_version(text: str, field: str) -> int | None:
+    """The request's `field` (model_version or version) as a version number; None for "" (the policy's).
+
+    Only the canonical spelling, as the server answers versions: ASCII digits,
+    no sign, space or leading zero, from 1 to int64's largest. (int() alone
+    would take "+1", " 1" and other scripts' digits such as "١".) A string
+    longer than the largest version is refused before int() reads it.
+    """
     if not text:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"model_version must be a version number or empty, got {text!r}") from None
+    if len(text) > len(str(MAX_VERSION)) or not VERSION.fullmatch(text) or int(text) > MAX_VERSION:
+        raise ValueError(f"{field} must be empty (the served version) or a version number: ASCII "
+                         f"digits from 1 to {MAX_VERSION} without sign, spaces or leading zeros; "
+                         f"got {text!r:.80}")
+    return int(text)
 
 
 def input_array(request: pb.ModelInferRequest) -> np.ndarray:
@@ -96,19 +107,25 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def ModelReady(self, request, context):
-        """Ready when the model serves here and the version (any, for "") is loaded or in the store."""
-        version = requested_version(request.version)
+        """Ready when a version of the model serves here ("") or the version asked for can serve.
+
+        A version can serve when it is loaded, or in the store and not known
+        to fail verification (Registry.versions).
+        """
+        version = requested_version(request.version, "version")
         if not self.registry.serves(request.name):
             return pb.ModelReadyResponse(ready=False)
+        if version is None:
+            return pb.ModelReadyResponse(ready=request.name in self.registry.served())
         versions = [meta["version"] for meta in self.registry.versions(request.name)]
-        return pb.ModelReadyResponse(ready=version in versions if version is not None else bool(versions))
+        return pb.ModelReadyResponse(ready=version in versions)
 
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
 
     @translate_errors(STATUS_BY_ERROR)
     def ModelMetadata(self, request, context):
-        servable = self.registry.get(request.name, requested_version(request.version))
+        servable = self.registry.get(request.name, requested_version(request.version, "version"))
         return pb.ModelMetadataResponse(
             name=servable.name,
             versions=[str(meta["version"]) for meta in self.registry.versions(servable.name)],
@@ -128,7 +145,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             raise ValueError(f"outputs: no output named {', '.join(map(repr, unknown))}; "
                              f"the model's outputs are {', '.join(OUTPUTS)}")
         prediction = self.predictor.predict(request.model_name, input_array(request),
-                                            requested_version(request.model_version), field="inputs[0]")
+                                            requested_version(request.model_version, "model_version"),
+                                            field="inputs[0]")
         arrays = {"probabilities": prediction.probabilities, "classes": prediction.classes}
         response = pb.ModelInferResponse(model_name=prediction.model_name,
                                          model_version=str(prediction.version), id=request.id)

@@ -8,6 +8,7 @@ report through the `record_*` callbacks the server hands them.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import grpc
@@ -39,7 +40,14 @@ LOADS = Counter("tandem_infer_model_loads",
                 "Model versions loaded, verified and warmed up (first loads, reloads, versions "
                 "asked for by number)", ["model"])
 LOAD_FAILURES = Counter("tandem_infer_model_load_failures",
-                        "Model versions that failed verification and were not served", ["model"])
+                        "Model versions that failed verification and were not served, each counted "
+                        "once (a failed version is not fetched again)", ["model"])
+FAILED_VERSION = Gauge("tandem_infer_model_failed_version",
+                       "The newest version of each model that failed verification; above "
+                       "tandem_infer_model_version, the model serves an older version than its newest",
+                       ["model"])
+_newest_failed: dict[str, int] = {}   # FAILED_VERSION's values, to keep the newest of concurrent failures
+_newest_failed_lock = threading.Lock()
 
 
 def record_batch(stats: BatchStats) -> None:
@@ -55,6 +63,9 @@ def record_loaded(servable: Servable) -> None:
 
 def record_failed(name: str, version: int, error: Exception) -> None:
     LOAD_FAILURES.labels(name).inc()
+    with _newest_failed_lock:   # a fallback fails newest first, so the newest is not always the last
+        _newest_failed[name] = max(version, _newest_failed.get(name, 0))
+        FAILED_VERSION.labels(name).set(_newest_failed[name])
 
 
 def record_swapped(servable: Servable) -> None:

@@ -2,8 +2,10 @@
 
 Both servicers (Tandem's Predict and the Open Inference Protocol's
 ModelInfer) call `Predictor.predict`, so both check input the same way.
-Errors are ValueError (a bad batch; the message names the field and what
-was expected), LookupError (unknown model or version), ModelUnavailable,
+Errors are ValueError (a bad batch, or one whose rows overflow the
+model's dtype in the forward pass, so that no answer is ever OK with a
+non-finite probability; the message names the field and what was
+expected), LookupError (unknown model or version), ModelUnavailable,
 CheckpointError (a stored version that fails verification), QueueFull
 and BatcherStopped.
 """
@@ -52,9 +54,17 @@ class Predictor:
             raise ValueError(f"{field}: {len(x)} rows exceed the limit of {self.max_rows} per request")
         with np.errstate(over="ignore"):   # a value beyond the model dtype's range becomes inf
             x = x.astype(servable.model.dtype, copy=False)
-        if not np.isfinite(x).all():
-            row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0])
+        if (row := first_non_finite_row(x)) is not None:
             raise ValueError(f"{field}: NaN, infinity or a value beyond {x.dtype}'s range in the "
                              f"input (first in row {row})")
-        probabilities = self.batcher.run(servable, x)
+        probabilities = self.batcher.run(servable, x)   # this request's rows alone, even when batched
+        if (row := first_non_finite_row(probabilities)) is not None:
+            raise ValueError(f"{field}: row {row} overflows {x.dtype}'s range in the model's forward "
+                             f"pass (its probabilities are not finite); scale the input down")
         return Prediction(servable.name, servable.version, probabilities)
+
+
+def first_non_finite_row(batch: np.ndarray) -> int | None:
+    """The index of the first row of `batch` holding NaN or infinity; None if all are finite."""
+    bad_rows = ~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+    return int(bad_rows.argmax()) if bad_rows.any() else None

@@ -40,5 +40,11 @@ class Servable:
         return self.model.num_classes
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (float32) for a checked batch in the model's dtype."""
-        return softmax(self.model.forward(x)).astype(np.float32, copy=False)
+        """Softmax probabilities (float32) for a checked batch in the model's dtype.
+
+        Finite inputs can still overflow the dtype inside the forward pass:
+        those rows come out as NaN or infinity, without a warning per pass;
+        `Predictor` refuses them, request by request.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            return softmax(self.model.forward(x)).astype(np.float32, copy=False)

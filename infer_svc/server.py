@@ -7,8 +7,11 @@ real server in-process and `python -m infer_svc` runs the same thing until
 SIGTERM.
 
 Liveness and readiness: the server answers as soon as it starts; it is
-ready (grpc.health.v1 SERVING, ServerReady true) once a first model version
-serves, and NOT_SERVING again from the start of a shutdown.
+ready (grpc.health.v1 SERVING for "" and the service names, ServerReady
+true) once every configured model serves (Triton's strict readiness), or,
+with none configured, once a first model serves; NOT_SERVING again from the
+start of a shutdown. Each model also has a health entry under its own name,
+SERVING once a version of it serves.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.health import HealthServicer
 from shared.redis_client import connect
 from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
 from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
@@ -45,8 +49,8 @@ class InferenceServer:
     def __init__(self, config: InferConfig):
         self.config = config
         self.store = CheckpointStore(connect(config.redis_url))
-        self.health = health.HealthServicer()
-        for service in HEALTH_SERVICES:
+        self.health = HealthServicer.for_workers(config.grpc_workers, "INFER_GRPC_WORKERS")
+        for service in (*HEALTH_SERVICES, *config.models):   # each model has an entry of its own
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.registry = Registry(self.store, models=config.models, pinned=config.pinned,
                                  on_loaded=metrics.record_loaded, on_failed=metrics.record_failed,
@@ -97,8 +101,10 @@ class InferenceServer:
 
     def _swapped(self, servable: Servable) -> None:
         metrics.record_swapped(servable)
-        for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(servable.name, health_pb2.HealthCheckResponse.SERVING)
+        if self.registry.ready:   # the last configured model to serve makes the server ready
+            for service in HEALTH_SERVICES:
+                self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
 def main() -> None:

@@ -82,8 +82,8 @@ class _ServiceClient:
         Follows the health status as a stream (no polling), waiting for the
         server to come up if it is not there yet; raises grpc.RpcError
         (DEADLINE_EXCEEDED) if it is not serving within `timeout` seconds. A
-        trainer serves once started; an inference server once a first model
-        version serves.
+        trainer serves once started; an inference server once every model it
+        is configured with serves (with none configured, once any model does).
         """
         wait_until_serving(self._health, self.service, timeout)
 

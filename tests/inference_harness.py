@@ -41,6 +41,14 @@ def publish(store: CheckpointStore, seed: int, name: str = NAME) -> tuple[int, M
     return store.publish(model, CheckpointMeta(name, model.spec, "float32", dataset="digits")), model
 
 
+def corrupt(store: CheckpointStore, version: int, name: str = NAME) -> None:
+    """Flip the last byte of a stored version: its weights' checksum no longer matches."""
+    key = store.keys_for(name).blob(version)
+    blob = bytearray(store.redis.get(key))
+    blob[-1] ^= 0xFF
+    store.redis.set(key, bytes(blob))
+
+
 def samples(rows: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, *INPUT_SHAPE)).astype(dtype)
 
