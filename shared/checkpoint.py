@@ -19,7 +19,8 @@ unpickled. Tandem's metadata sits under one key, "tandem", as JSON:
 
 Decoding verifies the checksum and the architecture against the weights'
 shapes, and refuses a checkpoint that fails either with a CheckpointError
-that says which.
+that says which. Weights must be finite, both ways: a diverged model is
+neither written nor read.
 """
 
 from __future__ import annotations
@@ -88,10 +89,21 @@ def weights_sha256(weights: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _check_finite(weights: dict[str, np.ndarray]) -> None:
+    """NaN or infinite weights answer every input with NaN: such a model is never stored or served."""
+    bad = sorted(name for name, array in weights.items() if not np.isfinite(array).all())
+    if bad:
+        raise CheckpointError(f"non-finite weights (NaN or infinity) in {', '.join(bad)}")
+
+
 def encode(model: Model, meta: CheckpointMeta) -> bytes:
-    """Serialise a model's weights with `meta`; spec, dtype, time and checksum are filled in."""
+    """Serialise a model's weights with `meta`; spec, dtype, time and checksum are filled in.
+
+    Non-finite weights are a CheckpointError.
+    """
     check_model_name(meta.model_name)
     weights = model.state_dict()
+    _check_finite(weights)
     meta = replace(
         meta,
         spec=model.spec,
@@ -143,6 +155,7 @@ def decode(blob: bytes) -> Checkpoint:
     wrong_dtype = sorted(name for name, array in weights.items() if array.dtype.name != meta.dtype)
     if wrong_dtype:
         raise CheckpointError(f"architecture mismatch: {wrong_dtype} are not {meta.dtype}")
+    _check_finite(weights)
     try:
         model = build_model(meta.spec, dtype=meta.dtype)
         model.load_state_dict(weights)

@@ -34,6 +34,7 @@ from Redis is ever unpickled.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 
 import redis
@@ -43,6 +44,7 @@ from shared.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check
 from shared.nn import Model
 from shared.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
 
+log = logging.getLogger("tandem.store")
 DEFAULT_PREFIX = "tandem"
 ANNOUNCEMENTS = "announcements"    # the stream's key and the channel, after the prefix
 ANNOUNCEMENTS_MAXLEN = 10_000
@@ -118,7 +120,7 @@ class CheckpointStore:
     def _publish_once(self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta) -> int:
         pipe.watch(keys.counter)
         version = int(pipe.get(keys.counter) or 0) + 1
-        stored = sorted(int(v) for v in pipe.hkeys(keys.versions))
+        stored = _version_numbers(pipe.hkeys(keys.versions))
         blob = checkpoint.encode(model, replace(meta, version=version))
         listing = {**asdict(checkpoint.read_meta(blob)), "size_bytes": len(blob)}
         expired = stored[:max(0, len(stored) + 1 - self.retention)]   # the new version stays
@@ -146,9 +148,14 @@ class CheckpointStore:
             return sorted(name.decode() for name in self.redis.smembers(self.models_key))
 
     def latest_version(self, name: str) -> int | None:
+        """The version `latest` points to; None for an unknown model, CheckpointError if it is garbage."""
         with unavailable_on_error(self.redis):
             version = self.redis.get(self.keys_for(name).latest)
-        return None if version is None else int(version)
+        if version is None:
+            return None
+        if not version.isdigit():   # written by something other than a publish
+            raise CheckpointError(f"model {name!r}: its latest pointer {version[:40]!r} is not a version")
+        return int(version)
 
     def latest(self, name: str) -> Checkpoint:
         """The checkpoint `latest` points to, verified.
@@ -177,10 +184,25 @@ class CheckpointStore:
         return blob
 
     def versions(self, name: str) -> list[dict]:
-        """Metadata of each stored version, oldest first (empty for an unknown model)."""
+        """Metadata of each stored version, oldest first (empty for an unknown model).
+
+        An entry that is not one a publish writes (a version that is no number, metadata
+        that is no JSON object) is skipped and logged: one bad entry must not make the
+        listing fail for every reader.
+        """
         with unavailable_on_error(self.redis):
             listing = self.redis.hgetall(self.keys_for(name).versions)
-        return [json.loads(listing[v]) for v in sorted(listing, key=int)]
+        readable = {}
+        for field, text in listing.items():
+            try:
+                meta = json.loads(text)
+                if not (field.isdigit() and isinstance(meta, dict) and meta.get("version") == int(field)):
+                    raise ValueError("not a version's metadata")
+                readable[int(field)] = meta
+            except ValueError as error:
+                log.warning("event=checkpoint_listing_unreadable model=%s field=%r error=%r",
+                            name, field[:40], str(error)[:200])
+        return [readable[version] for version in sorted(readable)]
 
     def _blob(self, name: str, version: int) -> bytes | None:
         with unavailable_on_error(self.redis):
@@ -202,7 +224,7 @@ class CheckpointStore:
 
     def _not_found(self, name: str, version: int | None = None) -> str:
         with unavailable_on_error(self.redis):
-            stored = sorted(int(v) for v in self.redis.hkeys(self.keys_for(name).versions))
+            stored = _version_numbers(self.redis.hkeys(self.keys_for(name).versions))
         if not stored:
             return f"no model {name!r} in the store (models: {self.models()})"
         wanted = "no latest version" if version is None else f"no version {version}"
@@ -244,6 +266,11 @@ class CheckpointStore:
             raise StoreUnavailable(f"Redis at {describe(self.redis)} did not confirm the subscription "
                                    f"within {SUBSCRIBE_TIMEOUT} s (got {confirmation!r:.200})")
         return pubsub
+
+
+def _version_numbers(fields: list[bytes]) -> list[int]:
+    """The versions a model's listing names, in order; a field no publish wrote is no version."""
+    return sorted(int(field) for field in fields if field.isdigit())
 
 
 def parse_announcement(message: dict | None) -> Announcement | None:

@@ -17,6 +17,9 @@ from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
 
 
+MAX_LEARNING_RATE = 100.0   # far above any rate that trains; beyond it every run diverges
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     optimizer: str = "adam"
@@ -36,8 +39,10 @@ class Hyperparameters:
         """Check every setting, naming the field that is wrong."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        # Comparisons are false for NaN, so each range check refuses NaN too; inf needs its own.
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be > 0 and at most {MAX_LEARNING_RATE}, "
+                             f"got {self.learning_rate}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.momentum < 1:
@@ -48,6 +53,8 @@ class Hyperparameters:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not 0 <= self.validation_split < 1:
@@ -94,6 +101,14 @@ def prepare_model(spec: dict, dataset: Dataset, hp: Hyperparameters,
                   initial_weights: dict[str, np.ndarray] | None = None) -> Model:
     """Build `spec` for `dataset`, initialised from `hp.seed` or from `initial_weights`."""
     model = build_model(spec, dtype=hp.dtype)
+    check_fits(model, dataset)
+    if initial_weights is None:
+        return model.initialise(hp.seed)
+    return model.load_state_dict(initial_weights)
+
+
+def check_fits(model: Model, dataset: Dataset) -> None:
+    """Refuse (ValueError) a built model whose input or classes do not fit `dataset`; allocates nothing."""
     if tuple(dataset.input_shape) != model.input_shape:
         raise ValueError(
             f"the spec's input_shape {list(model.input_shape)} does not fit dataset "
@@ -104,9 +119,6 @@ def prepare_model(spec: dict, dataset: Dataset, hp: Hyperparameters,
             f"the spec outputs {model.num_classes} classes, dataset {dataset.name!r} has "
             f"{dataset.num_classes}"
         )
-    if initial_weights is None:
-        return model.initialise(hp.seed)
-    return model.load_state_dict(initial_weights)
 
 
 def prepare_optimizer(model: Model, hp: Hyperparameters,

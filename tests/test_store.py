@@ -66,6 +66,17 @@ def test_versions_lists_each_versions_metadata_oldest_first(store):
     assert store.versions("never-published") == []
 
 
+def test_a_listing_skips_entries_no_publish_wrote_and_a_garbage_latest_is_refused(store, redis_client):
+    store.publish(small_model(), meta())
+    keys = store.keys_for(NAME)
+    redis_client.hset(keys.versions, mapping={"2": b"not json", "x": b"{}", "3": b"[]",
+                                              "4": b'{"version": 5}'})
+    assert [m["version"] for m in store.versions(NAME)] == [1]
+    redis_client.set(keys.latest, b"one")
+    with pytest.raises(CheckpointError, match="latest pointer"):
+        store.latest_version(NAME)
+
+
 def test_unknown_models_and_versions_are_not_found(store):
     assert store.latest_version(NAME) is None
     with pytest.raises(CheckpointNotFound, match=r"no model 'digits-cnn' in the store \(models: \[\]\)"):

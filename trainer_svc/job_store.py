@@ -16,6 +16,8 @@ Checkpoints themselves (shared.store) stay weights-only, all that inference read
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import redis
 import safetensors
@@ -25,6 +27,7 @@ from shared.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
 
 
+log = logging.getLogger("tandem.trainer.jobs")
 REQUEST_ID_SECONDS = 7 * 24 * 3600   # how long a request_id names its job
 
 # KEYS: request key, job key, index; ARGV: job id, record JSON, created_at, request key TTL.
@@ -111,21 +114,36 @@ class JobRepository:
             raise ValueError(f"unreadable optimizer state: {error}") from None
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The job's record; None if there is none, or none this build can read."""
         with unavailable_on_error(self._redis):
             text = self._redis.get(self._key(job_id))
-        return JobRecord.from_json(text) if text else None
+        return _readable(job_id, text) if text else None
 
     def list(self) -> list[JobRecord]:
-        """Every job, newest first."""
+        """Every job with a readable record, newest first."""
         with unavailable_on_error(self._redis):
-            ids = self._redis.zrevrange(self._index, 0, -1)
-            texts = self._redis.mget([self._key(i.decode()) for i in ids]) if ids else []
-        return [JobRecord.from_json(text) for text in texts if text]
+            ids = [i.decode(errors="replace") for i in self._redis.zrevrange(self._index, 0, -1)]
+            texts = self._redis.mget([self._key(i) for i in ids]) if ids else []
+        records = (_readable(job_id, text) for job_id, text in zip(ids, texts) if text)
+        return [record for record in records if record is not None]
 
     def unfinished(self) -> list[JobRecord]:
         """Jobs that a trainer should take up again, oldest first."""
         resumable = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED, JobState.CANCELLING)
         return [r for r in reversed(self.list()) if r.state in resumable]
+
+
+def _readable(job_id: str, text: bytes) -> JobRecord | None:
+    """The record in `text`, or None (logged) if it is corrupt or not one of ours.
+
+    One bad record (a foreign key, an older format, a torn write by hand) must not
+    make every listing fail for every caller: it is skipped, and left for a person.
+    """
+    try:
+        return JobRecord.from_json(text)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        log.warning("event=job_record_unreadable job=%s error=%r", job_id, str(error)[:200])
+        return None
 
 
 def _field(version: int, step: int) -> str:

@@ -7,12 +7,29 @@ restarted trainer can list and resume its jobs. Nothing here knows gRPC.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 from shared.training import Hyperparameters
+
+
+JOB_ID = re.compile(r"[0-9a-f]{16}")                   # what JobRecord.new makes
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")          # printable ASCII, no spaces
+
+
+def is_job_id(text: str) -> bool:
+    """Whether `text` can name a job: checked before it becomes part of a Redis key."""
+    return bool(JOB_ID.fullmatch(text))
+
+
+def check_request_id(text: str) -> str:
+    if text and not REQUEST_ID.fullmatch(text):
+        raise ValueError(f"request_id must be 1-128 printable ASCII characters without spaces, "
+                         f"got {text[:140]!r}")
+    return text
 
 
 class JobState(str, Enum):

@@ -23,19 +23,21 @@ from dataclasses import asdict, dataclass, field
 
 from shared.backoff import Backoff
 from shared.checkpoint import CheckpointMeta, check_model_name
-from shared.nn import EpochEvent, StepEvent, StopTraining, build_model
+from shared.nn import EpochEvent, StepEvent, StopTraining, TrainingDiverged, build_model
+from shared.nn.train import check_finite_weights
 from shared.nn.optim import Optimizer
 from shared.nn.presets import get_preset
 from shared.redis_client import StoreUnavailable
 from shared.store import CheckpointNotFound, CheckpointStore
-from shared.training import Hyperparameters, fit_model, prepare_model, prepare_optimizer
+from shared.training import Hyperparameters, check_fits, fit_model, prepare_model, prepare_optimizer
 from trainer_svc import metrics
 from trainer_svc.background import NewestOnly
 from trainer_svc.datasets import DatasetCatalog
 from trainer_svc.events import (CheckpointPublished, EpochDone, EventHub, JobFinished,
                                 JobSnapshot, StepProgress, Subscription)
 from trainer_svc.job_store import JobRepository
-from trainer_svc.jobs import JobRecord, JobRequest, JobState
+from trainer_svc.jobs import JobRecord, JobRequest, JobState, check_request_id, is_job_id
+from trainer_svc.limits import JobLimits
 from trainer_svc.publisher import CheckpointPublisher, Snapshot
 
 log = logging.getLogger("tandem.trainer.jobs")
@@ -56,7 +58,7 @@ class StartJob:
     model_name: str
     dataset: str
     preset: str = ""
-    spec: dict | None = None
+    spec_json: str | None = None        # the spec as the client sent it, not parsed yet
     hidden: tuple[int, ...] = ()
     hyperparameters: dict = field(default_factory=dict)  # only the settings given
     checkpoint_every_steps: int = 0
@@ -72,6 +74,7 @@ class Settings:
     step_event_interval: float = 0.25   # at most one step event per this many seconds
     max_restarts: int = 3
     resume_interrupted: bool = True
+    limits: JobLimits = field(default_factory=JobLimits)
 
 
 class _ActiveJob:
@@ -134,28 +137,39 @@ class JobManager:
     # ------------------------------------------------------------ requests
 
     def check(self, start: StartJob) -> JobRequest:
-        """Validate everything before a job exists; raise ValueError or LookupError naming the field."""
-        try:
-            check_model_name(start.model_name)
-        except ValueError as error:
-            raise ValueError(str(error)) from None
+        """Validate everything before a job exists; raise ValueError or LookupError naming the field.
+
+        Cheap checks come first, and nothing is allocated for the model: its size
+        and training memory are checked against the limits from its inferred shapes.
+        """
+        check_model_name(start.model_name)
+        check_request_id(start.request_id)
         dataset = self.catalog.load(start.dataset)
-        if bool(start.preset) == (start.spec is not None):
-            raise ValueError("architecture: give exactly one of preset or spec")
-        if start.spec is not None and start.hidden:
-            raise ValueError("hidden: only a preset takes hidden-layer widths; a spec states its own")
+        if bool(start.preset) == (start.spec_json is not None):
+            raise ValueError("architecture: give exactly one of preset or spec_json")
+        limits = self.settings.limits
         if start.preset:
-            preset = get_preset(start.preset)
-            spec = preset.spec(dataset.input_shape, dataset.num_classes, start.hidden or None)
+            if start.hidden:   # a preset's spec has two layers per hidden width, and three more
+                limits.check_layer_count(2 * len(start.hidden) + 3)
+            spec = get_preset(start.preset).spec(dataset.input_shape, dataset.num_classes,
+                                                 start.hidden or None)
             hp = Hyperparameters.for_preset(start.preset, **start.hyperparameters)
         else:
-            spec = start.spec
+            if start.hidden:
+                raise ValueError("hidden: only a preset takes hidden-layer widths; a spec states its own")
+            spec = limits.parse_spec(start.spec_json)
+            if isinstance(spec, dict) and isinstance(spec.get("layers"), list):
+                limits.check_layer_count(len(spec["layers"]))
             hp = Hyperparameters.from_dict(start.hyperparameters)
-        spec = build_model(spec, dtype=hp.dtype).spec
-        prepare_model(spec, dataset, hp)  # the spec must fit the dataset's shape and classes
-        if hp.batch_size > len(dataset.y_train) * (1 - hp.validation_split):
+        model = build_model(spec, dtype=hp.dtype)   # shapes only: no weights yet
+        train_samples = int(len(dataset.y_train) * (1 - hp.validation_split))
+        if hp.batch_size > train_samples:
             raise ValueError(f"hyperparameters.batch_size {hp.batch_size} is larger than the "
-                             f"{len(dataset.y_train)} training samples of {dataset.name!r}")
+                             f"{train_samples} training samples of {dataset.name!r}")
+        limits.check_job(model, hp.batch_size, len(prepare_optimizer(model, hp).slots),
+                         steps=hp.epochs * -(-train_samples // hp.batch_size))
+        check_fits(model, dataset)
+        spec = model.spec
         if start.checkpoint_every_steps < 0:
             raise ValueError("checkpoint_schedule.every_steps must be >= 0")
         if start.resume_from_version:
@@ -190,6 +204,9 @@ class JobManager:
         return record.copy()
 
     def get(self, job_id: str) -> JobRecord:
+        # An id is checked before it becomes part of a Redis key: "ID:optimizer" is another key.
+        if not is_job_id(job_id):
+            raise JobNotFound(f"job_id {job_id[:40]!r}: no such job (job ids are 16 hex digits)")
         with self._lock:
             job = self._active.get(job_id)
         if job:
@@ -277,6 +294,11 @@ class JobManager:
             self.events.publish(record.job_id, JobSnapshot(record))
             try:
                 final = self._train(job)
+            except TrainingDiverged as error:   # the caller's settings, not a bug: no traceback
+                log.warning("event=job_diverged job=%s error=%r", job.record.job_id, str(error))
+                with job.lock:
+                    job.record.error = str(error)
+                final = JobState.FAILED
             except Exception as error:  # noqa: BLE001 - any failure ends the job, clearly
                 log.exception("event=job_failed job=%s", job.record.job_id)
                 with job.lock:
@@ -512,12 +534,17 @@ class _Progress:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Hand the current weights and optimiser state to the publisher (once per step)."""
+        """Hand the current weights and optimiser state to the publisher (once per step).
+
+        Weights that became non-finite since the last finite loss end the job as diverged
+        here, before they reach the publisher (whose store would refuse them).
+        """
         with self.job.lock:
             record = self.job.record
             if record.step == self.last_checkpoint_step:
                 return
             self.last_checkpoint_step = record.step
+            check_finite_weights(self.model, record.step)
             meta = CheckpointMeta(
                 model_name=record.model_name, spec=self.model.spec, dtype=self.model.dtype.name,
                 step=record.step, epoch=record.epoch, metrics=dict(record.last_metrics),

@@ -7,11 +7,13 @@ from shared.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
 from shared.nn.model import Model, as_batch
 from shared.nn.optim import OPTIMIZERS, SGD, Adam, make_optimizer
 from shared.nn.spec import build_model, spec_to_json
-from shared.nn.train import EarlyStopping, EpochEvent, History, StepEvent, StopTraining, evaluate, fit
+from shared.nn.train import (EarlyStopping, EpochEvent, History, StepEvent, StopTraining, TrainingDiverged,
+                             evaluate, fit)
 
 __all__ = [
     "LAYER_TYPES", "OPTIMIZERS", "SGD", "Adam", "EarlyStopping", "EpochEvent", "History", "Model",
-    "SoftmaxCrossEntropy", "SpecError", "as_batch", "StepEvent", "StopTraining", "build_model",
+    "SoftmaxCrossEntropy", "SpecError", "as_batch", "StepEvent", "StopTraining", "TrainingDiverged",
+    "build_model",
     "eval_numerical_gradient_array", "evaluate", "fit", "log_softmax", "make_optimizer",
     "numerical_gradient", "rel_error", "softmax", "spec_to_json",
 ]

@@ -15,6 +15,7 @@ Conventions every layer keeps:
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import ClassVar
 
@@ -31,8 +32,16 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def positive_float(name: str, value) -> float:
+    """A finite number above 0 (an int is taken as a float): NaN or inf would poison every weight."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value <= 0):
+        raise SpecError(f"{name} must be a finite number above 0, got {value!r}")
+    return float(value)
+
+
 def init_name(value) -> str:
-    if value not in INITIALISERS:
+    if not isinstance(value, str) or value not in INITIALISERS:
         raise SpecError(f"init must be one of {sorted(INITIALISERS)}, got {value!r}")
     return value
 
@@ -79,7 +88,7 @@ class Dense(Layer):
             )
         self.units = positive_int("units", units)
         self.init = init_name(init)
-        self.init_std = float(init_std)
+        self.init_std = positive_float("init_std", init_std)
         self.output_shape = (self.units,)
         self._x: np.ndarray | None = None
 
@@ -170,7 +179,7 @@ class Conv2D(_WindowLayer):
         super().__init__(input_shape, kernel_size, stride, padding)
         self.filters = positive_int("filters", filters)
         self.init = init_name(init)
-        self.init_std = float(init_std)
+        self.init_std = positive_float("init_std", init_std)
         self.output_shape = (self.filters, self.window.out_h, self.window.out_w)
         self._cols: np.ndarray | None = None
         self._padded_shape: tuple[int, ...] | None = None
@@ -319,7 +328,7 @@ class Flatten(Layer):
 
     def __init__(self, input_shape):
         super().__init__(input_shape)
-        self.output_shape = (int(np.prod(self.input_shape)),)
+        self.output_shape = (math.prod(self.input_shape),)   # Python ints: no overflow
 
     def forward(self, x, training=True):
         return x.reshape(x.shape[0], -1)

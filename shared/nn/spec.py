@@ -84,7 +84,7 @@ def _build_layer(index: int, entry, input_shape: tuple[int, ...]):
         raise SpecError(f"{where}: each layer must be an object with a 'type', got {entry!r}")
     kind = entry["type"]
     where = f"layer {index} ({kind})"
-    if kind not in LAYER_TYPES:
+    if not isinstance(kind, str) or kind not in LAYER_TYPES:
         raise SpecError(f"{where}: unknown layer type; known types are {sorted(LAYER_TYPES)}")
     cls = LAYER_TYPES[kind]
     options = {k: v for k, v in entry.items() if k != "type"}

@@ -3,12 +3,15 @@
 `fit` is deterministic for a given seed: the same seed, data and settings
 give bit-identical weights. A callback sees every step and every epoch;
 raising `StopTraining` from it ends training at that step boundary (the
-trainer service cancels jobs this way).
+trainer service cancels jobs this way). A loss that becomes NaN or infinite
+(or weights that do, checked at each epoch's end) raises `TrainingDiverged`:
+a run that diverged has nothing left to publish.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -21,10 +24,26 @@ from shared.nn.model import Model
 from shared.nn.optim import Optimizer, scheduled_lr
 
 MONITORS = ("val_loss", "val_accuracy")
+EVAL_BATCH = 1024   # samples per forward pass when evaluating
 
 
 class StopTraining(Exception):
     """Raised by a callback to stop training at the current step boundary."""
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss (or the weights) became NaN or infinite: nothing after this step is worth keeping."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"diverged at step {step} ({what})")
+        self.step = step
+
+
+def check_finite_weights(model: Model, step: int) -> None:
+    """Raise TrainingDiverged if any weight is NaN or infinite (a finite loss does not rule it out)."""
+    bad = [name for name, array in model.state_dict().items() if not np.isfinite(array).all()]
+    if bad:
+        raise TrainingDiverged(step, f"non-finite weights in {', '.join(bad)}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,7 @@ class History:
         return asdict(self)
 
 
-def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the model on (x, y)."""
     if len(x) == 0:
         raise ValueError("cannot evaluate on an empty set of samples")
@@ -167,6 +186,8 @@ def fit(
                 optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps,
                                             epochs * steps_per_epoch)
                 loss, logits = model.train_step_gradients(x_train[batch], y_train[batch])
+                if not math.isfinite(loss):   # before the step: the weights stay as they were
+                    raise TrainingDiverged(history.steps + 1, f"loss {loss}")
                 optimizer.step(model.state_dict(), model.gradients())
                 hits = int((logits.argmax(axis=1) == y_train[batch]).sum())
                 loss_sum += loss * len(batch)
@@ -179,6 +200,7 @@ def fit(
             history.stop_reason = "stopped"
             return history
 
+        check_finite_weights(model, history.steps)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
         if x_val is not None:
             metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
