@@ -46,6 +46,7 @@ from shared.training import Hyperparameters, train
 from trainer_svc.config import TrainerConfig
 from trainer_svc.job_store import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
+from trainer_svc.limits import JobLimits
 from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,8 @@ def trainer_config(redis_url: str, data_dir: Path, **settings) -> TrainerConfig:
         "max_concurrent_jobs": 1, "grace_seconds": GRACE, "metrics_port": 0,
         "metrics_address": "127.0.0.1", "resume_interrupted": True, "max_restarts": 3,
         "publish_outage_seconds": 60.0, "checkpoint_retention": 5,
-        "max_upload_bytes": 512 * 2**20, "grpc_workers": 16, **settings})
+        "max_upload_bytes": 512 * 2**20, "max_classes": 10_000, "grpc_workers": 16,
+        "job_limits": JobLimits(), **settings})
 
 
 class _CallDetails(collections.namedtuple(
@@ -807,7 +809,7 @@ def test_uploads_that_cannot_be_stored_are_refused_and_leave_nothing(start_train
 
     too_big = rpc_error(stub.UploadDataset, upload("too-big", digits_arrays(DIGITS_TRAIN, 100)))
     assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, too_big.details()
-    assert "150000" in too_big.details()
+    assert "150,000" in too_big.details()
 
     partial = rpc_error(stub.UploadDataset,
                         upload("partial", digits_arrays(400, 100), drop_last_piece_of="x_test"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.config import env
+from trainer_svc.limits import JobLimits
 
 
 @dataclass(frozen=True)
@@ -22,4 +23,7 @@ class TrainerConfig:
         default_factory=lambda: env("TRAINER_PUBLISH_OUTAGE_SECONDS", 60.0, float))
     checkpoint_retention: int = field(default_factory=lambda: env("TANDEM_CHECKPOINT_RETENTION", 5, int))
     max_upload_bytes: int = field(default_factory=lambda: env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
+    max_classes: int = field(default_factory=lambda: env("TRAINER_MAX_CLASSES", 10_000, int))
     grpc_workers: int = field(default_factory=lambda: env("TRAINER_GRPC_WORKERS", 32, int))
+    # What one StartJob may ask for (TRAINER_MAX_SPEC_CHARACTERS ... TRAINER_MAX_STEPS).
+    job_limits: JobLimits = field(default_factory=JobLimits.from_env)

@@ -1,29 +1,60 @@
 """The datasets jobs can train on: built-in and data-directory ones, and uploads kept in Redis.
 
-An upload arrives in chunks and is assembled in memory up to a size limit;
-only a complete, consistent upload is written, in one Redis command, so a
-broken or partial upload leaves nothing behind. Uploaded arrays are stored
-as raw little-endian bytes with dtype and shape, never pickled.
+An upload is checked from its header before any memory is set aside for it:
+array names, dtypes (plain numeric ones only, by name), shapes, byte counts
+and the total against the size limit. Then each array gets one buffer of
+its declared size, and the pieces are copied into it as they arrive, so an
+upload costs about its own size in memory. Once every array is whole (and
+matches its SHA-256), the values are checked a few MiB at a time (x finite,
+labels in range) and the buffers are written as they are, in one Redis
+transaction: a broken or refused upload leaves nothing behind. Uploaded
+arrays are stored as raw little-endian bytes with dtype and shape, never
+pickled.
+
+A stored entry is checked again whenever it is read, by the same rules: one
+that cannot be read (corrupt, foreign, written by an older build) is left
+out of listings, and a job on it is refused, naming the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import re
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import redis
 
 from shared.checkpoint import check_model_name
-from shared.data import (BUILTIN_DATASETS, Dataset, DatasetNotFound, dataset_from_arrays, list_datasets,
-                         load_dataset)
+from shared.data import BUILTIN_DATASETS, Dataset, DatasetError, DatasetNotFound, list_datasets, load_dataset
+from shared.data.dataset import check_finite, check_labels
+from shared.data.npz import dataset_from_arrays, whole_split
+from shared.limits import check_limit
 from shared.redis_client import unavailable_on_error
+
+log = logging.getLogger(__name__)
 
 SPLIT_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 WHOLE_ARRAYS = ("x", "y")   # split 90/10, stratified, like an .npz with x and y
+LABELS_OF = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
+LABEL_ARRAYS = tuple(LABELS_OF.values())
+
+# The dtypes an upload may declare, by NumPy name. Anything else (structured,
+# object, string, datetime, complex, byte-order prefixes) is refused before
+# np.dtype ever sees the string.
+INTEGER_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
+FLOAT_DTYPES = ("float16", "float32", "float64")
+DTYPES = {name: np.dtype(name).newbyteorder("<") for name in INTEGER_DTYPES + FLOAT_DTYPES}
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+MAX_UPLOAD_BYTES_VARIABLE = "TRAINER_MAX_UPLOAD_BYTES"
+MAX_CLASSES_VARIABLE = "TRAINER_MAX_CLASSES"
 
 
 @dataclass(frozen=True)
@@ -35,39 +66,92 @@ class ArrayHeader:
     sha256: str = ""
 
 
-class DatasetUpload:
-    """One upload being received: a header announcing the arrays, then their bytes in order.
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a listing tells about a dataset (ListDatasets' DatasetInfo)."""
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_size: int
+    test_size: int
+    source: str   # "builtin", "directory" or "upload"
 
-    Every check that can be made early is: names, dtypes, byte counts
-    against shapes, the total against the size limit, each piece's offset.
-    `finish` then checks that every array arrived whole (and its SHA-256).
+    @classmethod
+    def of(cls, dataset: Dataset, source: str) -> DatasetSummary:
+        return cls(dataset.name, dataset.input_shape, dataset.num_classes,
+                   len(dataset.y_train), len(dataset.y_test), source)
+
+
+# ---------------------------------------------------------------- the layout of an upload's arrays
+
+def check_layout(headers: list[ArrayHeader]) -> dict[str, ArrayHeader]:
+    """Everything the headers alone can tell, by name; a ValueError names `header.arrays[NAME]`."""
+    names = sorted(h.name for h in headers)
+    if names not in (sorted(SPLIT_ARRAYS), sorted(WHOLE_ARRAYS)):
+        raise ValueError(f"header.arrays must be {list(SPLIT_ARRAYS)} or {list(WHOLE_ARRAYS)}, got {names}")
+    for header in headers:
+        _check_array(header)
+    by_name = {h.name: h for h in headers}
+    for x, y in LABELS_OF.items():
+        if x in by_name and by_name[x].shape[0] != by_name[y].shape[0]:
+            raise ValueError(f"header.arrays[{y}].shape: {by_name[y].shape[0]} labels for the "
+                             f"{by_name[x].shape[0]} samples of {x}")
+    if "x_test" in by_name and by_name["x_train"].shape[1:] != by_name["x_test"].shape[1:]:
+        raise ValueError(f"header.arrays[x_test].shape: samples of {list(by_name['x_test'].shape[1:])}, "
+                         f"but x_train's are {list(by_name['x_train'].shape[1:])}")
+    return by_name
+
+
+def _check_array(header: ArrayHeader) -> None:
+    where = f"header.arrays[{header.name}]"
+    is_x = header.name.startswith("x")
+    accepted = INTEGER_DTYPES + FLOAT_DTYPES if is_x else INTEGER_DTYPES
+    if header.dtype not in accepted:
+        raise ValueError(f"{where}.dtype {header.dtype!r} is not accepted; "
+                         f"{'x' if is_x else 'labels'} must be one of {', '.join(accepted)}")
+    shape = list(header.shape)
+    if is_x and len(shape) not in (2, 3, 4):
+        raise ValueError(f"{where}.shape {shape} must be (N, F), (N, H, W) or (N, C, H, W)")
+    if not is_x and len(shape) != 1:
+        raise ValueError(f"{where}.shape {shape} must be (N,): one label per sample")
+    if min(shape) < 1:
+        raise ValueError(f"{where}.shape {shape}: every dimension must be at least 1")
+    expected = math.prod(shape) * DTYPES[header.dtype].itemsize   # Python ints: no overflow
+    if header.size_bytes != expected:
+        raise ValueError(f"{where}.size_bytes {header.size_bytes} does not match shape {shape} "
+                         f"of {header.dtype} ({expected} bytes)")
+    if header.sha256 and not SHA256_HEX.fullmatch(header.sha256):
+        raise ValueError(f"{where}.sha256 must be 64 hexadecimal digits or empty, got {header.sha256!r}")
+
+
+def as_arrays(headers: dict[str, ArrayHeader], data: dict[str, bytes | bytearray]) -> dict[str, np.ndarray]:
+    """Views of raw little-endian bytes as the arrays their headers declare (no copy)."""
+    return {name: np.frombuffer(data[name], dtype=DTYPES[h.dtype]).reshape(h.shape)
+            for name, h in headers.items() if name in data}
+
+
+def input_shape(headers: dict[str, ArrayHeader]) -> tuple[int, ...]:
+    """One sample's shape, as a Dataset has it: (N, H, W) images get a channel axis."""
+    shape = headers["x_train" if "x_train" in headers else "x"].shape[1:]
+    return (1, *shape) if len(shape) == 2 else shape
+
+
+# ---------------------------------------------------------------- receiving an upload
+
+class DatasetUpload:
+    """One upload being received: its checked headers, one buffer per array, the bytes so far.
+
+    Each piece must start where the bytes received so far end and stay
+    within its array's size; it is copied into the buffer at its offset
+    (and into the array's SHA-256 when one was declared). `finish` checks
+    that every array arrived whole and matches its SHA-256.
     """
 
-    def __init__(self, name: str, headers: list[ArrayHeader], max_bytes: int):
-        try:
-            check_model_name(name)
-        except ValueError:
-            raise ValueError(f"header.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}") from None
-        names = sorted(h.name for h in headers)
-        if names not in (sorted(SPLIT_ARRAYS), sorted(WHOLE_ARRAYS)):
-            raise ValueError(f"header.arrays must be {list(SPLIT_ARRAYS)} or {list(WHOLE_ARRAYS)}, "
-                             f"got {names}")
-        for header in headers:
-            try:
-                itemsize = np.dtype(header.dtype).itemsize
-            except TypeError:
-                raise ValueError(f"header.arrays[{header.name}].dtype {header.dtype!r} is not a dtype") from None
-            expected = int(np.prod(header.shape, dtype=np.int64)) * itemsize
-            if min(header.shape, default=-1) < 0 or header.size_bytes != expected:
-                raise ValueError(f"header.arrays[{header.name}]: size_bytes {header.size_bytes} does not "
-                                 f"match shape {list(header.shape)} of {header.dtype} ({expected} bytes)")
-        total = sum(h.size_bytes for h in headers)
-        if total > max_bytes:
-            raise OverflowError(f"dataset {name!r} is {total} bytes; uploads are limited to {max_bytes} bytes")
-        self.name = name
-        self.headers = {h.name: h for h in headers}
-        self._parts: dict[str, list[bytes]] = {h.name: [] for h in headers}
-        self._received = {h.name: 0 for h in headers}
+    def __init__(self, name: str, headers: dict[str, ArrayHeader], overwrite: bool):
+        self.name, self.headers, self.overwrite = name, headers, overwrite
+        self.buffers = {array: bytearray(h.size_bytes) for array, h in headers.items()}
+        self._digests = {array: hashlib.sha256() for array, h in headers.items() if h.sha256}
+        self._received = dict.fromkeys(headers, 0)
 
     def add(self, array: str, offset: int, data: bytes) -> None:
         if array not in self.headers:
@@ -75,33 +159,35 @@ class DatasetUpload:
         if offset != self._received[array]:
             raise ValueError(f"piece.offset {offset} of {array}: expected {self._received[array]} "
                              "(pieces must arrive in order, without gaps)")
-        if offset + len(data) > self.headers[array].size_bytes:
+        end = offset + len(data)
+        if end > self.headers[array].size_bytes:
             raise ValueError(f"piece.data: more bytes for {array} than its size_bytes "
                              f"{self.headers[array].size_bytes}")
-        self._parts[array].append(data)
-        self._received[array] += len(data)
+        self.buffers[array][offset:end] = data   # the same length: copied in place, never resized
+        if array in self._digests:
+            self._digests[array].update(data)
+        self._received[array] = end
 
     def finish(self) -> dict[str, np.ndarray]:
-        """The arrays, once every one arrived whole; else ValueError naming what is missing."""
+        """Views of the arrays, once every one arrived whole; else ValueError naming what is wrong."""
         short = {a: f"{self._received[a]}/{h.size_bytes}" for a, h in self.headers.items()
                  if self._received[a] != h.size_bytes}
         if short:
             raise ValueError(f"upload incomplete: bytes received/declared per array {short}")
-        arrays = {}
-        for array, header in self.headers.items():
-            data = b"".join(self._parts[array])
-            if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256.lower():
+        for array, digest in self._digests.items():
+            if digest.hexdigest() != self.headers[array].sha256.lower():
                 raise ValueError(f"header.arrays[{array}].sha256 does not match the bytes received")
-            arrays[array] = np.frombuffer(data, dtype=np.dtype(header.dtype).newbyteorder("<")
-                                          ).reshape(header.shape)
-        return arrays
+        return as_arrays(self.headers, self.buffers)
 
+
+# ---------------------------------------------------------------- the catalog
 
 class DatasetCatalog:
     def __init__(self, client: redis.Redis, data_dir: str | None = None, *,
-                 max_upload_bytes: int = 512 * 2**20, cache_size: int = 4, prefix: str = "tandem"):
+                 max_upload_bytes: int = 512 * 2**20, max_classes: int = 10_000,
+                 cache_size: int = 4, prefix: str = "tandem"):
         self._redis, self._data_dir = client, data_dir
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes, self.max_classes = max_upload_bytes, max_classes
         self._prefix = prefix
         self._cache: OrderedDict[str, Dataset] = OrderedDict()
         self._cache_size = cache_size
@@ -110,19 +196,48 @@ class DatasetCatalog:
     def _key(self, name: str) -> str:
         return f"{self._prefix}:dataset:{name}"
 
-    def names(self) -> list[str]:
-        with unavailable_on_error(self._redis):
-            uploaded = [k.decode().rsplit(":", 1)[1] for k in self._redis.scan_iter(self._key("*"))]
-        return sorted({*list_datasets(self._data_dir), *uploaded})
+    # ------------------------------------------------------------ listing
 
-    def source(self, name: str) -> str:
-        """Where a dataset comes from: "builtin", "directory" or "upload"."""
-        if name in BUILTIN_DATASETS:
-            return "builtin"
-        return "directory" if name in list_datasets(self._data_dir) else "upload"
+    def summaries(self) -> list[DatasetSummary]:
+        """Every dataset a job can train on, by name; one that cannot be read is logged and left out."""
+        local = list_datasets(self._data_dir)
+        sources = {**dict.fromkeys(self._uploaded_names(), "upload"),
+                   **{name: "builtin" if name in BUILTIN_DATASETS else "directory" for name in local}}
+        found = []
+        for name, source in sorted(sources.items()):
+            try:
+                found.append(self._stored_summary(name) if source == "upload"
+                             else DatasetSummary.of(self.load(name), source))
+            except DatasetNotFound:
+                pass   # deleted since it was listed
+            except DatasetError as error:
+                log.warning("event=dataset_unreadable dataset=%s error=%s", name, error)
+        return found
+
+    def names(self) -> list[str]:
+        return sorted({*list_datasets(self._data_dir), *self._uploaded_names()})
+
+    def _uploaded_names(self) -> list[str]:
+        """The names of the stored uploads; a key under the prefix that is no upload's is logged."""
+        prefix = self._key("").encode()
+        with unavailable_on_error(self._redis):
+            keys = list(self._redis.scan_iter(match=self._key("*")))
+        names = []
+        for key in keys:
+            name = key[len(prefix):].decode(errors="replace")
+            if _is_upload_name(name):
+                names.append(name)
+            else:
+                log.warning("event=dataset_key_foreign key=%r", key)
+        return names
+
+    # ------------------------------------------------------------ loading
 
     def load(self, name: str) -> Dataset:
-        """A dataset by name (cached): built-in or data directory first, then uploads."""
+        """A dataset by name (cached): built-in or data directory first, then uploads.
+
+        An upload that cannot be read is a DatasetError naming it.
+        """
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
@@ -131,6 +246,9 @@ class DatasetCatalog:
             dataset = load_dataset(name, self._data_dir)
         except DatasetNotFound:
             dataset = self._load_uploaded(name)
+        if dataset.num_classes > self.max_classes:   # uploads are checked as they are read; files are not
+            raise DatasetError(f"dataset {name!r} has {dataset.num_classes:,} classes; at most "
+                               f"{self.max_classes:,} are allowed (set by {MAX_CLASSES_VARIABLE})")
         with self._lock:
             self._cache[name] = dataset
             while len(self._cache) > self._cache_size:
@@ -138,30 +256,65 @@ class DatasetCatalog:
         return dataset
 
     def _load_uploaded(self, name: str) -> Dataset:
-        with unavailable_on_error(self._redis):
+        if not _is_upload_name(name):
+            raise self._not_found(name)
+        with unavailable_on_error(self._redis), _reading(name):
             stored = self._redis.hgetall(self._key(name))
-        if not stored:
-            raise DatasetNotFound(f"dataset {name!r} not found; available: {', '.join(self.names())}")
-        headers = json.loads(stored[b"header"])
-        arrays = {
-            array: np.frombuffer(stored[array.encode()], dtype=np.dtype(h["dtype"]).newbyteorder("<"))
-            .reshape(h["shape"])
-            for array, h in headers.items()
-        }
-        return dataset_from_arrays(name, arrays, f"uploaded dataset {name!r}", np.float32)
+            if not stored:
+                raise self._not_found(name)
+            data = {array: stored.get(array.encode(), b"") for array in SPLIT_ARRAYS + WHOLE_ARRAYS}
+            headers = _stored_headers(stored.get(b"header"), {a: len(d) for a, d in data.items()})
+            arrays = as_arrays(headers, data)
+            self._summary(name, headers, arrays)
+            return dataset_from_arrays(name, arrays, f"uploaded dataset {name!r}", np.float32)
 
-    def store_upload(self, upload: DatasetUpload, overwrite: bool = False) -> Dataset:
-        """Check a complete upload, then write it in one transaction (all or nothing)."""
-        arrays = upload.finish()
-        if upload.name in list_datasets(self._data_dir):
-            raise ValueError(f"header.name {upload.name!r} is a built-in or data-directory dataset")
-        dataset = dataset_from_arrays(upload.name, arrays, f"upload {upload.name!r}", np.float32)
+    def _stored_summary(self, name: str) -> DatasetSummary:
+        """An upload's summary from its header, byte counts and labels: its x is never fetched."""
+        key = self._key(name)
+        with unavailable_on_error(self._redis), _reading(name):
+            with self._redis.pipeline(transaction=True) as pipe:   # one consistent view of the entry
+                pipe.hget(key, "header")
+                for array in SPLIT_ARRAYS + WHOLE_ARRAYS:
+                    pipe.hstrlen(key, array)
+                pipe.hmget(key, LABEL_ARRAYS)
+                raw_header, *lengths, labels = pipe.execute()
+            if raw_header is None and not any(lengths):
+                raise self._not_found(name)
+            headers = _stored_headers(raw_header, dict(zip(SPLIT_ARRAYS + WHOLE_ARRAYS, lengths)))
+            labels = {a: data for a, data in zip(LABEL_ARRAYS, labels) if data is not None}
+            return self._summary(name, headers, as_arrays(headers, labels))
+
+    def _not_found(self, name: str) -> DatasetNotFound:
+        return DatasetNotFound(f"dataset {name!r} not found; available: {', '.join(self.names())}")
+
+    # ------------------------------------------------------------ uploading
+
+    def begin_upload(self, name: str, headers: list[ArrayHeader], overwrite: bool = False) -> DatasetUpload:
+        """Check everything an upload's header tells, then set aside its buffers."""
+        if not _is_upload_name(name):
+            raise ValueError(f"header.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+        if name in list_datasets(self._data_dir):
+            raise ValueError(f"header.name {name!r} is a built-in or data-directory dataset")
+        checked = check_layout(headers)
+        check_limit(f"upload {name!r}", sum(h.size_bytes for h in headers), self.max_upload_bytes,
+                    MAX_UPLOAD_BYTES_VARIABLE, "bytes")
+        if not overwrite:   # checked again when it is stored; this spares receiving a doomed upload
+            with unavailable_on_error(self._redis):
+                taken = self._redis.exists(self._key(name))
+            if taken:
+                raise FileExistsError(f"dataset {name!r} exists; set header.overwrite to replace it")
+        return DatasetUpload(name, checked, overwrite)
+
+    def store_upload(self, upload: DatasetUpload) -> DatasetSummary:
+        """Check a complete upload's values, then write its buffers in one transaction (all or nothing)."""
+        summary = self._summary(upload.name, upload.headers, upload.finish())
         header = {a: {"dtype": h.dtype, "shape": list(h.shape)} for a, h in upload.headers.items()}
-        fields = {"header": json.dumps(header), **{a: arrays[a].tobytes() for a in arrays}}
+        # redis-py sends a bytearray as it is: the buffers are not copied again.
+        fields = {"header": json.dumps(header), **upload.buffers}
         key = self._key(upload.name)
         with unavailable_on_error(self._redis), self._redis.pipeline(transaction=True) as pipe:
             pipe.watch(key)
-            if pipe.exists(key) and not overwrite:
+            if pipe.exists(key) and not upload.overwrite:
                 raise FileExistsError(f"dataset {upload.name!r} exists; set header.overwrite to replace it")
             pipe.multi()
             pipe.delete(key)
@@ -172,4 +325,60 @@ class DatasetCatalog:
                 raise FileExistsError(f"another upload of {upload.name!r} finished first") from None
         with self._lock:
             self._cache.pop(upload.name, None)
-        return dataset
+        return summary
+
+    # ------------------------------------------------------------ the values
+
+    def _summary(self, name: str, headers: dict[str, ArrayHeader],
+                 arrays: dict[str, np.ndarray]) -> DatasetSummary:
+        """Check an upload's values, then summarize it from its headers and labels.
+
+        x must be finite (uploads and loads give every array; listings only
+        the labels, which is enough for the summary) and labels in
+        0 .. max_classes - 1. Each error names the array and the first bad sample.
+        """
+        for x in LABELS_OF:
+            if x in arrays:
+                check_finite(arrays[x], f"header.arrays[{x}]")
+        why = f" (at most {self.max_classes:,} classes, set by {MAX_CLASSES_VARIABLE})"
+        largest = max(check_labels(arrays[y], f"header.arrays[{y}]", self.max_classes, why)
+                      for y in LABEL_ARRAYS if y in headers)
+        if "y" in headers:
+            train, test = whole_split(arrays["y"])
+            sizes = len(train), len(test)
+            if not sizes[1]:
+                raise DatasetError("header.arrays[y]: the test split would be empty "
+                                   "(it takes 10% of each class that has two samples or more)")
+        else:
+            sizes = headers["y_train"].shape[0], headers["y_test"].shape[0]
+        return DatasetSummary(name, input_shape(headers), largest + 1, *sizes, "upload")
+
+
+def _is_upload_name(name: str) -> bool:
+    try:
+        check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+@contextmanager
+def _reading(name: str):
+    """Turn whatever makes a stored upload unreadable into a DatasetError naming it."""
+    try:
+        yield
+    except (ValueError, RecursionError, redis.ResponseError) as error:   # ResponseError: not a hash
+        raise DatasetError(f"uploaded dataset {name!r} cannot be read: {error}") from None
+
+
+def _stored_headers(raw: bytes | None, lengths: dict[str, int]) -> dict[str, ArrayHeader]:
+    """A stored entry's headers, checked like an upload's, with the byte counts it holds."""
+    if raw is None:
+        raise ValueError("it has no header")
+    declared = json.loads(raw)
+    if not isinstance(declared, dict) or not all(
+            isinstance(h, dict) and isinstance(h.get("dtype"), str) and isinstance(h.get("shape"), list)
+            and all(type(n) is int for n in h["shape"]) for h in declared.values()):
+        raise ValueError("its header is not {array: {dtype, shape}}")
+    return check_layout([ArrayHeader(array, h["dtype"], tuple(h["shape"]), lengths.get(array, 0))
+                         for array, h in declared.items()])

@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.health import HealthServicer
 from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
 from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
@@ -28,6 +29,7 @@ from trainer_svc.servicer import TrainerServicer
 log = logging.getLogger("tandem.trainer")
 SERVICE = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
 SERVICE_NAME = SERVICE.full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)   # "" = the server as a whole
 MAX_MESSAGE_BYTES = 8 * 2**20
 
 
@@ -38,12 +40,15 @@ class TrainerServer:
         self.manager = JobManager(
             CheckpointStore(client, retention=config.checkpoint_retention),
             JobRepository(client),
-            DatasetCatalog(client, config.data_dir, max_upload_bytes=config.max_upload_bytes),
+            DatasetCatalog(client, config.data_dir, max_upload_bytes=config.max_upload_bytes,
+                           max_classes=config.max_classes),
             Settings(max_concurrent=config.max_concurrent_jobs,
                      outage_limit=config.publish_outage_seconds,
                      max_restarts=config.max_restarts,
-                     resume_interrupted=config.resume_interrupted))
-        self.health = health.HealthServicer()
+                     resume_interrupted=config.resume_interrupted, limits=config.job_limits))
+        self.health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
+        for service in HEALTH_SERVICES:   # known from the first call on; SERVING once started
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES)
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -59,7 +64,7 @@ class TrainerServer:
             self._job_states = metrics.register_job_states(
                 lambda: (r.state.value for r in self.manager.list()))
         self.server.start()
-        for service in ("", SERVICE_NAME):
+        for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("event=trainer_started listen=%s port=%d metrics_port=%d", self.config.listen,
                  self.port, self.config.metrics_port)

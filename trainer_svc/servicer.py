@@ -1,6 +1,7 @@
 """The Trainer gRPC servicer: translates between protobuf and the job manager, nothing more.
 
-Status codes: ValueError (a spec, hyperparameter or field that cannot work)
+Status codes: a stored checkpoint that fails verification (CheckpointError)
+-> FAILED_PRECONDITION; ValueError (a spec, hyperparameter or field that cannot work)
 -> INVALID_ARGUMENT; LookupError (unknown job, preset, dataset, model or
 version) -> NOT_FOUND; an existing upload -> ALREADY_EXISTS; an upload over
 the size limit -> RESOURCE_EXHAUSTED; Redis unreachable or the trainer
@@ -9,27 +10,29 @@ shutting down -> UNAVAILABLE. Messages come from the domain and name the field.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 
 import grpc
 
+from shared.checkpoint import CheckpointError
 from shared.grpc_errors import translate_errors
 from shared.nn import spec_to_json
 from shared.redis_client import StoreUnavailable
 from shared.rpc import tandem_trainer_pb2 as pb
 from shared.rpc import tandem_trainer_pb2_grpc
 from shared.wire import checkpoint_info, timestamp
-from trainer_svc.datasets import ArrayHeader, DatasetUpload
+from trainer_svc.datasets import ArrayHeader, DatasetSummary
 from trainer_svc.events import CheckpointPublished, EpochDone, JobFinished, JobSnapshot, StepProgress
 from trainer_svc.jobs import JobRecord, JobState
 from trainer_svc.manager import JobManager, NotAccepting, StartJob
 
 DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000       # a larger page_size is served as this many
 WATCH_POLL_SECONDS = 1.0   # how often a quiet watch checks that its client is still there
 
 STATUS_BY_ERROR = [  # the first match wins
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),   # a ValueError, but not the caller's
     (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (OverflowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -43,20 +46,31 @@ HYPERPARAMETER_FIELDS = [f.name for f in pb.Hyperparameters.DESCRIPTOR.fields]
 
 
 def start_job_from_proto(request: pb.StartJobRequest) -> StartJob:
-    spec = None
-    if request.WhichOneof("architecture") == "spec_json":
-        try:
-            spec = json.loads(request.spec_json)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"spec_json is not valid JSON: {error}") from None
+    spec_json = request.spec_json if request.WhichOneof("architecture") == "spec_json" else None
     hp = request.hyperparameters
     return StartJob(
         model_name=request.model_name, dataset=request.dataset, preset=request.preset,
-        spec=spec, hidden=tuple(request.hidden),
+        spec_json=spec_json, hidden=tuple(request.hidden),
         hyperparameters={name: getattr(hp, name) for name in HYPERPARAMETER_FIELDS if hp.HasField(name)},
         checkpoint_every_steps=request.checkpoints.every_steps,
         checkpoint_every_epoch=request.checkpoints.every_epoch,
         resume_from_version=request.resume_from_version, request_id=request.request_id)
+
+
+def job_state_from_proto(value: int) -> JobState:
+    states = {number: name for name, number in pb.JobState.items() if number}   # not UNSPECIFIED
+    if value not in states:
+        raise ValueError(f"states: {value} is not a job state; known: {sorted(states)}")
+    return JobState(states[value].removeprefix("JOB_STATE_"))
+
+
+def page_offset(token: str) -> int:
+    """The offset a next_page_token names: the decimal string this server gave ("" = the start)."""
+    if not token:
+        return 0
+    if not (len(token) <= 12 and token.isascii() and token.isdigit()):
+        raise ValueError(f"page_token {token[:40]!r} is not one this server gave")
+    return int(token)
 
 
 def epoch_metrics(metrics: dict) -> pb.EpochMetrics:
@@ -109,12 +123,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def ListJobs(self, request, context):
-        states = {JobState(pb.JobState.Name(s).removeprefix("JOB_STATE_")) for s in request.states}
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        try:
-            offset = int(request.page_token or 0)
-        except ValueError:
-            raise ValueError(f"page_token {request.page_token!r} is not one this server gave") from None
+        states = {job_state_from_proto(s) for s in request.states}
+        if request.page_size < 0:
+            raise ValueError(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {request.page_size}")
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)   # as AIP-158 says
+        offset = page_offset(request.page_token)
         jobs = [r for r in self.manager.list()
                 if (not states or r.state in states)
                 and (not request.model_name or r.model_name == request.model_name)]
@@ -153,9 +166,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def ListDatasets(self, request, context):
-        catalog = self.manager.catalog
-        return pb.ListDatasetsResponse(datasets=[
-            dataset_info(catalog.load(name), catalog.source(name)) for name in catalog.names()])
+        return pb.ListDatasetsResponse(datasets=[dataset_info(s) for s in self.manager.catalog.summaries()])
 
     @translate_errors(STATUS_BY_ERROR)
     def UploadDataset(self, request_iterator, context):
@@ -163,15 +174,14 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         if first is None or first.WhichOneof("chunk") != "header":
             raise ValueError("the first chunk must be the header")
         header = first.header
-        upload = DatasetUpload(header.name, [
+        upload = self.manager.catalog.begin_upload(header.name, [
             ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays
-        ], self.manager.catalog.max_upload_bytes)
+        ], overwrite=header.overwrite)
         for chunk in request_iterator:
             if chunk.WhichOneof("chunk") != "piece":
                 raise ValueError("only the first chunk may be a header")
             upload.add(chunk.piece.array, chunk.piece.offset, chunk.piece.data)
-        dataset = self.manager.catalog.store_upload(upload, overwrite=header.overwrite)
-        return dataset_info(dataset, "upload")
+        return dataset_info(self.manager.catalog.store_upload(upload))
 
     # ---------------------------------------------------------------- events
 
@@ -191,7 +201,6 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         return self._event(job_id, finished=job_to_proto(event.record))
 
 
-def dataset_info(dataset, source: str) -> pb.DatasetInfo:
-    return pb.DatasetInfo(name=dataset.name, input_shape=dataset.input_shape,
-                          num_classes=dataset.num_classes, train_size=len(dataset.y_train),
-                          test_size=len(dataset.y_test), source=source)
+def dataset_info(summary: DatasetSummary) -> pb.DatasetInfo:
+    return pb.DatasetInfo(name=summary.name, input_shape=summary.input_shape, num_classes=summary.num_classes,
+                          train_size=summary.train_size, test_size=summary.test_size, source=summary.source)

@@ -37,7 +37,7 @@ def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray], path, dtype: n
             )
     elif {"x", "y"} <= arrays.keys():
         x, y = _samples(path, arrays, "x", "y", dtype)
-        train, test = stratified_split(y, TEST_FRACTION, seed=SPLIT_SEED)
+        train, test = whole_split(y)
         x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
     else:
         raise DatasetError(
@@ -45,6 +45,11 @@ def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray], path, dtype: n
             f"found {', '.join(sorted(arrays)) or 'none'}"
         )
     return Dataset.from_arrays(name, x_train, y_train, x_test, y_test)
+
+
+def whole_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The train and test indices of a dataset given as x and y alone (see the module docstring)."""
+    return stratified_split(y, TEST_FRACTION, seed=SPLIT_SEED)
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
