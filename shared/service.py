@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -14,6 +14,8 @@ from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
+
+from shared.request_guard import UnparsableRequests
 
 
 class Service(Protocol):
@@ -24,11 +26,16 @@ class Service(Protocol):
     def wait(self) -> None: ...
 
 
-def grpc_server(workers: int, max_message_bytes: int) -> grpc.Server:
-    """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED)."""
+def grpc_server(workers: int, max_message_bytes: int,
+                interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
+    """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
+
+    `interceptors` see every call first (the access check, shared.access); then
+    shared.request_guard answers a request that does not parse (INVALID_ARGUMENT).
+    """
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        maximum_concurrent_rpcs=workers * 4,
+        interceptors=(*interceptors, UnparsableRequests()), maximum_concurrent_rpcs=workers * 4,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
 
