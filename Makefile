@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-compose compose-images bench venv clean
 
+# `make demo TLS=1`: every call over mutual TLS, with a throwaway CA (scripts/demo.py --tls).
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(if $(filter 1,$(TLS)),--tls)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -37,7 +37,7 @@ import os
 import statistics
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -358,29 +358,14 @@ def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Tim
     return rows_out
 
 
-def measure(redis_url: str, settings: Settings) -> dict:
-    """Every measurement, against servers started on `redis_url` (a Redis of the bench's own)."""
+@contextmanager
+def published_model(redis_url: str):
+    """A checkpoint store on `redis_url` holding a version of MODEL_NAME; its keys deleted after."""
     client = connect(redis_url)
     store = CheckpointStore(client)
     try:
         publish(store, digits_cnn(0))
-        with ExitStack() as stack:
-            servers = {}
-            for batching in (True, False):
-                server = InferenceServer(server_config(redis_url, batching)).start()
-                stack.callback(server.stop, 0)
-                servers[batching] = server
-            on, off = (f"127.0.0.1:{servers[b].port}" for b in (True, False))
-            servable = servers[True].registry.get(MODEL_NAME)
-            results = {
-                "throughput": throughput(on, servable, settings.timing, stack),
-                "batching": batching_gain(on, off, settings.timing, stack),
-                "breakdown": server_path_breakdown(servers[True], servers[False],
-                                                   settings.breakdown),
-            }
-            servers[False].stop(0)   # so that it does not load each new version beside the other
-            results["reload"] = reload_latency(on, store, settings.publishes)
-        return results
+        yield store
     finally:
         keys = store.keys_for(MODEL_NAME)
         leftovers = list(client.scan_iter(match=f"{keys.model}:*"))
@@ -388,6 +373,27 @@ def measure(redis_url: str, settings: Settings) -> dict:
             client.delete(*leftovers)
         client.srem(store.models_key, MODEL_NAME)
         client.close()
+
+
+def measure(redis_url: str, settings: Settings) -> dict:
+    """Every measurement, against servers started on `redis_url` (a Redis of the bench's own)."""
+    with published_model(redis_url) as store, ExitStack() as stack:
+        servers = {}
+        for batching in (True, False):
+            server = InferenceServer(server_config(redis_url, batching)).start()
+            stack.callback(server.stop, 0)
+            servers[batching] = server
+        on, off = (f"127.0.0.1:{servers[b].port}" for b in (True, False))
+        servable = servers[True].registry.get(MODEL_NAME)
+        results = {
+            "throughput": throughput(on, servable, settings.timing, stack),
+            "batching": batching_gain(on, off, settings.timing, stack),
+            "breakdown": server_path_breakdown(servers[True], servers[False],
+                                               settings.breakdown),
+        }
+        servers[False].stop(0)   # so that it does not load each new version beside the other
+        results["reload"] = reload_latency(on, store, settings.publishes)
+    return results
 
 
 # ---- the report ---------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.checkpoint import check_model_name
+from shared.access import AccessSettings
 from shared.config import env
+from shared.tls import ServerTLS
 
 
 def model_list(raw: str) -> tuple[str, ...]:
@@ -46,3 +48,7 @@ class InferConfig:
     metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))   # 0 = off
     metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
+    # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
+    tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
+    # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.access).
+    auth: AccessSettings = field(default_factory=AccessSettings.from_env)

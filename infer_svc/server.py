@@ -21,6 +21,7 @@ import threading
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.access import AccessInterceptor
 from shared.health import HealthServicer
 from shared.redis_client import connect
 from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
@@ -28,6 +29,7 @@ from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
 from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
                             run_until_signalled)
 from shared.store import CheckpointStore
+from shared.tls import listen
 from infer_svc import metrics
 from infer_svc.batching import Batcher
 from infer_svc.config import InferConfig
@@ -60,14 +62,16 @@ class InferenceServer:
                                max_queue_rows=config.max_queue_rows, on_batch=metrics.record_batch)
         self.predictor = Predictor(self.registry, self.batcher, max_rows=config.max_rows)
         self.source = VersionSource(self.store, self.registry, poll_interval=config.poll_seconds)
-        self.server = grpc_server(config.grpc_workers, config.max_message_bytes)
+        self.server = grpc_server(config.grpc_workers, config.max_message_bytes,
+                                  interceptors=[AccessInterceptor(config.auth, "inference")])
         tandem_inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.predictor),
                                                                   self.server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.predictor),
                                                                          self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection(self.server, SERVICE, KSERVE_SERVICE)
-        self.port = self.server.add_insecure_port(config.listen)
+        if config.auth.reflection_served:   # TANDEM_REFLECTION=off: not served
+            enable_reflection(self.server, SERVICE, KSERVE_SERVICE)
+        self.port = listen(self.server, config.listen, config.tls)
         self.metrics_http = None
         self._stopped = threading.Event()
 

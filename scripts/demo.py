@@ -12,6 +12,11 @@
 5. Predict the held-out digits (the test split, in one request) through the
    inference service; print the accuracy and the version that answered.
 
+With `--tls` (`make demo TLS=1`) every call goes over mutual TLS: the demo
+makes a throwaway CA, a server certificate for 127.0.0.1 and a client
+certificate in its temporary directory (shared.certs), the services ask
+for client certificates signed by that CA, and the clients present one.
+
 Everything it started is stopped at the end, also after an error or Ctrl-C.
 The services log to a file in a temporary directory, so that the demo's own
 lines stay readable. Each service runs as a context manager on the one
@@ -20,6 +25,7 @@ ExitStack: another service is one more `services.enter_context(...)`.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -31,11 +37,13 @@ import grpc
 import numpy as np
 
 from shared.cli import EXIT_INTERRUPTED, accuracy_text, print_checkpoints, watch_job
-from shared.client import InferenceClient, TrainerClient
+from shared.certs import CertificateAuthority
+from shared.client import Connection, InferenceClient, TrainerClient
 from shared.data import load_dataset
 from shared.embedded_redis import redis_for_local_use
 from shared.redis_client import redis_url_from_env
 from shared.rpc import tandem_trainer_pb2 as pb
+from shared.tls import ClientTLS, ServerTLS
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
 from trainer_svc.config import TrainerConfig
@@ -48,17 +56,26 @@ RELOAD_POLL = 0.005    # seconds between two looks at which version it serves
 STOP_GRACE = 10.0      # seconds a running job has to checkpoint when the demo stops early
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the digits CNN and serve it as it trains.")
+    parser.add_argument("--tls", action="store_true",
+                        help="every call over mutual TLS, with a throwaway CA")
+    args = parser.parse_args(argv)
     log_file = log_to_temporary_file()
     print(f"Tandem demo (service logs: {log_file})")
+    if args.tls:
+        server_tls, client = throwaway_certificates(log_file.parent)
+        print(f"transport: mutual TLS, certificates from a throwaway CA in {log_file.parent}")
+    else:
+        server_tls, client = None, Connection()
     try:
         with ExitStack() as services:
             redis_url = services.enter_context(redis_for_local_use())
             print("checkpoint store: " + ("Redis at $REDIS_URL" if redis_url_from_env()
                                           else "an embedded Redis, in memory"))
             # Before the trainer, so that it sees every version from the first one on.
-            inference = services.enter_context(running_inference(redis_url))
-            trainer = services.enter_context(running_trainer(redis_url))
+            inference = services.enter_context(running_inference(redis_url, server_tls, client))
+            trainer = services.enter_context(running_trainer(redis_url, server_tls, client))
             job = train_digits(trainer, inference)
             if job.state != pb.JOB_STATE_SUCCEEDED:
                 return 1
@@ -79,33 +96,46 @@ def log_to_temporary_file() -> Path:
     return log_file
 
 
+def throwaway_certificates(directory: Path) -> tuple[ServerTLS, Connection]:
+    """A CA, a server certificate for 127.0.0.1 and a client's, written to `directory`: the
+    servers' TLS settings (mutual) and the clients' connection."""
+
+    ca = CertificateAuthority.new("tandem-demo-ca")
+    ca_file = ca.write(directory / "ca.pem")
+    server = ca.issue("tandem-demo-server", hosts=("127.0.0.1", "localhost")).write(
+        directory / "server")
+    client = ca.issue("tandem-demo-client", client=True).write(directory / "client")
+    return (ServerTLS(server["cert"], server["key"], client_ca=ca_file),
+            Connection(ClientTLS(ca_file, client["cert"], client["key"])))
+
+
 @contextmanager
-def running_inference(redis_url: str):
+def running_inference(redis_url: str, tls: ServerTLS | None, connection: Connection):
     """An inference service on a free port of 127.0.0.1 (no metrics) that serves MODEL_NAME's
     latest version; yields a client. It is live at once, and ready once a version serves."""
     config = InferConfig(redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,),
-                         pinned={}, metrics_port=0)
+                         pinned={}, metrics_port=0, tls=tls)
     server = InferenceServer(config).start()
     print(f"inference service: 127.0.0.1:{server.port} "
           f"(serves the latest version of {MODEL_NAME}, reloading each one as it is published)")
     try:
-        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        with InferenceClient(f"127.0.0.1:{server.port}", connection=connection) as client:
             yield client
     finally:
         server.stop(STOP_GRACE)
 
 
 @contextmanager
-def running_trainer(redis_url: str):
+def running_trainer(redis_url: str, tls: ServerTLS | None, connection: Connection):
     """A trainer service on a free port of 127.0.0.1 (no metrics); yields a client, ready."""
     # Its own jobs only: never resume the unfinished jobs a shared Redis may hold.
     config = TrainerConfig(redis_url=redis_url, listen="127.0.0.1:0", metrics_port=0,
-                           resume_interrupted=False)
+                           resume_interrupted=False, tls=tls)
     server = TrainerServer(config).start()
     print(f"trainer service: 127.0.0.1:{server.port} "
           f"(keeps the latest {config.checkpoint_retention} versions of a model)\n")
     try:
-        with TrainerClient(f"127.0.0.1:{server.port}") as client:
+        with TrainerClient(f"127.0.0.1:{server.port}", connection=connection) as client:
             client.wait_until_ready(READY_TIMEOUT)
             yield client
     finally:

@@ -24,6 +24,12 @@ $TANDEM_TRAINER, else 127.0.0.1:50051):
     tandem jobs checkpoints digits
     tandem jobs plot JOB_ID --out digits.png
 
+Both take TLS and a bearer token for a service that asks for them
+(`--tls-ca`, `--tls-cert`, `--tls-key`, `--tls`, `--token-file`; by default
+$TANDEM_TLS_CA, $TANDEM_TLS_CLIENT_CERT, $TANDEM_TLS_CLIENT_KEY, $TANDEM_TLS,
+and $TANDEM_TOKEN_FILE or $TANDEM_TOKEN). A token is never taken as an
+argument, where `ps` would show it to every user of the machine.
+
 Bad input (an unknown preset or dataset, a spec that cannot work, a bad
 setting, a missing or corrupt file) is reported as `tandem: error: ...` on
 stderr with exit code 2, like a usage error, and without a traceback; so is
@@ -47,7 +53,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.checkpoint import (Checkpoint, CheckpointError, CheckpointMeta, check_model_name,
                                load, save)
-from shared.client import JOB_STATE_NAMES, InferenceClient, TrainerClient, job_state_name
+from shared.client import (JOB_STATE_NAMES, Connection, InferenceClient, TrainerClient,
+                           job_state_name, read_token_file, token_from_env)
+from shared.config import env
 from shared.data import Dataset, list_datasets, load_dataset
 from shared.nn import (OPTIMIZERS, EpochEvent, Model, SpecError, StepEvent, as_batch, build_model,
                        evaluate)
@@ -57,6 +65,7 @@ from shared.nn.train import MONITORS
 from shared.progress import Progress
 from shared.rpc import tandem_common_pb2
 from shared.rpc import tandem_trainer_pb2 as pb
+from shared.tls import ClientTLS
 from shared.training import Hyperparameters, train
 
 EXIT_ERROR = 2             # the exit code argparse uses for usage errors
@@ -121,12 +130,23 @@ def report(message: str) -> int:
 
 def unavailable_hint(args: argparse.Namespace) -> str:
     """What to try when the service a command called is UNAVAILABLE."""
+    tls = ("If it serves TLS, trust its CA with --tls-ca (and, for mutual TLS, give "
+           "--tls-cert and --tls-key); a TLS handshake that fails looks like this too.")
     if getattr(args, "server", None):
         return (f"tandem: is an inference service at {args.server}, with a version of "
                 f"{args.model_name!r} loaded? Start one with `python -m infer_svc`, or name "
-                "another with --server HOST:PORT.")
+                f"another with --server HOST:PORT. {tls}")
     return (f"tandem: no trainer answers at {args.trainer}? Start one with "
-            "`python -m trainer_svc`, or name another with --trainer HOST:PORT.")
+            f"`python -m trainer_svc`, or name another with --trainer HOST:PORT. {tls}")
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    """TLS and token as the connection flags (and, by default, the environment) set them."""
+    given = (args.tls_ca, args.tls_cert, args.tls_key)
+    tls = (ClientTLS(*given) if any(given) or args.tls or env("TANDEM_TLS", False, bool)
+           else None)
+    token = read_token_file(args.token_file) if args.token_file else token_from_env()
+    return Connection(tls, token)
 
 
 def describe(error: Exception) -> str:
@@ -167,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.set_defaults(run=run_evaluate)
 
     predict_parser = commands.add_parser(
-        "predict", parents=[data_dir],
+        "predict", parents=[data_dir, connection_flags()],
         help="predictions for some samples, from a saved model or an inference service",
         description="Predict with the model in MODEL_FILE, in this process, or with a model an "
                     "inference service serves (--server); give one of the two.")
@@ -205,7 +225,7 @@ def add_jobs_commands(commands: argparse._SubParsersAction) -> None:
     jobs = commands.add_parser(
         "jobs", help="train on a trainer service: start, follow, list and cancel jobs"
     ).add_subparsers(title="jobs commands", required=True, metavar="COMMAND")
-    trainer = argparse.ArgumentParser(add_help=False)
+    trainer = argparse.ArgumentParser(add_help=False, parents=[connection_flags()])
     trainer.add_argument(
         "--trainer", metavar="HOST:PORT", default=os.environ.get("TANDEM_TRAINER", DEFAULT_TRAINER),
         help=f"the trainer's address (default: $TANDEM_TRAINER, else {DEFAULT_TRAINER})")
@@ -259,6 +279,31 @@ def add_jobs_commands(commands: argparse._SubParsersAction) -> None:
     plot_parser.add_argument("job_id", metavar="JOB_ID")
     plot_parser.add_argument("--out", required=True, metavar="FILE.png", help="the image to write")
     plot_parser.set_defaults(run=run_jobs_plot)
+
+
+def connection_flags() -> argparse.ArgumentParser:
+    """TLS and the bearer token, for the commands that call a service."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group(
+        "TLS and token", "For a service that serves TLS or asks for a token. A token is never "
+                         "taken as an argument (`ps` would show it): from --token-file, or "
+                         "$TANDEM_TOKEN_FILE or $TANDEM_TOKEN.")
+    group.add_argument("--tls-ca", metavar="CA.pem", default=os.environ.get("TANDEM_TLS_CA"),
+                       help="speak TLS, trusting this CA (default: $TANDEM_TLS_CA)")
+    group.add_argument("--tls-cert", metavar="CERT.pem",
+                       default=os.environ.get("TANDEM_TLS_CLIENT_CERT"),
+                       help="for mutual TLS: this client's certificate "
+                            "(default: $TANDEM_TLS_CLIENT_CERT)")
+    group.add_argument("--tls-key", metavar="KEY.pem",
+                       default=os.environ.get("TANDEM_TLS_CLIENT_KEY"),
+                       help="the key of --tls-cert (default: $TANDEM_TLS_CLIENT_KEY)")
+    group.add_argument("--tls", action="store_true",
+                       help="speak TLS trusting the system's CAs (default: $TANDEM_TLS; "
+                            "implied by the flags above)")
+    group.add_argument("--token-file", metavar="FILE",
+                       help="send the bearer token in FILE with every call "
+                            "(default: $TANDEM_TOKEN_FILE, else $TANDEM_TOKEN)")
+    return flags
 
 
 def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
@@ -402,7 +447,7 @@ def model_to_predict_with(args: argparse.Namespace) -> Iterator[tuple[Model | Se
         return
     if not args.model_name:
         raise ValueError("--server needs --model-name NAME: the served model to ask")
-    with InferenceClient(args.server) as client:
+    with InferenceClient(args.server, connection=connection(args)) as client:
         yield (ServedModel(client, args.model_name, args.version),
                f"model {args.model_name!r} at {args.server}")
 
@@ -475,7 +520,7 @@ def run_presets(args: argparse.Namespace) -> None:
 
 
 def run_jobs_start(args: argparse.Namespace) -> int | None:
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         job = trainer.start_job(
             args.model_name, args.dataset, preset=args.preset,
             spec=read_spec_file(args.spec) if args.spec else None, hidden=args.hidden or (),
@@ -488,7 +533,7 @@ def run_jobs_start(args: argparse.Namespace) -> int | None:
 
 
 def run_jobs_list(args: argparse.Namespace) -> None:
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         jobs = trainer.list_jobs(states=args.state, model_name=args.model_name)
     if not jobs:
         print("no jobs")
@@ -502,18 +547,18 @@ def run_jobs_list(args: argparse.Namespace) -> None:
 
 
 def run_jobs_watch(args: argparse.Namespace) -> int:
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         return watch_exit_code(watch_job(trainer, args.job_id))
 
 
 def run_jobs_cancel(args: argparse.Namespace) -> None:
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         job = trainer.cancel(args.job_id)
     print(f"job {job.job_id}: {job_state_name(job)}")
 
 
 def run_jobs_checkpoints(args: argparse.Namespace) -> None:
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         print_checkpoints(trainer.list_checkpoints(args.model_name))
 
 
@@ -522,7 +567,7 @@ def run_jobs_plot(args: argparse.Namespace) -> int | None:
         from matplotlib.figure import Figure  # an optional extra
     except ImportError:
         return report("`tandem jobs plot` needs matplotlib: pip install 'tandem[plot]'")
-    with TrainerClient(args.trainer) as trainer:
+    with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         job = trainer.get_job(args.job_id)
     if not job.history:
         raise ValueError(f"job {job.job_id} has no finished epoch to plot yet")

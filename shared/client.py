@@ -20,23 +20,36 @@ server. The one exception is `InferenceClient.predict`, whose answer is
 mostly tensors: it returns a `Prediction` with them decoded to numpy
 arrays. A failed call raises grpc.RpcError with the server's status code
 and message.
+
+How a client connects, `Connection`, comes from the environment unless
+given: TLS from TANDEM_TLS_CA, TANDEM_TLS_CLIENT_CERT/KEY and TANDEM_TLS
+(shared/tls.py), and a bearer token from TANDEM_TOKEN or TANDEM_TOKEN_FILE,
+sent as `authorization: Bearer TOKEN` metadata with every call:
+
+    connection = Connection(ClientTLS(ca=Path("ca.pem")), token=read_token_file("alice.token"))
+    with TrainerClient("trainer.example:50051", connection=connection) as trainer:
+        ...
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.config import env
 from shared.rpc import tandem_common_pb2, tandem_inference_pb2_grpc, tandem_trainer_pb2_grpc
 from shared.rpc import tandem_inference_pb2 as inference_pb
 from shared.rpc import tandem_trainer_pb2 as pb
 from shared.tensors import from_tensor, to_tensor
+from shared.tls import ClientTLS, channel as tls_channel
 
 TRAINER_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 INFERENCE_SERVICE = inference_pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -55,15 +68,105 @@ def job_state(name: str) -> int:
     return pb.JobState.Value(f"JOB_STATE_{name.upper()}")
 
 
+# ---------------------------------------------------------------- connecting
+
+
+def read_token_file(path: str | Path) -> str:
+    """The bearer token in a file (surrounding whitespace stripped); never echoed in an error."""
+    token = Path(path).read_text(encoding="ascii", errors="replace").strip()
+    if not token:
+        raise ValueError(f"{path}: the token file is empty")
+    if not all("!" <= character <= "~" for character in token):
+        raise ValueError(f"{path}: a token is printable ASCII without spaces; this file holds more")
+    return token
+
+
+def token_from_env() -> str | None:
+    """TANDEM_TOKEN, or the token in the file TANDEM_TOKEN_FILE names; None without either."""
+    token, token_file = env("TANDEM_TOKEN", None), env("TANDEM_TOKEN_FILE", None)
+    if token is not None and token_file is not None:
+        raise ValueError("set TANDEM_TOKEN or TANDEM_TOKEN_FILE, not both")
+    if token_file is not None:
+        try:
+            return read_token_file(token_file)
+        except (OSError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) else error
+            raise ValueError(f"TANDEM_TOKEN_FILE={token_file!r}: {reason}") from None
+    return token
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How a client reaches a server: TLS (None: plaintext) and the bearer token sent with every
+    call (None: none). `Connection()` is plaintext without a token."""
+
+    tls: ClientTLS | None = None
+    token: str | None = field(default=None, repr=False)   # a secret: never in a repr or a log
+
+    @classmethod
+    def from_env(cls) -> "Connection":
+        return cls(ClientTLS.from_env(), token_from_env())
+
+    def channel(self, target: str, options: list | None = None) -> grpc.Channel:
+        channel = tls_channel(target, self.tls, options)
+        if self.token is None:
+            return channel
+        return grpc.intercept_channel(channel, BearerToken(self.token))
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer TOKEN` to every call's metadata.
+
+    An interceptor rather than grpc's call credentials: those refuse to
+    travel on a plaintext channel, and a token must work on both (on
+    127.0.0.1 TLS is optional).
+    """
+
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:
+        return "BearerToken(...)"
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self._metadata], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+# ---------------------------------------------------------------- the clients
+
+
 class _ServiceClient:
-    """A channel to one server of `service`; `timeout` bounds each unary call."""
+    """A channel to one server of `service`; `timeout` bounds each unary call. `connection`:
+    TLS and token (default: from the environment, Connection.from_env)."""
 
     service: str  # the full service name that grpc.health.v1 reports on
 
-    def __init__(self, target: str, timeout: float = 30.0, options: list | None = None):
+    def __init__(self, target: str, timeout: float = 30.0, connection: Connection | None = None,
+                 options: list | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=options)
+        if connection is None:
+            connection = Connection.from_env()
+        self._channel = connection.channel(target, options)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self):
@@ -93,8 +196,8 @@ class TrainerClient(_ServiceClient):
 
     service = TRAINER_SERVICE
 
-    def __init__(self, target: str, timeout: float = 30.0):
-        super().__init__(target, timeout)
+    def __init__(self, target: str, timeout: float = 30.0, connection: Connection | None = None):
+        super().__init__(target, timeout, connection)
         self._trainer = tandem_trainer_pb2_grpc.TrainerStub(self._channel)
 
     # ---------------------------------------------------------------- jobs
@@ -220,10 +323,11 @@ class InferenceClient(_ServiceClient):
 
     service = INFERENCE_SERVICE
 
-    def __init__(self, target: str, timeout: float = 30.0):
+    def __init__(self, target: str, timeout: float = 30.0, connection: Connection | None = None):
         # The server bounds what it sends (INFER_MAX_MESSAGE_BYTES); gRPC's own 4 MiB default
         # would refuse a large batch's probabilities here after the server computed them.
-        super().__init__(target, timeout, options=[("grpc.max_receive_message_length", -1)])
+        super().__init__(target, timeout, connection,
+                         options=[("grpc.max_receive_message_length", -1)])
         self._inference = tandem_inference_pb2_grpc.InferenceStub(self._channel)
 
     def predict(self, model_name: str, inputs: np.ndarray, version: int | None = None,

@@ -2,7 +2,7 @@
 
 TLS: Debian's redis-server (built with TLS; the embedded one is not), started
 by each test on a free 127.0.0.1 port, TLS only, with certificates made here
-(tests/certs.py). Without /usr/bin/redis-server these tests skip, saying so,
+(shared/certs.py). Without /usr/bin/redis-server these tests skip, saying so,
 except in CI (CI=true), where they fail: `.ci/run` installs it.
 
 ACL users: the ACL file shared.redis_acl writes, loaded by the embedded

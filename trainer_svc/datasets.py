@@ -9,7 +9,9 @@ matches its SHA-256), the values are checked a few MiB at a time (x finite,
 labels in range) and the buffers are written as they are, in one Redis
 transaction: a broken or refused upload leaves nothing behind. Uploaded
 arrays are stored as raw little-endian bytes with dtype and shape, never
-pickled.
+pickled. Each entry records its uploader (field `owner`, the caller's
+identity, shared.auth; "" with auth off): only the uploader or an admin may
+overwrite it, and the entry is then the overwriter's.
 
 A stored entry is checked again whenever it is read, by the same rules: one
 that cannot be read (corrupt, foreign, written by an older build) is left
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from shared.auth import Caller, NotPermitted
 from shared.checkpoint import check_model_name
 from shared.data import BUILTIN_DATASETS, Dataset, DatasetError, DatasetNotFound, list_datasets, load_dataset
 from shared.data.dataset import check_finite, check_labels
@@ -52,6 +55,7 @@ INTEGER_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64
 FLOAT_DTYPES = ("float16", "float32", "float64")
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in INTEGER_DTYPES + FLOAT_DTYPES}
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+OWNER_FIELD = "owner"
 
 MAX_UPLOAD_BYTES_VARIABLE = "TRAINER_MAX_UPLOAD_BYTES"
 MAX_CLASSES_VARIABLE = "TRAINER_MAX_CLASSES"
@@ -147,8 +151,8 @@ class DatasetUpload:
     that every array arrived whole and matches its SHA-256.
     """
 
-    def __init__(self, name: str, headers: dict[str, ArrayHeader], overwrite: bool):
-        self.name, self.headers, self.overwrite = name, headers, overwrite
+    def __init__(self, name: str, headers: dict[str, ArrayHeader], overwrite: bool, uploader: Caller):
+        self.name, self.headers, self.overwrite, self.uploader = name, headers, overwrite, uploader
         self.buffers = {array: bytearray(h.size_bytes) for array, h in headers.items()}
         self._digests = {array: hashlib.sha256() for array, h in headers.items() if h.sha256}
         self._received = dict.fromkeys(headers, 0)
@@ -289,7 +293,8 @@ class DatasetCatalog:
 
     # ------------------------------------------------------------ uploading
 
-    def begin_upload(self, name: str, headers: list[ArrayHeader], overwrite: bool = False) -> DatasetUpload:
+    def begin_upload(self, name: str, headers: list[ArrayHeader], overwrite: bool,
+                     uploader: Caller) -> DatasetUpload:
         """Check everything an upload's header tells, then set aside its buffers."""
         if not _is_upload_name(name):
             raise ValueError(f"header.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
@@ -298,24 +303,21 @@ class DatasetCatalog:
         checked = check_layout(headers)
         check_limit(f"upload {name!r}", sum(h.size_bytes for h in headers), self.max_upload_bytes,
                     MAX_UPLOAD_BYTES_VARIABLE, "bytes")
-        if not overwrite:   # checked again when it is stored; this spares receiving a doomed upload
-            with unavailable_on_error(self._redis):
-                taken = self._redis.exists(self._key(name))
-            if taken:
-                raise FileExistsError(f"dataset {name!r} exists; set header.overwrite to replace it")
-        return DatasetUpload(name, checked, overwrite)
+        # Checked again when it is stored; this spares receiving a doomed upload.
+        with unavailable_on_error(self._redis):
+            _check_replaceable(name, _owner(self._redis, self._key(name)), overwrite, uploader)
+        return DatasetUpload(name, checked, overwrite, uploader)
 
     def store_upload(self, upload: DatasetUpload) -> DatasetSummary:
         """Check a complete upload's values, then write its buffers in one transaction (all or nothing)."""
         summary = self._summary(upload.name, upload.headers, upload.finish())
         header = {a: {"dtype": h.dtype, "shape": list(h.shape)} for a, h in upload.headers.items()}
         # redis-py sends a bytearray as it is: the buffers are not copied again.
-        fields = {"header": json.dumps(header), **upload.buffers}
+        fields = {"header": json.dumps(header), OWNER_FIELD: upload.uploader.identity, **upload.buffers}
         key = self._key(upload.name)
         with unavailable_on_error(self._redis), self._redis.pipeline(transaction=True) as pipe:
             pipe.watch(key)
-            if pipe.exists(key) and not upload.overwrite:
-                raise FileExistsError(f"dataset {upload.name!r} exists; set header.overwrite to replace it")
+            _check_replaceable(upload.name, _owner(pipe, key), upload.overwrite, upload.uploader)
             pipe.multi()
             pipe.delete(key)
             pipe.hset(key, mapping=fields)
@@ -360,6 +362,28 @@ def _is_upload_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _owner(client, key: str) -> str | None:
+    """Who uploaded the entry at `key`: None if there is none, "" if it names no one."""
+    try:
+        owner = client.hget(key, OWNER_FIELD)
+    except redis.ResponseError:   # not a hash: a foreign key, no one's
+        return ""
+    if owner is not None:
+        return owner.decode(errors="replace")
+    return "" if client.exists(key) else None
+
+
+def _check_replaceable(name: str, owner: str | None, overwrite: bool, uploader: Caller) -> None:
+    """Whether an upload may be stored as `name`, whose entry `owner` uploaded (None: no entry yet)."""
+    if owner is None:
+        return
+    if not overwrite:
+        raise FileExistsError(f"dataset {name!r} exists; set header.overwrite to replace it")
+    if not uploader.controls(owner):
+        raise NotPermitted(f"dataset {name!r} is another caller's upload; only its uploader or "
+                           "an admin may overwrite it")
 
 
 @contextmanager

@@ -90,10 +90,12 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     finished_at: float = 0.0
+    # The identity that started it (shared.auth); "" with auth off, and in records made before owners.
+    owner: str = ""
 
     @classmethod
-    def new(cls, request: JobRequest) -> "JobRecord":
-        return cls(job_id=uuid.uuid4().hex[:16], request=request)
+    def new(cls, request: JobRequest, owner: str = "") -> "JobRecord":
+        return cls(job_id=uuid.uuid4().hex[:16], request=request, owner=owner)
 
     @property
     def model_name(self) -> str:

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from shared.auth import Caller, NotPermitted
 from shared.backoff import Backoff
 from shared.checkpoint import CheckpointMeta, check_model_name
 from shared.nn import EpochEvent, StepEvent, StopTraining, TrainingDiverged, build_model
@@ -49,6 +50,12 @@ class JobNotFound(LookupError):
 
 class NotAccepting(RuntimeError):
     """The trainer is shutting down and takes no new jobs."""
+
+
+def _allow(allowed: bool, job_id: str, why: str) -> None:
+    """Refuse a caller another's job (NotPermitted: PERMISSION_DENIED), saying who may."""
+    if not allowed:
+        raise NotPermitted(f"job_id {job_id!r} is another caller's job; {why}")
 
 
 @dataclass(frozen=True)
@@ -186,15 +193,15 @@ class JobManager:
             checkpoint_every_epoch=start.checkpoint_every_epoch,
             resume_from_version=start.resume_from_version, request_id=start.request_id)
 
-    def submit(self, start: StartJob) -> JobRecord:
-        """Queue a new job, or return the job an earlier call with the same request_id made."""
+    def submit(self, start: StartJob, caller: Caller) -> JobRecord:
+        """Queue a new job of `caller`'s, or return the job an earlier call with the same request_id made."""
         with self._lock:
             if not self._accepting:
                 raise NotAccepting("the trainer is shutting down and takes no new jobs")
-        record = JobRecord.new(self.check(start))
+        record = JobRecord.new(self.check(start), owner=caller.identity)
         earlier = self.repository.save_new(record, start.request_id)
         if earlier:
-            return self.get(earlier)
+            return self.get(earlier, caller)
         job = _ActiveJob(record)
         with self._lock:
             self._active[record.job_id] = job
@@ -203,7 +210,13 @@ class JobManager:
                  record.model_name, record.request.dataset)
         return record.copy()
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, caller: Caller) -> JobRecord:
+        """A job `caller` may see: its own, or anyone's with the view role (Caller.sees)."""
+        record = self._record(job_id)
+        _allow(caller.sees(record.owner), job_id, "the train role sees its own jobs only (view: all)")
+        return record
+
+    def _record(self, job_id: str) -> JobRecord:
         # An id is checked before it becomes part of a Redis key: "ID:optimizer" is another key.
         if not is_job_id(job_id):
             raise JobNotFound(f"job_id {job_id[:40]!r}: no such job (job ids are 16 hex digits)")
@@ -217,20 +230,25 @@ class JobManager:
             raise JobNotFound(f"job_id {job_id!r}: no such job")
         return record
 
-    def list(self, state: JobState | None = None, limit: int | None = None, offset: int = 0) -> list[JobRecord]:
-        records = self.repository.list()
+    def list(self, caller: Caller, state: JobState | None = None, limit: int | None = None,
+             offset: int = 0) -> list[JobRecord]:
+        """The jobs `caller` may see (Caller.sees)."""
+        records = [r for r in self.repository.list() if caller.sees(r.owner)]
         with self._lock:
             live = {job_id: job for job_id, job in self._active.items()}
-        records = [self.get(r.job_id) if r.job_id in live else r for r in records]
+        records = [self._record(r.job_id) if r.job_id in live else r for r in records]
         if state:
             records = [r for r in records if r.state == state]
         return records[offset:None if limit is None else offset + limit]
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, caller: Caller) -> JobRecord:
+        """Cancel a job `caller` controls: its own, or anyone's as admin (Caller.controls)."""
+        _allow(caller.controls(self._record(job_id).owner), job_id,
+               "a caller cancels its own jobs only (admin: anyone's)")
         with self._lock:
             job = self._active.get(job_id)
         if job is None:
-            return self.get(job_id)  # finished already (or unknown: JobNotFound)
+            return self._record(job_id)  # finished already
         with job.lock:
             if job.record.state.finished:  # ended meanwhile; its final record is being saved
                 return job.record.copy()
@@ -247,12 +265,12 @@ class JobManager:
             self.events.publish(record.job_id, JobSnapshot(record))
         return record
 
-    def watch(self, job_id: str) -> tuple[JobRecord, Subscription]:
-        """The job's current record, and a subscription to what happens next."""
+    def watch(self, job_id: str, caller: Caller) -> tuple[JobRecord, Subscription]:
+        """The current record of a job `caller` may see, and a subscription to what happens next."""
         subscription = self.events.subscribe(job_id)
         try:
-            record = self.get(job_id)
-        except JobNotFound:
+            record = self.get(job_id, caller)
+        except (JobNotFound, NotPermitted):
             subscription.close()
             raise
         if record.state.finished:

@@ -13,12 +13,15 @@ import time
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.access import AccessInterceptor
+from shared.auth import UNRESTRICTED
 from shared.health import HealthServicer
 from shared.redis_client import connect
 from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
 from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
                             run_until_signalled)
 from shared.store import CheckpointStore
+from shared.tls import listen
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
 from trainer_svc.datasets import DatasetCatalog
@@ -49,11 +52,13 @@ class TrainerServer:
         self.health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
         for service in HEALTH_SERVICES:   # known from the first call on; SERVING once started
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES)
+        self.server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES,
+                                  interceptors=[AccessInterceptor(config.auth, "trainer")])
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection(self.server, SERVICE)
-        self.port = self.server.add_insecure_port(config.listen)
+        if config.auth.reflection_served:   # TANDEM_REFLECTION=off: not served
+            enable_reflection(self.server, SERVICE)
+        self.port = listen(self.server, config.listen, config.tls)
         self.metrics_http = None
         self._stopped = threading.Event()
 
@@ -62,7 +67,7 @@ class TrainerServer:
         if self.config.metrics_port:
             self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
             self._job_states = metrics.register_job_states(
-                lambda: (r.state.value for r in self.manager.list()))
+                lambda: (r.state.value for r in self.manager.list(UNRESTRICTED)))
         self.server.start()
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

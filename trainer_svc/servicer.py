@@ -4,8 +4,12 @@ Status codes: a stored checkpoint that fails verification (CheckpointError)
 -> FAILED_PRECONDITION; ValueError (a spec, hyperparameter or field that cannot work)
 -> INVALID_ARGUMENT; LookupError (unknown job, preset, dataset, model or
 version) -> NOT_FOUND; an existing upload -> ALREADY_EXISTS; an upload over
-the size limit -> RESOURCE_EXHAUSTED; Redis unreachable or the trainer
-shutting down -> UNAVAILABLE. Messages come from the domain and name the field.
+the size limit -> RESOURCE_EXHAUSTED; another caller's job or dataset (NotPermitted) ->
+PERMISSION_DENIED; Redis unreachable or the trainer shutting down ->
+UNAVAILABLE. Messages come from the domain and name the field.
+
+Each call passes its caller (shared.auth.current_caller(), set by the access
+interceptor) to the domain, which decides whose jobs and datasets it reaches.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import asdict
 
 import grpc
 
+from shared.auth import NotPermitted, current_caller
 from shared.checkpoint import CheckpointError
 from shared.grpc_errors import translate_errors
 from shared.nn import spec_to_json
@@ -37,6 +42,7 @@ STATUS_BY_ERROR = [  # the first match wins
     (OverflowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (LookupError, grpc.StatusCode.NOT_FOUND),
+    (NotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (NotAccepting, grpc.StatusCode.UNAVAILABLE),
 ]
@@ -115,11 +121,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def StartJob(self, request, context):
-        return job_to_proto(self.manager.submit(start_job_from_proto(request)))
+        return job_to_proto(self.manager.submit(start_job_from_proto(request), current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def GetJob(self, request, context):
-        return job_to_proto(self.manager.get(request.job_id))
+        return job_to_proto(self.manager.get(request.job_id, current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def ListJobs(self, request, context):
@@ -128,7 +134,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
             raise ValueError(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {request.page_size}")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)   # as AIP-158 says
         offset = page_offset(request.page_token)
-        jobs = [r for r in self.manager.list()
+        jobs = [r for r in self.manager.list(current_caller())
                 if (not states or r.state in states)
                 and (not request.model_name or r.model_name == request.model_name)]
         page = jobs[offset:offset + page_size]
@@ -138,7 +144,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def WatchJob(self, request, context):
-        record, subscription = self.manager.watch(request.job_id)
+        record, subscription = self.manager.watch(request.job_id, current_caller())
         try:
             yield self._event(record.job_id, snapshot=job_to_proto(record))
             while context.is_active():
@@ -153,7 +159,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def CancelJob(self, request, context):
-        return job_to_proto(self.manager.cancel(request.job_id))
+        return job_to_proto(self.manager.cancel(request.job_id, current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def ListCheckpoints(self, request, context):
@@ -176,7 +182,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         header = first.header
         upload = self.manager.catalog.begin_upload(header.name, [
             ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays
-        ], overwrite=header.overwrite)
+        ], overwrite=header.overwrite, uploader=current_caller())
         for chunk in request_iterator:
             if chunk.WhichOneof("chunk") != "piece":
                 raise ValueError("only the first chunk may be a header")
