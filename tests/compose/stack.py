@@ -1,8 +1,9 @@
 """The compose stack under test: finding an engine and Compose v2, and driving one stack.
 
 `Stack` runs docker-compose.yml under a project name of its own
-(`tandem-test-<random>`), with a random Redis password and every host port
-ephemeral, so that it runs beside any other stack; it finds the published
+(`tandem-test-<random>`), with a secrets folder of its own (made by the
+stack's `secrets` service on `up`: certificates, Redis users, tokens) and
+every host port ephemeral, so that it runs beside any other stack; it finds the published
 ports through the Docker SDK, controls containers through the SDK, and
 removes everything it made (containers, networks, volumes) with
 `down -v --remove-orphans`. Compose commands run in a session of their own,
@@ -16,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,7 @@ class Stack:
         self.docker = engine.client
         self.compose_command = engine.compose
         self.project = project or f"tandem-test-{secrets.token_hex(4)}"
+        self.secrets_dir = Path(tempfile.mkdtemp(prefix=f"{self.project}-secrets-"))
         self.env = self._environment()
         self.timings: dict[str, float] = {}
         self.started = False     # `up` was run: `down` has something to remove
@@ -130,7 +133,7 @@ class Stack:
                if name in PASSED_THROUGH or name in IMAGE_SETTINGS
                or name.startswith(PASSED_THROUGH_PREFIXES)}
         env.update({
-            "REDIS_PASSWORD": secrets.token_hex(16),
+            "TANDEM_SECRETS_DIR": str(self.secrets_dir),
             "INFER_REPLICAS": str(INFER_REPLICAS),
             # Every host port ephemeral: this stack never clashes with another.
             "TRAINER_HOST_PORT": "", "TRAINER_METRICS_HOST_PORT": "",
@@ -200,6 +203,7 @@ class Stack:
             return
         started = time.monotonic()
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=DOWN_TIMEOUT)
+        shutil.rmtree(self.secrets_dir, ignore_errors=True)
         self.removed = True
         self.timings["down"] = time.monotonic() - started
 
@@ -210,6 +214,22 @@ class Stack:
         except subprocess.TimeoutExpired:
             return "(compose logs timed out)"
         return result.stdout + result.stderr
+
+    # ------------------------------------------------------------ the host's credentials
+
+    @property
+    def ca_file(self) -> Path:
+        return self.secrets_dir / "public" / "ca.crt"
+
+    def token(self, identity: str = "admin") -> str:
+        """A token the stack made for the host: "admin" (every role) or "predict"."""
+        return (self.secrets_dir / "clients" / f"{identity}.token").read_text()
+
+    def connection(self, identity: str = "admin"):
+        """TLS trusting the stack's CA, and `identity`'s token on every call."""
+        from shared.client import Connection
+        from shared.tls import ClientTLS
+        return Connection(ClientTLS(ca=self.ca_file), token=self.token(identity))
 
     # ------------------------------------------------------------ containers and ports
 

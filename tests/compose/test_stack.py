@@ -3,8 +3,9 @@
 Everything goes through the ports the stack publishes on 127.0.0.1 (found
 through the Docker SDK, and found again after a container restarts: an
 ephemeral host port may change), with the project's own clients: the
-TrainerClient, the generated tandem.v1.Inference stubs, and tritonclient
-for the Open Inference Protocol. Containers are controlled with the Docker
+TrainerClient, the generated tandem.v1.Inference stubs, the `tandem` CLI,
+and tritonclient for the Open Inference Protocol; all over TLS, trusting
+the CA the stack made, with the tokens it made for the host. Containers are controlled with the Docker
 SDK. Every wait is bounded: gRPC deadlines, or a deadline on a condition.
 
 Each test trains a model of its own name, so the order of the tests does not
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -25,12 +28,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.client import TrainerClient, job_state_name
+from shared.client import Connection, TrainerClient, job_state_name
 from shared.data import load_dataset
 from shared.rpc import tandem_inference_pb2 as pb
 from shared.rpc import tandem_inference_pb2_grpc
 from shared.tensors import from_tensor, to_tensor
-from tests.compose.stack import INFER_PORT, Stack
+from shared.tls import ClientTLS
+from tests.compose.stack import INFER_PORT, REPO, Stack
 
 pytestmark = pytest.mark.compose
 
@@ -121,10 +125,11 @@ class JobWatch:
 
 
 class Inference:
-    """A channel to one inference replica (or several, with `options`), Tandem's own API."""
+    """A channel to one inference replica (or several, with `options`), Tandem's own API,
+    over TLS with the stack's predict token."""
 
-    def __init__(self, target: str, options=()):
-        self.channel = grpc.insecure_channel(target, options=list(options))
+    def __init__(self, stack: Stack, target: str, options=()):
+        self.channel = stack.connection("predict").channel(target, options=list(options))
         self.stub = tandem_inference_pb2_grpc.InferenceStub(self.channel)
 
     def predict(self, model: str, x: np.ndarray, timeout: float = CALL_TIMEOUT) -> pb.PredictResponse:
@@ -142,7 +147,7 @@ class PredictLoop:
     """
 
     def __init__(self, calls: list[Callable[[], pb.PredictResponse]], interval: float = 0.02,
-                 max_seconds: float = 180.0):
+                 max_seconds: float = TRAIN_TIMEOUT + 60):   # outlives the job it watches
         self.calls, self.interval, self.max_seconds = calls, interval, max_seconds
         self.outcomes: list[tuple[float, bool, str]] = []   # (time, ok, version or error)
         self._stop = threading.Event()
@@ -200,7 +205,7 @@ class PredictLoop:
 
 
 def connect_trainer(stack: Stack) -> TrainerClient:
-    client = TrainerClient(stack.trainer_address(), timeout=CALL_TIMEOUT)
+    client = TrainerClient(stack.trainer_address(), timeout=CALL_TIMEOUT, connection=stack.connection())
     client.wait_until_ready(READY_TIMEOUT)
     return client
 
@@ -277,7 +282,7 @@ def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
     assert listed[0].version == final.last_published_version and listed[0].latest
 
     data = digits()
-    replica = Inference(healthy_stack.infer_addresses()[0])
+    replica = Inference(healthy_stack, healthy_stack.infer_addresses()[0])
     try:
         response = replica.predict(model, data.x_test)
     finally:
@@ -296,7 +301,7 @@ def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
 def test_both_replicas_serve_the_latest_version_after_a_publish(healthy_stack, trainer):
     model = "compose-replicas"
     sample = digits().x_test[:4]
-    replicas = [Inference(address) for address in healthy_stack.infer_addresses()]
+    replicas = [Inference(healthy_stack, address) for address in healthy_stack.infer_addresses()]
     assert len(replicas) == 2
     try:
         first = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
@@ -329,7 +334,7 @@ def test_redis_restart_mid_training(healthy_stack, trainer):
                             every_steps=100, every_epoch=False)
     watch = JobWatch(trainer, job.job_id)
     watch.wait_for(lambda e: e.HasField("checkpoint"), "a first checkpoint")
-    replicas = [Inference(address) for address in healthy_stack.infer_addresses()]
+    replicas = [Inference(healthy_stack, address) for address in healthy_stack.infer_addresses()]
     try:
         for replica in replicas:   # loaded before the outage
             replica.predict(model, sample)
@@ -431,9 +436,11 @@ def test_one_replica_stops_under_a_client_loop(healthy_stack, small_model):
     sample = digits().x_test[:4]
     stopped, survivor = healthy_stack.containers("infer", all=False)
     addresses = [healthy_stack.published(c, INFER_PORT) for c in (stopped, survivor)]
-    client = Inference("ipv4:" + ",".join(addresses),
+    client = Inference(healthy_stack, "ipv4:" + ",".join(addresses),
                        options=[("grpc.service_config", json.dumps(FAILOVER_CONFIG)),
-                                ("grpc.enable_retries", 1)])
+                                ("grpc.enable_retries", 1),
+                                # One channel over two addresses: check the name the certificates have.
+                                ("grpc.ssl_target_name_override", "localhost")])
     try:
         with PredictLoop([lambda: client.predict(model, sample)], interval=0.01) as loop:
             loop.wait_successes(40)
@@ -463,22 +470,24 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
     model, version = small_model.model_name, small_model.last_published_version
     x = digits().x_test[:16].astype(np.float32)
     address = healthy_stack.infer_addresses()[-1]
-    client = triton.InferenceServerClient(url=address)
-    replica = Inference(address)
+    client = triton.InferenceServerClient(url=address, ssl=True,
+                                          root_certificates=str(healthy_stack.ca_file))
+    token = {"authorization": f"Bearer {healthy_stack.token('predict')}"}
+    replica = Inference(healthy_stack, address)
     try:
-        assert client.is_server_live(client_timeout=CALL_TIMEOUT)
+        assert client.is_server_live(headers=token, client_timeout=CALL_TIMEOUT)
         inputs = triton.InferInput("input", list(x.shape), "FP32")
         inputs.set_data_from_numpy(x)
         result = client.infer(model, [inputs], outputs=[triton.InferRequestedOutput("probabilities"),
                                                         triton.InferRequestedOutput("classes")],
-                              client_timeout=CALL_TIMEOUT)
+                              headers=token, client_timeout=CALL_TIMEOUT)
         assert result.get_response().model_version == str(version)
         probabilities, classes = result.as_numpy("probabilities"), result.as_numpy("classes")
         assert probabilities.shape == (16, 10) and classes.shape == (16,)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-        assert client.is_server_ready(client_timeout=CALL_TIMEOUT)
-        assert client.is_model_ready(model, client_timeout=CALL_TIMEOUT)
-        metadata = client.get_model_metadata(model, client_timeout=CALL_TIMEOUT)
+        assert client.is_server_ready(headers=token, client_timeout=CALL_TIMEOUT)
+        assert client.is_model_ready(model, headers=token, client_timeout=CALL_TIMEOUT)
+        metadata = client.get_model_metadata(model, headers=token, client_timeout=CALL_TIMEOUT)
         assert [i.name for i in metadata.inputs] == ["input"]
         # The same answer as Tandem's own API on the same replica.
         own = replica.predict(model, x)
@@ -488,3 +497,65 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
     finally:
         client.close()
         replica.close()
+
+
+# ---------------------------------------------------------------- 7. security: TLS, tokens, Redis users
+
+def test_the_stack_refuses_plaintext_and_callers_without_the_right_token(healthy_stack, small_model):
+    trainer, infer = healthy_stack.trainer_address(), healthy_stack.infer_addresses()[0]
+    listing = "/tandem.v1.Trainer/ListJobs"
+    with grpc.insecure_channel(trainer) as plaintext:
+        with pytest.raises(grpc.RpcError) as caught:
+            plaintext.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    for connection, expected in ((Connection(ClientTLS(ca=healthy_stack.ca_file)),
+                                  grpc.StatusCode.UNAUTHENTICATED),
+                                 (healthy_stack.connection("predict"), grpc.StatusCode.PERMISSION_DENIED)):
+        with connection.channel(trainer) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
+        assert caught.value.code() == expected, caught.value.details()
+    replica = Inference(healthy_stack, infer)   # the predict token on inference: answered
+    try:
+        assert replica.predict(small_model.model_name, digits().x_test[:1]).version == \
+            small_model.last_published_version
+    finally:
+        replica.close()
+
+
+def test_the_cli_drives_the_stack_over_tls_with_a_token_file(healthy_stack, small_model):
+    tandem = [sys.executable, "-m", "shared.cli"]
+    tls = ["--tls-ca", str(healthy_stack.ca_file)]
+    tokens = healthy_stack.secrets_dir / "clients"
+    jobs = subprocess.run([*tandem, "jobs", "list", "--trainer", healthy_stack.trainer_address(), *tls,
+                           "--token-file", str(tokens / "admin.token")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert jobs.returncode == 0, jobs.stderr
+    assert small_model.job_id in jobs.stdout
+    predicted = subprocess.run([*tandem, "predict", "--server", healthy_stack.infer_addresses()[0], *tls,
+                                "--token-file", str(tokens / "predict.token"),
+                                "--model-name", small_model.model_name, "--dataset", "digits",
+                                "--limit", "20"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert predicted.returncode == 0, predicted.stderr
+    assert f"version {small_model.last_published_version}" in predicted.stdout
+
+
+def test_its_redis_refuses_writes_from_the_inference_user(healthy_stack, small_model):
+    redis = healthy_stack.container("redis")
+    key = f"tandem:model:{small_model.model_name}:latest"
+
+    def redis_cli(user: str, *command: str) -> str:
+        password = (healthy_stack.secrets_dir / user / "redis.password").read_text()
+        exit_code, output = redis.exec_run(
+            ["redis-cli", "--tls", "--cacert", "/run/tandem/public/ca.crt", "-h", "localhost",
+             "--user", user, "--pass", password, "--no-auth-warning", *command])
+        return output.decode(errors="replace").strip()
+
+    latest = redis_cli("infer", "GET", key)
+    assert latest == str(small_model.last_published_version)
+    for command in (("SET", key, "999"), ("DEL", key), ("PUBLISH", "tandem:announcements", "{}"),
+                    ("KEYS", "tandem:job:*")):
+        assert "NOPERM" in redis_cli("infer", *command), command
+    assert redis_cli("infer", "GET", key) == latest
+    assert "NOAUTH" in redis.exec_run(["redis-cli", "--tls", "--cacert", "/run/tandem/public/ca.crt",
+                                       "-h", "localhost", "GET", key])[1].decode()
