@@ -88,6 +88,34 @@ EXPECTED = {
 }
 
 
+def readme_roles_table() -> dict[str, tuple[str, ...]]:
+    """The README's roles table (Security > Callers), by method: what no/bad token, predict,
+    view, train and admin get, as "✔" (let through) or the status that refuses."""
+    section = (REPO / "README.md").read_text().split("### Callers: tokens and roles", 1)[1]
+    table = {}
+    for row in section.split("\n\n| variable |", 1)[0].splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if len(cells) != 6 or "`" not in cells[0]:
+            continue   # the header, its rule, and the reflection row (a setting, tested below)
+        service, _, names = cells[0].partition(" ")
+        methods = ([f"/tandem.v1.{service}/{name.strip(' `')}" for name in names.split(",")]
+                   if service in ("Trainer", "Inference") and names else
+                   [method for pattern in cells[0].replace("`", "").split(", ")
+                    for method in EXPECTED if method.startswith("/" + pattern.rstrip("*"))])
+        for method in methods:
+            table[method] = tuple("✔" if cell.startswith("✔") else cell for cell in cells[1:])
+    return table
+
+
+def test_the_readme_roles_table_says_what_the_servers_do():
+    def shown(status: grpc.StatusCode) -> str:
+        return status.name if status in REFUSED else "✔"
+    expected = {method: tuple(map(shown, statuses)) for method, statuses in EXPECTED.items()
+                if method != REFLECTION_METHOD}
+    assert all(without == bad for without, bad, *_ in expected.values())   # one README column
+    assert readme_roles_table() == {method: (row[0], *row[2:]) for method, row in expected.items()}
+
+
 # ---------------------------------------------------------------- harness
 
 def path(method: MethodDescriptor) -> str:
