@@ -19,7 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/tandem
 # The dependencies first: this layer is reused until the lock file changes.
 COPY requirements/runtime.lock /tmp/runtime.lock
-RUN /opt/tandem/bin/pip install -r /tmp/runtime.lock
+RUN /opt/tandem/bin/pip install --require-hashes -r /tmp/runtime.lock
 # Then Tandem itself (a regular, non-editable install; setuptools is in the lock).
 COPY pyproject.toml README.md /src/
 COPY shared /src/shared
