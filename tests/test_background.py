@@ -237,3 +237,17 @@ def test_close_with_the_handler_blocked_returns_false_within_timeout_plus_its_jo
     gate.set()
     worker._thread.join(WAIT)
     assert not worker._thread.is_alive()
+
+
+def test_after_close_nothing_more_is_handled_than_the_item_in_hand(workers):
+    gate = threading.Event()
+    worker = make(workers, gates={"stuck": gate})
+    worker.submit("stuck")
+    assert worker.started_event("stuck").wait(WAIT)
+    worker.submit("pending")
+    assert worker.close(timeout=0.05) is False
+    worker.submit("after close")
+    gate.set()
+    worker._thread.join(WAIT)
+    assert not worker._thread.is_alive()
+    assert worker.handled == ["stuck"]

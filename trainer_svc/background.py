@@ -58,7 +58,11 @@ class NewestOnly(Generic[T]):
             return bool(done) and self.error is None
 
     def close(self, timeout: float) -> bool:
-        """Handle what is pending (within `timeout`), then stop the thread."""
+        """Handle what is pending (within `timeout`), then stop the thread.
+
+        An item still pending then, or submitted later, is dropped; an item being
+        handled is finished (a thread cannot be interrupted), and nothing after it.
+        """
         handled = self.flush(timeout)
         with self._changed:
             self._closing = True
@@ -72,7 +76,7 @@ class NewestOnly(Generic[T]):
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending is not None or self._closing)
-                if self._pending is None:
+                if self._closing:   # close has waited for what it could: what is left is dropped
                     return
                 item, self._pending, self._busy = self._pending, None, True
             started = time.monotonic()
