@@ -65,6 +65,17 @@ def limited_threads(threads: int):
                 torch.set_num_threads(previous)
 
 
+@contextmanager
+def redis_session():
+    """What a benchmark against Redis runs in: BLAS pools at `bench_threads()`, an embedded
+    Redis of its own (or REDIS_URL's), and this machine's facts; yields (redis_url, facts)."""
+    from shared.embedded_redis import redis_for_local_use
+
+    threads = bench_threads()
+    with limited_threads(threads), redis_for_local_use() as url:
+        yield url, machine_facts(threads)
+
+
 # ---- timing -----------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -25,14 +25,12 @@ from tempfile import TemporaryDirectory
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import (Timing, bench_threads, limited_threads, machine_facts, print_facts,
-                          print_table, quick_mode, write_json)
+from bench.common import Timing, print_facts, print_table, quick_mode, redis_session, write_json
 from bench.serve_speed import (CALL_TIMEOUT, Block, Contender, clients_block, interleave,
                                published_model, request_for, server_config)
 from shared.access import AccessSettings
 from shared.auth import PREDICT, issue
 from shared.client import Connection
-from shared.embedded_redis import redis_for_local_use
 from shared.rpc import tandem_inference_pb2_grpc
 from shared.tls import ClientTLS, ServerTLS
 from infer_svc.server import InferenceServer
@@ -125,11 +123,9 @@ def measure(redis_url: str, timing: Timing) -> list[dict]:
 
 
 def run() -> None:
-    threads = bench_threads()
     timing = SETTINGS["quick" if quick_mode() else "full"]
     started = time.perf_counter()
-    with limited_threads(threads), redis_for_local_use() as url:
-        facts = machine_facts(threads)
+    with redis_session() as (url, facts):
         facts["grpc"] = grpc.__version__
         facts["certificates"] = "EC P-256, made by shared/certs.py"
         facts["timing"] = (f"{timing.rounds} rounds of {timing.block_seconds} s blocks per "

@@ -46,10 +46,9 @@ import numpy as np
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import (Timing, bench_threads, interleaved_medians, limited_threads,
-                          machine_facts, print_facts, print_table, quick_mode, write_json)
+from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
+                          redis_session, write_json)
 from shared.checkpoint import CheckpointMeta
-from shared.embedded_redis import redis_for_local_use
 from shared.nn import Model, build_model
 from shared.nn.presets import get_preset
 from shared.redis_client import connect
@@ -404,11 +403,9 @@ def verdict(ok: bool) -> str:
 
 
 def run() -> None:
-    threads = bench_threads()
     settings = SETTINGS["quick" if quick_mode() else "full"]
     started = time.perf_counter()
-    with limited_threads(threads), redis_for_local_use() as url:
-        facts = machine_facts(threads)
+    with redis_session() as (url, facts):
         config = server_config(url, True)
         facts["server"] = (f"digits-cnn float32; grpc_workers {config.grpc_workers}, "
                            f"max_batch_size {config.max_batch_size}, max_queue_delay_ms "

@@ -10,11 +10,10 @@ REDIS_URL when set).
 
 from __future__ import annotations
 
-from bench.common import (Timing, bench_threads, interleaved_medians, limited_threads,
-                          machine_facts, print_facts, print_table, quick_mode, write_json)
+from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
+                          redis_session, write_json)
 from shared import checkpoint
 from shared.checkpoint import CheckpointMeta
-from shared.embedded_redis import redis_for_local_use
 from shared.nn import build_model
 from shared.nn.presets import get_preset
 from shared.redis_client import connect
@@ -26,12 +25,10 @@ SIZES = [("~1 MB", (256, 128, 100)), ("~20 MB", (2048, 1536))]
 
 
 def run() -> None:
-    threads = bench_threads()
-    facts = machine_facts(threads)
     timing = Timing(rounds=3, block_seconds=0.3, warmup_calls=3) if quick_mode() else \
         Timing(rounds=7, block_seconds=1.0, warmup_calls=5)
     rows, results = [], []
-    with limited_threads(threads), redis_for_local_use() as url:
+    with redis_session() as (url, facts):
         client = connect(url)
         facts["redis"] = f"{client.info()['redis_version']} at {url.split('@')[-1]}"
         print_facts("Checkpoint store: publish and load vs plain SET/GET (same bytes)", facts)

@@ -40,6 +40,7 @@ from shared.data.dataset import check_finite, check_labels
 from shared.data.npz import dataset_from_arrays, whole_split
 from shared.limits import check_limit
 from shared.redis_client import unavailable_on_error
+from shared.tensors import DTYPES as TENSOR_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,13 @@ WHOLE_ARRAYS = ("x", "y")   # split 90/10, stratified, like an .npz with x and y
 LABELS_OF = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
 LABEL_ARRAYS = tuple(LABELS_OF.values())
 
-# The dtypes an upload may declare, by NumPy name. Anything else (structured,
-# object, string, datetime, complex, byte-order prefixes) is refused before
-# np.dtype ever sees the string.
-INTEGER_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
-FLOAT_DTYPES = ("float16", "float32", "float64")
-DTYPES = {name: np.dtype(name).newbyteorder("<") for name in INTEGER_DTYPES + FLOAT_DTYPES}
+# The dtypes an upload may declare, by NumPy name: the numeric ones a Tensor
+# carries (shared.tensors). Anything else (structured, object, string,
+# datetime, complex, byte-order prefixes) is refused before np.dtype ever
+# sees the string.
+SAMPLE_DTYPES = tuple(name for name in TENSOR_DTYPES if name != "bool")
+LABEL_DTYPES = tuple(name for name in SAMPLE_DTYPES if "int" in name)
+DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SAMPLE_DTYPES}
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 OWNER_FIELD = "owner"
 
@@ -109,7 +111,7 @@ def check_layout(headers: list[ArrayHeader]) -> dict[str, ArrayHeader]:
 def _check_array(header: ArrayHeader) -> None:
     where = f"header.arrays[{header.name}]"
     is_x = header.name.startswith("x")
-    accepted = INTEGER_DTYPES + FLOAT_DTYPES if is_x else INTEGER_DTYPES
+    accepted = SAMPLE_DTYPES if is_x else LABEL_DTYPES
     if header.dtype not in accepted:
         raise ValueError(f"{where}.dtype {header.dtype!r} is not accepted; "
                          f"{'x' if is_x else 'labels'} must be one of {', '.join(accepted)}")
