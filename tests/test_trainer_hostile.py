@@ -211,3 +211,11 @@ def test_an_unreadable_job_record_is_skipped_by_listings_and_by_a_restarted_trai
     restarted = start_trainer()    # resumes the unfinished jobs it can read, skips the rest
     assert get_job(restarted.stub, job.job_id).state == pb.JOB_STATE_SUCCEEDED
     assert checkpoints(restarted.stub, "readable")
+
+
+@pytest.mark.parametrize("variable, value", [("TRAINER_MAX_LAYERS", "0"), ("TRAINER_MAX_STEPS", "-5"),
+                                             ("TRAINER_MAX_PARAMETERS", "many")])
+def test_a_limit_setting_that_cannot_work_stops_the_trainer_at_start(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable):
+        JobLimits.from_env()

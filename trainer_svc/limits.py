@@ -43,6 +43,12 @@ class JobLimits:
     batch_size: int = 8192
     steps: int = 10_000_000              # epochs x steps per epoch: days of training at the most
 
+    def __post_init__(self):
+        for limit in fields(self):   # a limit of 0 or less would refuse every job: a setting's typo
+            if getattr(self, limit.name) < 1:
+                raise ValueError(f"{LIMIT_VARIABLES[limit.name]} must be at least 1, "
+                                 f"got {getattr(self, limit.name)}")
+
     @classmethod
     def from_env(cls) -> "JobLimits":
         return cls(**{f.name: env(LIMIT_VARIABLES[f.name], f.default, int) for f in fields(cls)})
