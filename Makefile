@@ -48,7 +48,7 @@ $(VENV)/.bench-installed: requirements/bench.txt $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Regenerate the gRPC stubs in shared/rpc/ from proto/*.proto; commit the result
+# Regenerate the gRPC stubs in shared/rpc/stubs/ from proto/*.proto; commit the result
 # (tests/test_protos.py fails while they differ).
 .PHONY: protos
 protos: $(STAMP)

@@ -14,7 +14,7 @@ from bench.common import (bench_threads, limited_threads, machine_facts, print_f
                           print_table, quick_mode, write_json)
 from shared.data import DatasetNotFound, load_dataset
 from shared.nn.presets import get_preset
-from shared.training import Hyperparameters, train
+from shared.nn.run import Hyperparameters, train
 
 # (preset, dataset, seeds, aim, where the aim comes from)
 RUNS = [

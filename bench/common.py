@@ -69,7 +69,7 @@ def limited_threads(threads: int):
 def redis_session():
     """What a benchmark against Redis runs in: BLAS pools at `bench_threads()`, an embedded
     Redis of its own (or REDIS_URL's), and this machine's facts; yields (redis_url, facts)."""
-    from shared.embedded_redis import redis_for_local_use
+    from shared.embedded.redis_server import redis_for_local_use
 
     threads = bench_threads()
     with limited_threads(threads), redis_for_local_use() as url:

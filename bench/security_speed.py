@@ -1,5 +1,5 @@
 """The cost of security per request: a batch-1 Predict over plaintext, TLS and mutual TLS, and
-with a bearer token checked by the access interceptor (shared.access), in one run.
+with a bearer token checked by the access interceptor (shared.security.access), in one run.
 
 One inference server per transport, all in this process, serving the same
 digits CNN from one embedded Redis (or REDIS_URL); one client channel per
@@ -28,13 +28,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.common import Timing, print_facts, print_table, quick_mode, redis_session, write_json
 from bench.serve_speed import (CALL_TIMEOUT, Block, Contender, clients_block, interleave,
                                published_model, request_for, server_config)
-from shared.access import AccessSettings
-from shared.auth import PREDICT, issue
+from shared.security.access import AccessSettings
+from shared.security.auth import PREDICT, issue
 from shared.client import Connection
-from shared.rpc import tandem_inference_pb2_grpc
-from shared.tls import ClientTLS, ServerTLS
+from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.security.tls import ClientTLS, ServerTLS
 from infer_svc.server import InferenceServer
-from shared.certs import CertificateAuthority   # the repository's one certificate maker
+from shared.security.certs import CertificateAuthority   # the repository's one certificate maker
 
 SETTINGS = {   # the full run takes about 40 s, the quick one about 10 s
     "full": Timing(rounds=7, block_seconds=0.8, warmup_calls=20),
@@ -127,7 +127,7 @@ def run() -> None:
     started = time.perf_counter()
     with redis_session() as (url, facts):
         facts["grpc"] = grpc.__version__
-        facts["certificates"] = "EC P-256, made by shared/certs.py"
+        facts["certificates"] = "EC P-256, made by shared/security/certs.py"
         facts["timing"] = (f"{timing.rounds} rounds of {timing.block_seconds} s blocks per "
                            f"transport, interleaved; one client, one call at a time")
         print_facts("Security: the cost per request of TLS, mutual TLS and the token check "

@@ -48,14 +48,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
                           redis_session, write_json)
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import Model, build_model
 from shared.nn.presets import get_preset
-from shared.redis_client import connect
-from shared.rpc import tandem_inference_pb2 as pb
-from shared.rpc import tandem_inference_pb2_grpc
-from shared.store import CheckpointStore
-from shared.tensors import FLOAT_DTYPES, from_tensor, to_tensor
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.checkpoints.store import CheckpointStore
+from shared.dtypes import MODEL_DTYPES
+from shared.rpc.convert import from_tensor, to_tensor
 from infer_svc.batching import Batcher
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
@@ -321,7 +322,7 @@ def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Tim
         for rows in (1, 256):
             request = request_for(rows)
             wire = request.SerializeToString()
-            inputs = from_tensor(request.inputs, allowed_dtypes=FLOAT_DTYPES, field="inputs")
+            inputs = from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES, field="inputs")
             x = inputs.astype(np.float32)
             probabilities = servable.probabilities(x)
             response = servicer.Predict(request, None)
@@ -329,7 +330,7 @@ def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Tim
             precomputed = _Precomputed(probabilities)
             medians = interleaved_medians({
                 "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
-                "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=FLOAT_DTYPES),
+                "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
                 "Predictor.predict (checks, forward, softmax)":
                     lambda: off.predictor.predict(MODEL_NAME, inputs),
                 "  of which Servable.probabilities (forward, softmax)":

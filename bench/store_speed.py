@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
                           redis_session, write_json)
-from shared import checkpoint
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints import checkpoint
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import build_model
 from shared.nn.presets import get_preset
-from shared.redis_client import connect
-from shared.store import CheckpointStore
+from shared.checkpoints.redis_client import connect
+from shared.checkpoints.store import CheckpointStore
 
 AIM = 1.3
 # (label, hidden widths of an mlp on 28x28 inputs): about 1 MB and about 20 MB of float32 weights.

@@ -12,7 +12,7 @@ NOT_SERVING, is healthy. Readiness stays visible through grpc.health.v1
 itself (and `ServerReady` on the Open Inference Protocol). Exit 0 = healthy.
 
 TLS: when the service serves TLS (TANDEM_TLS_CERT is set in the
-container), so does the check, as any client would (shared.tls.ClientTLS,
+container), so does the check, as any client would (shared.security.tls.ClientTLS,
 from the client variables): it verifies the server against TANDEM_TLS_CA,
 so the server's certificate must name 127.0.0.1 or localhost, where the
 check connects. With mutual TLS (TANDEM_TLS_CLIENT_CA) the check needs a
@@ -27,7 +27,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.tls import ClientTLS, channel
+from shared.security.tls import ClientTLS, channel
 
 # service -> (listen variable, its default in the image, health service name, SERVING required)
 CHECKS = {

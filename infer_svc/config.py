@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.checkpoint import check_model_name
-from shared.access import AccessSettings
-from shared.config import env
-from shared.tls import ServerTLS
+from shared.checkpoints.checkpoint import check_model_name
+from shared.security.access import AccessSettings
+from shared.env import env
+from shared.security.tls import ServerTLS
 
 
 def model_list(raw: str) -> tuple[str, ...]:
@@ -50,5 +50,5 @@ class InferConfig:
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
-    # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.access).
+    # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.security.access).
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)

@@ -18,11 +18,11 @@ from importlib import metadata
 
 import numpy as np
 
-from shared.grpc_errors import translate_errors
-from shared.rpc import grpc_service_pb2 as pb
-from shared.rpc import grpc_service_pb2_grpc
-from shared.rpc.tandem_common_pb2 import Tensor
-from shared.tensors import from_tensor
+from shared.rpc.errors import translate_errors
+from shared.rpc.stubs import grpc_service_pb2 as pb
+from shared.rpc.stubs import grpc_service_pb2_grpc
+from shared.rpc.stubs.tandem_common_pb2 import Tensor
+from shared.rpc.convert import from_tensor
 from infer_svc.metrics import observed
 from infer_svc.predict import Predictor
 from infer_svc.servicer import STATUS_BY_ERROR

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.nn import as_batch
+from shared.nn import as_batch, top_k
 from infer_svc.batching import Batcher
 from infer_svc.registry import Registry
 
@@ -32,9 +32,8 @@ class Prediction:
         return self.probabilities.argmax(axis=1)
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(classes, probabilities), each [N, k], most probable first (ties by class index)."""
-        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
-        return order, np.take_along_axis(self.probabilities, order, axis=1)
+        """(classes, probabilities), each [N, k], most probable first (shared.nn.top_k)."""
+        return top_k(self.probabilities, k)
 
 
 class Predictor:

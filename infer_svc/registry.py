@@ -39,9 +39,9 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from shared.checkpoint import CheckpointError
-from shared.redis_client import StoreUnavailable
-from shared.store import CheckpointNotFound, CheckpointStore
+from shared.checkpoints.checkpoint import CheckpointError
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import CheckpointNotFound, CheckpointStore
 from infer_svc.servable import Servable
 
 log = logging.getLogger("tandem.infer.registry")
@@ -77,7 +77,7 @@ class VersionPolicy:
 class FailedVersions:
     """The (model, version) pairs that failed verification, with their errors; the last `limit` kept.
 
-    A published version never changes (shared.store hands out each number
+    A published version never changes (shared.checkpoints.store hands out each number
     once), so a failure is permanent and the version is not fetched again.
     The exception is a Redis that lost its data: its counter starts again
     from 1, and a new, good version may come to carry a number that failed

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import Model, softmax
-from shared.store import CheckpointStore
+from shared.checkpoints.store import CheckpointStore
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per load

@@ -21,15 +21,15 @@ import threading
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.access import AccessInterceptor
-from shared.health import HealthServicer
-from shared.redis_client import connect
-from shared.rpc import grpc_service_pb2, grpc_service_pb2_grpc
-from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
-from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
+from shared.security.access import AccessInterceptor
+from shared.rpc.health import HealthServicer
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import grpc_service_pb2, grpc_service_pb2_grpc
+from shared.rpc.stubs import tandem_inference_pb2, tandem_inference_pb2_grpc
+from shared.rpc.server import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
                             run_until_signalled)
-from shared.store import CheckpointStore
-from shared.tls import listen
+from shared.checkpoints.store import CheckpointStore
+from shared.security.tls import listen
 from infer_svc import metrics
 from infer_svc.batching import Batcher
 from infer_svc.config import InferConfig

@@ -15,14 +15,15 @@ from dataclasses import asdict
 
 import grpc
 
-from shared.checkpoint import CheckpointError
-from shared.grpc_errors import translate_errors
+from shared.checkpoints.checkpoint import CheckpointError
+from shared.rpc.errors import translate_errors
 from shared.nn import spec_to_json
-from shared.redis_client import StoreUnavailable
-from shared.rpc import tandem_inference_pb2 as pb
-from shared.rpc import tandem_inference_pb2_grpc
-from shared.tensors import FLOAT_DTYPES, from_tensor, to_tensor
-from shared.wire import checkpoint_info
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.dtypes import MODEL_DTYPES
+from shared.rpc.convert import from_tensor, to_tensor
+from shared.rpc.convert import checkpoint_info
 from infer_svc.batching import BatcherStopped, QueueFull
 from infer_svc.metrics import observed
 from infer_svc.predict import Predictor
@@ -60,7 +61,7 @@ class InferenceServicer(tandem_inference_pb2_grpc.InferenceServicer):
     @observed("version")
     @translate_errors(STATUS_BY_ERROR)
     def Predict(self, request, context):
-        inputs = from_tensor(request.inputs, allowed_dtypes=FLOAT_DTYPES, field="inputs")
+        inputs = from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES, field="inputs")
         version = request.version if request.HasField("version") else None
         prediction = self.predictor.predict(request.model_name, inputs, version)
         num_classes = prediction.probabilities.shape[1]

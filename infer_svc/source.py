@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from shared.backoff import Backoff
-from shared.redis_client import StoreUnavailable
-from shared.store import CheckpointStore, parse_announcement
+from shared.checkpoints.backoff import Backoff
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import CheckpointStore, parse_announcement
 from infer_svc.registry import Registry
 
 log = logging.getLogger("tandem.infer.source")

@@ -14,7 +14,7 @@
 
 With `--tls` (`make demo TLS=1`) every call goes over mutual TLS: the demo
 makes a throwaway CA, a server certificate for 127.0.0.1 and a client
-certificate in its temporary directory (shared.certs), the services ask
+certificate in its temporary directory (shared.security.certs), the services ask
 for client certificates signed by that CA, and the clients present one.
 
 Everything it started is stopped at the end, also after an error or Ctrl-C.
@@ -37,13 +37,13 @@ import grpc
 import numpy as np
 
 from shared.cli import EXIT_INTERRUPTED, accuracy_text, print_checkpoints, watch_job
-from shared.certs import CertificateAuthority
+from shared.security.certs import CertificateAuthority
 from shared.client import Connection, InferenceClient, TrainerClient
 from shared.data import load_dataset
-from shared.embedded_redis import redis_for_local_use
-from shared.redis_client import redis_url_from_env
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.tls import ClientTLS, ServerTLS
+from shared.embedded.redis_server import redis_for_local_use
+from shared.checkpoints.redis_client import redis_url_from_env
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.security.tls import ClientTLS, ServerTLS
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
 from trainer_svc.config import TrainerConfig

@@ -1,14 +1,14 @@
-"""Generate the Python gRPC stubs in shared/rpc/ from proto/*.proto (`make protos`).
+"""Generate the Python gRPC stubs in shared/rpc/stubs/ from proto/*.proto (`make protos`).
 
     python scripts/gen_protos.py [--out DIR]
 
 Runs grpcio-tools' bundled protoc with -I proto and the plugins for messages
 (*_pb2.py), services (*_pb2_grpc.py) and their typing stubs (mypy-protobuf:
-*_pb2.pyi, *_pb2_grpc.pyi), into shared/rpc/ or DIR. protoc writes imports
+*_pb2.pyi, *_pb2_grpc.pyi), into shared/rpc/stubs/ or DIR. protoc writes imports
 between the generated modules as top-level ones (`import tandem_common_pb2
 as ...`), which only work with the output directory on sys.path; they are
 rewritten to package-relative ones (`from . import tandem_common_pb2 as
-...`) so the stubs live inside the `shared.rpc` package.
+...`) so the stubs live inside the `shared.rpc.stubs` package.
 
 The generated files are committed; tests/test_protos.py regenerates them into
 a temporary directory and fails when they differ from the committed ones.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-OUT_DIR = ROOT / "shared" / "rpc"
+OUT_DIR = ROOT / "shared" / "rpc" / "stubs"
 # What protoc and the plugins write for a proto file NAME.proto.
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 # Proto files whose messages go into a descriptor pool of their own instead of

@@ -51,22 +51,23 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.checkpoint import (Checkpoint, CheckpointError, CheckpointMeta, check_model_name,
+from shared.checkpoints.checkpoint import (Checkpoint, CheckpointError, CheckpointMeta, check_model_name,
                                load, save)
-from shared.client import (JOB_STATE_NAMES, Connection, InferenceClient, TrainerClient,
-                           job_state_name, read_token_file, token_from_env)
-from shared.config import env
+from shared.client import Connection, InferenceClient, TrainerClient, read_token_file, token_from_env
+from shared.env import env
 from shared.data import Dataset, list_datasets, load_dataset
 from shared.nn import (OPTIMIZERS, EpochEvent, Model, SpecError, StepEvent, as_batch, build_model,
                        evaluate)
+from shared.nn import top_k as rank
 from shared.nn.presets import PRESETS, get_preset
 from shared.nn.optim import LR_SCHEDULES
-from shared.nn.train import MONITORS
+from shared.nn.fit import MONITORS
 from shared.progress import Progress
-from shared.rpc import tandem_common_pb2
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.tls import ClientTLS
-from shared.training import Hyperparameters, train
+from shared.rpc.convert import JOB_STATE_NAMES, job_state_name
+from shared.rpc.stubs import tandem_common_pb2
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.security.tls import ClientTLS
+from shared.nn.run import Hyperparameters, train
 
 EXIT_ERROR = 2             # the exit code argparse uses for usage errors
 EXIT_JOB_UNSUCCESSFUL = 1  # a job watched to its end FAILED or was CANCELLED
@@ -489,8 +490,7 @@ def predict_samples(args: argparse.Namespace, model, model_text: str,
 
 def print_predictions(probabilities: np.ndarray, labels: np.ndarray | None, top_k: int) -> None:
     """A line per sample with its top_k classes; with labels, whether it is right, and the accuracy."""
-    # Most probable first; a stable sort breaks ties by class index, as argmax does.
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    top, _ = rank(probabilities, top_k)
     for row, classes in enumerate(top):
         line = f"{row:>4}  predicted {classes[0]}"
         if labels is not None:
@@ -526,7 +526,7 @@ def run_jobs_start(args: argparse.Namespace) -> int | None:
             spec=read_spec_file(args.spec) if args.spec else None, hidden=args.hidden or (),
             hyperparameters=given_hyperparameters(args), every_steps=args.every_steps,
             every_epoch=args.every_epoch, resume_from_version=args.resume_from_version)
-        print(f"started job {job.job_id} ({job_state_name(job)})")
+        print(f"started job {job.job_id} ({job_state_name(job.state)})")
         if args.follow:
             return watch_exit_code(watch_job(trainer, job.job_id))
     return None
@@ -539,7 +539,7 @@ def run_jobs_list(args: argparse.Namespace) -> None:
         print("no jobs")
         return
     print_table(["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST ACC", "VERSION", "CREATED"], [
-        [job.job_id, job_state_name(job), job.model_name, job.request.dataset,
+        [job.job_id, job_state_name(job.state), job.model_name, job.request.dataset,
          f"{job.progress.epoch}/{job.progress.epochs}",
          f"{job.last_metrics.test_accuracy:.2%}" if job.HasField("last_metrics") else "-",
          job.last_published_version or "-", local_time(job.created_at)]
@@ -554,7 +554,7 @@ def run_jobs_watch(args: argparse.Namespace) -> int:
 def run_jobs_cancel(args: argparse.Namespace) -> None:
     with TrainerClient(args.trainer, connection=connection(args)) as trainer:
         job = trainer.cancel(args.job_id)
-    print(f"job {job.job_id}: {job_state_name(job)}")
+    print(f"job {job.job_id}: {job_state_name(job.state)}")
 
 
 def run_jobs_checkpoints(args: argparse.Namespace) -> None:
@@ -603,7 +603,7 @@ def watch_job(trainer: TrainerClient, job_id: str,
             if progress is None:  # the first event: the job's snapshot
                 job = event.snapshot
                 print(f"job {job.job_id}: {job.model_name} on {job.request.dataset}, "
-                      f"{job.progress.epochs} epochs: {job_state_name(job)}")
+                      f"{job.progress.epochs} epochs: {job_state_name(job.state)}")
                 progress = Progress(job.progress.epochs)
                 for epoch in job.history:
                     progress(epoch_event(epoch))
@@ -616,7 +616,7 @@ def watch_job(trainer: TrainerClient, job_id: str,
             else:
                 progress.close()  # clears the status line for the line below
                 if kind == "snapshot":
-                    print(f"job {job_id}: {job_state_name(event.snapshot)}")
+                    print(f"job {job_id}: {job_state_name(event.snapshot.state)}")
                 elif kind == "checkpoint":
                     print(f"published {checkpoint_text(event.checkpoint)}")
                     if on_checkpoint is not None:
@@ -654,7 +654,7 @@ def checkpoint_text(checkpoint: tandem_common_pb2.CheckpointInfo) -> str:
 
 def job_end_text(job: pb.Job) -> str:
     """`job 1f2e…: SUCCEEDED (completed), test accuracy 98.88% after epoch 15, latest version 15`."""
-    text = f"job {job.job_id}: {job_state_name(job)}"
+    text = f"job {job.job_id}: {job_state_name(job.state)}"
     if job.stop_reason:
         text += f" ({job.stop_reason})"
     if job.error:

@@ -23,7 +23,7 @@ and message.
 
 How a client connects, `Connection`, comes from the environment unless
 given: TLS from TANDEM_TLS_CA, TANDEM_TLS_CLIENT_CERT/KEY and TANDEM_TLS
-(shared/tls.py), and a bearer token from TANDEM_TOKEN or TANDEM_TOKEN_FILE,
+(shared/security/tls.py), and a bearer token from TANDEM_TOKEN or TANDEM_TOKEN_FILE,
 sent as `authorization: Bearer TOKEN` metadata with every call:
 
     connection = Connection(ClientTLS(ca=Path("ca.pem")), token=read_token_file("alice.token"))
@@ -44,28 +44,15 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.config import env
-from shared.rpc import tandem_common_pb2, tandem_inference_pb2_grpc, tandem_trainer_pb2_grpc
-from shared.rpc import tandem_inference_pb2 as inference_pb
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.tensors import from_tensor, to_tensor
-from shared.tls import ClientTLS, channel as tls_channel
+from shared.env import env
+from shared.rpc.stubs import tandem_common_pb2, tandem_inference_pb2_grpc, tandem_trainer_pb2_grpc
+from shared.rpc.stubs import tandem_inference_pb2 as inference_pb
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.rpc.convert import from_tensor, job_state_value, to_tensor
+from shared.security.tls import ClientTLS, channel as tls_channel
 
 TRAINER_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 INFERENCE_SERVICE = inference_pb.DESCRIPTOR.services_by_name["Inference"].full_name
-# "QUEUED", "RUNNING", ...: the job states by the names job_state_name gives.
-JOB_STATE_NAMES = [name.removeprefix("JOB_STATE_") for name in pb.JobState.keys()
-                   if name != "JOB_STATE_UNSPECIFIED"]
-
-
-def job_state_name(job: pb.Job) -> str:
-    """The job's state without the enum's prefix: "RUNNING", "SUCCEEDED", ..."""
-    return pb.JobState.Name(job.state).removeprefix("JOB_STATE_")
-
-
-def job_state(name: str) -> int:
-    """The JobState value of a name as job_state_name gives it ("running" works too)."""
-    return pb.JobState.Value(f"JOB_STATE_{name.upper()}")
 
 
 # ---------------------------------------------------------------- connecting
@@ -242,9 +229,9 @@ class TrainerClient(_ServiceClient):
 
     def list_jobs(self, states: Iterable[str] = (), model_name: str = "",
                   page_size: int = 0) -> list[pb.Job]:
-        """Every job (newest first) in one of `states` (names, as job_state_name gives them),
+        """Every job (newest first) in one of `states` (short names: shared.rpc.convert.JOB_STATE_NAMES),
         following the pages to the last."""
-        request = pb.ListJobsRequest(states=[job_state(name) for name in states],
+        request = pb.ListJobsRequest(states=[job_state_value(name) for name in states],
                                      model_name=model_name, page_size=page_size)
         jobs: list[pb.Job] = []
         while True:

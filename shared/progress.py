@@ -1,6 +1,6 @@
 """Training progress for people: a live status line per epoch, then one line per epoch.
 
-`Progress` is a callback for `shared.nn.fit` (through `shared.training.train`).
+`Progress` is a callback for `shared.nn.fit` (through `shared.nn.run.train`).
 On a terminal it redraws one status line in place with `\\r`,
 
     epoch 3/15 [#########.........] 120/506  loss 0.1234  acc 96.5%

@@ -1,6 +1,6 @@
 """Shared fixtures: a real Redis for the tests (never a mock).
 
-Without REDIS_URL, one embedded redis-server (shared.embedded_redis) serves
+Without REDIS_URL, one embedded redis-server (shared.embedded.redis_server) serves
 the whole session and is flushed before each test. With REDIS_URL, the
 tests use that server and never flush it: each test works under a key
 prefix of its own (`key_prefix`, which the `store` fixture uses) and
@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
-from shared.embedded_redis import EmbeddedRedis, redis_for_local_use
-from shared.redis_client import connect, redis_url_from_env
-from shared.store import CheckpointStore
+from shared.embedded.redis_server import EmbeddedRedis, redis_for_local_use
+from shared.checkpoints.redis_client import connect, redis_url_from_env
+from shared.checkpoints.store import CheckpointStore
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import Model, build_model, softmax
 from shared.nn.presets import get_preset
-from shared.redis_client import connect
-from shared.rpc import grpc_service_pb2_grpc
-from shared.rpc import tandem_inference_pb2 as pb
-from shared.rpc import tandem_inference_pb2_grpc
-from shared.store import CheckpointStore
-from shared.tensors import from_tensor, to_tensor
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import grpc_service_pb2_grpc
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.checkpoints.store import CheckpointStore
+from shared.rpc.convert import from_tensor, to_tensor
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
 

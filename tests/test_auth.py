@@ -1,7 +1,7 @@
 """Callers who prove who they are: bearer tokens, roles, owners, against the real servers.
 
 A trainer and an inference service run in-process on 127.0.0.1 with auth on
-(a tokens file made here with `shared.auth.issue`, the command operators
+(a tokens file made here with `shared.security.auth.issue`, the command operators
 use), on one embedded Redis. Every RPC of both services, enumerated from the
 services' descriptors (so a new RPC is covered without an edit), is called
 with no token, a bad token and a token of each role; `EXPECTED` is the
@@ -30,16 +30,16 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import REGISTRY
 
-from shared import auth
-from shared.access import METHOD_ROLES, REFLECTION_METHOD, AccessInterceptor, AccessSettings, RefusalLog
-from shared.auth import ADMIN, PREDICT, TRAIN, VIEW
-from shared.embedded_redis import EmbeddedRedis
-from shared.rpc import grpc_service_pb2, tandem_inference_pb2, tandem_trainer_pb2 as pb
-from shared.service import grpc_server
-from shared.tls import ClientTLS, ServerTLS, channel as tls_channel
+from shared.security import auth
+from shared.security.access import METHOD_ROLES, REFLECTION_METHOD, AccessInterceptor, AccessSettings, RefusalLog
+from shared.security.auth import ADMIN, PREDICT, TRAIN, VIEW
+from shared.embedded.redis_server import EmbeddedRedis
+from shared.rpc.stubs import grpc_service_pb2, tandem_inference_pb2, tandem_trainer_pb2 as pb
+from shared.rpc.server import grpc_server
+from shared.security.tls import ClientTLS, ServerTLS, channel as tls_channel
 from infer_svc.server import InferenceServer
 from trainer_svc.server import TrainerServer
-from shared.certs import CertificateAuthority
+from shared.security.certs import CertificateAuthority
 from tests.fuzz_calls import served_methods
 from tests.inference_harness import infer_config, wait_for
 from tests.test_trainer_service import digits_arrays, slow_job, trainer_config, upload
@@ -227,7 +227,7 @@ def trainer_call(stack: Stack, tokens, who: str, name: str, request=None, *, str
 def test_every_method_of_every_service_is_in_the_roles_table():
     """A new RPC is refused until it is added to the table on purpose, and this test names it."""
     described = {path(m) for services in SERVED.values() for s in services for m in s.methods}
-    assert described - {REFLECTION_METHOD} == set(METHOD_ROLES), "update shared/access.py METHOD_ROLES"
+    assert described - {REFLECTION_METHOD} == set(METHOD_ROLES), "update shared/security/access.py METHOD_ROLES"
     assert described == set(EXPECTED), "update EXPECTED here and the README's roles table"
 
 
@@ -403,7 +403,7 @@ def test_a_tokens_file_that_cannot_be_read_stops_the_server_at_start(tmp_path):
 
 def test_the_command_prints_a_token_once_and_stores_only_its_hash(tmp_path):
     tokens_file = tmp_path / "tokens.json"
-    command = [sys.executable, "-m", "shared.auth"]
+    command = [sys.executable, "-m", "shared.security.auth"]
     issued = subprocess.run([*command, "issue", "--identity", "dana", "--roles", "train,view",
                              "--file", str(tokens_file)], capture_output=True, text=True, cwd=REPO,
                             timeout=30, check=True)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from shared.redis_client import StoreUnavailable
+from shared.checkpoints.redis_client import StoreUnavailable
 from trainer_svc.background import NewestOnly
 
 WAIT = 2.0              # bound for every wait that should succeed at once

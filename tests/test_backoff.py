@@ -1,4 +1,4 @@
-from shared.backoff import Backoff
+from shared.checkpoints.backoff import Backoff
 
 
 def test_delays_double_up_to_the_cap():

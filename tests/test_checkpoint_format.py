@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from shared import checkpoint
-from shared.checkpoint import CheckpointError, CheckpointMeta
+from shared.checkpoints import checkpoint
+from shared.checkpoints.checkpoint import CheckpointError, CheckpointMeta
 from shared.nn import build_model
 from tests.test_spec import SMALL_CNN
 

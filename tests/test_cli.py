@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.checkpoint import load
+from shared.checkpoints.checkpoint import load
 from shared.cli import main
 from shared.data import load_dataset
 from shared.nn import EpochEvent, StepEvent

@@ -16,10 +16,11 @@ import grpc
 import pytest
 
 from shared.cli import main
-from shared.client import TrainerClient, job_state_name
+from shared.client import TrainerClient
+from shared.rpc.convert import job_state_name
 from shared.data import load_dataset
-from shared.embedded_redis import free_loopback_port
-from shared.rpc import tandem_trainer_pb2 as pb
+from shared.embedded.redis_server import free_loopback_port
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import TrainerServer
 
@@ -198,7 +199,7 @@ def test_an_uploaded_dataset_trains_exactly_as_the_original(trainer, model_name)
         # Same seed, same data: the same metrics, bit for bit.
         original, copy = (run_to_end(client, start_small_job(client, model_name, dataset, epochs=1))
                           for dataset in ("digits", name))
-    assert job_state_name(original) == job_state_name(copy) == "SUCCEEDED"
+    assert job_state_name(original.state) == job_state_name(copy.state) == "SUCCEEDED"
     assert [(m.train_loss, m.test_loss, m.test_accuracy) for m in copy.history] == \
         [(m.train_loss, m.test_loss, m.test_accuracy) for m in original.history]
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from shared.data import load_dataset, stratified_split
-from shared.embedded_redis import free_loopback_port
-from shared.redis_client import connect
-from shared.rpc import tandem_trainer_pb2 as pb
+from shared.embedded.redis_server import free_loopback_port
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from tests.test_trainer_service import (  # noqa: F401 - fixtures
     digits_arrays,
     idle_trainer,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded_redis import (
+from shared.embedded.redis_server import (
     EmbeddedRedis, EmbeddedRedisError, free_loopback_port, redis_for_local_use, redis_server_binary)
-from shared.redis_client import connect
+from shared.checkpoints.redis_client import connect
 
 
 def socket_path(url: str) -> Path:
@@ -95,7 +95,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log():
 
 
 def test_atexit_stops_a_server_left_running():
-    code = ("from shared.embedded_redis import EmbeddedRedis\n"
+    code = ("from shared.embedded.redis_server import EmbeddedRedis\n"
             "server = EmbeddedRedis().start()\n"
             "print(server.url, server.pid)\n")
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

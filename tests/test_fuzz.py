@@ -16,7 +16,7 @@ checked as it comes:
 
 - its status is OK or one of EXPECTED. UNKNOWN is an exception that a
   handler let out; INTERNAL would be grpcio's answer to bytes that do not
-  parse, which shared.request_guard answers first: a request whose bytes do
+  parse, which shared.rpc.request_guard answers first: a request whose bytes do
   not parse must get its INVALID_ARGUMENT (UNPARSABLE). UNAVAILABLE is a failure
   too: Redis is up and no server shuts down meanwhile, so none of its
   documented causes holds (it is what a request that reached a wrong Redis
@@ -57,14 +57,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.internal.conjecture import providers
 
-from shared.embedded_redis import EmbeddedRedis, free_loopback_port
+from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
 from shared.nn.presets import PRESETS
-from shared.redis_client import connect
-from shared.rpc import grpc_service_pb2 as kserve_pb
-from shared.rpc import tandem_inference_pb2 as infer_pb
-from shared.rpc import tandem_trainer_pb2 as trainer_pb
-from shared.store import CheckpointStore
-from shared.tensors import to_tensor
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import grpc_service_pb2 as kserve_pb
+from shared.rpc.stubs import tandem_inference_pb2 as infer_pb
+from shared.rpc.stubs import tandem_trainer_pb2 as trainer_pb
+from shared.checkpoints.store import CheckpointStore
+from shared.rpc.convert import to_tensor
 from tests.fuzz_calls import CANCELLED_BY_CLIENT, Outcome, call, path, served_methods
 from tests.fuzz_inputs import KINDS, Fuzzer, FuzzRequest, field_count, message_class
 from tests.inference_harness import NAME as SERVED_MODEL, publish, samples, wait_for
@@ -91,7 +91,7 @@ KEPT_GROWTH = 300 * MiB      # VmRSS after over VmRSS before
 
 EXPECTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
             "FAILED_PRECONDITION", CANCELLED_BY_CLIENT}
-UNPARSABLE = ("INVALID_ARGUMENT", "the request is not a valid message for ")   # shared.request_guard
+UNPARSABLE = ("INVALID_ARGUMENT", "the request is not a valid message for ")   # shared.rpc.request_guard
 JOB_FAILED_LOG = "event=job_failed"   # a job that failed in training logs why: not a handler's traceback
 IDLE_WORKER = re.compile(r"\(most recent call first\):\n\s+File \"[^\"]*concurrent/futures/thread\.py\", line \d+ in _worker")
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", re.M)

@@ -1,4 +1,4 @@
-"""grpc.health.v1 (shared.health): what Check and Watch answer, the cap on open
+"""grpc.health.v1 (shared.rpc.health): what Check and Watch answer, the cap on open
 watches, and a cancel storm that must leave both real servers answering and
 stopping cleanly on SIGTERM (issue 10: grpcio's own servicer deadlocked there).
 
@@ -25,10 +25,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.embedded_redis import free_loopback_port
-from shared.health import HealthServicer
-from shared.rpc import tandem_inference_pb2, tandem_inference_pb2_grpc
-from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
+from shared.embedded.redis_server import free_loopback_port
+from shared.rpc.health import HealthServicer
+from shared.rpc.stubs import tandem_inference_pb2, tandem_inference_pb2_grpc
+from shared.rpc.stubs import tandem_trainer_pb2, tandem_trainer_pb2_grpc
 from tests.inference_harness import wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from shared import checkpoint
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints import checkpoint
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.cli import main
 from shared.client import InferenceClient
 from shared.data import load_dataset
-from shared.embedded_redis import free_loopback_port
+from shared.embedded.redis_server import free_loopback_port
 from tests.inference_harness import (  # noqa: F401 - fixtures
     DEADLINE, NAME, assert_close, checkpoints, core_probabilities, publish, samples,
     start_inference)

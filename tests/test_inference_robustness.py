@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from shared.rpc import grpc_service_pb2 as kserve_pb
+from shared.rpc.stubs import grpc_service_pb2 as kserve_pb
 from tests.inference_harness import (  # noqa: F401 - fixtures
     DEADLINE, NAME, assert_close, checkpoints, core_probabilities, corrupt, probabilities, publish,
     samples, start_inference, wait_for)

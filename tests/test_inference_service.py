@@ -25,14 +25,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import checkpoint
-from shared.checkpoint import CheckpointMeta
-from shared.embedded_redis import EmbeddedRedis, free_loopback_port
-from shared.redis_client import connect
-from shared.rpc import grpc_service_pb2
-from shared.rpc import tandem_common_pb2
-from shared.rpc import tandem_inference_pb2 as pb
-from shared.store import CheckpointStore
+from shared.checkpoints import checkpoint
+from shared.checkpoints.checkpoint import CheckpointMeta
+from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import grpc_service_pb2
+from shared.rpc.stubs import tandem_common_pb2
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.checkpoints.store import CheckpointStore
 from infer_svc.config import InferConfig
 from tests.inference_harness import (  # noqa: F401 - fixtures
     DEADLINE, NAME, Inference, assert_close, checkpoints, core_probabilities, digits_model,

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 
-from shared.rpc import (
+from shared.rpc.stubs import (
     grpc_service_pb2,
     grpc_service_pb2_grpc,
     tandem_common_pb2,
@@ -19,10 +19,10 @@ from shared.rpc import (
     tandem_trainer_pb2,
     tandem_trainer_pb2_grpc,
 )
-from shared.tensors import from_tensor, to_tensor
+from shared.rpc.convert import from_tensor, to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
-RPC_DIR = ROOT / "shared" / "rpc"
+RPC_DIR = ROOT / "shared" / "rpc" / "stubs"
 HANDWRITTEN = {"__init__.py"}
 
 
@@ -44,7 +44,7 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
         + [f"{n} is generated from no proto file (stale)" for n in sorted(committed.keys() - fresh.keys())]
     )
     assert not problems, (
-        "shared/rpc/ is out of step with proto/*.proto; run `make protos` and commit the result:\n  "
+        "shared/rpc/stubs/ is out of step with proto/*.proto; run `make protos` and commit the result:\n  "
         + "\n  ".join(problems)
     )
 
@@ -252,7 +252,7 @@ def test_inference_service_shape():
 def test_hyperparameters_mirror_the_core_and_track_presence():
     from dataclasses import fields
 
-    from shared.training import Hyperparameters
+    from shared.nn.run import Hyperparameters
 
     descriptor = tandem_trainer_pb2.Hyperparameters.DESCRIPTOR
     assert {f.name for f in descriptor.fields} == {f.name for f in fields(Hyperparameters)}

@@ -22,9 +22,9 @@ import threading
 
 import pytest
 
-from shared.redis_client import StoreUnavailable, connect
-from shared.store import CheckpointStore
-from shared.training import Hyperparameters
+from shared.checkpoints.redis_client import StoreUnavailable, connect
+from shared.checkpoints.store import CheckpointStore
+from shared.nn.run import Hyperparameters
 from trainer_svc.datasets import DatasetCatalog
 from trainer_svc.job_store import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest

@@ -6,8 +6,8 @@ from urllib.parse import quote
 import pytest
 from redis.connection import SSLConnection
 
-from shared.embedded_redis import EmbeddedRedis
-from shared.redis_client import StoreUnavailable, connect, describe, redis_url_from_env, unavailable_on_error
+from shared.embedded.redis_server import EmbeddedRedis
+from shared.checkpoints.redis_client import StoreUnavailable, connect, describe, redis_url_from_env, unavailable_on_error
 
 PASSWORD = "s3cret p@ss:/word"
 

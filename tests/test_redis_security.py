@@ -2,10 +2,10 @@
 
 TLS: Debian's redis-server (built with TLS; the embedded one is not), started
 by each test on a free 127.0.0.1 port, TLS only, with certificates made here
-(shared/certs.py). Without /usr/bin/redis-server these tests skip, saying so,
+(shared/security/certs.py). Without /usr/bin/redis-server these tests skip, saying so,
 except in CI (CI=true), where they fail: `.ci/run` installs it.
 
-ACL users: the ACL file shared.redis_acl writes, loaded by the embedded
+ACL users: the ACL file shared.security.redis_acl writes, loaded by the embedded
 redis-server (6.2); the real trainer and inference servers run with their
 own users. A test-only `admin` user is added to the file to read Redis's
 ACL LOG (every command Redis refused, with the user and the command).
@@ -29,12 +29,12 @@ import numpy as np
 import pytest
 import redis
 
-from shared.checkpoint import CheckpointMeta
-from shared.embedded_redis import EmbeddedRedis, ServerTLS
-from shared.redis_client import StoreUnavailable, connect, unavailable_on_error
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.store import CheckpointStore
-from shared.certs import CertificateAuthority
+from shared.checkpoints.checkpoint import CheckpointMeta
+from shared.embedded.redis_server import EmbeddedRedis, ServerTLS
+from shared.checkpoints.redis_client import StoreUnavailable, connect, unavailable_on_error
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.checkpoints.store import CheckpointStore
+from shared.security.certs import CertificateAuthority
 from tests.inference_harness import Inference, digits_model, infer_config, publish, samples, wait_for
 from tests.test_trainer_service import (Trainer, digits_arrays, mlp_job, rpc_error, trainer_config, upload,
                                         wait_finished)
@@ -230,7 +230,7 @@ def acl_passwords(tmp_path) -> dict[str, str]:
     passwords = {"trainer": secrets.token_urlsafe(24), "infer": secrets.token_urlsafe(24)}
     for user, password in passwords.items():
         (tmp_path / f"{user}.password").write_text(password + "\n")
-    subprocess.run([sys.executable, "-m", "shared.redis_acl",
+    subprocess.run([sys.executable, "-m", "shared.security.redis_acl",
                     "--trainer-password-file", str(tmp_path / "trainer.password"),
                     "--infer-password-file", str(tmp_path / "infer.password"),
                     "--out", str(tmp_path / "users.acl")], check=True, capture_output=True, timeout=60,

@@ -4,7 +4,7 @@ import pytest
 
 from shared.data import load_dataset
 from shared.nn.presets import get_preset
-from shared.training import Hyperparameters, train
+from shared.nn.run import Hyperparameters, train
 
 pytestmark = pytest.mark.slow
 

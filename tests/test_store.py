@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import redis
 
-from shared.checkpoint import CheckpointError, CheckpointMeta, read_meta
+from shared.checkpoints.checkpoint import CheckpointError, CheckpointMeta, read_meta
 from shared.nn import build_model
 from shared.nn.presets import get_preset
-from shared.redis_client import StoreUnavailable, connect
-from shared.store import Announcement, CheckpointNotFound, CheckpointStore, parse_announcement
+from shared.checkpoints.redis_client import StoreUnavailable, connect
+from shared.checkpoints.store import Announcement, CheckpointNotFound, CheckpointStore, parse_announcement
 from tests.test_checkpoint_format import rewrite
 from tests.test_spec import SMALL_CNN
 

@@ -1,10 +1,11 @@
-"""shared/tensors.py: numpy arrays <-> tandem.v1.Tensor, and what decoding refuses."""
+"""shared/rpc/convert.py: numpy arrays <-> tandem.v1.Tensor, and what decoding refuses."""
 
 import numpy as np
 import pytest
 
-from shared.rpc import tandem_common_pb2
-from shared.tensors import DTYPES, FLOAT_DTYPES, TensorError, from_tensor, to_tensor
+from shared.rpc.stubs import tandem_common_pb2
+from shared.dtypes import MODEL_DTYPES, TENSOR_DTYPES
+from shared.rpc.convert import TensorError, from_tensor, to_tensor
 
 
 def wire(tensor):
@@ -12,7 +13,7 @@ def wire(tensor):
     return tandem_common_pb2.Tensor.FromString(tensor.SerializeToString())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TENSOR_DTYPES)
 def test_round_trip_every_dtype(dtype):
     rng = np.random.default_rng(0)
     array = (rng.random((3, 4, 5)) * 100).astype(dtype)
@@ -66,7 +67,7 @@ def test_to_tensor_refuses_dtypes_a_tensor_cannot_carry(array):
 def test_unknown_dtype_names_the_field_and_lists_the_allowed():
     msg = tandem_common_pb2.Tensor(dtype="object", shape=[1], data=b"\x00" * 8)
     with pytest.raises(TensorError) as info:
-        from_tensor(msg, allowed_dtypes=FLOAT_DTYPES, field="inputs")
+        from_tensor(msg, allowed_dtypes=MODEL_DTYPES, field="inputs")
     assert "inputs.dtype" in str(info.value)
     assert "float32, float64" in str(info.value)
     assert "'object'" in str(info.value)
@@ -76,7 +77,7 @@ def test_allowed_dtypes_restricts_valid_dtypes():
     msg = to_tensor(np.zeros(3, dtype=np.int64))
     assert from_tensor(msg).dtype == np.int64
     with pytest.raises(TensorError, match=r"inputs\.dtype must be one of float32, float64"):
-        from_tensor(msg, allowed_dtypes=FLOAT_DTYPES, field="inputs")
+        from_tensor(msg, allowed_dtypes=MODEL_DTYPES, field="inputs")
 
 
 def test_empty_dtype_is_refused():

@@ -1,5 +1,5 @@
 """TLS and mutual TLS on both gRPC servers and in every client we ship, with real certificates
-made in the test (shared/certs.py) and real handshakes on 127.0.0.1.
+made in the test (shared/security/certs.py) and real handshakes on 127.0.0.1.
 
 The servers are the real trainer and inference services, in-process; the
 clients are shared.client, the `tandem` CLI (as a subprocess), the images'
@@ -28,9 +28,9 @@ from bench import security_speed
 from bench.common import Timing
 from shared.client import (BearerToken, Connection, InferenceClient, TrainerClient,
                            read_token_file, token_from_env)
-from shared.service import grpc_server
-from shared.tls import ClientTLS, ServerTLS, is_loopback, listen
-from shared.certs import CertificateAuthority, Issued
+from shared.rpc.server import grpc_server
+from shared.security.tls import ClientTLS, ServerTLS, is_loopback, listen
+from shared.security.certs import CertificateAuthority, Issued
 from tests.inference_harness import (  # noqa: F401 - fixtures
     DEADLINE, NAME, checkpoints, infer_config, publish, samples)
 from tests.test_trainer_service import trainer_config

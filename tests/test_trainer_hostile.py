@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from shared.checkpoint import METADATA_KEY, CheckpointError, CheckpointMeta, decode, encode, weights_sha256
+from shared.checkpoints.checkpoint import METADATA_KEY, CheckpointError, CheckpointMeta, decode, encode, weights_sha256
 from shared.nn import build_model
-from shared.rpc import tandem_trainer_pb2 as pb
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from tests.test_trainer_service import (all_jobs, checkpoints, get_job, idle_trainer, mlp_job,  # noqa: F401
                                         rpc_error, start_trainer, trainer, wait_finished)
 from trainer_svc.limits import JobLimits

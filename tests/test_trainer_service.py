@@ -36,13 +36,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.data import load_dataset
-from shared.embedded_redis import EmbeddedRedis, free_loopback_port
-from shared.nn.train import evaluate
-from shared.redis_client import connect
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.rpc import tandem_trainer_pb2_grpc as pb_grpc
-from shared.store import CheckpointStore
-from shared.training import Hyperparameters, train
+from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
+from shared.nn.fit import evaluate
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.rpc.stubs import tandem_trainer_pb2_grpc as pb_grpc
+from shared.checkpoints.store import CheckpointStore
+from shared.nn.run import Hyperparameters, train
 from trainer_svc.config import TrainerConfig
 from trainer_svc.job_store import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState

@@ -8,7 +8,7 @@ from shared.data import load_dataset
 from shared.nn import (SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit,
                        make_optimizer)
 from shared.nn.presets import get_preset
-from shared.training import Hyperparameters, train
+from shared.nn.run import Hyperparameters, train
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Generic, TypeVar
 
-from shared.backoff import Backoff
-from shared.redis_client import StoreUnavailable
+from shared.checkpoints.backoff import Backoff
+from shared.checkpoints.redis_client import StoreUnavailable
 
 T = TypeVar("T")
 

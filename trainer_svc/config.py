@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.access import AccessSettings
-from shared.config import env
-from shared.tls import ServerTLS
+from shared.security.access import AccessSettings
+from shared.env import env
+from shared.security.tls import ServerTLS
 from trainer_svc.limits import JobLimits
 
 
@@ -29,7 +29,7 @@ class TrainerConfig:
     grpc_workers: int = field(default_factory=lambda: env("TRAINER_GRPC_WORKERS", 32, int))
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
-    # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.access).
+    # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.security.access).
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)
     # What one StartJob may ask for (TRAINER_MAX_SPEC_CHARACTERS ... TRAINER_MAX_STEPS).
     job_limits: JobLimits = field(default_factory=JobLimits.from_env)

@@ -10,7 +10,7 @@ labels in range) and the buffers are written as they are, in one Redis
 transaction: a broken or refused upload leaves nothing behind. Uploaded
 arrays are stored as raw little-endian bytes with dtype and shape, never
 pickled. Each entry records its uploader (field `owner`, the caller's
-identity, shared.auth; "" with auth off): only the uploader or an admin may
+identity, shared.security.auth; "" with auth off): only the uploader or an admin may
 overwrite it, and the entry is then the overwriter's.
 
 A stored entry is checked again whenever it is read, by the same rules: one
@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from shared.auth import Caller, NotPermitted
-from shared.checkpoint import check_model_name
+from shared.security.auth import Caller, NotPermitted
+from shared.checkpoints.checkpoint import check_model_name
 from shared.data import BUILTIN_DATASETS, Dataset, DatasetError, DatasetNotFound, list_datasets, load_dataset
 from shared.data.dataset import check_finite, check_labels
 from shared.data.npz import dataset_from_arrays, whole_split
 from shared.limits import check_limit
-from shared.redis_client import unavailable_on_error
-from shared.tensors import DTYPES as TENSOR_DTYPES
+from shared.checkpoints.redis_client import unavailable_on_error
+from shared.dtypes import TENSOR_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ LABELS_OF = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
 LABEL_ARRAYS = tuple(LABELS_OF.values())
 
 # The dtypes an upload may declare, by NumPy name: the numeric ones a Tensor
-# carries (shared.tensors). Anything else (structured, object, string,
+# carries (shared.rpc.convert). Anything else (structured, object, string,
 # datetime, complex, byte-order prefixes) is refused before np.dtype ever
 # sees the string.
 SAMPLE_DTYPES = tuple(name for name in TENSOR_DTYPES if name != "bool")

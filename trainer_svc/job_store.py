@@ -11,7 +11,7 @@ holds the states of the job's two newest checkpoints: the newest is written
 before the record that names its version, so a trainer that dies in between
 resumes from the one before, whose state is still there. The hash goes when
 the job's record is saved in a finished state: nothing resumes the job then.
-Checkpoints themselves (shared.store) stay weights-only, all that inference reads.
+Checkpoints themselves (shared.checkpoints.store) stay weights-only, all that inference reads.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import redis
 import safetensors
 import safetensors.numpy
 
-from shared.redis_client import unavailable_on_error
+from shared.checkpoints.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
 
 

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
-from shared.training import Hyperparameters
+from shared.nn.run import Hyperparameters
 
 
 JOB_ID = re.compile(r"[0-9a-f]{16}")                   # what JobRecord.new makes
@@ -90,7 +90,7 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     finished_at: float = 0.0
-    # The identity that started it (shared.auth); "" with auth off, and in records made before owners.
+    # The identity that started it (shared.security.auth); "" with auth off, and in records made before owners.
     owner: str = ""
 
     @classmethod

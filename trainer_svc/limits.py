@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, fields
 
-from shared.config import env
+from shared.env import env
 from shared.limits import check_limit
 from shared.nn import Model, SpecError
 from shared.nn.cost import parameter_count, training_memory_bytes

@@ -2,7 +2,7 @@
 
 Jobs run on worker threads of their own (at most `max_concurrent` at once;
 the rest wait QUEUED), so the gRPC threads stay free. Each running job
-trains with `shared.training`, whose callback here keeps the record's
+trains with `shared.nn.run`, whose callback here keeps the record's
 progress, emits events to watchers, publishes checkpoints on schedule, and
 stops training at a step boundary when the job is cancelled or the trainer
 shuts down. Records are saved to Redis at every change of state, epoch and
@@ -21,16 +21,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from shared.auth import Caller, NotPermitted
-from shared.backoff import Backoff
-from shared.checkpoint import CheckpointMeta, check_model_name
+from shared.security.auth import Caller, NotPermitted
+from shared.checkpoints.backoff import Backoff
+from shared.checkpoints.checkpoint import CheckpointMeta, check_model_name
 from shared.nn import EpochEvent, StepEvent, StopTraining, TrainingDiverged, build_model
-from shared.nn.train import check_finite_weights
+from shared.nn.fit import check_finite_weights
 from shared.nn.optim import Optimizer
 from shared.nn.presets import get_preset
-from shared.redis_client import StoreUnavailable
-from shared.store import CheckpointNotFound, CheckpointStore
-from shared.training import Hyperparameters, check_fits, fit_model, prepare_model, prepare_optimizer
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import CheckpointNotFound, CheckpointStore
+from shared.nn.run import Hyperparameters, check_fits, fit_model, prepare_model, prepare_optimizer
 from trainer_svc import metrics
 from trainer_svc.background import NewestOnly
 from trainer_svc.datasets import DatasetCatalog

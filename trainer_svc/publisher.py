@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from shared.checkpoint import CheckpointMeta
+from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import Model, build_model
-from shared.redis_client import StoreUnavailable
-from shared.store import CheckpointStore
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import CheckpointStore
 from trainer_svc.background import NewestOnly
 
 log = logging.getLogger("tandem.trainer.publisher")

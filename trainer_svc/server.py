@@ -13,15 +13,15 @@ import time
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.access import AccessInterceptor
-from shared.auth import UNRESTRICTED
-from shared.health import HealthServicer
-from shared.redis_client import connect
-from shared.rpc import tandem_trainer_pb2, tandem_trainer_pb2_grpc
-from shared.service import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
+from shared.security.access import AccessInterceptor
+from shared.security.auth import UNRESTRICTED
+from shared.rpc.health import HealthServicer
+from shared.checkpoints.redis_client import connect
+from shared.rpc.stubs import tandem_trainer_pb2, tandem_trainer_pb2_grpc
+from shared.rpc.server import (MetricsEndpoint, configure_logging, enable_reflection, grpc_server,
                             run_until_signalled)
-from shared.store import CheckpointStore
-from shared.tls import listen
+from shared.checkpoints.store import CheckpointStore
+from shared.security.tls import listen
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
 from trainer_svc.datasets import DatasetCatalog

@@ -8,7 +8,7 @@ the size limit -> RESOURCE_EXHAUSTED; another caller's job or dataset (NotPermit
 PERMISSION_DENIED; Redis unreachable or the trainer shutting down ->
 UNAVAILABLE. Messages come from the domain and name the field.
 
-Each call passes its caller (shared.auth.current_caller(), set by the access
+Each call passes its caller (shared.security.auth.current_caller(), set by the access
 interceptor) to the domain, which decides whose jobs and datasets it reaches.
 """
 
@@ -19,14 +19,14 @@ from dataclasses import asdict
 
 import grpc
 
-from shared.auth import NotPermitted, current_caller
-from shared.checkpoint import CheckpointError
-from shared.grpc_errors import translate_errors
+from shared.security.auth import NotPermitted, current_caller
+from shared.checkpoints.checkpoint import CheckpointError
+from shared.rpc.errors import translate_errors
 from shared.nn import spec_to_json
-from shared.redis_client import StoreUnavailable
-from shared.rpc import tandem_trainer_pb2 as pb
-from shared.rpc import tandem_trainer_pb2_grpc
-from shared.wire import checkpoint_info, timestamp
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.rpc.stubs import tandem_trainer_pb2_grpc
+from shared.rpc.convert import checkpoint_info, job_state_name, job_state_value, timestamp
 from trainer_svc.datasets import ArrayHeader, DatasetSummary
 from trainer_svc.events import CheckpointPublished, EpochDone, JobFinished, JobSnapshot, StepProgress
 from trainer_svc.jobs import JobRecord, JobState
@@ -63,11 +63,11 @@ def start_job_from_proto(request: pb.StartJobRequest) -> StartJob:
         resume_from_version=request.resume_from_version, request_id=request.request_id)
 
 
-def job_state_from_proto(value: int) -> JobState:
-    states = {number: name for name, number in pb.JobState.items() if number}   # not UNSPECIFIED
-    if value not in states:
-        raise ValueError(f"states: {value} is not a job state; known: {sorted(states)}")
-    return JobState(states[value].removeprefix("JOB_STATE_"))
+def requested_states(values) -> set[JobState]:
+    try:
+        return {JobState(job_state_name(value)) for value in values}
+    except ValueError as error:
+        raise ValueError(f"states: {error}") from None
 
 
 def page_offset(token: str) -> int:
@@ -103,7 +103,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     history = [epoch_metrics(m) for m in record.history]
     return pb.Job(
         job_id=record.job_id, model_name=record.model_name,
-        state=pb.JobState.Value(f"JOB_STATE_{record.state.value}"), request=submitted,
+        state=job_state_value(record.state.value), request=submitted,
         progress=pb.Progress(epoch=record.epoch, epochs=request.hyperparameters.epochs,
                              step=record.step, steps_total=record.steps_total,
                              samples_per_second=record.samples_per_second),
@@ -129,7 +129,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def ListJobs(self, request, context):
-        states = {job_state_from_proto(s) for s in request.states}
+        states = requested_states(request.states)
         if request.page_size < 0:
             raise ValueError(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {request.page_size}")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)   # as AIP-158 says

@@ -1,5 +1,7 @@
 """Offline datasets for Tandem: `load_dataset("digits")` and whatever IDX or
-.npz datasets sit in the data directory (see dataset.py)."""
+.npz datasets sit in the data directory (see dataset.py).
+
+May import the base modules (shared.dtypes) only; knows nothing of models, Redis or gRPC."""
 
 from .dataset import (
     BUILTIN_DATASETS,

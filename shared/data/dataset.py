@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.dtypes import as_model_dtype
+
 DATA_DIR_ENV = "TANDEM_DATA_DIR"
 # Where Debian's `dataset-fashion-mnist` package installs fashion-mnist/.
 DEFAULT_DATA_DIR = Path("/usr/share/datasets")
 BUILTIN_DATASETS = ("digits",)
-
-_FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float64)}
-
 
 class DatasetError(ValueError):
     """A dataset file is unreadable or malformed; the message names the file."""
@@ -74,7 +73,7 @@ def load_dataset(
     from .idx import load_idx_dataset
     from .npz import load_npz_dataset
 
-    dtype = check_dtype(dtype)
+    dtype = as_model_dtype(dtype)
     if name == "digits":
         return load_digits(dtype)
     root = resolve_data_dir(data_dir)
@@ -107,17 +106,6 @@ def _discover(root: Path) -> dict[str, Path]:
         for file in sorted(directory.glob("*.npz")):
             found.setdefault(file.stem, file)
     return found
-
-
-def check_dtype(dtype) -> np.dtype:
-    """Only float32 and float64 are supported; anything else is a ValueError."""
-    try:
-        resolved = None if dtype is None else np.dtype(dtype)  # np.dtype(None) is float64
-    except TypeError:
-        resolved = None
-    if resolved not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
-    return resolved
 
 
 def scale_pixels(x: np.ndarray, dtype, max_value: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from shared.nn.layers import Conv2D
 from shared.nn.model import Model
-from shared.nn.train import EVAL_BATCH
+from shared.nn.fit import EVAL_BATCH
 
 
 def parameter_count(model: Model) -> int:

@@ -1,4 +1,4 @@
-"""Softmax and the softmax + cross-entropy loss, fused and numerically stable."""
+"""Softmax, the softmax + cross-entropy loss (fused and numerically stable), and top-k ranking."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k most probable classes and their probabilities, each [N, k], most probable first.
+
+    Ties go to the lower class index (a stable sort), so a ranking is the same everywhere.
+    """
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probabilities, order, axis=1)
 
 
 class SoftmaxCrossEntropy:

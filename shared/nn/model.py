@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.dtypes import as_model_dtype
 from shared.nn.layers import Layer
 from shared.nn.losses import SoftmaxCrossEntropy, softmax
-
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def as_model_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
 
 
 def as_batch(array: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:

@@ -25,7 +25,8 @@ import numpy as np
 
 from shared.nn.geometry import SpecError
 from shared.nn.layers import LAYER_TYPES
-from shared.nn.model import Model, as_model_dtype
+from shared.dtypes import as_model_dtype
+from shared.nn.model import Model
 
 SPEC_KEYS = {"input_shape", "layers"}
 

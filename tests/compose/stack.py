@@ -228,7 +228,7 @@ class Stack:
     def connection(self, identity: str = "admin"):
         """TLS trusting the stack's CA, and `identity`'s token on every call."""
         from shared.client import Connection
-        from shared.tls import ClientTLS
+        from shared.security.tls import ClientTLS
         return Connection(ClientTLS(ca=self.ca_file), token=self.token(identity))
 
     # ------------------------------------------------------------ containers and ports

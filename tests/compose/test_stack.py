@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.client import Connection, TrainerClient, job_state_name
+from shared.client import Connection, TrainerClient
+from shared.rpc.convert import job_state_name
 from shared.data import load_dataset
-from shared.rpc import tandem_inference_pb2 as pb
-from shared.rpc import tandem_inference_pb2_grpc
-from shared.tensors import from_tensor, to_tensor
-from shared.tls import ClientTLS
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.rpc.convert import from_tensor, to_tensor
+from shared.security.tls import ClientTLS
 from tests.compose.stack import INFER_PORT, REPO, Stack
 
 pytestmark = pytest.mark.compose
@@ -262,7 +263,7 @@ def small_model(stack):
                                hyperparameters={"epochs": 2, "seed": 5})
         watch = JobWatch(client, job.job_id)
         final = watch.finished()
-    assert job_state_name(final) == "SUCCEEDED", final.error
+    assert job_state_name(final.state) == "SUCCEEDED", final.error
     return final
 
 
@@ -274,7 +275,7 @@ def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
                             hyperparameters={"epochs": 8, "seed": 7})
     watch = JobWatch(trainer, job.job_id)
     final = watch.finished()
-    assert job_state_name(final) == "SUCCEEDED", final.error
+    assert job_state_name(final.state) == "SUCCEEDED", final.error
     checkpoints = [checkpoint for _, checkpoint in watch.of_kind("checkpoint")]
     assert checkpoints and checkpoints[-1].version == final.last_published_version
     assert len(watch.of_kind("epoch")) == 8
@@ -306,13 +307,13 @@ def test_both_replicas_serve_the_latest_version_after_a_publish(healthy_stack, t
     try:
         first = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
                                                     hyperparameters={"epochs": 1, "seed": 1}).job_id).finished()
-        assert job_state_name(first) == "SUCCEEDED", first.error
+        assert job_state_name(first.state) == "SUCCEEDED", first.error
         # Both replicas load the model on first use and follow it from then on.
         assert [r.predict(model, sample).version for r in replicas] == [first.last_published_version] * 2
 
         second = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
                                                      hyperparameters={"epochs": 2, "seed": 2}).job_id).finished()
-        assert job_state_name(second) == "SUCCEEDED", second.error
+        assert job_state_name(second.state) == "SUCCEEDED", second.error
         assert second.last_published_version > first.last_published_version
         for replica in replicas:   # hot reloaded: announced over Pub/Sub, or caught up by the poll
             wait_until_serving(replica, model, second.last_published_version, sample)
@@ -347,7 +348,7 @@ def test_redis_restart_mid_training(healthy_stack, trainer):
             outage_end = time.monotonic()  # the server is starting again
             final = watch.finished()
             loop.wait_successes(loop.successes() + 10)
-        assert job_state_name(final) == "SUCCEEDED", final.error
+        assert job_state_name(final.state) == "SUCCEEDED", final.error
         # Mid-training: the job had steps to go when Redis went down, and ended after it was back.
         assert final.progress.step == final.progress.steps_total > 0
         assert steps_before < final.progress.steps_total
@@ -394,7 +395,7 @@ def test_killed_trainer_restarts_and_resumes_the_job(healthy_stack, trainer):
     with connect_trainer(healthy_stack) as client:   # its port may have changed
         resumed = JobWatch(client, job.job_id)
         final = resumed.finished()
-    assert job_state_name(final) == "SUCCEEDED", final.error
+    assert job_state_name(final.state) == "SUCCEEDED", final.error
     assert final.restarts == 1
 
     # It resumed from its last checkpoint, not from scratch.

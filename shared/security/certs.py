@@ -1,6 +1,6 @@
 """X.509 certificates made here: a CA, and the server and client certificates it signs.
 
-The compose stack makes its own on first start (shared.deploy_secrets), the
+The compose stack makes its own on first start (shared.security.deploy_secrets), the
 TLS tests make theirs in each test, and `make demo TLS=1` makes throwaway
 ones; all through this module:
 

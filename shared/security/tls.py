@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from shared.config import env
+from shared.env import env
 
 log = logging.getLogger("tandem.tls")
 

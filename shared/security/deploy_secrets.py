@@ -1,6 +1,6 @@
 """The compose stack's secrets, made on its first start: certificates, Redis users, tokens.
 
-    python -m shared.deploy_secrets /secrets --service-uid 10001 --redis-gid 10002
+    python -m shared.security.deploy_secrets /secrets --service-uid 10001 --redis-gid 10002
 
 docker-compose.yml runs this once per `up` (the `secrets` service, before
 the others start) on the directory `TANDEM_SECRETS_DIR` (default
@@ -11,7 +11,7 @@ so a service that is broken into reads no other's secrets:
 
     ca/        ca.crt, ca.key   the stack's CA; only this command reads ca.key
     public/    ca.crt           what clients trust (the host's too)
-               tokens.json      the services' tokens file: hashes only (shared.auth)
+               tokens.json      the services' tokens file: hashes only (shared.security.auth)
     trainer/   server.crt, server.key, redis.password   (owned by --service-uid)
     infer/     server.crt, server.key, redis.password   (owned by --service-uid)
     redis/     server.crt, server.key, users.acl        (readable by group --redis-gid)
@@ -20,7 +20,7 @@ so a service that is broken into reads no other's secrets:
 Server certificates name their service, `localhost` and `127.0.0.1` (the
 published ports are reached there, and the health checks run inside the
 containers). Redis's ACL file holds hashes of the two users' passwords
-(shared.redis_acl). Secrets are written readable by their owner only. Redis
+(shared.security.redis_acl). Secrets are written readable by their owner only. Redis
 images run as users of their own (999 in redis:7, Debian's `redis` in a
 stand-in), so Redis's folder goes to a group instead, which the compose
 file gives the Redis container (`group_add`), whatever its user.
@@ -34,13 +34,13 @@ import secrets
 import sys
 from pathlib import Path
 
-from shared import auth
-from shared.certs import CertificateAuthority, write_private
-from shared.redis_acl import acl_file_text
+from shared.security import auth
+from shared.security.certs import CertificateAuthority, write_private
+from shared.security.redis_acl import acl_file_text
 
 CA_DAYS = 3650          # the CA and what it signs; renew by deleting files
 SERVERS = ("trainer", "infer", "redis")
-CLIENT_TOKENS = {"admin": [auth.ADMIN], "predict": [auth.PREDICT]}
+CLIENT_TOKENS = {"admin": [tokens.ADMIN], "predict": [tokens.PREDICT]}
 
 
 def make_secrets(root: Path, service_uid: int, redis_gid: int) -> list[str]:

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
-from shared.request_guard import UnparsableRequests
+from shared.rpc.request_guard import UnparsableRequests
 
 
 class Service(Protocol):
@@ -30,8 +30,8 @@ def grpc_server(workers: int, max_message_bytes: int,
                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
     """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
 
-    `interceptors` see every call first (the access check, shared.access); then
-    shared.request_guard answers a request that does not parse (INVALID_ARGUMENT).
+    `interceptors` see every call first (the access check, shared.security.access); then
+    shared.rpc.request_guard answers a request that does not parse (INVALID_ARGUMENT).
     """
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
@@ -58,7 +58,7 @@ def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None
 
     Reflection reads one descriptor pool, and the services' descriptors live
     in two (the Open Inference Protocol's in a private pool of its own, see
-    shared/rpc/grpc_service_pb2.py): a pool for reflection alone gets a copy
+    shared/rpc/stubs/grpc_service_pb2.py): a pool for reflection alone gets a copy
     of every file they need.
     """
     services = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"],

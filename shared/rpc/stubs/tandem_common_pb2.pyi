@@ -31,7 +31,7 @@ class Tensor(_message.Message):
     `data` holds the elements in row-major (C) order, little-endian, with no
     padding, so len(data) == prod(shape) * itemsize(dtype). A receiver
     refuses a Tensor whose byte count does not match (INVALID_ARGUMENT).
-    shared/tensors.py converts to and from numpy (to_tensor, from_tensor).
+    shared/rpc/convert.py converts to and from numpy (to_tensor, from_tensor).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -70,7 +70,7 @@ Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
 class CheckpointInfo(_message.Message):
     """One published checkpoint (a model version) as the checkpoint store
     describes it; the fields mirror the checkpoint's own metadata
-    (shared/checkpoint.py) plus what the store adds (size, the latest pointer).
+    (shared/checkpoints/checkpoint.py) plus what the store adds (size, the latest pointer).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -120,7 +120,7 @@ class CheckpointInfo(_message.Message):
     """The name of the dataset the model was trained on."""
     sha256: _builtins.str
     """SHA-256 (hex) of the weights, as recorded in and verified against the
-    checkpoint (shared.checkpoint.weights_sha256).
+    checkpoint (shared.checkpoints.checkpoint.weights_sha256).
     """
     size_bytes: _builtins.int
     """Size of the encoded checkpoint (safetensors blob) in bytes."""

@@ -48,7 +48,7 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from shared.config import env
+from shared.env import env, read_secret_file
 
 DEFAULT_RETRIES = 6
 DEFAULT_TIMEOUT = 10.0          # seconds, for connecting and for each reply
@@ -141,17 +141,6 @@ def _password_from_env() -> str | None:
     if password is not None:
         raise ValueError("set REDIS_PASSWORD or REDIS_PASSWORD_FILE, not both")
     return read_secret_file(Path(path), f"REDIS_PASSWORD_FILE={path!r}")
-
-
-def read_secret_file(path: Path, what: str) -> str:
-    """A password kept in a file, as Docker secrets are: its text without one trailing newline.
-
-    An empty one is a ValueError naming `what`: it would mean no password at all.
-    """
-    secret = path.read_text().removesuffix("\n").removesuffix("\r")
-    if not secret:
-        raise ValueError(f"{what}: the file is empty")
-    return secret
 
 
 def _tls_settings_from_env(scheme: str) -> dict:

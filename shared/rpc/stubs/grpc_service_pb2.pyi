@@ -13,7 +13,7 @@ RPCs, are not here and answer UNIMPLEMENTED). Nested messages sit where
 the protocol's own .proto puts them, so code written against
 tritonclient.grpc.service_pb2 reads the same here.
 
-Python stubs: shared.rpc.grpc_service_pb2 / _pb2_grpc (`make protos`).
+Python stubs: shared.rpc.stubs.grpc_service_pb2 / _pb2_grpc (`make protos`).
 
 For Tandem, a model is a Tandem model name and a version its checkpoint
 version as a decimal string.

@@ -7,7 +7,7 @@ Key layout, for prefix "tandem" and a model NAME (a `check_model_name` name):
     tandem:model:NAME:latest          string  the version readers get by default
     tandem:model:NAME:versions        hash    version -> metadata JSON (the checkpoint's
                                               header fields, plus size_bytes)
-    tandem:model:NAME:v:VERSION:blob  string  the checkpoint (shared.checkpoint format)
+    tandem:model:NAME:v:VERSION:blob  string  the checkpoint (shared.checkpoints.checkpoint format)
     tandem:announcements              stream  one entry per publish, capped near
                                               ANNOUNCEMENTS_MAXLEN entries
     tandem:announcements              channel the same announcements over Pub/Sub
@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
-from shared import checkpoint
-from shared.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
+from shared.checkpoints import checkpoint
+from shared.checkpoints.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
 from shared.nn import Model
-from shared.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
+from shared.checkpoints.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
 
 log = logging.getLogger("tandem.store")
 DEFAULT_PREFIX = "tandem"

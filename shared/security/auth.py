@@ -12,12 +12,12 @@ issued and revoked without a restart; a file that becomes unreadable or
 invalid is logged and the last good table stays in force (never "no auth").
 `certificates` lets a mutual-TLS client's certificate stand for an identity.
 
-`python -m shared.auth issue --identity alice --roles train --file tokens.json`
+`python -m shared.security.auth issue --identity alice --roles train --file tokens.json`
 prints a new token once and stores its hash; `revoke`, `certificate` and
 `list` do the rest (`--help`).
 
 The servicers learn who calls through `current_caller()`, which the access
-interceptor (shared.access) sets around each handler; the domain gets that
+interceptor (shared.security.access) sets around each handler; the domain gets that
 `Caller` as a plain value and decides ownership with `sees` and `controls`.
 """
 
@@ -79,7 +79,7 @@ def current_caller() -> Caller:
     try:
         return _current.get()
     except LookupError:   # not a LookupError to the servicer: that would answer NOT_FOUND
-        raise RuntimeError("no caller: the handler runs without shared.access's interceptor") from None
+        raise RuntimeError("no caller: the handler runs without shared.security.access's interceptor") from None
 
 
 def _context_of(caller: Caller) -> contextvars.Context:
@@ -268,7 +268,7 @@ def allow_certificate(path: str | os.PathLike, common_name: str, roles: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.auth", description="Manage a tokens file.")
+    parser = argparse.ArgumentParser(prog="python -m shared.security.auth", description="Manage a tokens file.")
     commands = parser.add_subparsers(dest="command", required=True)
     issuing = commands.add_parser("issue", help="print a new token once and store its hash")
     issuing.add_argument("--identity", required=True)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             for entry in data["certificates"]:
                 print(f"certificate {entry['identity']} {','.join(entry['roles'])}")
     except (OSError, TokensFileError) as error:
-        print(f"python -m shared.auth: error: {error}", file=sys.stderr)
+        print(f"python -m shared.security.auth: error: {error}", file=sys.stderr)
         return 2
     return 0
 

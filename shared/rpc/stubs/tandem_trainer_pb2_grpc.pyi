@@ -3,7 +3,7 @@
 isort:skip_file
 The Tandem trainer service: training jobs on the NumPy core, publishing
 weight checkpoints to the checkpoint store (Redis). Python stubs:
-shared.rpc.tandem_trainer_pb2 / _pb2_grpc (`make protos`).
+shared.rpc.stubs.tandem_trainer_pb2 / _pb2_grpc (`make protos`).
 
 Status codes: INVALID_ARGUMENT for a request that cannot work (a bad
 spec, names the layer; a bad hyperparameter, names the field),

@@ -1,10 +1,10 @@
 """Write Redis's ACL file for Tandem: one user per service, each allowed only what it runs.
 
-    python -m shared.redis_acl --trainer-password-file /run/secrets/redis_trainer \
+    python -m shared.security.redis_acl --trainer-password-file /run/secrets/redis_trainer \
         --infer-password-file /run/secrets/redis_infer --out /acl/users.acl
 
 and start Redis with `--aclfile /acl/users.acl` (Redis 6.2 or later). The
-compose stack makes it with its other secrets (shared.deploy_secrets). The file
+compose stack makes it with its other secrets (shared.security.deploy_secrets). The file
 holds SHA-256 hashes of the passwords (`#HEX`), never the passwords: each
 service still reads its own from a file (`REDIS_PASSWORD_FILE`) and names its
 user (`REDIS_USERNAME`, or `rediss://USER@host` in `REDIS_URL`).
@@ -32,7 +32,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from shared.redis_client import read_secret_file
+from shared.env import read_secret_file
 
 PREFIX = "tandem"
 # Each user starts from nothing (off, no passwords, keys, channels or commands), whatever the

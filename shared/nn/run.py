@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from shared.data import Dataset
+from shared.dtypes import as_model_dtype
 from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
 from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
@@ -55,8 +56,7 @@ class Hyperparameters:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        as_model_dtype(self.dtype)
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
         if self.early_stopping_patience < 0:

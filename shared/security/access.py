@@ -3,7 +3,7 @@
 `METHOD_ROLES` names, for every method either server serves, the roles that
 may call it (`admin` may call anything); `None` marks a method open to
 anyone (health: probes carry no token). With auth on (a tokens file,
-shared.auth), each call must prove who it is, by `authorization: Bearer
+shared.security.auth), each call must prove who it is, by `authorization: Bearer
 TOKEN` metadata or, with mutual TLS, by a client certificate whose common
 name the file lists:
 
@@ -18,7 +18,7 @@ Messages say why and never quote the token. Each refusal is counted
 address, at most one line per peer host per `log_interval` seconds (the
 next line says how many were held back), so a flood of bad calls cannot
 flood the log. A call let through runs with its `Caller` as
-`shared.auth.current_caller()`; with auth off, every call runs as
+`shared.security.auth.current_caller()`; with auth off, every call runs as
 `UNRESTRICTED`. Which jobs and datasets a caller may touch is the domain's
 business (trainer_svc.manager, trainer_svc.datasets), not this table's.
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
-from shared.auth import PREDICT, TRAIN, UNRESTRICTED, VIEW, Caller, TokensFile, iterate_as, run_as
-from shared.config import env
+from shared.security.auth import PREDICT, TRAIN, UNRESTRICTED, VIEW, Caller, TokensFile, iterate_as, run_as
+from shared.env import env
 
 log = logging.getLogger("tandem.access")
 
@@ -184,7 +184,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
     def _authorize(self, caller: Caller, method: str) -> None:
         if method not in self.roles:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unlisted",
-                          f"{method} is not in the roles table (shared/access.py): no one may call it",
+                          f"{method} is not in the roles table (shared/security/access.py): no one may call it",
                           caller)
         needed = self.roles[method]
         if not any(caller.has(role) for role in needed):
