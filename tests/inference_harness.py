@@ -1,5 +1,6 @@
 """What the inference service's tests share: small models published to a Redis of the
-test's own, servers started in-process with stubs for both APIs, and bounded waits.
+test's own, and servers started in-process with stubs for both APIs (the fixtures that
+start them, `checkpoints` and `start_inference`, are in conftest.py).
 
 The server reads the checkpoint store under its fixed prefix "tandem", so each
 test gets its own embedded Redis (`private_redis`) rather than the session's.
@@ -7,17 +8,14 @@ test gets its own embedded Redis (`private_redis`) rather than the session's.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.nn import Model, build_model, softmax
 from shared.nn.presets import get_preset
-from shared.checkpoints.redis_client import connect
 from shared.rpc.stubs import grpc_service_pb2_grpc
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc
@@ -73,16 +71,6 @@ def infer_config(redis_url: str, **settings) -> InferConfig:
         "grpc_workers": 16, **settings})
 
 
-def wait_for(condition, what: str, timeout: float = DEADLINE):
-    """Poll `condition` until it returns something truthy, and return that; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return result
-
-
 class Inference:
     """An inference server running in this process, with stubs for both of its APIs and health."""
 
@@ -112,25 +100,3 @@ class Inference:
 
 def probabilities(response: pb.PredictResponse) -> np.ndarray:
     return from_tensor(response.probabilities, allowed_dtypes=("float32",), field="probabilities")
-
-
-@pytest.fixture
-def checkpoints(private_redis) -> CheckpointStore:
-    """The checkpoint store the servers read: in the test's own Redis, under the default prefix."""
-    client = connect(private_redis.url)
-    yield CheckpointStore(client)
-    client.close()
-
-
-@pytest.fixture
-def start_inference(private_redis):
-    """start_inference(**settings) -> a running Inference on the test's Redis; all stopped after."""
-    started: list[Inference] = []
-
-    def start(**settings) -> Inference:
-        started.append(Inference(infer_config(private_redis.url, **settings)))
-        return started[-1]
-
-    yield start
-    for inference in started:
-        inference.close()

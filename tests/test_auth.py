@@ -40,8 +40,9 @@ from shared.security.tls import ClientTLS, ServerTLS, channel as tls_channel
 from infer_svc.server import InferenceServer
 from trainer_svc.server import TrainerServer
 from shared.security.certs import CertificateAuthority
+from tests.conftest import wait_until
 from tests.fuzz_calls import served_methods
-from tests.inference_harness import infer_config, wait_for
+from tests.inference_harness import infer_config
 from tests.test_trainer_service import digits_arrays, slow_job, trainer_config, upload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,9 +368,9 @@ def test_only_the_uploader_or_an_admin_overwrites_a_dataset(stack, tokens):
 def test_tokens_are_issued_and_revoked_without_a_restart(stack, tokens, tokens_file):
     list_jobs = TRAINER.methods_by_name["ListJobs"]
     carol = auth.issue(tokens_file, "carol", [VIEW])
-    wait_for(lambda: call(stack.trainer_channel, list_jobs, bearer(carol))[0] == OK, "a new token to work")
+    wait_until(lambda: call(stack.trainer_channel, list_jobs, bearer(carol))[0] == OK, "a new token to work")
     assert auth.revoke(tokens_file, identity="carol") == 1
-    wait_for(lambda: call(stack.trainer_channel, list_jobs, bearer(carol))[0] == UNAUTH,
+    wait_until(lambda: call(stack.trainer_channel, list_jobs, bearer(carol))[0] == UNAUTH,
              "a revoked token to stop working")
     assert call(stack.trainer_channel, list_jobs, bearer(tokens[VIEW]))[0] == OK   # the others still do
 
@@ -385,7 +386,7 @@ def test_an_invalid_tokens_file_keeps_the_last_good_tokens(stack, tokens, tokens
             call(stack.trainer_channel, list_jobs, bearer(tokens[VIEW]))
             return any("event=tokens_file_invalid" in r.getMessage() for r in caplog.records)
 
-        wait_for(noticed, "the invalid file to be noticed")
+        wait_until(noticed, "the invalid file to be noticed")
         assert call(stack.trainer_channel, list_jobs, bearer(tokens[VIEW]))[0] == OK
         assert call(stack.trainer_channel, list_jobs)[0] == UNAUTH   # never "auth off"
     finally:

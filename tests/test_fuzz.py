@@ -65,9 +65,10 @@ from shared.rpc.stubs import tandem_inference_pb2 as infer_pb
 from shared.rpc.stubs import tandem_trainer_pb2 as trainer_pb
 from shared.checkpoints.store import CheckpointStore
 from shared.rpc.convert import to_tensor
+from tests.conftest import wait_until
 from tests.fuzz_calls import CANCELLED_BY_CLIENT, Outcome, call, path, served_methods
 from tests.fuzz_inputs import KINDS, Fuzzer, FuzzRequest, field_count, message_class
-from tests.inference_harness import NAME as SERVED_MODEL, publish, samples, wait_for
+from tests.inference_harness import NAME as SERVED_MODEL, publish, samples
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 10.0              # seconds for every call; generous, so a call past it is a failure
@@ -219,7 +220,7 @@ def start_server(stack: ExitStack, name: str, module: str, settings: dict[str, s
             return False
         return True
 
-    wait_for(answering, f"{name} to answer", STARTUP)
+    wait_until(answering, f"{name} to answer", STARTUP)
     return server
 
 
@@ -480,7 +481,7 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
 
         # Before: the served model loads on its first Predict (any model is served on first use).
         answers(servers, job_id)
-        wait_for(servers["inference"].serving, "the inference server to serve", STARTUP)
+        wait_until(servers["inference"].serving, "the inference server to serve", STARTUP)
         before = answers(servers, job_id)
         memory = {name: {"before": server.memory()} for name, server in servers.items()}
 
@@ -534,7 +535,7 @@ def reference_job(trainer: Server) -> str:
         model_name=REFERENCE_JOB_MODEL, preset="mlp", hidden=[8], dataset="digits",
         hyperparameters=trainer_pb.Hyperparameters(epochs=1, seed=0)), trainer_pb.Job)
     trainer.unary("/tandem.v1.Trainer/CancelJob", trainer_pb.CancelJobRequest(job_id=job.job_id), trainer_pb.Job)
-    wait_for(lambda: trainer.unary("/tandem.v1.Trainer/GetJob", trainer_pb.GetJobRequest(job_id=job.job_id),
+    wait_until(lambda: trainer.unary("/tandem.v1.Trainer/GetJob", trainer_pb.GetJobRequest(job_id=job.job_id),
                                    trainer_pb.Job).state == trainer_pb.JOB_STATE_CANCELLED,
              "the reference job to be cancelled", STARTUP)
     return job.job_id

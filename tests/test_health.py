@@ -29,7 +29,8 @@ from shared.embedded.redis_server import free_loopback_port
 from shared.rpc.health import HealthServicer
 from shared.rpc.stubs import tandem_inference_pb2, tandem_inference_pb2_grpc
 from shared.rpc.stubs import tandem_trainer_pb2, tandem_trainer_pb2_grpc
-from tests.inference_harness import wait_for
+from tests.conftest import wait_until
+
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 10.0         # seconds for every call and every wait
@@ -151,7 +152,7 @@ def test_watches_beyond_the_limit_are_refused_and_a_cancelled_one_frees_its_plac
         def admitted():
             stream, first = open_watch(health)
             return stream if first == SERVING else None
-        streams.append(wait_for(admitted, "the cancelled watch's place to be free again"))
+        streams.append(wait_until(admitted, "the cancelled watch's place to be free again"))
         assert open_watch(health)[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         for stream in streams:
@@ -247,7 +248,7 @@ def test_a_cancel_storm_of_watches_leaves_the_server_answering_and_stopping_on_s
             assert process.poll() is None, \
                 f"{server.module} exited with {process.returncode}:\n{log_tail(log_path)}"
             return answers(health, "") == server.statuses[""]
-        wait_for(started, f"{server.module} to answer health checks", timeout=60)
+        wait_until(started, f"{server.module} to answer health checks", timeout=60)
 
         outcomes = cancel_storm(port)
         # Each client gets the status, or is refused because the watch limit is reached.

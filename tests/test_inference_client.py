@@ -18,9 +18,7 @@ from shared.cli import main
 from shared.client import InferenceClient
 from shared.data import load_dataset
 from shared.embedded.redis_server import free_loopback_port
-from tests.inference_harness import (  # noqa: F401 - fixtures
-    DEADLINE, NAME, assert_close, checkpoints, core_probabilities, publish, samples,
-    start_inference)
+from tests.inference_harness import DEADLINE, NAME, assert_close, core_probabilities, publish, samples
 
 
 @pytest.fixture(autouse=True)

@@ -16,19 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from shared.rpc.stubs import grpc_service_pb2 as kserve_pb
-from tests.inference_harness import (  # noqa: F401 - fixtures
-    DEADLINE, NAME, assert_close, checkpoints, core_probabilities, corrupt, probabilities, publish,
-    samples, start_inference, wait_for)
+from tests.conftest import metric_value, wait_until
+from tests.inference_harness import (
+    DEADLINE, NAME, assert_close, core_probabilities, corrupt, probabilities, publish, samples)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 LOAD_FAILURES = "tandem_infer_model_load_failures_total"
-
-
-def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def refusal(call) -> grpc.RpcError:
@@ -68,26 +63,26 @@ def test_a_replica_starting_on_a_corrupt_latest_serves_the_newest_good_version(
     good, good_model = publish(checkpoints, seed=1, name=name)
     bad, _ = publish(checkpoints, seed=2, name=name)
     corrupt(checkpoints, bad, name)
-    failures = metric(LOAD_FAILURES, model=name)
+    failures = metric_value(LOAD_FAILURES, model=name)
 
     inference = start_inference(models=(name,))
 
-    wait_for(inference.serving, "the replica to be ready")
+    wait_until(inference.serving, "the replica to be ready")
     x = samples(3)
     answer = inference.predict(x, name=name)
     assert (answer.version, good, bad) == (2, 2, 3)
     assert_close(probabilities(answer), core_probabilities(good_model, x))
     assert inference.serving(name) and server_ready(inference) and model_ready(inference, name)
     assert not model_ready(inference, name, str(bad))
-    assert metric(LOAD_FAILURES, model=name) - failures == 1
-    assert metric("tandem_infer_model_failed_version", model=name) == bad
-    assert metric("tandem_infer_model_version", model=name) == good
+    assert metric_value(LOAD_FAILURES, model=name) - failures == 1
+    assert metric_value("tandem_infer_model_failed_version", model=name) == bad
+    assert metric_value("tandem_infer_model_version", model=name) == good
     logged = [record.getMessage() for record in caplog.records]
     assert f"event=model_fallback model={name} version=2 skipped=3" in logged
     assert any(f"event=version_failed model={name} version=3" in line for line in logged)
 
     newer, newer_model = publish(checkpoints, seed=3, name=name)   # a good one after it serves
-    answer = wait_for(lambda: (a := inference.predict(x, name=name)).version == newer and a,
+    answer = wait_until(lambda: (a := inference.predict(x, name=name)).version == newer and a,
                       f"version {newer} to serve")
     assert_close(probabilities(answer), core_probabilities(newer_model, x))
 
@@ -97,15 +92,15 @@ def test_a_corrupt_version_is_fetched_once_however_often_it_is_offered(checkpoin
     publish(checkpoints, seed=0, name=name)
     bad, _ = publish(checkpoints, seed=1, name=name)
     corrupt(checkpoints, bad, name)
-    failures = metric(LOAD_FAILURES, model=name)
+    failures = metric_value(LOAD_FAILURES, model=name)
     inference = start_inference(models=(name,))   # polls `latest` every 0.05 s
     registry = inference.server.registry
 
     gets = redis_gets(checkpoints)
-    wait_for(lambda: redis_gets(checkpoints) >= gets + 20, "at least 10 polls offering the bad version")
+    wait_until(lambda: redis_gets(checkpoints) >= gets + 20, "at least 10 polls offering the bad version")
     refused = refusal(lambda: inference.predict(samples(1), name=name, version=bad))  # asked by number
 
-    assert metric(LOAD_FAILURES, model=name) - failures == 1
+    assert metric_value(LOAD_FAILURES, model=name) - failures == 1
     assert "checksum mismatch" in str(registry.failed.error(name, bad))
     assert refused.code() == grpc.StatusCode.UNAVAILABLE and "checksum mismatch" in refused.details()
     assert inference.predict(samples(1), name=name).version == 1
@@ -142,7 +137,7 @@ def test_after_redis_lost_its_data_a_failed_version_number_is_tried_again(checkp
     version, model = publish(checkpoints, seed=3, name=name)
 
     x = samples(2)
-    answer = wait_for(lambda: (a := inference.predict(x, name=name)).version == version and a,
+    answer = wait_until(lambda: (a := inference.predict(x, name=name)).version == version and a,
                       "the new version 2 to serve")
     assert_close(probabilities(answer), core_probabilities(model, x))
 
@@ -155,7 +150,7 @@ def test_the_server_is_ready_only_when_every_configured_model_serves(checkpoints
 
     inference = start_inference(models=("good", "broken"))
 
-    wait_for(lambda: inference.serving("good"), "the good model to serve")
+    wait_until(lambda: inference.serving("good"), "the good model to serve")
     for service in ("", "tandem.v1.Inference", "inference.GRPCInferenceService", "broken"):
         assert not inference.serving(service), service
     assert not server_ready(inference)
@@ -165,7 +160,7 @@ def test_the_server_is_ready_only_when_every_configured_model_serves(checkpoints
 
     publish(checkpoints, seed=2, name="broken")   # version 2 verifies
 
-    wait_for(inference.serving, "the server to be ready")
+    wait_until(inference.serving, "the server to be ready")
     assert inference.serving("broken") and server_ready(inference)
     assert model_ready(inference, "broken") and model_ready(inference, "broken", "2")
     assert not model_ready(inference, "broken", "1")
@@ -186,8 +181,8 @@ def test_rows_that_overflow_are_refused_and_their_batch_neighbour_answers(
     _, model = publish(checkpoints, seed=0)
     # A forward pass waits for 4 rows: the 3 overflowing ones and the good one share it.
     inference = start_inference(max_batch_size=4, max_queue_delay_ms=DEADLINE * 1000 / 2)
-    batches = metric("tandem_infer_batch_requests_count")
-    shared = batches - metric("tandem_infer_batch_requests_bucket", le="1.0")
+    batches = metric_value("tandem_infer_batch_requests_count")
+    shared = batches - metric_value("tandem_infer_batch_requests_bucket", le="1.0")
     good = samples(1, seed=5)
     bad_call = {"Predict": lambda: inference.predict(overflowing()),
                 "ModelInfer": lambda: inference.kserve.ModelInfer(infer_request(overflowing()),
@@ -202,8 +197,8 @@ def test_rows_that_overflow_are_refused_and_their_batch_neighbour_answers(
     field = "inputs" if api == "Predict" else "inputs[0]"
     assert f"{field}: row 1 overflows float32's range in the model's forward pass" in refused.details()
     assert_close(probabilities(answer), core_probabilities(model, good))
-    after = metric("tandem_infer_batch_requests_count")
-    assert after - metric("tandem_infer_batch_requests_bucket", le="1.0") - shared == 1, \
+    after = metric_value("tandem_infer_batch_requests_count")
+    assert after - metric_value("tandem_infer_batch_requests_bucket", le="1.0") - shared == 1, \
         "the two requests did not share a forward pass"
 
 

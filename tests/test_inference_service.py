@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +21,6 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import CheckpointMeta
@@ -34,9 +31,10 @@ from shared.rpc.stubs import tandem_common_pb2
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.checkpoints.store import CheckpointStore
 from infer_svc.config import InferConfig
-from tests.inference_harness import (  # noqa: F401 - fixtures
-    DEADLINE, NAME, Inference, assert_close, checkpoints, core_probabilities, digits_model,
-    infer_config, probabilities, publish, samples, start_inference, wait_for)
+from tests.conftest import metric_value, scrape_metrics, wait_until
+from tests.inference_harness import (
+    DEADLINE, NAME, Inference, assert_close, core_probabilities, digits_model, infer_config, probabilities,
+    publish, samples)
 
 REPO = Path(__file__).resolve().parents[1]
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -48,10 +46,6 @@ def status_of(call) -> grpc.StatusCode:
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
-
-
-def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # ---------------------------------------------------------------- settings
@@ -155,7 +149,7 @@ def test_concurrent_first_requests_load_the_model_once(checkpoints, start_infere
 
     with ThreadPoolExecutor(clients) as pool:
         assert list(pool.map(first_request, range(clients))) == [1] * clients
-    assert metric("tandem_infer_model_loads_total", model="crowd") == 1
+    assert metric_value("tandem_infer_model_loads_total", model="crowd") == 1
 
 
 def test_only_configured_models_serve(checkpoints, start_inference):
@@ -238,7 +232,7 @@ def test_each_bad_predict_gets_its_status(shared_inference, case):
 def test_bad_requests_are_counted_by_status(shared_inference):
     refused = dict(method="Predict", model=NAME, version="", status="INVALID_ARGUMENT")
     answered = dict(method="Predict", model=NAME, version="2", status="OK")
-    counts = lambda: [metric("tandem_infer_requests_total", **labels)  # noqa: E731
+    counts = lambda: [metric_value("tandem_infer_requests_total", **labels)  # noqa: E731
                       for labels in (refused, answered)]
     before = counts()
 
@@ -268,9 +262,9 @@ def test_a_new_version_serves_while_clients_run_without_failures(checkpoints, st
     for client in clients:
         client.start()
     try:
-        wait_for(lambda: len(answers) >= 20, "answers from version 1")
+        wait_until(lambda: len(answers) >= 20, "answers from version 1")
         _, new = publish(checkpoints, seed=1)
-        wait_for(lambda: sum(1 for version, _ in answers[-8:] if version == 2) == 8,
+        wait_until(lambda: sum(1 for version, _ in answers[-8:] if version == 2) == 8,
                  "version 2 answering every request")
     finally:
         stop.set()
@@ -297,10 +291,10 @@ def plant_corrupt_version(store: CheckpointStore) -> int:
 def test_a_corrupted_checkpoint_is_skipped_and_the_old_version_serves(checkpoints, start_inference):
     _, old = publish(checkpoints, seed=0)
     inference = start_inference()
-    failures_before = metric("tandem_infer_model_load_failures_total", model=NAME)
+    failures_before = metric_value("tandem_infer_model_load_failures_total", model=NAME)
 
     plant_corrupt_version(checkpoints)                      # version 2, found by the poll
-    wait_for(lambda: metric("tandem_infer_model_load_failures_total", model=NAME) > failures_before,
+    wait_until(lambda: metric_value("tandem_infer_model_load_failures_total", model=NAME) > failures_before,
              "the corrupt version to fail verification")
 
     x = samples(2)
@@ -314,7 +308,7 @@ def test_a_corrupted_checkpoint_is_skipped_and_the_old_version_serves(checkpoint
     assert "checksum mismatch" in refused.value.details()
     # a good version published after it serves: the loader outlived the bad one
     version, _ = publish(checkpoints, seed=1)
-    wait_for(lambda: inference.served_version() == version, f"version {version} to serve")
+    wait_until(lambda: inference.served_version() == version, f"version {version} to serve")
 
 
 def test_two_replicas_converge_on_the_same_version(checkpoints, start_inference):
@@ -324,7 +318,7 @@ def test_two_replicas_converge_on_the_same_version(checkpoints, start_inference)
         latest, model = publish(checkpoints, seed=seed)
 
     for replica in replicas:
-        wait_for(lambda r=replica: r.served_version() == latest, f"a replica to serve version {latest}")
+        wait_until(lambda r=replica: r.served_version() == latest, f"a replica to serve version {latest}")
     x = samples(5)
     answers = [probabilities(replica.predict(x)) for replica in replicas]
     np.testing.assert_array_equal(answers[0], answers[1])
@@ -338,7 +332,7 @@ def test_a_pinned_version_serves_whatever_is_published(checkpoints, start_infere
     follower = start_inference()   # a witness: once it serves version 4, the announcement went out
 
     publish(checkpoints, seed=3)
-    wait_for(lambda: follower.served_version() == 4, "the follower to serve version 4")
+    wait_until(lambda: follower.served_version() == 4, "the follower to serve version 4")
 
     assert pinned.served_version() == 2
     assert pinned.predict(samples(1), version=4).version == 4   # by number, still answered
@@ -346,19 +340,13 @@ def test_a_pinned_version_serves_whatever_is_published(checkpoints, start_infere
 
 # ---------------------------------------------------------------- batching and queue
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
 def test_dynamic_batching_merges_concurrent_requests_with_the_same_answers(checkpoints, start_inference):
     publish(checkpoints, seed=0)
     port = free_loopback_port()
     batched = start_inference(max_queue_delay_ms=200.0, metrics_port=port)
     unbatched = start_inference(batching=False)
     rows = [samples(1 + i % 3, seed=i) for i in range(12)]
-    before = scrape(port)
+    before = scrape_metrics(port)
     start = threading.Barrier(len(rows))
 
     def ask(x):
@@ -368,7 +356,7 @@ def test_dynamic_batching_merges_concurrent_requests_with_the_same_answers(check
     with ThreadPoolExecutor(len(rows)) as pool:
         answers = list(pool.map(ask, rows))
 
-    after = scrape(port)
+    after = scrape_metrics(port)
     growth = lambda key: after[key] - before.get(key, 0)  # noqa: E731
     passes = growth(("tandem_infer_batch_requests_count", ()))
     single = growth(("tandem_infer_batch_requests_bucket", (("le", "1.0"),)))
@@ -428,7 +416,7 @@ def test_live_before_ready_and_ready_once_a_model_serves(checkpoints, start_infe
 
     publish(checkpoints, seed=0)
 
-    wait_for(inference.serving, "health to say SERVING")
+    wait_until(inference.serving, "health to say SERVING")
     assert ready() and inference.serving("tandem.v1.Inference")
     assert inference.serving("inference.GRPCInferenceService")
     assert inference.served_version() == 1
@@ -455,11 +443,11 @@ def test_graceful_stop_finishes_the_request_in_flight(checkpoints, start_inferen
     _, model = publish(checkpoints, seed=0)
     inference = start_inference(max_queue_delay_ms=300.0)   # a request waits 0.3 s for company
     x = samples(1)
-    pending = metric("tandem_infer_pending_requests")
+    pending = metric_value("tandem_infer_pending_requests")
 
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(inference.predict, x)
-        wait_for(lambda: metric("tandem_infer_pending_requests") > pending, "the request to arrive")
+        wait_until(lambda: metric_value("tandem_infer_pending_requests") > pending, "the request to arrive")
         inference.server.stop(grace=DEADLINE)
         answer = in_flight.result(timeout=DEADLINE)
 
@@ -477,7 +465,7 @@ def test_python_m_infer_svc_serves_until_sigterm(private_redis, checkpoints):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            wait_for(lambda: status_of(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1))
+            wait_until(lambda: status_of(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1))
                      == grpc.StatusCode.OK
                      and health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                      == health_pb2.HealthCheckResponse.SERVING, "the process to serve", timeout=30)

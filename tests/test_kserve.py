@@ -16,9 +16,8 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.inference_harness import (  # noqa: F401 - fixtures
-    DEADLINE, NAME, assert_close, checkpoints, core_probabilities, probabilities, publish, samples,
-    start_inference)
+from tests.inference_harness import (
+    DEADLINE, NAME, assert_close, core_probabilities, probabilities, publish, samples)
 
 
 @pytest.fixture

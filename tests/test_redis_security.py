@@ -35,7 +35,8 @@ from shared.checkpoints.redis_client import StoreUnavailable, connect, unavailab
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.checkpoints.store import CheckpointStore
 from shared.security.certs import CertificateAuthority
-from tests.inference_harness import Inference, digits_model, infer_config, publish, samples, wait_for
+from tests.conftest import wait_until
+from tests.inference_harness import Inference, digits_model, infer_config, publish, samples
 from tests.test_trainer_service import (Trainer, digits_arrays, mlp_job, rpc_error, trainer_config, upload,
                                         wait_finished)
 
@@ -173,7 +174,7 @@ def test_the_store_publishes_and_reads_over_tls(start_tls_redis, pki, monkeypatc
     np.testing.assert_array_equal(loaded.model.forward(x), model.forward(x))
     subscription = store.subscribe()
     publish(store, seed=4)
-    assert wait_for(lambda: subscription.get_message(timeout=0.1), "an announcement over TLS")
+    assert wait_until(lambda: subscription.get_message(timeout=0.1), "an announcement over TLS")
     subscription.close()
     # The same name through a `localhost` address: the certificate names both.
     assert connect(server.url.replace("127.0.0.1", "localhost")).get("tandem:model:digits:latest") == b"2"
@@ -287,7 +288,7 @@ def test_trainer_and_inference_run_with_their_own_users_and_no_command_is_refuse
         assert newest >= 2      # the publisher may skip to the newest of those waiting
         listed = trainer.stub.ListCheckpoints(pb.ListCheckpointsRequest(model_name="digits")).checkpoints
         assert [c.version for c in listed] == [newest]     # retention 1 deleted the others
-        wait_for(lambda: inference.served_version() == newest, "inference to serve the newest version")
+        wait_until(lambda: inference.served_version() == newest, "inference to serve the newest version")
         warm_start = mlp_job("nothing-here")
         warm_start.resume_from_version = 7
         assert rpc_error(trainer.stub.StartJob, warm_start).code() == grpc.StatusCode.NOT_FOUND
@@ -361,7 +362,7 @@ def test_the_ACL_file_works_on_a_tls_redis_7(start_tls_redis, pki, acl_passwords
     subscription = reader.subscribe()
     version, _ = publish(trainer, seed=5)
     assert reader.latest("digits").meta.version == version
-    assert wait_for(lambda: subscription.get_message(timeout=0.1), "the announcement")["type"] == "message"
+    assert wait_until(lambda: subscription.get_message(timeout=0.1), "the announcement")["type"] == "message"
     subscription.close()
     with pytest.raises(redis.exceptions.NoPermissionError):
         reader.redis.set(reader.keys_for("digits").blob(version), b"evil")

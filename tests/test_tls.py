@@ -31,8 +31,8 @@ from shared.client import (BearerToken, Connection, InferenceClient, TrainerClie
 from shared.rpc.server import grpc_server
 from shared.security.tls import ClientTLS, ServerTLS, is_loopback, listen
 from shared.security.certs import CertificateAuthority, Issued
-from tests.inference_harness import (  # noqa: F401 - fixtures
-    DEADLINE, NAME, checkpoints, infer_config, publish, samples)
+from tests.conftest import wait_until
+from tests.inference_harness import DEADLINE, NAME, infer_config, publish, samples
 from tests.test_trainer_service import trainer_config
 from infer_svc.server import InferenceServer
 from trainer_svc.server import TrainerServer
@@ -212,14 +212,6 @@ def replace_file(path: Path, content: bytes) -> None:
     staged = path.with_suffix(path.suffix + ".new")
     staged.write_bytes(content)
     os.replace(staged, path)
-
-
-def wait_until(condition, what: str):
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {DEADLINE} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def answers(address: str, tls: ClientTLS) -> bool:
