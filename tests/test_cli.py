@@ -1,4 +1,4 @@
-"""Tests for the `tandem` command line (shared.cli) and its progress display (shared.progress)."""
+"""Tests for the `tandem` command line (shared.cli) and its progress display (shared.cli.progress)."""
 
 import contextlib
 import io
@@ -13,9 +13,9 @@ import pytest
 
 from shared.checkpoints.checkpoint import load
 from shared.cli import main
+from shared.cli.progress import TerminalProgress
 from shared.data import load_dataset
 from shared.nn import EpochEvent, StepEvent
-from shared.progress import Progress
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d)/2  train loss \d\.\d{4} acc \d+\.\d\d%  test loss \d\.\d{4} acc \d+\.\d\d%  "
@@ -229,9 +229,16 @@ def test_console_script_runs(trained):
     path, output = trained
     tandem = Path(sys.executable).parent / "tandem"
     result = subprocess.run([tandem, "evaluate", path, "--dataset", "digits"],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
     assert ACCURACY.search(output.splitlines()[2]).group() in result.stdout
+
+
+def test_python_m_shared_cli_runs_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "presets"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert re.search(r"^digits-cnn +Seed 002: conv", result.stdout, re.M)
 
 
 # ---------------------------------------------------------------- progress display
@@ -254,7 +261,7 @@ EPOCH_METRICS = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.875,
                  "test_loss": 0.25, "test_accuracy": 0.9375, "seconds": 2.0}
 
 
-def feed(progress: Progress, steps: int = 4) -> None:
+def feed(progress: TerminalProgress, steps: int = 4) -> None:
     """One epoch of `steps` steps (losses 1, 2, ...; accuracy 0.5), then its end."""
     for step in range(1, steps + 1):
         progress(StepEvent(1, step, steps, float(step), 0.5))
@@ -265,7 +272,7 @@ def test_progress_on_a_terminal_redraws_at_most_every_interval(capsys):
     stream = FakeTty()
     # Steps at t = 0, 0.05, 0.12, 0.15: the second and fourth come too soon after
     # a redraw, but the fourth is the epoch's last and is drawn anyway.
-    feed(Progress(15, stream, clock=FakeClock([0.0, 0.05, 0.12, 0.15])))
+    feed(TerminalProgress(15, stream, clock=FakeClock([0.0, 0.05, 0.12, 0.15])))
     status = "epoch 1/15 [{}] {}/4  loss {:.4f}  acc 50.0%"
     assert stream.getvalue().split("\r")[1:] == [
         status.format("####..............", 1, 1.0),
@@ -280,7 +287,7 @@ def test_progress_on_a_terminal_redraws_at_most_every_interval(capsys):
 def test_progress_follows_the_step_numbers_of_thinned_out_steps():
     """A job watched on the trainer sends only some steps' events (`tandem jobs watch`)."""
     stream = FakeTty()
-    progress = Progress(2, stream, clock=FakeClock([0.0, 1.0]))
+    progress = TerminalProgress(2, stream, clock=FakeClock([0.0, 1.0]))
     progress(StepEvent(2, 12, 10, 1.0, 0.5))  # the 2nd step of epoch 2
     progress(StepEvent(2, 19, 10, 3.0, 1.0))  # its 9th
     status = "epoch 2/2 [{}] {}/10  loss {:.4f}  acc {:.1%}"
@@ -292,14 +299,14 @@ def test_progress_follows_the_step_numbers_of_thinned_out_steps():
 
 def test_progress_elsewhere_prints_only_epoch_lines():
     stream = io.StringIO()
-    feed(Progress(2, stream, clock=FakeClock([])))  # the clock is never read
+    feed(TerminalProgress(2, stream, clock=FakeClock([])))  # the clock is never read
     assert stream.getvalue() == (
         "epoch 1/2  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n")
 
 
 def test_progress_close_clears_a_status_line():
     stream = FakeTty()
-    progress = Progress(2, stream, clock=FakeClock([0.0]))
+    progress = TerminalProgress(2, stream, clock=FakeClock([0.0]))
     progress(StepEvent(1, 1, 10, 1.0, 0.5))
     progress.close()
     drawn = "epoch 1/2 [#.................] 1/10  loss 1.0000  acc 50.0%"

@@ -1,4 +1,4 @@
-"""The trainer client (shared/client.py), `tandem jobs ...` and `make demo`, against a real
+"""The trainer client (shared/client/trainer.py), `tandem jobs ...` and `make demo`, against a real
 trainer service on 127.0.0.1 over a real Redis (tests/conftest.py). The inference client
 and `tandem predict --server` are in test_inference_client.py.
 
@@ -17,9 +17,9 @@ import pytest
 
 from shared.cli import main
 from shared.client import TrainerClient
-from shared.rpc.convert import job_state_name
 from shared.data import load_dataset
 from shared.embedded.redis_server import free_loopback_port
+from shared.rpc.convert import job_state_name
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import TrainerServer
@@ -101,7 +101,8 @@ def test_list_watch_and_checkpoints_of_a_finished_job(jobs, trainer, model_name)
     assert row.split()[:7] == [job.job_id, "SUCCEEDED", model_name, "digits", "2/2",
                                f"{job.last_metrics.test_accuracy:.2%}", "2"]
     assert job.job_id in jobs("list", "--state", "succeeded")[1]
-    assert jobs("list", "--state", "running", "--state", "queued", "--model-name", model_name)[1] == "no jobs\n"
+    unfinished = jobs("list", "--state", "running", "--state", "queued", "--model-name", model_name)
+    assert unfinished[1] == "no jobs\n"
 
     # Watching a finished job shows what happened and its end, and exits 0 for SUCCEEDED.
     code, out, _ = jobs("watch", job.job_id)
@@ -213,9 +214,9 @@ def test_list_jobs_follows_the_pages(trainer, model_name):
 
 
 def test_wait_until_ready_is_bounded():
-    with TrainerClient(f"127.0.0.1:{free_loopback_port()}") as client:  # nothing listens there
-        with pytest.raises(grpc.RpcError) as waited:
-            client.wait_until_ready(timeout=0.2)
+    with (TrainerClient(f"127.0.0.1:{free_loopback_port()}") as client,  # nothing listens there
+          pytest.raises(grpc.RpcError) as waited):
+        client.wait_until_ready(timeout=0.2)
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -224,7 +225,7 @@ def test_wait_until_ready_is_bounded():
 
 def test_demo_trains_through_the_trainer_and_predicts_through_the_inference_service():
     demo = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     out = demo.stdout
     accuracies = re.findall(r"^epoch +\d+/15 .* test loss \S+ acc (\S+)%", out, re.M)
@@ -237,7 +238,7 @@ def test_demo_trains_through_the_trainer_and_predicts_through_the_inference_serv
     served = [int(v) for v in re.findall(r"^inference now serves version (\d+) \(after \d+ ms\)$",
                                          out, re.M)]
     assert len(served) == len(published)
-    assert all(s >= p for s, p in zip(served, published)) and served == sorted(served)
+    assert all(s >= p for s, p in zip(served, published, strict=True)) and served == sorted(served)
     assert served[-1] == published[-1]
     assert re.search(r"^VERSION +EPOCH +STEP +TEST ACC +SIZE +CREATED$", out, re.M)
     assert re.search(r"^\d+ \* +15 +", out, re.M)  # the latest version: the last epoch's

@@ -1,6 +1,6 @@
-"""Training progress for people: a live status line per epoch, then one line per epoch.
+"""`tandem`'s training progress for people: a live status line per epoch, then one line per epoch.
 
-`Progress` is a callback for `shared.nn.fit` (through `shared.nn.run.train`).
+`TerminalProgress` is a callback for `shared.nn.fit` (through `shared.nn.run.train`).
 On a terminal it redraws one status line in place with `\\r`,
 
     epoch 3/15 [#########.........] 120/506  loss 0.1234  acc 96.5%
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from shared.nn import EpochEvent, StepEvent
 
@@ -38,7 +39,7 @@ def format_epoch(metrics: dict[str, float], total_epochs: int) -> str:
     return "  ".join(parts)
 
 
-class Progress:
+class TerminalProgress:
     """Call it with each StepEvent and EpochEvent; `close()` when training ends or fails."""
 
     def __init__(
