@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-compose compose-images bench venv clean
+.PHONY: demo test test-slow test-compose compose-images bench venv clean lint
 
 # `make demo TLS=1`: every call over mutual TLS, with a throwaway CA (scripts/demo.py --tls).
 demo: $(STAMP)
@@ -27,6 +27,16 @@ test-compose: $(STAMP)
 # redis:7 when they can be neither found nor pulled (does nothing otherwise).
 compose-images:
 	bash scripts/prepare_offline_images.sh
+
+# Lint and types, settings in pyproject.toml (also run by .ci/run and .pre-commit-config.yaml):
+# ruff's rules, ruff's formatter in check mode (it rewrites nothing) and mypy over the whole
+# repository. All three run; any finding fails the target.
+lint: $(STAMP)
+	@status=0; \
+	echo "$(VENV)/bin/ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo "$(VENV)/bin/ruff format --check ."; $(VENV)/bin/ruff format --check . || status=1; \
+	echo "$(VENV)/bin/mypy"; $(VENV)/bin/mypy || status=1; \
+	exit $$status
 
 bench: $(STAMP) $(VENV)/.bench-installed
 	$(PY) -m bench

@@ -10,8 +10,15 @@ import time
 
 import numpy as np
 
-from bench.common import (bench_threads, limited_threads, machine_facts, print_facts,
-                          print_table, quick_mode, write_json)
+from bench.common import (
+    bench_threads,
+    limited_threads,
+    machine_facts,
+    print_facts,
+    print_table,
+    quick_mode,
+    write_json,
+)
 from shared.data import DatasetNotFound, load_dataset
 from shared.nn.presets import get_preset
 from shared.nn.run import Hyperparameters, train
@@ -38,7 +45,8 @@ def run() -> None:
     facts = machine_facts(threads)
     print_facts("Seed models, trained in full (float32)", facts)
     runs = RUNS[:1] if quick_mode() else RUNS
-    rows, results = [], []
+    rows: list[list] = []
+    results: list[dict] = []
     with limited_threads(threads):
         for preset, name, seeds, aim, source in runs:
             try:

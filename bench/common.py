@@ -14,15 +14,17 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Hashable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 RESULTS_DIR = Path(__file__).parent / "results"
+Name = TypeVar("Name", bound=Hashable)   # what names a contender
 
 
 # ---- settings ---------------------------------------------------------------
@@ -99,8 +101,8 @@ def calls_per_block(fn: Callable[[], object], block_seconds: float, warmup_calls
     return max(1, round(block_seconds / one_call))
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], object]],
-                        timing: Timing) -> dict[str, float]:
+def interleaved_medians(contenders: Mapping[Name, Callable[[], object]],
+                        timing: Timing) -> dict[Name, float]:
     """Median seconds per call of each contender, timed in alternating blocks.
 
     Each round times one block of every contender; the order reverses
@@ -110,7 +112,7 @@ def interleaved_medians(contenders: dict[str, Callable[[], object]],
     """
     calls = {name: calls_per_block(fn, timing.block_seconds, timing.warmup_calls)
              for name, fn in contenders.items()}
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    samples: dict[Name, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for round_index in range(timing.rounds):
         for name in names if round_index % 2 == 0 else reversed(names):
@@ -177,7 +179,7 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
     def line(row):
         return "  ".join(cell.rjust(w) if num else cell.ljust(w)
-                         for cell, w, num in zip(row, widths, numeric)).rstrip()
+                         for cell, w, num in zip(row, widths, numeric, strict=True)).rstrip()
 
     print(line(headers))
     print("  ".join("-" * w for w in widths))

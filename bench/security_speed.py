@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -26,15 +27,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import Timing, print_facts, print_table, quick_mode, redis_session, write_json
-from bench.serve_speed import (CALL_TIMEOUT, Block, Contender, clients_block, interleave,
-                               published_model, request_for, server_config)
-from shared.security.access import AccessSettings
-from shared.security.auth import PREDICT, issue
+from bench.serve_speed import (
+    CALL_TIMEOUT,
+    Block,
+    Contender,
+    clients_block,
+    interleave,
+    published_model,
+    request_for,
+    server_config,
+)
+from infer_svc.server import InferenceServer
 from shared.client import Connection
 from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.security.access import AccessSettings
+from shared.security.auth import PREDICT, issue
+from shared.security.certs import CertificateAuthority  # the repository's one certificate maker
 from shared.security.tls import ClientTLS, ServerTLS
-from infer_svc.server import InferenceServer
-from shared.security.certs import CertificateAuthority   # the repository's one certificate maker
 
 SETTINGS = {   # the full run takes about 40 s, the quick one about 10 s
     "full": Timing(rounds=7, block_seconds=0.8, warmup_calls=20),
@@ -104,14 +113,12 @@ def measure(redis_url: str, timing: Timing) -> list[dict]:
                 stack.enter_context(connection.channel(address)))
             for _ in range(timing.warmup_calls):   # also waits out the model's first load
                 stub.Predict(request, timeout=CALL_TIMEOUT, wait_for_ready=True)
-            calls.append(Contender(transport, lambda s, stub=stub: clients_block(
-                [stub], request, 1, s)))
-            connects.append(Contender(transport, lambda s, a=address, c=connection:
-                                      new_connection_block(a, c, s)))
+            calls.append(Contender(transport, partial(clients_block, [stub], request, 1)))
+            connects.append(Contender(transport, partial(new_connection_block, address, connection)))
         interleave(calls + connects, timing)
     base, base_connect = calls[0].summary(), connects[0].summary()
     results = []
-    for call, connect in zip(calls, connects):
+    for call, connect in zip(calls, connects, strict=True):
         summary, connected = call.summary(), connect.summary()
         results.append({
             "transport": call.name, "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],

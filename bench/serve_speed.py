@@ -37,31 +37,38 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
 
 import grpc
 import numpy as np
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
-                          redis_session, write_json)
-from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.nn import Model, build_model
-from shared.nn.presets import get_preset
-from shared.checkpoints.redis_client import connect
-from shared.rpc.stubs import tandem_inference_pb2 as pb
-from shared.rpc.stubs import tandem_inference_pb2_grpc
-from shared.checkpoints.store import CheckpointStore
-from shared.dtypes import MODEL_DTYPES
-from shared.rpc.convert import from_tensor, to_tensor
+from bench.common import (
+    Timing,
+    interleaved_medians,
+    print_facts,
+    print_table,
+    quick_mode,
+    redis_session,
+    write_json,
+)
 from infer_svc.batching import Batcher
 from infer_svc.config import InferConfig
-from infer_svc.server import InferenceServer
 from infer_svc.servable import Servable
+from infer_svc.server import InferenceServer
 from infer_svc.servicer import InferenceServicer
+from shared.checkpoints.checkpoint import CheckpointMeta
+from shared.checkpoints.redis_client import connect
+from shared.checkpoints.store import CheckpointStore
+from shared.dtypes import MODEL_DTYPES
+from shared.nn import Model, build_model
+from shared.nn.presets import get_preset
+from shared.rpc.convert import from_tensor, to_tensor
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
 
 MODEL_NAME = "bench-serve"
 INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10          # the digits CNN's
@@ -141,7 +148,7 @@ class Contender:
             "samples_per_s": statistics.median(b.rows / b.seconds for b in self.blocks),
             "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)),
-            "calls": int(len(latencies)),
+            "calls": len(latencies),
         }
 
 
@@ -226,30 +233,30 @@ def request_for(rows: int) -> pb.PredictRequest:
 
 def throughput(address: str, servable: Servable, timing: Timing, stack: ExitStack) -> list[dict]:
     """Predict at each batch and concurrency against the in-process forward, interleaved."""
-    contenders, cases = [], []
+    contenders: list[Contender] = []
+    cases: list[tuple[int, int | None]] = []   # (rows, clients); no clients: the in-process forward
     for rows in BATCHES:
         x, request = batch(rows), request_for(rows)
         servable.probabilities(x)
-        contenders.append(Contender(f"in-process {rows}",
-                                    lambda s, x=x: in_process_block(servable, x, s)))
+        contenders.append(Contender(f"in-process {rows}", partial(in_process_block, servable, x)))
         cases.append((rows, None))
         for count in CONCURRENCY:
             clients = Clients(address, count, request, timing.warmup_calls)
             stack.callback(clients.close)
-            contenders.append(Contender(
-                f"predict {rows} x {count}",
-                lambda s, stubs=clients.stubs, r=request, n=rows: clients_block(stubs, r, n, s)))
+            contenders.append(Contender(f"predict {rows} x {count}",
+                                        partial(clients_block, clients.stubs, request, rows)))
             cases.append((rows, count))
     interleave(contenders, timing)
-    results, forward = [], {}
-    for (rows, count), contender in zip(cases, contenders):
+    results: list[dict] = []
+    forward: dict[int, dict] = {}   # rows -> the in-process forward's summary
+    for (rows, callers), contender in zip(cases, contenders, strict=True):
         summary = contender.summary()
-        if count is None:
+        if callers is None:
             forward[rows] = summary
             results.append({"batch": rows, "clients": None, "what": "in-process forward", **summary,
                             "ratio": None})
         else:
-            results.append({"batch": rows, "clients": count, "what": "Predict", **summary,
+            results.append({"batch": rows, "clients": callers, "what": "Predict", **summary,
                             "ratio": summary["samples_per_s"] / forward[rows]["samples_per_s"]})
     return results
 
@@ -261,8 +268,7 @@ def batching_gain(on_address: str, off_address: str, timing: Timing, stack: Exit
     for label, address in (("batching on", on_address), ("batching off", off_address)):
         clients = Clients(address, GAIN_CLIENTS, request, timing.warmup_calls)
         stack.callback(clients.close)
-        contenders.append(Contender(label, lambda s, stubs=clients.stubs: clients_block(
-            stubs, request, 1, s)))
+        contenders.append(Contender(label, partial(clients_block, clients.stubs, request, 1)))
     interleave(contenders, timing)
     on, off = (contender.summary() for contender in contenders)
     return {"on": on, "off": off, "gain": on["samples_per_s"] / off["samples_per_s"]}
@@ -317,40 +323,45 @@ def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Tim
     on_stub, off_stub = (tandem_inference_pb2_grpc.InferenceStub(c) for c in channels)
     health = health_pb2_grpc.HealthStub(channels[1])
     empty_call = health_pb2.HealthCheckRequest(service="")
-    rows_out = []
+
+    def medians_at(rows: int) -> dict[str, float]:
+        """Each step's median seconds for a request of `rows` rows."""
+        request = request_for(rows)
+        wire = request.SerializeToString()
+        inputs = from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES, field="inputs")
+        x = inputs.astype(np.float32)
+        probabilities = servable.probabilities(x)
+        response = servicer.Predict(request, None)
+        response_wire = response.SerializeToString()
+        precomputed = _Precomputed(probabilities)
+        return interleaved_medians({
+            "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
+            "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
+            "Predictor.predict (checks, forward, softmax)":
+                lambda: off.predictor.predict(MODEL_NAME, inputs),
+            "  of which Servable.probabilities (forward, softmax)":
+                lambda: servable.probabilities(x),
+            "servicer Predict without gRPC (from_tensor, predict, response, metrics)":
+                lambda: servicer.Predict(request, None),
+            # a lambda like the other steps, so that each timing carries the same call overhead
+            "protobuf encode of the response": lambda: response.SerializeToString(),  # noqa: PLW0108
+            "client: protobuf decode of the response":
+                lambda: pb.PredictResponse.FromString(response_wire),
+            "batcher handoff alone (max delay 0, no compute)":
+                lambda: handoff.run(precomputed, x),
+            "gRPC round trip of an empty call (health Check)":
+                lambda: health.Check(empty_call, timeout=CALL_TIMEOUT),
+            "Predict round trip, batching off":
+                lambda: off_stub.Predict(request, timeout=CALL_TIMEOUT),
+            "Predict round trip, batching on":
+                lambda: on_stub.Predict(request, timeout=CALL_TIMEOUT),
+        }, timing)
+
+    rows_out: list[dict] = []
     try:
         for rows in (1, 256):
-            request = request_for(rows)
-            wire = request.SerializeToString()
-            inputs = from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES, field="inputs")
-            x = inputs.astype(np.float32)
-            probabilities = servable.probabilities(x)
-            response = servicer.Predict(request, None)
-            response_wire = response.SerializeToString()
-            precomputed = _Precomputed(probabilities)
-            medians = interleaved_medians({
-                "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
-                "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
-                "Predictor.predict (checks, forward, softmax)":
-                    lambda: off.predictor.predict(MODEL_NAME, inputs),
-                "  of which Servable.probabilities (forward, softmax)":
-                    lambda: servable.probabilities(x),
-                "servicer Predict without gRPC (from_tensor, predict, response, metrics)":
-                    lambda: servicer.Predict(request, None),
-                "protobuf encode of the response": lambda: response.SerializeToString(),
-                "client: protobuf decode of the response":
-                    lambda: pb.PredictResponse.FromString(response_wire),
-                "batcher handoff alone (max delay 0, no compute)":
-                    lambda: handoff.run(precomputed, x),
-                "gRPC round trip of an empty call (health Check)":
-                    lambda: health.Check(empty_call, timeout=CALL_TIMEOUT),
-                "Predict round trip, batching off":
-                    lambda: off_stub.Predict(request, timeout=CALL_TIMEOUT),
-                "Predict round trip, batching on":
-                    lambda: on_stub.Predict(request, timeout=CALL_TIMEOUT),
-            }, timing)
             rows_out.extend({"batch": rows, "part": part, "us": seconds * 1e6}
-                            for part, seconds in medians.items())
+                            for part, seconds in medians_at(rows).items())
     finally:
         handoff.stop()
         for channel in channels:

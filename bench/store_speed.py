@@ -10,14 +10,23 @@ REDIS_URL when set).
 
 from __future__ import annotations
 
-from bench.common import (Timing, interleaved_medians, print_facts, print_table, quick_mode,
-                          redis_session, write_json)
+import redis
+
+from bench.common import (
+    Timing,
+    interleaved_medians,
+    print_facts,
+    print_table,
+    quick_mode,
+    redis_session,
+    write_json,
+)
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.nn import build_model
-from shared.nn.presets import get_preset
 from shared.checkpoints.redis_client import connect
 from shared.checkpoints.store import CheckpointStore
+from shared.nn import Model, build_model
+from shared.nn.presets import get_preset
 
 AIM = 1.3
 # (label, hidden widths of an mlp on 28x28 inputs): about 1 MB and about 20 MB of float32 weights.
@@ -38,12 +47,7 @@ def run() -> None:
             meta = CheckpointMeta(model_name="bench", spec={}, dtype="")
             blob = checkpoint.encode(model, meta)
             store.publish(model, meta)
-            medians = interleaved_medians({
-                "publish": lambda: store.publish(model, meta),
-                "set": lambda: client.set("bench:plain", blob),
-                "load": lambda: store.latest("bench"),
-                "get": lambda: client.get("bench:plain"),
-            }, timing)
+            medians = _medians(store, client, model, meta, blob, timing)
             publish_ratio = medians["publish"] / medians["set"]
             load_ratio = medians["load"] / medians["get"]
             for what, ours, peer, ratio in (("publish", "publish", "set", publish_ratio),
@@ -59,3 +63,14 @@ def run() -> None:
     print_table(["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio",
                  f"aim <= {AIM}x"], rows)
     print(f"\nwrote {write_json('store', {'facts': facts, 'results': results})}")
+
+
+def _medians(store: CheckpointStore, client: redis.Redis, model: Model, meta: CheckpointMeta,
+             blob: bytes, timing: Timing) -> dict[str, float]:
+    """Median seconds of our publish and load, and of plain SET and GET of the same bytes."""
+    return interleaved_medians({
+        "publish": lambda: store.publish(model, meta),
+        "set": lambda: client.set("bench:plain", blob),
+        "load": lambda: store.latest("bench"),
+        "get": lambda: client.get("bench:plain"),
+    }, timing)

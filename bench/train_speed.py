@@ -13,9 +13,9 @@ Then, for the `cnn` preset, the time of our step is split by layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable
 
 import numpy as np
 
@@ -168,7 +168,7 @@ def measure_throughput(cases, timing: Timing, torch=None) -> list[dict]:
     for case in cases:
         model = build(case)
         x, y = random_batch(case)
-        steps = {}
+        steps: dict[str, Callable[[], object]] = {}
         if torch:   # built first: it copies the weights before our steps change them
             steps["torch"] = torch_step(case, model, x, y, torch)
         steps["ours"] = numpy_step(case, model, x, y)
@@ -205,7 +205,7 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
     douts = arriving[-2::-1]             # douts[i] is the gradient layer i receives
     optimizer = make_optimizer(case.optimizer, case.learning_rate)
 
-    parts = {}   # row name -> {phase: function to time}
+    parts: dict[str, dict[str, Callable[[], object]]] = {}   # row name -> {phase: function to time}
     for i, layer in enumerate(model.layers):
         parts[f"{i} {layer.type_name} -> {layer.output_shape}"] = {
             "forward": partial(layer.forward, inputs[i], True),
@@ -218,11 +218,12 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
     parts[f"optimizer step ({case.optimizer})"] = {
         "update": partial(optimizer.step, model.state_dict(), model.gradients()),
     }
-    contenders = {(name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()}
+    contenders: dict[tuple[str, str] | str, Callable[[], object]] = {
+        (name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()}
     contenders["whole step"] = numpy_step(case, model, x, y)
     ms = {key: 1000 * s for key, s in interleaved_medians(contenders, timing).items()}
 
-    rows = []
+    rows: list[dict] = []
     for name, fns in parts.items():
         times = {f"{phase}_ms": ms[name, phase] for phase in fns}
         rows.append({"part": name, **times, "total_ms": sum(times.values())})

@@ -15,13 +15,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
-from infer_svc.servable import Servable
+
+class Forward(Protocol):
+    """What the batcher runs: an infer_svc.servable.Servable (queued by identity), or a stand-in."""
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray: ...
 
 
 class QueueFull(RuntimeError):
@@ -56,7 +61,7 @@ class Batcher:
         self.enabled = enabled
         self.max_batch_size, self.max_delay, self.max_queue_rows = max_batch_size, max_delay, max_queue_rows
         self._on_batch, self._clock = on_batch, clock
-        self._queues: dict[Servable, deque[_Request]] = {}
+        self._queues: dict[Forward, deque[_Request]] = {}
         self._queued_rows = 0
         self._changed = threading.Condition()
         self._stopping = False
@@ -64,7 +69,7 @@ class Batcher:
         if enabled:
             self._worker.start()
 
-    def run(self, servable: Servable, x: np.ndarray) -> np.ndarray:
+    def run(self, servable: Forward, x: np.ndarray) -> np.ndarray:
         """Probabilities for `x`, computed alone or batched with other requests."""
         if not self.enabled:
             started = self._clock()
@@ -99,7 +104,7 @@ class Batcher:
                 servable, batch = self._gather()
             self._compute(servable, batch)
 
-    def _gather(self) -> tuple[Servable, list[_Request]]:
+    def _gather(self) -> tuple[Forward, list[_Request]]:
         """Pick the servable whose head waited longest; wait for a full batch or its deadline."""
         servable = min((s for s, q in self._queues.items() if q), key=lambda s: self._queues[s][0].enqueued)
         waiting = self._queues[servable]
@@ -117,7 +122,7 @@ class Batcher:
         self._queued_rows -= rows
         return servable, batch
 
-    def _compute(self, servable: Servable, batch: list[_Request]) -> None:
+    def _compute(self, servable: Forward, batch: list[_Request]) -> None:
         started = self._clock()
         try:
             probabilities = servable.probabilities(np.concatenate([r.x for r in batch]))

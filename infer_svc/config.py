@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.checkpoints.checkpoint import check_model_name
-from shared.security.access import AccessSettings
 from shared.env import env
+from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
 
 

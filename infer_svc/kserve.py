@@ -18,14 +18,14 @@ from importlib import metadata
 
 import numpy as np
 
+from infer_svc.metrics import observed
+from infer_svc.predict import Predictor
+from infer_svc.servicer import STATUS_BY_ERROR
+from shared.rpc.convert import from_tensor
 from shared.rpc.errors import translate_errors
 from shared.rpc.stubs import grpc_service_pb2 as pb
 from shared.rpc.stubs import grpc_service_pb2_grpc
 from shared.rpc.stubs.tandem_common_pb2 import Tensor
-from shared.rpc.convert import from_tensor
-from infer_svc.metrics import observed
-from infer_svc.predict import Predictor
-from infer_svc.servicer import STATUS_BY_ERROR
 
 SERVER_NAME = "tandem"
 PLATFORM = "tandem_numpy"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.nn import as_batch, top_k
 from infer_svc.batching import Batcher
 from infer_svc.registry import Registry
+from shared.nn import as_batch, top_k
 
 
 @dataclass(frozen=True)

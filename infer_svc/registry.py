@@ -34,15 +34,14 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from typing import Callable
 
+from infer_svc.servable import Servable
 from shared.checkpoints.checkpoint import CheckpointError
 from shared.checkpoints.redis_client import StoreUnavailable
 from shared.checkpoints.store import CheckpointNotFound, CheckpointStore
-from infer_svc.servable import Servable
 
 log = logging.getLogger("tandem.infer.registry")
 
@@ -281,26 +280,28 @@ class Registry:
         before fails again at once, with its error, and is not fetched.
         """
         key = (name, version)
+        mine: Future | None = None   # the load this thread does, if it is the first to ask
         with self._lock:
             servable = self._installed(name, version)
             loading = self._loading.get(key)
-            first = servable is None and loading is None
-            if first:
+            if servable is None and loading is None:
                 if (failure := self.failed.error(name, version)) is not None:
                     raise failure
-                loading = self._loading[key] = Future()
-        if not first:
-            servable = servable or loading.result()
+                mine = self._loading[key] = Future()
+        if mine is None:
+            if servable is None:
+                assert loading is not None   # not installed: another thread is loading it
+                servable = loading.result()
             install(servable)
             return servable
         try:
             servable = self._load_now(name, version)
             install(servable)
         except BaseException as error:
-            loading.set_exception(error)
+            mine.set_exception(error)
             raise
         else:
-            loading.set_result(servable)
+            mine.set_result(servable)
             return servable
         finally:
             with self._lock:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.nn import Model, softmax
 from shared.checkpoints.store import CheckpointStore
+from shared.nn import Model, softmax
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per load
@@ -25,7 +25,7 @@ class Servable:
     meta: CheckpointMeta
 
     @classmethod
-    def load(cls, store: CheckpointStore, name: str, version: int) -> "Servable":
+    def load(cls, store: CheckpointStore, name: str, version: int) -> Servable:
         checkpoint = store.get(name, version)
         servable = cls(name, version, checkpoint.model, checkpoint.meta)
         servable.probabilities(np.zeros((1, *servable.input_shape), dtype=checkpoint.model.dtype))

@@ -15,20 +15,19 @@ from dataclasses import asdict
 
 import grpc
 
-from shared.checkpoints.checkpoint import CheckpointError
-from shared.rpc.errors import translate_errors
-from shared.nn import spec_to_json
-from shared.checkpoints.redis_client import StoreUnavailable
-from shared.rpc.stubs import tandem_inference_pb2 as pb
-from shared.rpc.stubs import tandem_inference_pb2_grpc
-from shared.dtypes import MODEL_DTYPES
-from shared.rpc.convert import from_tensor, to_tensor
-from shared.rpc.convert import checkpoint_info
 from infer_svc.batching import BatcherStopped, QueueFull
 from infer_svc.metrics import observed
 from infer_svc.predict import Predictor
 from infer_svc.registry import ModelUnavailable
 from infer_svc.servable import Servable
+from shared.checkpoints.checkpoint import CheckpointError
+from shared.checkpoints.redis_client import StoreUnavailable
+from shared.dtypes import MODEL_DTYPES
+from shared.nn import spec_to_json
+from shared.rpc.convert import checkpoint_info, from_tensor, to_tensor
+from shared.rpc.errors import translate_errors
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from shared.rpc.stubs import tandem_inference_pb2_grpc
 
 STATUS_BY_ERROR = [  # the first match wins
     (CheckpointError, grpc.StatusCode.UNAVAILABLE),   # a ValueError, but not the caller's
@@ -74,7 +73,8 @@ class InferenceServicer(tandem_inference_pb2_grpc.InferenceServicer):
         if request.top_k:
             classes, probabilities = prediction.top_k(request.top_k)
             response.top_k.extend(pb.TopK(classes=row_classes, probabilities=row_probabilities)
-                                  for row_classes, row_probabilities in zip(classes, probabilities))
+                                  for row_classes, row_probabilities
+                                  in zip(classes, probabilities, strict=True))
         return response
 
     @translate_errors(STATUS_BY_ERROR)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from infer_svc.registry import Registry
 from shared.checkpoints.backoff import Backoff
 from shared.checkpoints.redis_client import StoreUnavailable
 from shared.checkpoints.store import CheckpointStore, parse_announcement
-from infer_svc.registry import Registry
 
 log = logging.getLogger("tandem.infer.source")
 
@@ -31,7 +31,7 @@ class VersionSource:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="version-source", daemon=True)
 
-    def start(self) -> "VersionSource":
+    def start(self) -> VersionSource:
         self._thread.start()
         return self
 
@@ -67,7 +67,7 @@ class VersionSource:
             while not self._stopping.is_set():
                 try:
                     message = subscription.get_message(timeout=self.poll_interval)
-                except Exception as error:  # noqa: BLE001 - redis-py raises several kinds on a lost link
+                except Exception as error:  # redis-py raises several kinds on a lost link
                     raise StoreUnavailable(f"announcements subscription lost: {error}") from error
                 try:
                     announcement = parse_announcement(message)

@@ -36,16 +36,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from infer_svc.config import InferConfig
+from infer_svc.server import InferenceServer
+from shared.checkpoints.redis_client import redis_url_from_env
 from shared.cli import EXIT_INTERRUPTED, accuracy_text, print_checkpoints, watch_job
-from shared.security.certs import CertificateAuthority
 from shared.client import Connection, InferenceClient, TrainerClient
 from shared.data import load_dataset
 from shared.embedded.redis_server import redis_for_local_use
-from shared.checkpoints.redis_client import redis_url_from_env
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.security.certs import CertificateAuthority
 from shared.security.tls import ClientTLS, ServerTLS
-from infer_svc.config import InferConfig
-from infer_svc.server import InferenceServer
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import TrainerServer
 

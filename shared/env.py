@@ -1,4 +1,5 @@
-"""Settings of the service processes: environment variables (documented in the README), and the secret files they name."""
+"""Settings of the service processes: environment variables (documented in the README), and the
+secret files they name."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import json
 import re
 import struct
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import safetensors
@@ -85,7 +85,7 @@ def weights_sha256(weights: dict[str, np.ndarray]) -> str:
         array = np.ascontiguousarray(weights[name])
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
         digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}\n".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))   # the contiguous array's buffer, as memoryview(array)
     return digest.hexdigest()
 
 
@@ -108,7 +108,7 @@ def encode(model: Model, meta: CheckpointMeta) -> bytes:
         meta,
         spec=model.spec,
         dtype=model.dtype.name,
-        created_at=meta.created_at or datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        created_at=meta.created_at or datetime.now(UTC).isoformat(timespec="milliseconds"),
         sha256=weights_sha256(weights),
     )
     header = json.dumps({"format": FORMAT_VERSION, **asdict(meta)}, sort_keys=True)

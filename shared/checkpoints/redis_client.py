@@ -189,7 +189,8 @@ def unavailable_on_error(client: redis.Redis):
     except (redis.ConnectionError, redis.TimeoutError) as error:
         if refusal := tls_refusal(error):
             raise StoreUnavailable(f"Redis at {describe(client)}: {_tls_failure(refusal)}") from error
-        attempts = client.get_retry().get_retries() + 1
+        retry = client.get_retry()   # None for a client made without retries
+        attempts = (retry.get_retries() if retry is not None else 0) + 1
         raise StoreUnavailable(
             f"Redis at {describe(client)} unavailable after {attempts} attempts: {error}"
         ) from error

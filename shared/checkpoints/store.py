@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 import redis
 
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
-from shared.nn import Model
 from shared.checkpoints.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
+from shared.nn import Model
 
 log = logging.getLogger("tandem.store")
 DEFAULT_PREFIX = "tandem"
@@ -80,7 +82,9 @@ class CheckpointStore:
     """Checkpoints of any number of models in one Redis, under `prefix`.
 
     `retention` is how many of each model's newest versions a publish keeps;
-    it deletes older ones, never the one `latest` points to.
+    it deletes older ones, never the one `latest` points to. `redis_client` answers
+    bytes (decode_responses off, as `connect` makes it); redis-py types every reply
+    `bytes | str`, hence the casts where replies are read.
     """
 
     def __init__(self, redis_client: redis.Redis, retention: int = 5, prefix: str = DEFAULT_PREFIX):
@@ -145,7 +149,8 @@ class CheckpointStore:
 
     def models(self) -> list[str]:
         with unavailable_on_error(self.redis):
-            return sorted(name.decode() for name in self.redis.smembers(self.models_key))
+            names = cast("set[bytes]", self.redis.smembers(self.models_key))   # a bytes client
+        return sorted(name.decode() for name in names)
 
     def latest_version(self, name: str) -> int | None:
         """The version `latest` points to; None for an unknown model, CheckpointError if it is garbage."""
@@ -206,7 +211,7 @@ class CheckpointStore:
 
     def _blob(self, name: str, version: int) -> bytes | None:
         with unavailable_on_error(self.redis):
-            return self.redis.get(self.keys_for(name).blob(version))
+            return cast("bytes | None", self.redis.get(self.keys_for(name).blob(version)))
 
     @staticmethod
     def _verified(name: str, version: int, blob: bytes) -> Checkpoint:
@@ -245,7 +250,9 @@ class CheckpointStore:
             raise ValueError(f"block_ms must be above 0 and below the client's read timeout "
                              f"({timeout} s), got {block_ms}")
         with unavailable_on_error(self.redis):
-            reply = self.redis.xread({self.announcements_key: last_id}, count=count, block=block_ms)
+            # RESP2's reply: [[stream, [(id, fields), ...]]]; None when none came within block_ms
+            reply = cast("list[list[Any]] | None",
+                         self.redis.xread({self.announcements_key: last_id}, count=count, block=block_ms))
         return [_announcement(fields.get(STREAM_FIELD), stream_id.decode())
                 for _stream, entries in reply or [] for stream_id, fields in entries]
 
@@ -268,7 +275,7 @@ class CheckpointStore:
         return pubsub
 
 
-def _version_numbers(fields: list[bytes]) -> list[int]:
+def _version_numbers(fields: Iterable[bytes | str]) -> list[int]:
     """The versions a model's listing names, in order; a field no publish wrote is no version."""
     return sorted(int(field) for field in fields if field.isdigit())
 
@@ -283,7 +290,7 @@ def parse_announcement(message: dict | None) -> Announcement | None:
 def _announcement(body: bytes | None, stream_id: str | None) -> Announcement:
     """Parse a JSON body; anything else in the store's channel or stream is an error."""
     try:
-        fields = json.loads(body)
+        fields = json.loads(body)   # type: ignore[arg-type]  # None raises TypeError: malformed
         return Announcement(stream_id, check_model_name(fields["model_name"]), int(fields["version"]))
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"malformed announcement {body!r:.200}: {error}") from None

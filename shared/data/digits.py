@@ -17,9 +17,8 @@ SPLIT_SEED = 0
 
 def load_digits(dtype: np.dtype) -> Dataset:
     """Rows of the shipped CSV are 64 pixels then the label."""
-    with resources.files(__package__).joinpath("digits.csv.gz").open("rb") as f:
-        with gzip.open(f, "rt") as text:
-            rows = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    with resources.files(__package__).joinpath("digits.csv.gz").open("rb") as f, gzip.open(f, "rt") as text:
+        rows = np.loadtxt(text, delimiter=",", dtype=np.int64)
     x = scale_pixels(rows[:, :64].reshape(-1, 1, 8, 8), dtype, max_value=16)
     y = rows[:, 64]
     train, test = stratified_split(y, TEST_FRACTION, seed=SPLIT_SEED)

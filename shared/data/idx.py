@@ -16,7 +16,7 @@ import numpy as np
 
 from .dataset import Dataset, DatasetError, as_labels, scale_pixels
 
-_TYPES = {
+_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),
@@ -72,12 +72,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def find_idx_files(directory: Path) -> dict[str, Path] | None:
     """The four IDX files in `directory` (raw preferred over .gz), or None if any is missing."""
-    files = {}
+    files: dict[str, Path] = {}
     for stem in IDX_FILES:
         candidates = [directory / stem, directory / f"{stem}.gz"]
-        files[stem] = next((p for p in candidates if p.is_file()), None)
-        if files[stem] is None:
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
             return None
+        files[stem] = found
     return files
 
 

@@ -117,6 +117,13 @@ class EmbeddedRedis:
         return f"unix://{credentials}{self._dir / 'redis.sock'}"
 
     @property
+    def _home(self) -> Path:
+        """The started server's directory (socket, log, config)."""
+        if self._dir is None:
+            raise EmbeddedRedisError("the embedded Redis is not started")
+        return self._dir
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
@@ -158,7 +165,7 @@ class EmbeddedRedis:
     def _command(self) -> list[str]:
         command = [str(self.binary or redis_server_binary())]
         if self.password:
-            command.append(str(self._write_password_config()))
+            command.append(str(self._write_password_config(self.password)))
         if self.tls:
             command += ["--port", "0", "--tls-port", str(self.port),
                         "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
@@ -170,24 +177,24 @@ class EmbeddedRedis:
             command += ["--bind", "127.0.0.1", "--protected-mode", "yes"]
         if self.aclfile:
             command += ["--aclfile", str(self.aclfile)]
-        return command + ["--unixsocket", str(self._dir / "redis.sock"), "--unixsocketperm", "700",
-                          "--save", "", "--appendonly", "no", "--dir", str(self._dir)]
+        return [*command, "--unixsocket", str(self._home / "redis.sock"), "--unixsocketperm", "700",
+                "--save", "", "--appendonly", "no", "--dir", str(self._home)]
 
-    def _write_password_config(self) -> Path:
+    def _write_password_config(self, password: str) -> Path:
         """A config file for the password, which would show in `ps` on the command line."""
-        escaped = "".join(f"\\x{byte:02x}" for byte in self.password.encode())
-        config = self._dir / "redis.conf"
+        escaped = "".join(f"\\x{byte:02x}" for byte in password.encode())
+        config = self._home / "redis.conf"
         config.touch(mode=0o600)
         config.write_text(f'requirepass "{escaped}"\n')
         return config
 
     def _launch(self) -> None:
-        with open(self._dir / "redis.log", "ab") as log:
+        with open(self._home / "redis.log", "ab") as log:
             self._process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT)
-        self._wait_until_ready()
+        self._wait_until_ready(self._process)
 
-    def _wait_until_ready(self) -> None:
+    def _wait_until_ready(self, process: subprocess.Popen) -> None:
         """Poll until our server answers, it exits, or `startup_timeout` passes.
 
         The probe goes to the unix socket in the server's own directory, which
@@ -196,7 +203,7 @@ class EmbeddedRedis:
         for want of a password (NOAUTH: a password, or an ACL file that turns
         the default user off).
         """
-        probe = redis.Redis.from_url(f"unix://{self._dir / 'redis.sock'}", retry=Retry(NoBackoff(), 0),
+        probe = redis.Redis.from_url(f"unix://{self._home / 'redis.sock'}", retry=Retry(NoBackoff(), 0),
                                      socket_connect_timeout=1.0, socket_timeout=1.0)
         deadline = time.monotonic() + self.startup_timeout
         try:
@@ -214,7 +221,7 @@ class EmbeddedRedis:
                         f"redis-server did not answer within {self.startup_timeout} s; "
                         f"its log:\n{self._log_tail()}")
                 try:
-                    code = self._process.wait(timeout=READY_POLL_INTERVAL)
+                    code = process.wait(timeout=READY_POLL_INTERVAL)
                 except subprocess.TimeoutExpired:
                     continue
                 self._process = None
@@ -237,7 +244,7 @@ class EmbeddedRedis:
         self._process = None
 
     def _log_tail(self, lines: int = 20) -> str:
-        log = (self._dir / "redis.log").read_text(errors="replace").splitlines()
+        log = (self._home / "redis.log").read_text(errors="replace").splitlines()
         return "\n".join(log[-lines:])
 
 

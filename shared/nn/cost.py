@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 
+from shared.nn.fit import EVAL_BATCH
 from shared.nn.layers import Conv2D
 from shared.nn.model import Model
-from shared.nn.fit import EVAL_BATCH
 
 
 def parameter_count(model: Model) -> int:

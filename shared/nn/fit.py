@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -159,10 +159,14 @@ def fit(
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
     if early_stopping and not validation_split:
         raise ValueError("early stopping monitors validation data: set validation_split > 0")
-    x_val = y_val = None
+    if (x_test is None) != (y_test is None):
+        raise ValueError("x_test and y_test go together: pass both or neither")
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
     if validation_split:
         train_idx, val_idx = stratified_split(y_train, validation_split, seed)
-        x_train, y_train, x_val, y_val = x_train[train_idx], y_train[train_idx], x_train[val_idx], y_train[val_idx]
+        x_train, y_train, x_val, y_val = (x_train[train_idx], y_train[train_idx],
+                                          x_train[val_idx], y_train[val_idx])
     n = len(x_train)
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be between 1 and the {n} training samples, got {batch_size}")
@@ -202,9 +206,9 @@ def fit(
 
         check_finite_weights(model, history.steps)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
-        if x_val is not None:
+        if x_val is not None and y_val is not None:
             metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
-        if x_test is not None:
+        if x_test is not None and y_test is not None:
             metrics["test_loss"], metrics["test_accuracy"] = evaluate(model, x_test, y_test)
         metrics["seconds"] = time.perf_counter() - started
         history.epochs.append(metrics)

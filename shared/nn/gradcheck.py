@@ -6,7 +6,7 @@ seeds' h = 1e-4. Use float64: float32 cannot resolve differences of h.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

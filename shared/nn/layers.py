@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from shared.nn.geometry import SpecError, Window, make_window
 from shared.nn.init import INITIALISERS, initialise
+
+_Kept = TypeVar("_Kept")
 
 
 def positive_int(name: str, value) -> int:
@@ -73,6 +75,12 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _kept(self, value: _Kept | None) -> _Kept:
+        """`value`, kept by the last forward(training=True) for backward."""
+        if value is None:
+            raise RuntimeError(f"{self.type_name}: backward needs a forward with training=True first")
+        return value
+
 
 class Dense(Layer):
     """Affine layer y = x W + b on flat inputs."""
@@ -112,7 +120,7 @@ class Dense(Layer):
         return x @ self.params["W"] + self.params["b"]
 
     def backward(self, dout):
-        self.grads = {"W": self._x.T @ dout, "b": dout.sum(axis=0)}
+        self.grads = {"W": self._kept(self._x).T @ dout, "b": dout.sum(axis=0)}
         return dout @ self.params["W"].T
 
 
@@ -230,12 +238,12 @@ class Conv2D(_WindowLayer):
         dout_rows = dout.transpose(1, 0, 2, 3).reshape(self.filters, -1)
         weights = self.params["W"].reshape(self.filters, -1)
         self.grads = {
-            "W": (dout_rows @ self._cols.T).reshape(self.params["W"].shape),
+            "W": (dout_rows @ self._kept(self._cols).T).reshape(self.params["W"].shape),
             "b": dout_rows.sum(axis=1),
         }
         dcols = (weights.T @ dout_rows).reshape(
             self.input_shape[0], *self.window.kernel, n, self.window.out_h, self.window.out_w)
-        dx_padded = np.zeros(self._padded_shape, dtype=dout.dtype)
+        dx_padded = np.zeros(self._kept(self._padded_shape), dtype=dout.dtype)
         dx_channels_first = dx_padded.transpose(1, 0, 2, 3)
         for i, j in _taps(self.window):
             _tap(dx_channels_first, self.window, i, j)[...] += dcols[:, i, j]
@@ -350,7 +358,7 @@ class ReLU(Layer):
         return np.maximum(x, 0)
 
     def backward(self, dout):
-        return dout * self._positive
+        return dout * self._kept(self._positive)
 
 
 class Sigmoid(Layer):
@@ -369,7 +377,8 @@ class Sigmoid(Layer):
         return out
 
     def backward(self, dout):
-        return dout * self._out * (1 - self._out)
+        out = self._kept(self._out)
+        return dout * out * (1 - out)
 
 
 class Tanh(Layer):
@@ -386,7 +395,8 @@ class Tanh(Layer):
         return out
 
     def backward(self, dout):
-        return dout * (1 - self._out * self._out)
+        out = self._kept(self._out)
+        return dout * (1 - out * out)
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {

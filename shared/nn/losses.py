@@ -43,7 +43,10 @@ class SoftmaxCrossEntropy:
         return float(-picked.mean())
 
     def backward(self) -> np.ndarray:
-        n = len(self._labels)
-        dlogits = np.exp(self._log_probs)
-        dlogits[np.arange(n), self._labels] -= 1
+        log_probs, labels = self._log_probs, self._labels
+        if log_probs is None or labels is None:
+            raise RuntimeError("softmax cross-entropy: backward needs a forward first")
+        n = len(labels)
+        dlogits = np.exp(log_probs)
+        dlogits[np.arange(n), labels] -= 1
         return dlogits / np.asarray(n, dtype=dlogits.dtype)

@@ -54,7 +54,7 @@ class Model:
             for name, shape in layer.param_shapes().items()
         }
 
-    def initialise(self, seed: int | np.random.Generator) -> "Model":
+    def initialise(self, seed: int | np.random.Generator) -> Model:
         rng = np.random.default_rng(seed)
         for layer in self.layers:
             layer.initialise(rng, self.dtype)
@@ -75,7 +75,7 @@ class Model:
             for name, array in layer.grads.items()
         }
 
-    def load_state_dict(self, weights: dict[str, np.ndarray]) -> "Model":
+    def load_state_dict(self, weights: dict[str, np.ndarray]) -> Model:
         """Take parameters from `weights`, which must match this architecture exactly."""
         expected = self.param_shapes()
         missing = sorted(set(expected) - set(weights))

@@ -52,7 +52,7 @@ class Optimizer:
         return {**arrays, **self._counters()}
 
     def load_state_dict(self, state: dict[str, np.ndarray],
-                        params: dict[str, np.ndarray]) -> "Optimizer":
+                        params: dict[str, np.ndarray]) -> Optimizer:
         """Take a `state_dict()` for the parameters `params` (copied, checked against them).
 
         Every parameter must have every slot, with its shape and dtype, or none

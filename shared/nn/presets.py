@@ -6,8 +6,8 @@ same name works on digits (1x8x8) and on MNIST-format data (1x28x28).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 DEFAULT_MLP_HIDDEN = (256, 128, 100)
 
@@ -31,7 +31,7 @@ def mlp(input_shape, num_classes, hidden=DEFAULT_MLP_HIDDEN) -> dict:
     layers = [{"type": "flatten"}]
     for width in hidden:
         layers += [_dense(width), {"type": "relu"}]
-    return {"input_shape": list(input_shape), "layers": layers + [_dense(num_classes)]}
+    return {"input_shape": list(input_shape), "layers": [*layers, _dense(num_classes)]}
 
 
 def _conv_block(filters: int) -> list[dict]:

@@ -6,8 +6,8 @@ benchmarks share, so a job trained anywhere is trained the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
 
 import numpy as np
 
@@ -16,7 +16,6 @@ from shared.dtypes import as_model_dtype
 from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
 from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
-
 
 MAX_LEARNING_RATE = 100.0   # far above any rate that trains; beyond it every run diverges
 
@@ -67,14 +66,14 @@ class Hyperparameters:
         self.early_stopping()  # checks the monitor
 
     @classmethod
-    def for_preset(cls, preset: str, **overrides) -> "Hyperparameters":
+    def for_preset(cls, preset: str, **overrides) -> Hyperparameters:
         """The preset's tuned settings, with `overrides` (None values ignored) on top."""
         settings = {**get_preset(preset).training,
                     **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**settings)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Hyperparameters":
+    def from_dict(cls, data: dict) -> Hyperparameters:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

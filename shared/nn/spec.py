@@ -23,9 +23,9 @@ import json
 
 import numpy as np
 
+from shared.dtypes import as_model_dtype
 from shared.nn.geometry import SpecError
 from shared.nn.layers import LAYER_TYPES
-from shared.dtypes import as_model_dtype
 from shared.nn.model import Model
 
 SPEC_KEYS = {"input_shape", "layers"}

@@ -26,7 +26,6 @@ from shared.dtypes import TENSOR_DTYPES as DTYPES
 from shared.rpc.stubs import tandem_common_pb2, tandem_trainer_pb2
 
 
-
 class TensorError(ValueError):
     """A Tensor message that does not describe a valid array; the message names the field."""
 
@@ -87,10 +86,11 @@ JOB_STATE_NAMES = tuple(name.removeprefix(_JOB_STATE_PREFIX)
 
 def job_state_name(value: int) -> str:
     """The short name of a JobState value ("RUNNING"); ValueError for UNSPECIFIED or unknown."""
-    name = tandem_trainer_pb2.JobState.Name(value) if value in tandem_trainer_pb2.JobState.values() else ""
+    states = tandem_trainer_pb2.JobState
+    name = states.Name(states.ValueType(value)) if value in states.values() else ""
     if not value or not name:
         raise ValueError(f"{value} is not a job state; known: "
-                         f"{sorted(n for n in tandem_trainer_pb2.JobState.values() if n)}")
+                         f"{sorted(n for n in states.values() if n)}")
     return name.removeprefix(_JOB_STATE_PREFIX)
 
 

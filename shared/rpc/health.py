@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from functools import partial
+from typing import TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.rpc.errors import translate_errors
 from shared.limits import LimitExceeded, check_limit
+from shared.rpc.errors import translate_errors
 
-Status = health_pb2.HealthCheckResponse.ServingStatus
+Status: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus
 WORKERS_PER_WATCHER = 4
 # How often an idle Watch checks that its client is still there: a cancelled
 # watch gives its thread and its slot back within this many seconds.
@@ -94,8 +96,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             sent = None
             while context.is_active():
                 with self._changed:   # wait releases the lock; it is not held while we yield
-                    self._changed.wait_for(lambda: self._status(request.service) != sent
-                                           or self._shutting_down, timeout=CLIENT_CHECK_SECONDS)
+                    self._changed.wait_for(partial(self._has_news, request.service, sent),
+                                           timeout=CLIENT_CHECK_SECONDS)
                     status, ending = self._status(request.service), self._shutting_down
                 if status != sent:
                     yield health_pb2.HealthCheckResponse(status=status)
@@ -115,6 +117,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         finally:
             with self._changed:
                 self._watchers -= 1
+
+    def _has_news(self, service: str, sent: Status | None) -> bool:
+        """Under the lock: whether a Watch of `service` that last sent `sent` has more to say."""
+        return self._status(service) != sent or self._shutting_down
 
     def _status(self, service: str) -> Status:
         """Under the lock: `service`'s status, SERVICE_UNKNOWN if it has none."""

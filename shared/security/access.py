@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
-from shared.security.auth import PREDICT, TRAIN, UNRESTRICTED, VIEW, Caller, TokensFile, iterate_as, run_as
 from shared.env import env
+from shared.security.auth import PREDICT, TRAIN, UNRESTRICTED, VIEW, Caller, TokensFile, iterate_as, run_as
 
 log = logging.getLogger("tandem.access")
 
@@ -83,7 +83,7 @@ class AccessSettings:
     reflection: str = "on"
 
     @classmethod
-    def from_env(cls) -> "AccessSettings":
+    def from_env(cls) -> AccessSettings:
         return cls(env("TANDEM_TOKENS_FILE", None), env("TANDEM_REFLECTION", "on", reflection_mode))
 
     @property
@@ -146,24 +146,26 @@ class AccessInterceptor(grpc.ServerInterceptor):
 
     def _admit(self, details, context) -> Caller:
         """The caller, allowed to call this method; else abort the call with the status that says why."""
-        if self.tokens is None:
+        tokens = self.tokens
+        if tokens is None:
             return UNRESTRICTED
         try:
-            caller = self._authenticate(details.invocation_metadata or (), context)
+            caller = self._authenticate(tokens, details.invocation_metadata or (), context)
             self._authorize(caller, details.method)
             return caller
         except Refused as refused:
             self._refused(refused, details.method, context)
             context.abort(refused.code, str(refused))
+            raise AssertionError("unreachable: grpc's context.abort raises") from None
 
-    def _authenticate(self, metadata, context) -> Caller:
+    def _authenticate(self, tokens: TokensFile, metadata, context) -> Caller:
         headers = [value for key, value in metadata if key == "authorization"]
         if headers:
             scheme, _, token = headers[0].partition(" ")
             if len(headers) > 1 or scheme.lower() != "bearer" or not token.strip():
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, "malformed",
                               "the authorization metadata must be one 'Bearer TOKEN'")
-            caller = self.tokens.by_token(token.strip())
+            caller = tokens.by_token(token.strip())
             if caller is None:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown_token",
                               "the bearer token is not known here (mistyped, revoked or another "
@@ -172,7 +174,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
         names = context.auth_context().get("x509_common_name")
         if names:
             name = names[0].decode(errors="replace")
-            caller = self.tokens.by_certificate(name)
+            caller = tokens.by_certificate(name)
             if caller is None:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown_certificate",
                               f"no token, and the client certificate's common name {name[:64]!r} "
@@ -184,9 +186,12 @@ class AccessInterceptor(grpc.ServerInterceptor):
     def _authorize(self, caller: Caller, method: str) -> None:
         if method not in self.roles:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unlisted",
-                          f"{method} is not in the roles table (shared/security/access.py): no one may call it",
+                          f"{method} is not in the roles table (shared/security/access.py): "
+                          "no one may call it",
                           caller)
         needed = self.roles[method]
+        if needed is OPEN:   # anyone may (intercept_service does not even ask)
+            return
         if not any(caller.has(role) for role in needed):
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "role",
                           f"{caller.identity!r} (roles: {', '.join(sorted(caller.roles))}) may not call "

@@ -79,7 +79,8 @@ def current_caller() -> Caller:
     try:
         return _current.get()
     except LookupError:   # not a LookupError to the servicer: that would answer NOT_FOUND
-        raise RuntimeError("no caller: the handler runs without shared.security.access's interceptor") from None
+        raise RuntimeError("no caller: the handler runs without shared.security.access's "
+                           "interceptor") from None
 
 
 def _context_of(caller: Caller) -> contextvars.Context:
@@ -268,7 +269,8 @@ def allow_certificate(path: str | os.PathLike, common_name: str, roles: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.security.auth", description="Manage a tokens file.")
+    parser = argparse.ArgumentParser(prog="python -m shared.security.auth",
+                                     description="Manage a tokens file.")
     commands = parser.add_subparsers(dest="command", required=True)
     issuing = commands.add_parser("issue", help="print a new token once and store its hash")
     issuing.add_argument("--identity", required=True)

@@ -22,10 +22,12 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CLOCK_SKEW = datetime.timedelta(minutes=5)   # valid from a little before now: clocks differ
@@ -42,7 +44,7 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -72,14 +74,14 @@ class Issued:
 
 
 class CertificateAuthority:
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, days: int = 1):
+    def __init__(self, cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes, days: int = 1):
         self.cert, self._key, self.days = cert, key, days
 
     @classmethod
-    def new(cls, common_name: str = "tandem-test-ca", days: int = 1) -> "CertificateAuthority":
+    def new(cls, common_name: str = "tandem-test-ca", days: int = 1) -> CertificateAuthority:
         """A fresh CA valid for `days`; the certificates it issues are valid as long."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name)).issuer_name(_name(common_name))
@@ -94,10 +96,13 @@ class CertificateAuthority:
         return cls(cert, key, days)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path, days: int) -> "CertificateAuthority":
+    def load(cls, cert_path: Path, key_path: Path, days: int) -> CertificateAuthority:
         """A CA from its PEM files, to issue more certificates (valid `days`)."""
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()), key, days)
+        # A CA's key file holds a signing key (ours are P-256, from `new`); a key of a kind
+        # that cannot sign fails in `issue`, as cryptography's sign() refuses it.
+        return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()),
+                   cast(CertificateIssuerPrivateKeyTypes, key), days)
 
     @property
     def cert_pem(self) -> bytes:
@@ -117,7 +122,7 @@ class CertificateAuthority:
               expired: bool = False) -> Issued:
         """A certificate for `hosts` (a server's) or, with `client`, one a client presents."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         start, end = ((now - datetime.timedelta(days=2), now - datetime.timedelta(days=1)) if expired
                       else (now - CLOCK_SKEW, now + datetime.timedelta(days=self.days)))
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH

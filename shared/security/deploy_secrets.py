@@ -40,7 +40,7 @@ from shared.security.redis_acl import acl_file_text
 
 CA_DAYS = 3650          # the CA and what it signs; renew by deleting files
 SERVERS = ("trainer", "infer", "redis")
-CLIENT_TOKENS = {"admin": [tokens.ADMIN], "predict": [tokens.PREDICT]}
+CLIENT_TOKENS = {"admin": [auth.ADMIN], "predict": [auth.PREDICT]}
 
 
 def make_secrets(root: Path, service_uid: int, redis_gid: int) -> list[str]:
@@ -99,7 +99,10 @@ def _own(folder: Path, uid: int, gid: int, group_reads: bool) -> None:
         return
     for path in (folder, *folder.iterdir()):
         os.chown(path, uid, gid)
-        path.chmod((0o750 if path.is_dir() else 0o640) if group_reads else (0o700 if path.is_dir() else 0o600))
+        if group_reads:
+            path.chmod(0o750 if path.is_dir() else 0o640)
+        else:
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,7 @@ class CertificateFiles:
         self._tls = tls
         self._paths = [path for path in (tls.cert, tls.key, tls.client_ca) if path is not None]
         self._lock = threading.Lock()   # handshakes may call in from several threads
-        self._failed = None
+        self._failed: tuple | None = None   # the files' stat when they last failed to load
         self._loaded = self._stat()
         self.initial = self._configuration()
 
