@@ -3,15 +3,8 @@
 
 May import the base modules (shared.dtypes) only; knows nothing of models, Redis or gRPC."""
 
-from .dataset import (
-    BUILTIN_DATASETS,
-    Dataset,
-    DatasetError,
-    DatasetNotFound,
-    list_datasets,
-    load_dataset,
-    resolve_data_dir,
-)
+from .catalog import BUILTIN_DATASETS, list_datasets, load_dataset, resolve_data_dir
+from .dataset import Dataset, DatasetError, DatasetNotFound
 from .idx import read_idx
 from .npz import dataset_from_arrays
 from .split import stratified_split

@@ -1,5 +1,4 @@
-"""Datasets by name: the built-in `digits` set, plus IDX directories and .npz
-files found in a data directory.
+"""A dataset in memory (Dataset) and the checks every loader applies to its arrays.
 
 Every dataset comes back in the same shape: images as (N, 1, H, W) floats in
 [0, 1] (flat features as (N, F)), labels as int64 class indices.
@@ -7,18 +6,10 @@ Every dataset comes back in the same shape: images as (N, 1, H, W) floats in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from shared.dtypes import as_model_dtype
-
-DATA_DIR_ENV = "TANDEM_DATA_DIR"
-# Where Debian's `dataset-fashion-mnist` package installs fashion-mnist/.
-DEFAULT_DATA_DIR = Path("/usr/share/datasets")
-BUILTIN_DATASETS = ("digits",)
 
 class DatasetError(ValueError):
     """A dataset file is unreadable or malformed; the message names the file."""
@@ -51,61 +42,6 @@ class Dataset:
         y_test = y_test.astype(np.int64, copy=False)
         num_classes = int(np.concatenate([y_train, y_test]).max(initial=-1)) + 1
         return cls(name, x_train, y_train, x_test, y_test, num_classes)
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The explicit argument, else $TANDEM_DATA_DIR, else /usr/share/datasets."""
-    if data_dir is not None:
-        return Path(data_dir)
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-
-
-def list_datasets(data_dir: str | os.PathLike | None = None) -> list[str]:
-    return sorted({*BUILTIN_DATASETS, *_discover(resolve_data_dir(data_dir))})
-
-
-def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, dtype=np.float32
-) -> Dataset:
-    """Load a dataset by name; the built-in `digits` wins over a same-named file."""
-    # Imported here because the loaders import Dataset and DatasetError from this module.
-    from .digits import load_digits
-    from .idx import load_idx_dataset
-    from .npz import load_npz_dataset
-
-    dtype = as_model_dtype(dtype)
-    if name == "digits":
-        return load_digits(dtype)
-    root = resolve_data_dir(data_dir)
-    found = _discover(root)
-    if name not in found:
-        available = ", ".join(sorted({*BUILTIN_DATASETS, *found}))
-        raise DatasetNotFound(
-            f"no dataset named {name!r}; available: {available} "
-            f"(data dir searched: {root}; pass data_dir or set {DATA_DIR_ENV})"
-        )
-    path = found[name]
-    if path.is_dir():
-        return load_idx_dataset(name, path, dtype)
-    return load_npz_dataset(name, path, dtype)
-
-
-def _discover(root: Path) -> dict[str, Path]:
-    """Map name -> IDX directory or .npz file, in `root` and its immediate subdirectories.
-
-    A missing root holds no datasets. On a name clash the first found wins, root first.
-    """
-    from .idx import find_idx_files
-
-    if not root.is_dir():
-        return {}
-    found: dict[str, Path] = {}
-    for directory in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-        if find_idx_files(directory) is not None:
-            found.setdefault(directory.name, directory)
-        for file in sorted(directory.glob("*.npz")):
-            found.setdefault(file.stem, file)
-    return found
 
 
 def scale_pixels(x: np.ndarray, dtype, max_value: int) -> np.ndarray:
