@@ -345,57 +345,68 @@ class Flatten(Layer):
         return dout.reshape(dout.shape[0], *self.input_shape)
 
 
-class ReLU(Layer):
-    type_name = "relu"
+class Activation(Layer):
+    """An elementwise function: forward keeps, in training, the one array its gradient needs.
+
+    A subclass says what the function is (`apply`), what backward needs of a
+    forward pass (`keep`: by default the output), and the gradient from that.
+    """
 
     def __init__(self, input_shape):
         super().__init__(input_shape)
-        self._positive: np.ndarray | None = None
+        self._needed: np.ndarray | None = None
 
     def forward(self, x, training=True):
+        out = self.apply(x)
         if training:
-            self._positive = x > 0
-        return np.maximum(x, 0)
-
-    def backward(self, dout):
-        return dout * self._kept(self._positive)
-
-
-class Sigmoid(Layer):
-    type_name = "sigmoid"
-
-    def __init__(self, input_shape):
-        super().__init__(input_shape)
-        self._out: np.ndarray | None = None
-
-    def forward(self, x, training=True):
-        # exp of -|x| never overflows; both branches give 1 / (1 + e^-x).
-        e = np.exp(-np.abs(x))
-        out = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
-        if training:
-            self._out = out
+            self._needed = self.keep(x, out)
         return out
 
     def backward(self, dout):
-        out = self._kept(self._out)
+        return self.gradient(dout, self._kept(self._needed))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def keep(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return out
+
+    def gradient(self, dout: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ReLU(Activation):
+    type_name = "relu"
+
+    def apply(self, x):
+        return np.maximum(x, 0)
+
+    def keep(self, x, out):
+        return x > 0
+
+    def gradient(self, dout, positive):
+        return dout * positive
+
+
+class Sigmoid(Activation):
+    type_name = "sigmoid"
+
+    def apply(self, x):
+        # exp of -|x| never overflows; both branches give 1 / (1 + e^-x).
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+    def gradient(self, dout, out):
         return dout * out * (1 - out)
 
 
-class Tanh(Layer):
+class Tanh(Activation):
     type_name = "tanh"
 
-    def __init__(self, input_shape):
-        super().__init__(input_shape)
-        self._out: np.ndarray | None = None
+    def apply(self, x):
+        return np.tanh(x)
 
-    def forward(self, x, training=True):
-        out = np.tanh(x)
-        if training:
-            self._out = out
-        return out
-
-    def backward(self, dout):
-        out = self._kept(self._out)
+    def gradient(self, dout, out):
         return dout * (1 - out * out)
 
 
