@@ -64,7 +64,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     save(out, trained.model, CheckpointMeta(
         model_name=name, spec=trained.model.spec, dtype=hp.dtype, step=history.steps,
-        epoch=history.weights_epoch, metrics=history.weights_metrics, dataset=dataset.name,
+        epoch=history.weights_epoch or 0, metrics=history.weights_metrics, dataset=dataset.name,
         hyperparameters=hp.as_dict(),
     ))
     print(f"saved {out}")

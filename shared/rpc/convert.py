@@ -94,7 +94,7 @@ def job_state_name(value: int) -> str:
     return name.removeprefix(_JOB_STATE_PREFIX)
 
 
-def job_state_value(name: str) -> int:
+def job_state_value(name: str) -> tandem_trainer_pb2.JobState.ValueType:
     """The JobState value of a short name, in any case ("running" works too)."""
     if name.upper() not in JOB_STATE_NAMES:
         raise ValueError(f"{name!r} is not a job state; known: {', '.join(JOB_STATE_NAMES)}")
