@@ -89,7 +89,7 @@ def test_integer_pixel_uploads_are_stored_and_trained_on(trainer, dtype, layout)
     assert {d.name: d for d in trainer.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets
             }["pixels"] == info
 
-    loaded = trainer.manager.catalog.load("pixels")
+    loaded = trainer.server.catalog.load("pixels")
     assert loaded.x_train.dtype == np.float32 and 0 <= loaded.x_train.min() and loaded.x_train.max() == 1.0
     job = trainer.stub.StartJob(mlp_job("on-pixels", epochs=1, dataset="pixels"))
     done = wait_finished(trainer.stub, job.job_id)

@@ -1,17 +1,17 @@
-"""Unit tests for the numbered record copies of trainer_svc.manager: a copy older than the saved one never lands over it.
+"""Unit tests for trainer_svc.record_writer's numbered record copies: none lands over a newer one.
 
-What is tested: `_ActiveJob.copy_for_saving()` numbers copies 1, 2, 3, ...
-and each is a snapshot of the record; `JobManager._write_copy` writes a
-copy only if its number is above the job's `saved_copy` (so writes in any
+What is tested: `RecordWriter.copy(record)` numbers copies 1, 2, 3, ...
+and each is a snapshot of the record; `RecordWriter.write` writes a
+copy only if its number is above the writer's `saved_copy` (so writes in any
 order, from one thread or from racing threads, leave the highest-numbered
-copy in Redis); `_save_copy` reports a write that Redis refused
+copy in Redis); `RecordWriter.save` reports a write that Redis refused
 (StoreUnavailable) as False and leaves `saved_copy` where it was, so that a
 later copy, even a lower-numbered one than the one that failed, is still
-written; `_RecordSaver` goes through the same check.
+written; `RecordSaver` goes through the same check.
 
 How: a real Redis (the `redis_client` fixture, or `private_redis` for the
-test that stops it), a real JobRepository, and a JobManager built like
-trainer_svc/server.py builds one, with its workers never started. Random
+test that stops it), a real JobRepository, and each job an ActiveJob with a
+RecordWriter, made as trainer_svc/manager.py makes them. Random
 orders come from fixed seeds.
 """
 
@@ -23,77 +23,71 @@ import threading
 import pytest
 
 from shared.checkpoints.redis_client import StoreUnavailable, connect
-from shared.checkpoints.store import CheckpointStore
 from shared.nn.run import Hyperparameters
-from trainer_svc.datasets import DatasetCatalog
-from trainer_svc.job_store import JobRepository
+from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest
-from trainer_svc.manager import JobManager, Settings, _ActiveJob, _RecordSaver
+from trainer_svc.record_writer import RecordSaver, RecordWriter
+from trainer_svc.training import ActiveJob
 
 
-def manager_on(client, prefix: str = "tandem") -> JobManager:
-    """A JobManager the way server.py makes one (keys under `prefix`); `start()` is never called."""
-    return JobManager(CheckpointStore(client, prefix=prefix), JobRepository(client, prefix),
-                      DatasetCatalog(client, prefix=prefix), Settings())
-
-
-def new_job() -> _ActiveJob:
+def new_job(repository: JobRepository) -> ActiveJob:
     request = JobRequest(model_name="copies", dataset="digits", spec={"layers": []},
                          hyperparameters=Hyperparameters())
-    return _ActiveJob(JobRecord.new(request, owner="tester"))
+    record = JobRecord.new(request, owner="tester")
+    return ActiveJob(record, RecordWriter(repository, record.job_id, outage_limit=60.0))
 
 
-def take_copy(job: _ActiveJob, step: int) -> tuple[int, JobRecord]:
+def take_copy(job: ActiveJob, step: int) -> tuple[int, JobRecord]:
     """Advance the live record to `step` and take a numbered copy, as the manager does (under lock)."""
     with job.lock:
         job.record.step = step
         job.record.history.append({"step": step})
-        return job.copy_for_saving()
+        return job.writer.copy(job.record)
 
 
-def saved_step(manager: JobManager, job: _ActiveJob) -> int:
-    return manager.repository.get(job.record.job_id).step
+def saved_step(repository: JobRepository, job: ActiveJob) -> int:
+    return repository.get(job.record.job_id).step
 
 
 @pytest.fixture
-def manager(redis_client, key_prefix):
-    return manager_on(redis_client, key_prefix)
+def repository(redis_client, key_prefix):
+    return JobRepository(redis_client, key_prefix)
 
 
-def test_copies_are_numbered_in_order_and_are_snapshots():
-    job = new_job()
+def test_copies_are_numbered_in_order_and_are_snapshots(repository):
+    job = new_job(repository)
     copies = [take_copy(job, step) for step in (10, 20, 30)]
     assert [number for number, _ in copies] == [1, 2, 3]
     assert [record.step for _, record in copies] == [10, 20, 30]
     assert [len(record.history) for _, record in copies] == [1, 2, 3]
     job.record.history.append({"step": 99})     # the live record moves on; the copies do not
     assert [len(record.history) for _, record in copies] == [1, 2, 3]
-    assert job.saved_copy == 0                    # taking a copy is not saving it
+    assert job.writer.saved_copy == 0             # taking a copy is not saving it
 
 
 @pytest.mark.parametrize("order", [(3, 1, 2), (2, 3, 1), (1, 3, 2), (1, 2, 3)])
-def test_an_older_copy_written_later_does_not_replace_a_newer_one(manager, order):
-    job = new_job()
+def test_an_older_copy_written_later_does_not_replace_a_newer_one(repository, order):
+    job = new_job(repository)
     copies = {number: record for number, record in (take_copy(job, 100 * n) for n in (1, 2, 3))}
     for number in order:
-        manager._write_copy(job, number, copies[number])
-    assert saved_step(manager, job) == 300
-    assert job.saved_copy == 3
+        job.writer.write(number, copies[number])
+    assert saved_step(repository, job) == 300
+    assert job.writer.saved_copy == 3
 
 
-def test_a_copy_is_not_written_twice(manager, redis_client, key_prefix):
-    job = new_job()
+def test_a_copy_is_not_written_twice(repository, redis_client, key_prefix):
+    job = new_job(repository)
     number, record = take_copy(job, 5)
-    manager._write_copy(job, number, record)
+    job.writer.write(number, record)
     redis_client.delete(f"{key_prefix}:job:{job.record.job_id}")
-    manager._write_copy(job, number, record)      # same number: already saved, nothing written
-    assert manager.repository.get(job.record.job_id) is None
+    job.writer.write(number, record)              # same number: already saved, nothing written
+    assert repository.get(job.record.job_id) is None
 
 
-def test_racing_writers_leave_the_highest_numbered_copy(manager):
+def test_racing_writers_leave_the_highest_numbered_copy(repository):
     rng = random.Random(12)
     for _ in range(5):
-        job = new_job()
+        job = new_job(repository)
         copies = [take_copy(job, 10 * n) for n in range(1, 41)]
         rng.shuffle(copies)
         writers = 8
@@ -104,7 +98,7 @@ def test_racing_writers_leave_the_highest_numbered_copy(manager):
             try:
                 start.wait(timeout=5)
                 for number, record in share:
-                    manager._write_copy(job, number, record)
+                    job.writer.write(number, record)
             except BaseException as error:   # reported below, not lost in the thread
                 errors.append(error)
 
@@ -114,39 +108,39 @@ def test_racing_writers_leave_the_highest_numbered_copy(manager):
         for thread in threads:
             thread.join(timeout=5)
         assert not errors and not any(thread.is_alive() for thread in threads)
-        assert saved_step(manager, job) == 400
-        assert job.saved_copy == 40
+        assert saved_step(repository, job) == 400
+        assert job.writer.saved_copy == 40
 
 
-def test_the_record_saver_does_not_write_over_a_newer_copy_saved_meanwhile(manager):
-    job = new_job()
+def test_the_record_saver_does_not_write_over_a_newer_copy_saved_meanwhile(repository):
+    job = new_job(repository)
     older, newer = take_copy(job, 1), take_copy(job, 2)
-    manager._write_copy(job, *newer)               # e.g. the publisher's copy, from its thread
-    saver = _RecordSaver(manager, job)
+    job.writer.write(*newer)                       # e.g. the publisher's copy, from its thread
+    saver = RecordSaver(job.writer)
     saver.submit(older)                            # the training loop's earlier copy
     assert saver.close(timeout=5) is True
-    assert saved_step(manager, job) == 2
-    assert job.saved_copy == 2
+    assert saved_step(repository, job) == 2
+    assert job.writer.saved_copy == 2
 
 
 def test_a_write_refused_by_redis_does_not_count_as_saved(private_redis):
     client = connect(private_redis.url, retries=0, timeout=1.0)
     try:
-        manager = manager_on(client)
-        job = new_job()
+        repository = JobRepository(client)
+        job = new_job(repository)
         first, second, third = (take_copy(job, step) for step in (1, 2, 3))
-        assert manager._save_copy(job, *first) is True
+        assert job.writer.save(*first) is True
         with private_redis.down():
             with pytest.raises(StoreUnavailable):
-                manager._write_copy(job, *third)
-            assert manager._save_copy(job, *third) is False
-            assert job.saved_copy == 1
+                job.writer.write(*third)
+            assert job.writer.save(*third) is False
+            assert job.writer.saved_copy == 1
         # Redis is back (empty). The failed copy 3 did not count: copy 2 is still written,
         # and copy 3, saved again, lands over it; copy 2 again then does not.
-        assert manager._save_copy(job, *second) is True
-        assert (job.saved_copy, saved_step(manager, job)) == (2, 2)
-        assert manager._save_copy(job, *third) is True
-        assert manager._save_copy(job, *second) is True    # True: not refused, only skipped
-        assert (job.saved_copy, saved_step(manager, job)) == (3, 3)
+        assert job.writer.save(*second) is True
+        assert (job.writer.saved_copy, saved_step(repository, job)) == (2, 2)
+        assert job.writer.save(*third) is True
+        assert job.writer.save(*second) is True    # True: not refused, only skipped
+        assert (job.writer.saved_copy, saved_step(repository, job)) == (3, 3)
     finally:
         client.close()

@@ -44,7 +44,7 @@ from shared.rpc.stubs import tandem_trainer_pb2_grpc as pb_grpc
 from shared.checkpoints.store import CheckpointStore
 from shared.nn.run import Hyperparameters, train
 from trainer_svc.config import TrainerConfig
-from trainer_svc.job_store import JobRepository
+from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
 from trainer_svc.limits import JobLimits
 from trainer_svc.server import TrainerServer

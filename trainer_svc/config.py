@@ -1,11 +1,15 @@
-"""The trainer's settings, from environment variables with documented defaults (README)."""
+"""TrainerConfig: the trainer's settings, from environment variables with documented defaults (README).
+
+The one set of settings a user gives the trainer: trainer_svc.server builds
+every part from it, handing each part the fields it needs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.security.access import AccessSettings
 from shared.env import env
+from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
 from trainer_svc.limits import JobLimits
 

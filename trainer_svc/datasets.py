@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from shared.security.auth import Caller, NotPermitted
 from shared.checkpoints.checkpoint import check_model_name
+from shared.checkpoints.redis_client import unavailable_on_error
 from shared.data import BUILTIN_DATASETS, Dataset, DatasetError, DatasetNotFound, list_datasets, load_dataset
 from shared.data.dataset import check_finite, check_labels
 from shared.data.npz import dataset_from_arrays, whole_split
-from shared.limits import check_limit
-from shared.checkpoints.redis_client import unavailable_on_error
 from shared.dtypes import TENSOR_DTYPES
+from shared.limits import check_limit
+from shared.security.auth import Caller, NotPermitted
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,9 @@ class DatasetCatalog:
                 raw_header, *lengths, labels = pipe.execute()
             if raw_header is None and not any(lengths):
                 raise self._not_found(name)
-            headers = _stored_headers(raw_header, dict(zip(SPLIT_ARRAYS + WHOLE_ARRAYS, lengths)))
-            labels = {a: data for a, data in zip(LABEL_ARRAYS, labels) if data is not None}
+            stored_lengths = dict(zip(SPLIT_ARRAYS + WHOLE_ARRAYS, lengths, strict=True))
+            headers = _stored_headers(raw_header, stored_lengths)
+            labels = {a: data for a, data in zip(LABEL_ARRAYS, labels, strict=True) if data is not None}
             return self._summary(name, headers, as_arrays(headers, labels))
 
     def _not_found(self, name: str) -> DatasetNotFound:

@@ -54,7 +54,7 @@ Event = StepProgress | EpochDone | CheckpointPublished | JobSnapshot | JobFinish
 class Subscription:
     """One watcher's buffer of a job's events."""
 
-    def __init__(self, hub: "EventHub", job_id: str, capacity: int):
+    def __init__(self, hub: EventHub, job_id: str, capacity: int):
         self._hub, self.job_id = hub, job_id
         self._events: deque[Event] = deque()
         self._capacity = capacity

@@ -1,7 +1,9 @@
-"""Training jobs as data: what was asked for (JobRequest) and where it stands (JobRecord).
+"""Training jobs as data: what a client asked for (JobSubmission, unchecked), what was
+checked (JobRequest), and where a job stands (JobRecord).
 
-Both are plain JSON-serialisable data, so a record survives in Redis and a
-restarted trainer can list and resume its jobs. Nothing here knows gRPC.
+A JobRequest and a JobRecord are plain JSON-serialisable data, so a record
+survives in Redis and a restarted trainer can list and resume its jobs.
+Nothing here knows gRPC.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 from shared.nn.run import Hyperparameters
-
 
 JOB_ID = re.compile(r"[0-9a-f]{16}")                   # what JobRecord.new makes
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")          # printable ASCII, no spaces
@@ -47,6 +48,22 @@ class JobState(str, Enum):
 
 
 @dataclass(frozen=True)
+class JobSubmission:
+    """A job as a client states it, not checked yet; `RequestValidator.check` makes a JobRequest of it."""
+
+    model_name: str
+    dataset: str
+    preset: str = ""
+    spec_json: str | None = None        # the spec as the client sent it, not parsed yet
+    hidden: tuple[int, ...] = ()
+    hyperparameters: dict = field(default_factory=dict)  # only the settings given
+    checkpoint_every_steps: int = 0
+    checkpoint_every_epoch: bool = True
+    resume_from_version: int = 0
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
 class JobRequest:
     """A checked request: the spec is resolved (from a preset if one was named) and valid."""
 
@@ -67,7 +84,7 @@ class JobRequest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "JobRequest":
+    def from_dict(cls, data: dict) -> JobRequest:
         return cls(**{**data, "hidden": tuple(data.get("hidden", ())),
                       "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"])})
 
@@ -90,11 +107,12 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     finished_at: float = 0.0
-    # The identity that started it (shared.security.auth); "" with auth off, and in records made before owners.
+    # The identity that started it (shared.security.auth); "" with auth off, and in records made
+    # before owners.
     owner: str = ""
 
     @classmethod
-    def new(cls, request: JobRequest, owner: str = "") -> "JobRecord":
+    def new(cls, request: JobRequest, owner: str = "") -> JobRecord:
         return cls(job_id=uuid.uuid4().hex[:16], request=request, owner=owner)
 
     @property
@@ -105,7 +123,7 @@ class JobRecord:
     def last_metrics(self) -> dict:
         return self.history[-1] if self.history else {}
 
-    def copy(self) -> "JobRecord":
+    def copy(self) -> JobRecord:
         return replace(self, history=list(self.history))
 
     def to_json(self) -> str:
@@ -115,7 +133,7 @@ class JobRecord:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "JobRecord":
+    def from_json(cls, text: str | bytes) -> JobRecord:
         data = json.loads(text)
         data["request"] = JobRequest.from_dict(data["request"])
         data["state"] = JobState(data["state"])

@@ -50,7 +50,7 @@ class JobLimits:
                                  f"got {getattr(self, limit.name)}")
 
     @classmethod
-    def from_env(cls) -> "JobLimits":
+    def from_env(cls) -> JobLimits:
         return cls(**{f.name: env(LIMIT_VARIABLES[f.name], f.default, int) for f in fields(cls)})
 
     def parse_spec(self, text: str) -> object:

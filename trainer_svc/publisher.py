@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.nn import Model, build_model
 from shared.checkpoints.redis_client import StoreUnavailable
 from shared.checkpoints.store import CheckpointStore
+from shared.nn import Model, build_model
 from trainer_svc.background import NewestOnly
 
 log = logging.getLogger("tandem.trainer.publisher")

@@ -1,4 +1,5 @@
-"""The Trainer gRPC servicer: translates between protobuf and the job manager, nothing more.
+"""The Trainer gRPC servicer: translates between protobuf and the job manager, the
+checkpoint store and the dataset catalog, nothing more.
 
 Status codes: a stored checkpoint that fails verification (CheckpointError)
 -> FAILED_PRECONDITION; ValueError (a spec, hyperparameter or field that cannot work)
@@ -19,18 +20,19 @@ from dataclasses import asdict
 
 import grpc
 
-from shared.security.auth import NotPermitted, current_caller
 from shared.checkpoints.checkpoint import CheckpointError
-from shared.rpc.errors import translate_errors
-from shared.nn import spec_to_json
 from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import CheckpointStore
+from shared.nn import spec_to_json
+from shared.rpc.convert import checkpoint_info, job_state_name, job_state_value, timestamp
+from shared.rpc.errors import translate_errors
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.rpc.stubs import tandem_trainer_pb2_grpc
-from shared.rpc.convert import checkpoint_info, job_state_name, job_state_value, timestamp
-from trainer_svc.datasets import ArrayHeader, DatasetSummary
+from shared.security.auth import NotPermitted, current_caller
+from trainer_svc.datasets import ArrayHeader, DatasetCatalog, DatasetSummary
 from trainer_svc.events import CheckpointPublished, EpochDone, JobFinished, JobSnapshot, StepProgress
-from trainer_svc.jobs import JobRecord, JobState
-from trainer_svc.manager import JobManager, NotAccepting, StartJob
+from trainer_svc.jobs import JobRecord, JobState, JobSubmission
+from trainer_svc.manager import JobManager, NotAccepting
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000       # a larger page_size is served as this many
@@ -51,10 +53,10 @@ STATUS_BY_ERROR = [  # the first match wins
 HYPERPARAMETER_FIELDS = [f.name for f in pb.Hyperparameters.DESCRIPTOR.fields]
 
 
-def start_job_from_proto(request: pb.StartJobRequest) -> StartJob:
+def submission_from_proto(request: pb.StartJobRequest) -> JobSubmission:
     spec_json = request.spec_json if request.WhichOneof("architecture") == "spec_json" else None
     hp = request.hyperparameters
-    return StartJob(
+    return JobSubmission(
         model_name=request.model_name, dataset=request.dataset, preset=request.preset,
         spec_json=spec_json, hidden=tuple(request.hidden),
         hyperparameters={name: getattr(hp, name) for name in HYPERPARAMETER_FIELDS if hp.HasField(name)},
@@ -116,16 +118,16 @@ def job_to_proto(record: JobRecord) -> pb.Job:
 
 
 class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, manager: JobManager):
-        self.manager = manager
+    def __init__(self, jobs: JobManager, store: CheckpointStore, catalog: DatasetCatalog):
+        self.jobs, self.store, self.catalog = jobs, store, catalog
 
     @translate_errors(STATUS_BY_ERROR)
     def StartJob(self, request, context):
-        return job_to_proto(self.manager.submit(start_job_from_proto(request), current_caller()))
+        return job_to_proto(self.jobs.submit(submission_from_proto(request), current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def GetJob(self, request, context):
-        return job_to_proto(self.manager.get(request.job_id, current_caller()))
+        return job_to_proto(self.jobs.get(request.job_id, current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def ListJobs(self, request, context):
@@ -134,7 +136,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
             raise ValueError(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {request.page_size}")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)   # as AIP-158 says
         offset = page_offset(request.page_token)
-        jobs = [r for r in self.manager.list(current_caller())
+        jobs = [r for r in self.jobs.list(current_caller())
                 if (not states or r.state in states)
                 and (not request.model_name or r.model_name == request.model_name)]
         page = jobs[offset:offset + page_size]
@@ -144,7 +146,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def WatchJob(self, request, context):
-        record, subscription = self.manager.watch(request.job_id, current_caller())
+        record, subscription = self.jobs.watch(request.job_id, current_caller())
         try:
             yield self._event(record.job_id, snapshot=job_to_proto(record))
             while context.is_active():
@@ -159,20 +161,20 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def CancelJob(self, request, context):
-        return job_to_proto(self.manager.cancel(request.job_id, current_caller()))
+        return job_to_proto(self.jobs.cancel(request.job_id, current_caller()))
 
     @translate_errors(STATUS_BY_ERROR)
     def ListCheckpoints(self, request, context):
-        versions = self.manager.store.versions(request.model_name)
+        versions = self.store.versions(request.model_name)
         if not versions:
             raise LookupError(f"model_name {request.model_name!r} has no checkpoints")
-        latest = self.manager.store.latest_version(request.model_name)
+        latest = self.store.latest_version(request.model_name)
         return pb.ListCheckpointsResponse(checkpoints=[
             checkpoint_info(meta, latest=meta["version"] == latest) for meta in reversed(versions)])
 
     @translate_errors(STATUS_BY_ERROR)
     def ListDatasets(self, request, context):
-        return pb.ListDatasetsResponse(datasets=[dataset_info(s) for s in self.manager.catalog.summaries()])
+        return pb.ListDatasetsResponse(datasets=[dataset_info(s) for s in self.catalog.summaries()])
 
     @translate_errors(STATUS_BY_ERROR)
     def UploadDataset(self, request_iterator, context):
@@ -180,14 +182,14 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         if first is None or first.WhichOneof("chunk") != "header":
             raise ValueError("the first chunk must be the header")
         header = first.header
-        upload = self.manager.catalog.begin_upload(header.name, [
+        upload = self.catalog.begin_upload(header.name, [
             ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays
         ], overwrite=header.overwrite, uploader=current_caller())
         for chunk in request_iterator:
             if chunk.WhichOneof("chunk") != "piece":
                 raise ValueError("only the first chunk may be a header")
             upload.add(chunk.piece.array, chunk.piece.offset, chunk.piece.data)
-        return dataset_info(self.manager.catalog.store_upload(upload))
+        return dataset_info(self.catalog.store_upload(upload))
 
     # ---------------------------------------------------------------- events
 

@@ -1,12 +1,15 @@
-"""What the two service processes (trainer, inference) run the same way: gRPC server, logging, SIGTERM."""
+"""What the two service processes (trainer, inference) run the same way: gRPC server, metrics
+endpoint, logging, graceful stop (GrpcService) and SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
+from collections.abc import Sequence
 from concurrent import futures
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -15,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
+from shared.rpc.health import HealthServicer
 from shared.rpc.request_guard import UnparsableRequests
 
 
@@ -51,6 +55,49 @@ class MetricsEndpoint:
         if self._http:
             self._http.shutdown()
             self._http.server_close()
+
+
+class GrpcService:
+    """A service process's gRPC server and health, stopped gracefully, once (what run_until_signalled runs).
+
+    A subclass builds its parts, hands its `server` and `health` over here, serves metrics
+    through `metrics_http` if it likes, and says what else is its own to stop: `_drain`
+    before the server stops (the trainer's running jobs), `_close` once it has stopped.
+    """
+
+    def __init__(self, name: str, server: grpc.Server, health: HealthServicer, grace_seconds: float):
+        self.server, self.health = server, health
+        self.metrics_http: MetricsEndpoint | None = None
+        self._name, self._grace_seconds = name, grace_seconds   # name: "trainer" logs event=trainer_...
+        self._log = logging.getLogger(f"tandem.{name}")
+        self._stopped = threading.Event()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking work (health NOT_SERVING), drain, give calls in flight until `grace` seconds
+        (None: the configured grace) are up, then stop the rest. Later calls do nothing."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self._grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.health.enter_graceful_shutdown()
+        self._log.info("event=%s_stopping grace=%.1fs", self._name, grace)
+        self._drain(grace)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        self._close()
+        if self.metrics_http:
+            self.metrics_http.close()
+        self._log.info("event=%s_stopped", self._name)
+
+    def wait(self) -> None:
+        """Return once `stop` has begun."""
+        self._stopped.wait()
+
+    def _drain(self, grace: float) -> None:
+        """What must end before the gRPC server stops, within `grace` seconds; nothing by default."""
+
+    def _close(self) -> None:
+        """What to stop once the gRPC server has stopped; nothing by default."""
 
 
 def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None:

@@ -1,4 +1,4 @@
-"""Job records in Redis, so that any trainer (or a restarted one) lists and resumes them.
+"""JobRepository: job records in Redis, so that any trainer (or a restarted one) lists and resumes them.
 
 Keys: `{prefix}:job:{id}` holds a record as JSON; `{prefix}:jobs` is a
 sorted set of job ids by creation time; `{prefix}:request:{request_id}`
@@ -16,6 +16,7 @@ Checkpoints themselves (shared.checkpoints.store) stay weights-only, all that in
 
 from __future__ import annotations
 
+import builtins
 import logging
 
 import numpy as np
@@ -25,7 +26,6 @@ import safetensors.numpy
 
 from shared.checkpoints.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
-
 
 log = logging.getLogger("tandem.trainer.jobs")
 REQUEST_ID_SECONDS = 7 * 24 * 3600   # how long a request_id names its job
@@ -124,10 +124,10 @@ class JobRepository:
         with unavailable_on_error(self._redis):
             ids = [i.decode(errors="replace") for i in self._redis.zrevrange(self._index, 0, -1)]
             texts = self._redis.mget([self._key(i) for i in ids]) if ids else []
-        records = (_readable(job_id, text) for job_id, text in zip(ids, texts) if text)
+        records = (_readable(job_id, text) for job_id, text in zip(ids, texts, strict=True) if text)
         return [record for record in records if record is not None]
 
-    def unfinished(self) -> list[JobRecord]:
+    def unfinished(self) -> builtins.list[JobRecord]:   # `list` here is the method above
         """Jobs that a trainer should take up again, oldest first."""
         resumable = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED, JobState.CANCELLING)
         return [r for r in reversed(self.list()) if r.state in resumable]
