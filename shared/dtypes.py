@@ -23,7 +23,7 @@ def as_model_dtype(dtype) -> np.dtype:
     """
     try:
         resolved = None if dtype is None else np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):   # numpy parses "float32,," as a struct and fails so
         resolved = None
     if resolved is None or resolved.name not in MODEL_DTYPES:
         raise ValueError(f"dtype must be {' or '.join(MODEL_DTYPES)}, got {dtype!r}")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from shared.data import Dataset
-from shared.dtypes import as_model_dtype
+from shared.dtypes import MODEL_DTYPES
 from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
 from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
@@ -55,7 +55,8 @@ class Hyperparameters:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        as_model_dtype(self.dtype)
+        if self.dtype not in MODEL_DTYPES:   # the names themselves: they go into checkpoints as given
+            raise ValueError(f"dtype must be {' or '.join(map(repr, MODEL_DTYPES))}, got {self.dtype!r}")
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
         if self.early_stopping_patience < 0:

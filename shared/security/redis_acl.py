@@ -45,7 +45,7 @@ USERS = {
         "+hget +hset +hdel +hgetall +hkeys +hmget +hstrlen "
         "+sadd +smembers +zadd +zrevrange +xadd +publish "
         "+multi +exec +watch +unwatch "            # the publish, job and upload transactions
-        "+evalsha +script|load"                    # job_store's claim script (redis-py loads it on NOSCRIPT)
+        "+evalsha +script|load"                    # job_repository's claim script (redis-py loads it on NOSCRIPT)
     ),
     "infer": (
         f"~{PREFIX}:model:* ~{PREFIX}:models &{PREFIX}:announcements "
