@@ -8,27 +8,23 @@ deletes the keys under it afterwards, leaving everything else alone.
 
 Tests that stop or restart Redis take `private_redis`, a server of their own.
 Inference servers in-process: `checkpoints` (the store they read) and
-`start_inference` (tests/inference_harness.py has the rest).
+`start_inference` (tests/inference_harness.py has the rest); trainers:
+`start_trainer`, `trainer` and the module's `idle_trainer` (tests/trainer_harness.py).
 
 Helpers every tier uses: `wait_until` (a bounded wait, never a sleep as
-synchronisation) and `metric_value` / `scrape_metrics` (Prometheus figures,
+synchronisation; `wait_for_job` and `wait_finished` for a trainer's job) and `metric_value` / `scrape_metrics` (Prometheus figures,
 in-process or over HTTP).
 """
 
-import time
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
-from shared.embedded.redis_server import EmbeddedRedis, redis_for_local_use
 from shared.checkpoints.redis_client import connect, redis_url_from_env
 from shared.checkpoints.store import CheckpointStore
+from shared.embedded.redis_server import EmbeddedRedis, redis_for_local_use
 from tests.inference_harness import Inference, infer_config
-
-DEADLINE = 10.0   # seconds: the default bound of a wait
+from tests.trainer_harness import Trainer, trainer_config
 
 
 @pytest.fixture(scope="session")
@@ -89,26 +85,31 @@ def start_inference(private_redis):
         inference.close()
 
 
-# ---------------------------------------------------------------- helpers
 
-def wait_until(condition, what: str, timeout: float = DEADLINE):
-    """Poll `condition` until it returns something true, and return that; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return result
+@pytest.fixture
+def start_trainer(private_redis, tmp_path):
+    """Start trainers (on the test's own Redis unless told otherwise); all are stopped afterwards."""
+    started = []
+
+    def start(redis_server: EmbeddedRedis = private_redis, **settings) -> Trainer:
+        trainer = Trainer(redis_server, trainer_config(redis_server.url, tmp_path / "data", **settings))
+        started.append(trainer)
+        return trainer
+
+    yield start
+    for trainer in reversed(started):
+        trainer.close()
 
 
-def metric_value(name: str, **labels) -> float:
-    """A sample of this process's Prometheus registry (a server running in-process); 0 if absent."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+@pytest.fixture
+def trainer(start_trainer) -> Trainer:
+    return start_trainer()
 
 
-def scrape_metrics(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample a /metrics endpoint on 127.0.0.1:`port` serves, by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE) as response:
-        text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+@pytest.fixture(scope="module")
+def idle_trainer(tmp_path_factory):
+    """One trainer for the tests that create no jobs (validation, health, reflection)."""
+    with EmbeddedRedis() as redis_server:
+        trainer = Trainer(redis_server, trainer_config(redis_server.url, tmp_path_factory.mktemp("data")))
+        yield trainer
+        trainer.close()

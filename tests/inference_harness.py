@@ -8,21 +8,19 @@ test gets its own embedded Redis (`private_redis`) rather than the session's.
 
 from __future__ import annotations
 
-
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.nn import Model, build_model, softmax
-from shared.nn.presets import get_preset
-from shared.rpc.stubs import grpc_service_pb2_grpc
-from shared.rpc.stubs import tandem_inference_pb2 as pb
-from shared.rpc.stubs import tandem_inference_pb2_grpc
-from shared.checkpoints.store import CheckpointStore
-from shared.rpc.convert import from_tensor, to_tensor
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
+from shared.checkpoints.checkpoint import CheckpointMeta
+from shared.checkpoints.store import CheckpointStore
+from shared.nn import Model, build_model, softmax
+from shared.nn.presets import get_preset
+from shared.rpc.convert import from_tensor, to_tensor
+from shared.rpc.stubs import grpc_service_pb2_grpc, tandem_inference_pb2_grpc
+from shared.rpc.stubs import tandem_inference_pb2 as pb
 
 NAME = "digits"
 INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10      # the built-in digits dataset's

@@ -30,20 +30,28 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import REGISTRY
 
-from shared.security import auth
-from shared.security.access import METHOD_ROLES, REFLECTION_METHOD, AccessInterceptor, AccessSettings, RefusalLog
-from shared.security.auth import ADMIN, PREDICT, TRAIN, VIEW
-from shared.embedded.redis_server import EmbeddedRedis
-from shared.rpc.stubs import grpc_service_pb2, tandem_inference_pb2, tandem_trainer_pb2 as pb
-from shared.rpc.server import grpc_server
-from shared.security.tls import ClientTLS, ServerTLS, channel as tls_channel
 from infer_svc.server import InferenceServer
-from trainer_svc.server import TrainerServer
+from shared.embedded.redis_server import EmbeddedRedis
+from shared.rpc.server import grpc_server
+from shared.rpc.stubs import grpc_service_pb2, tandem_inference_pb2
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from shared.security import auth
+from shared.security.access import (
+    METHOD_ROLES,
+    REFLECTION_METHOD,
+    AccessInterceptor,
+    AccessSettings,
+    RefusalLog,
+)
+from shared.security.auth import ADMIN, PREDICT, TRAIN, VIEW
 from shared.security.certs import CertificateAuthority
-from tests.conftest import wait_until
+from shared.security.tls import ClientTLS, ServerTLS
+from shared.security.tls import channel as tls_channel
 from tests.fuzz_calls import served_methods
+from tests.helpers import wait_until
 from tests.inference_harness import infer_config
-from tests.test_trainer_service import digits_arrays, slow_job, trainer_config, upload
+from tests.trainer_harness import digits_arrays, slow_job, trainer_config, upload
+from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 10.0

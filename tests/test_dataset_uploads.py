@@ -16,22 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
+from shared.checkpoints.redis_client import connect
 from shared.data import load_dataset, stratified_split
 from shared.embedded.redis_server import free_loopback_port
-from shared.checkpoints.redis_client import connect
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
-from tests.test_trainer_service import (  # noqa: F401 - fixtures
-    digits_arrays,
-    idle_trainer,
-    log_tail,
-    mlp_job,
-    rpc_error,
-    start_trainer,
-    trainer,
-    trainer_process,
-    upload,
-    wait_finished,
-)
+from tests.helpers import wait_finished
+from tests.trainer_harness import digits_arrays, log_tail, mlp_job, rpc_error, trainer_process, upload
 
 DATASET_KEYS = "tandem:dataset:*"
 

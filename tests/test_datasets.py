@@ -229,7 +229,7 @@ def test_digits():
     assert ds.x_train.shape[1:] == ds.x_test.shape[1:] == (1, 8, 8)
     assert ds.x_train.dtype == np.float32
     assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
-    assert 0.0 <= ds.x_test.min() and ds.x_test.max() <= 1.0
+    assert ds.x_test.min() >= 0.0 and ds.x_test.max() <= 1.0
     assert ds.num_classes == 10
     np.testing.assert_array_equal(np.unique(ds.y_test), np.arange(10))
 

@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded.redis_server import (
-    EmbeddedRedis, EmbeddedRedisError, free_loopback_port, redis_for_local_use, redis_server_binary)
 from shared.checkpoints.redis_client import connect
+from shared.embedded.redis_server import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    free_loopback_port,
+    redis_for_local_use,
+    redis_server_binary,
+)
 
 
 def socket_path(url: str) -> Path:
@@ -67,9 +72,8 @@ def test_restart_keeps_the_address_and_loses_the_data(tcp):
 
 def test_down_stops_redis_until_the_block_ends(private_redis):
     probe = redis.Redis.from_url(private_redis.url, retry=None, socket_connect_timeout=1)
-    with private_redis.down():
-        with pytest.raises(redis.ConnectionError):
-            probe.ping()
+    with private_redis.down(), pytest.raises(redis.ConnectionError):
+        probe.ping()
     assert probe.ping()
 
 

@@ -48,27 +48,28 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.internal.conjecture import providers
 
+from shared.checkpoints.redis_client import connect
+from shared.checkpoints.store import CheckpointStore
 from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
 from shared.nn.presets import PRESETS
-from shared.checkpoints.redis_client import connect
+from shared.rpc.convert import to_tensor
 from shared.rpc.stubs import grpc_service_pb2 as kserve_pb
 from shared.rpc.stubs import tandem_inference_pb2 as infer_pb
 from shared.rpc.stubs import tandem_trainer_pb2 as trainer_pb
-from shared.checkpoints.store import CheckpointStore
-from shared.rpc.convert import to_tensor
-from tests.conftest import wait_until
 from tests.fuzz_calls import CANCELLED_BY_CLIENT, Outcome, call, path, served_methods
 from tests.fuzz_inputs import KINDS, Fuzzer, FuzzRequest, field_count, message_class
-from tests.inference_harness import NAME as SERVED_MODEL, publish, samples
+from tests.helpers import wait_until
+from tests.inference_harness import NAME as SERVED_MODEL
+from tests.inference_harness import publish, samples
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 10.0              # seconds for every call; generous, so a call past it is a failure

@@ -15,11 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import pytest
@@ -27,10 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.embedded.redis_server import free_loopback_port
 from shared.rpc.health import HealthServicer
-from shared.rpc.stubs import tandem_inference_pb2, tandem_inference_pb2_grpc
-from shared.rpc.stubs import tandem_trainer_pb2, tandem_trainer_pb2_grpc
-from tests.conftest import wait_until
-
+from shared.rpc.stubs import (
+    tandem_inference_pb2,
+    tandem_inference_pb2_grpc,
+    tandem_trainer_pb2,
+    tandem_trainer_pb2_grpc,
+)
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 10.0         # seconds for every call and every wait

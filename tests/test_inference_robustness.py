@@ -18,9 +18,17 @@ import numpy as np
 import pytest
 
 from shared.rpc.stubs import grpc_service_pb2 as kserve_pb
-from tests.conftest import metric_value, wait_until
+from tests.helpers import metric_value, wait_until
 from tests.inference_harness import (
-    DEADLINE, NAME, assert_close, core_probabilities, corrupt, probabilities, publish, samples)
+    DEADLINE,
+    NAME,
+    assert_close,
+    core_probabilities,
+    corrupt,
+    probabilities,
+    publish,
+    samples,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 LOAD_FAILURES = "tandem_infer_model_load_failures_total"

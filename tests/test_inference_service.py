@@ -22,19 +22,27 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from infer_svc.config import InferConfig
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
 from shared.checkpoints.redis_client import connect
-from shared.rpc.stubs import grpc_service_pb2
-from shared.rpc.stubs import tandem_common_pb2
-from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.checkpoints.store import CheckpointStore
-from infer_svc.config import InferConfig
-from tests.conftest import metric_value, scrape_metrics, wait_until
+from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
+from shared.rpc.stubs import grpc_service_pb2, tandem_common_pb2
+from shared.rpc.stubs import tandem_inference_pb2 as pb
+from tests.helpers import metric_value, scrape_metrics, wait_until
 from tests.inference_harness import (
-    DEADLINE, NAME, Inference, assert_close, core_probabilities, digits_model, infer_config, probabilities,
-    publish, samples)
+    DEADLINE,
+    NAME,
+    Inference,
+    assert_close,
+    core_probabilities,
+    digits_model,
+    infer_config,
+    probabilities,
+    publish,
+    samples,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

@@ -17,7 +17,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.inference_harness import (
-    DEADLINE, NAME, assert_close, core_probabilities, probabilities, publish, samples)
+    DEADLINE,
+    NAME,
+    assert_close,
+    core_probabilities,
+    probabilities,
+    publish,
+    samples,
+)
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from shared.nn import SpecError, eval_numerical_gradient_array, numerical_gradient, rel_error
-from shared.nn.layers import (AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid,
-                              Tanh)
+from shared.nn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid, Tanh
 from shared.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
 
 TOLERANCE = 1e-6

@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 
+from shared.rpc.convert import from_tensor, to_tensor
 from shared.rpc.stubs import (
     grpc_service_pb2,
     grpc_service_pb2_grpc,
@@ -19,7 +20,6 @@ from shared.rpc.stubs import (
     tandem_trainer_pb2,
     tandem_trainer_pb2_grpc,
 )
-from shared.rpc.convert import from_tensor, to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 RPC_DIR = ROOT / "shared" / "rpc" / "stubs"
@@ -113,7 +113,7 @@ KSERVE_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "Mod
 
 
 def _kserve_message(dotted: str):
-    descriptor = grpc_service_pb2.DESCRIPTOR.message_types_by_name[dotted.split(".")[0]]
+    descriptor = grpc_service_pb2.DESCRIPTOR.message_types_by_name[dotted.split(".", maxsplit=1)[0]]
     for part in dotted.split(".")[1:]:
         descriptor = descriptor.nested_types_by_name[part]
     return descriptor

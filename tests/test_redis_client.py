@@ -6,8 +6,14 @@ from urllib.parse import quote
 import pytest
 from redis.connection import SSLConnection
 
+from shared.checkpoints.redis_client import (
+    StoreUnavailable,
+    connect,
+    describe,
+    redis_url_from_env,
+    unavailable_on_error,
+)
 from shared.embedded.redis_server import EmbeddedRedis
-from shared.checkpoints.redis_client import StoreUnavailable, connect, describe, redis_url_from_env, unavailable_on_error
 
 PASSWORD = "s3cret p@ss:/word"
 
@@ -60,9 +66,8 @@ def test_a_down_server_fails_after_bounded_retries_with_backoff():
         client = connect(server.url, retries=3)
         with server.down():
             started = time.monotonic()
-            with pytest.raises(StoreUnavailable) as unavailable:
-                with unavailable_on_error(client):
-                    client.get("anything")
+            with pytest.raises(StoreUnavailable) as unavailable, unavailable_on_error(client):
+                client.get("anything")
             elapsed = time.monotonic() - started
     message = str(unavailable.value)
     assert message.startswith(f"Redis at redis://127.0.0.1:{server.port}/0 unavailable after 4 attempts: ")

@@ -30,15 +30,14 @@ import pytest
 import redis
 
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.embedded.redis_server import EmbeddedRedis, ServerTLS
 from shared.checkpoints.redis_client import StoreUnavailable, connect, unavailable_on_error
-from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.checkpoints.store import CheckpointStore
+from shared.embedded.redis_server import EmbeddedRedis, ServerTLS
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.security.certs import CertificateAuthority
-from tests.conftest import wait_until
+from tests.helpers import wait_finished, wait_until
 from tests.inference_harness import Inference, digits_model, infer_config, publish, samples
-from tests.test_trainer_service import (Trainer, digits_arrays, mlp_job, rpc_error, trainer_config, upload,
-                                        wait_finished)
+from tests.trainer_harness import Trainer, digits_arrays, mlp_job, rpc_error, trainer_config, upload
 
 REPO = Path(__file__).resolve().parents[1]
 TLS_REDIS_SERVER = Path("/usr/bin/redis-server")
@@ -154,9 +153,8 @@ def forwarder():
 
 def refused(client: redis.Redis) -> StoreUnavailable:
     """The StoreUnavailable a PING through `client` ends in."""
-    with pytest.raises(StoreUnavailable) as caught:
-        with unavailable_on_error(client):
-            client.ping()
+    with pytest.raises(StoreUnavailable) as caught, unavailable_on_error(client):
+        client.ping()
     return caught.value
 
 

@@ -8,10 +8,10 @@ import threading
 
 import grpc
 import pytest
-
 from grpc_reflection.v1alpha import reflection_pb2
-from tests.inference_harness import infer_config
+
 from infer_svc.server import InferenceServer
+from tests.inference_harness import infer_config
 
 NOT_A_MESSAGE = b"\xff\xff"   # a field with tag 0x7f... and no value: no message parses from it
 STOP_BOUND = 20.0             # seconds for stop(grace=1) to return
@@ -32,9 +32,8 @@ def raw_channel(server) -> grpc.Channel:
                                     "/inference.GRPCInferenceService/ModelInfer",
                                     "/grpc.health.v1.Health/Check"])
 def test_a_unary_request_that_does_not_parse_is_invalid_argument_naming_the_method(server, method):
-    with raw_channel(server) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            channel.unary_unary(method)(NOT_A_MESSAGE, timeout=10)
+    with raw_channel(server) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(method)(NOT_A_MESSAGE, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"not a valid message for {method}" in caught.value.details()
 

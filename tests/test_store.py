@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from shared.checkpoints.checkpoint import CheckpointError, CheckpointMeta, read_meta
-from shared.nn import build_model
-from shared.nn.presets import get_preset
 from shared.checkpoints.redis_client import StoreUnavailable, connect
 from shared.checkpoints.store import Announcement, CheckpointNotFound, CheckpointStore, parse_announcement
+from shared.nn import build_model
+from shared.nn.presets import get_preset
 from tests.test_checkpoint_format import rewrite
 from tests.test_spec import SMALL_CNN
 

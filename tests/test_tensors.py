@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from shared.rpc.stubs import tandem_common_pb2
 from shared.dtypes import MODEL_DTYPES, TENSOR_DTYPES
 from shared.rpc.convert import TensorError, from_tensor, to_tensor
+from shared.rpc.stubs import tandem_common_pb2
 
 
 def wire(tensor):

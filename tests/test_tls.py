@@ -26,15 +26,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench import security_speed
 from bench.common import Timing
-from shared.client import (BearerToken, Connection, InferenceClient, TrainerClient,
-                           read_token_file, token_from_env)
-from shared.rpc.server import grpc_server
-from shared.security.tls import ClientTLS, ServerTLS, is_loopback, listen
-from shared.security.certs import CertificateAuthority, Issued
-from tests.conftest import wait_until
-from tests.inference_harness import DEADLINE, NAME, infer_config, publish, samples
-from tests.test_trainer_service import trainer_config
 from infer_svc.server import InferenceServer
+from shared.client import (
+    BearerToken,
+    Connection,
+    InferenceClient,
+    TrainerClient,
+    read_token_file,
+    token_from_env,
+)
+from shared.rpc.server import grpc_server
+from shared.security.certs import CertificateAuthority, Issued
+from shared.security.tls import ClientTLS, ServerTLS, is_loopback, listen
+from tests.helpers import wait_until
+from tests.inference_harness import DEADLINE, NAME, infer_config, publish, samples
+from tests.trainer_harness import trainer_config
 from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,11 +17,18 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from shared.checkpoints.checkpoint import METADATA_KEY, CheckpointError, CheckpointMeta, decode, encode, weights_sha256
+from shared.checkpoints.checkpoint import (
+    METADATA_KEY,
+    CheckpointError,
+    CheckpointMeta,
+    decode,
+    encode,
+    weights_sha256,
+)
 from shared.nn import build_model
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
-from tests.test_trainer_service import (all_jobs, checkpoints, get_job, idle_trainer, mlp_job,  # noqa: F401
-                                        rpc_error, start_trainer, trainer, wait_finished)
+from tests.helpers import wait_finished
+from tests.trainer_harness import all_jobs, get_job, list_checkpoints, mlp_job, rpc_error
 from trainer_svc.limits import JobLimits
 
 DIGITS_SHAPE = [1, 8, 8]
@@ -210,7 +217,7 @@ def test_an_unreadable_job_record_is_skipped_by_listings_and_by_a_restarted_trai
     trainer.close()
     restarted = start_trainer()    # resumes the unfinished jobs it can read, skips the rest
     assert get_job(restarted.stub, job.job_id).state == pb.JOB_STATE_SUCCEEDED
-    assert checkpoints(restarted.stub, "readable")
+    assert list_checkpoints(restarted.stub, "readable")
 
 
 @pytest.mark.parametrize("variable, value", [("TRAINER_MAX_LAYERS", "0"), ("TRAINER_MAX_STEPS", "-5"),

@@ -4,26 +4,15 @@ No mocks: jobs train on the NumPy core, checkpoints go through the checkpoint
 store, calls go through the generated stubs. Most tests run the server
 in-process (`TrainerServer`); the SIGTERM test runs `python -m trainer_svc`.
 
-Every test gets a Redis of its own (an embedded server, started empty),
-whether or not REDIS_URL is set: the trainer keeps its job records under the
-fixed prefix "tandem" and resumes the unfinished jobs it finds there, so it
-must never share a Redis with other tests or with a user's data.
+Every trainer gets a Redis of its own (tests/trainer_harness.py says why).
 
 Waits are bounded: polling in a loop with a deadline, or gRPC deadlines.
 """
 
-import collections
-import hashlib
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -33,200 +22,34 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
-from shared.data import load_dataset
-from shared.embedded.redis_server import EmbeddedRedis, free_loopback_port
-from shared.nn.fit import evaluate
 from shared.checkpoints.redis_client import connect
-from shared.rpc.stubs import tandem_trainer_pb2 as pb
-from shared.rpc.stubs import tandem_trainer_pb2_grpc as pb_grpc
 from shared.checkpoints.store import CheckpointStore
+from shared.data import load_dataset
+from shared.embedded.redis_server import free_loopback_port
+from shared.nn.fit import evaluate
 from shared.nn.run import Hyperparameters, train
-from trainer_svc.config import TrainerConfig
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from tests.helpers import scrape_metrics, wait_finished, wait_for_job, wait_until
+from tests.trainer_harness import (
+    all_jobs,
+    digits_arrays,
+    get_job,
+    kinds,
+    list_checkpoints,
+    log_tail,
+    mlp_job,
+    rpc_error,
+    slow_job,
+    terminate,
+    trainer_process,
+    upload,
+    watch,
+)
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
-from trainer_svc.limits import JobLimits
-from trainer_svc.server import TrainerServer
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN, DIGITS_TEST = 1618, 179      # the built-in digits split
-FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-GRACE = 10.0
-CALL_DEADLINE = 60.0     # for every gRPC call that does not set its own
-
-
-# ---------------------------------------------------------------- harness
-
-def trainer_config(redis_url: str, data_dir: Path, **settings) -> TrainerConfig:
-    """Every setting explicit, so that TRAINER_* variables in the environment change nothing."""
-    return TrainerConfig(**{
-        "redis_url": redis_url, "listen": "127.0.0.1:0", "data_dir": str(data_dir),
-        "max_concurrent_jobs": 1, "grace_seconds": GRACE, "metrics_port": 0,
-        "metrics_address": "127.0.0.1", "resume_interrupted": True, "max_restarts": 3,
-        "publish_outage_seconds": 60.0, "checkpoint_retention": 5,
-        "max_upload_bytes": 512 * 2**20, "max_classes": 10_000, "grpc_workers": 16,
-        "job_limits": JobLimits(), **settings})
-
-
-class _CallDetails(collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-        grpc.ClientCallDetails):
-    pass
-
-
-class DefaultDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Give every call without a deadline one, so that no test can wait on the server forever."""
-
-    def _bounded(self, details):
-        if details.timeout is not None:
-            return details
-        return _CallDetails(details.method, CALL_DEADLINE, details.metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._bounded(details), request)
-
-    intercept_unary_stream = intercept_unary_unary
-    intercept_stream_unary = intercept_unary_unary
-    intercept_stream_stream = intercept_unary_unary
-
-
-def bounded_channel(port: int) -> grpc.Channel:
-    return grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), DefaultDeadline())
-
-
-class Trainer:
-    """A trainer running in this process, a channel to it, and direct access to its Redis."""
-
-    def __init__(self, redis_server: EmbeddedRedis, config: TrainerConfig):
-        self.redis = redis_server
-        self.server = TrainerServer(config).start()
-        self.channel = bounded_channel(self.server.port)
-        self.stub = pb_grpc.TrainerStub(self.channel)
-        self.client = connect(redis_server.url)
-        self.store = CheckpointStore(self.client)
-        self.jobs = JobRepository(self.client)
-        self._closed = False
-
-    @property
-    def manager(self):
-        return self.server.manager
-
-    def close(self, grace: float = GRACE) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.channel.close()
-        self.server.stop(grace)
-        self.client.close()
-
-
-@pytest.fixture
-def start_trainer(private_redis, tmp_path):
-    """Start trainers (on the test's own Redis unless told otherwise); all are stopped afterwards."""
-    started = []
-
-    def start(redis_server: EmbeddedRedis = private_redis, **settings) -> Trainer:
-        trainer = Trainer(redis_server, trainer_config(redis_server.url, tmp_path / "data", **settings))
-        started.append(trainer)
-        return trainer
-
-    yield start
-    for trainer in reversed(started):
-        trainer.close()
-
-
-@pytest.fixture
-def trainer(start_trainer) -> Trainer:
-    return start_trainer()
-
-
-@pytest.fixture(scope="module")
-def idle_trainer(tmp_path_factory):
-    """One trainer for the tests that create no jobs (validation, health, reflection)."""
-    with EmbeddedRedis() as redis_server:
-        trainer = Trainer(redis_server, trainer_config(redis_server.url, tmp_path_factory.mktemp("data")))
-        yield trainer
-        trainer.close()
-
-
-def mlp_job(model_name: str, *, epochs: int = 2, batch_size: int = 32, hidden=(16,), every_steps: int = 0,
-            every_epoch: bool = False, dataset: str = "digits", request_id: str = "",
-            **hyperparameters) -> pb.StartJobRequest:
-    """A small MLP job (seed 0 unless given)."""
-    hyperparameters.setdefault("seed", 0)
-    return pb.StartJobRequest(
-        model_name=model_name, preset="mlp", hidden=hidden, dataset=dataset,
-        hyperparameters=pb.Hyperparameters(epochs=epochs, batch_size=batch_size, **hyperparameters),
-        checkpoints=pb.CheckpointSchedule(every_steps=every_steps, every_epoch=every_epoch),
-        request_id=request_id)
-
-
-def slow_job(model_name: str, **settings) -> pb.StartJobRequest:
-    """One sample per step, 50 epochs: about 80,000 steps, so it runs until it is stopped."""
-    return mlp_job(model_name, epochs=50, batch_size=1, **settings)
-
-
-def wait_until(condition, timeout: float, what: str):
-    """Poll `condition` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout} s for {what}")
-        time.sleep(0.01)
-
-
-def get_job(stub, job_id: str) -> pb.Job:
-    return stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
-
-
-def wait_for_job(stub, job_id: str, condition, timeout: float, what: str) -> pb.Job:
-    def check():
-        job = get_job(stub, job_id)
-        return job if condition(job) else None
-    return wait_until(check, timeout, f"job {job_id}: {what}")
-
-
-def wait_finished(stub, job_id: str, timeout: float = 60) -> pb.Job:
-    return wait_for_job(stub, job_id, lambda job: job.state in FINISHED, timeout, "to finish")
-
-
-def rpc_error(call, request, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=30, **kwargs)
-    return caught.value
-
-
-def watch(stub, job_id: str, timeout: float = 60) -> list[pb.JobEvent]:
-    return list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout))
-
-
-def kinds(events: list[pb.JobEvent]) -> list[str]:
-    return [event.WhichOneof("event") for event in events]
-
-
-def all_jobs(stub, **request) -> list[pb.Job]:
-    jobs, token = [], ""
-    while True:
-        page = stub.ListJobs(pb.ListJobsRequest(page_token=token, **request), timeout=10)
-        jobs += page.jobs
-        if not (token := page.next_page_token):
-            return jobs
-
-
-def checkpoints(stub, model_name: str):
-    return stub.ListCheckpoints(pb.ListCheckpointsRequest(model_name=model_name), timeout=10).checkpoints
-
-
-def scrape(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 # ---------------------------------------------------------------- 1. a digits CNN job
@@ -247,7 +70,7 @@ def test_a_digits_cnn_job_reaches_97_percent_and_publishes_its_checkpoints(train
     assert done.last_metrics == done.history[-1]
     assert done.last_metrics.test_accuracy >= 0.97
 
-    listing = checkpoints(trainer.stub, "digits-cnn")
+    listing = list_checkpoints(trainer.stub, "digits-cnn")
     versions = [c.version for c in listing]
     newest = versions[0]
     assert versions == list(range(newest, newest - len(versions), -1))    # newest first, no gaps
@@ -282,7 +105,7 @@ def test_two_watchers_each_get_every_event_in_order(trainer):
     job = trainer.stub.StartJob(mlp_job("watched", epochs=4, every_epoch=True))
     with ThreadPoolExecutor(2) as pool:
         watchers = [pool.submit(watch, trainer.stub, job.job_id) for _ in range(2)]
-        wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 2, 10, "two watchers")
+        wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 2, "two watchers", timeout=10)
         trainer.stub.CancelJob(pb.CancelJobRequest(job_id=blocker.job_id))
         streams = [watcher.result(timeout=90) for watcher in watchers]
 
@@ -310,7 +133,7 @@ def test_two_watchers_each_get_every_event_in_order(trainer):
     assert [c.version for c in published] == sorted({c.version for c in published})
     assert published[-1].version == final.last_published_version
     assert published[-1].step == final.progress.step == final.progress.steps_total
-    stored = {c.version for c in checkpoints(trainer.stub, "watched")}
+    stored = {c.version for c in list_checkpoints(trainer.stub, "watched")}
     assert {c.version for c in published} <= stored
 
     # Every epoch event comes before the job's end, each epoch's checkpoint after its epoch.
@@ -318,7 +141,7 @@ def test_two_watchers_each_get_every_event_in_order(trainer):
     assert order.index("snapshot") == 0 and max(i for i, k in enumerate(order) if k == "epoch") < len(order) - 1
     first_epoch_at = order.index("epoch")
     assert all(i > first_epoch_at for i, k in enumerate(order) if k == "checkpoint")
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, 5, "the watchers to unsubscribe")
+    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watchers to unsubscribe", timeout=5)
 
 
 def test_a_late_watcher_of_a_finished_job_gets_its_snapshot_then_finished(trainer):
@@ -328,7 +151,7 @@ def test_a_late_watcher_of_a_finished_job_gets_its_snapshot_then_finished(traine
     assert kinds(events) == ["snapshot", "finished"]
     assert events[0].snapshot == events[1].finished == done
     assert done.state == pb.JOB_STATE_SUCCEEDED
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, 5, "the watcher to unsubscribe")
+    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5)
 
 
 def test_a_watcher_that_disconnects_early_costs_nothing(trainer):
@@ -337,7 +160,7 @@ def test_a_watcher_that_disconnects_early_costs_nothing(trainer):
     assert next(call).HasField("snapshot")
     assert trainer.manager.events.watcher_count(job.job_id) == 1
     call.cancel()
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, 5, "the watcher to unsubscribe")
+    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5)
     # The job trains on regardless.
     before = get_job(trainer.stub, job.job_id).progress.step
     wait_for_job(trainer.stub, job.job_id, lambda j: j.progress.step > before, 10, "to take more steps")
@@ -373,7 +196,7 @@ def test_cancel_stops_a_running_job_within_one_step_with_a_final_checkpoint(trai
     assert seen <= done.progress.step <= seen + 1          # the step in flight, no more
     assert done.progress.step < done.progress.steps_total
 
-    listing = checkpoints(trainer.stub, "cancelled")
+    listing = list_checkpoints(trainer.stub, "cancelled")
     assert listing[0].latest and listing[0].version == done.last_published_version
     assert listing[0].step == done.progress.step
     assert trainer.store.latest("cancelled").meta.step == done.progress.step
@@ -397,53 +220,6 @@ def test_cancel_ends_a_queued_job_at_once_without_a_checkpoint(trainer):
 
 
 # ---------------------------------------------------------------- 4. SIGTERM and restart
-
-@contextmanager
-def trainer_process(redis_url: str, port: int, log_path: Path, data_dir: Path, metrics_port: int = 0):
-    """`python -m trainer_svc` configured by environment variables, serving once this yields."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("TRAINER_", "TANDEM_", "REDIS_"))}
-    env.update(REDIS_URL=redis_url, TRAINER_LISTEN=f"127.0.0.1:{port}", TRAINER_METRICS_PORT=str(metrics_port),
-               TRAINER_GRACE_SECONDS=str(GRACE), TANDEM_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "trainer_svc"], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        with bounded_channel(port) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-
-            def serving():
-                assert process.poll() is None, \
-                    f"the trainer exited with {process.returncode}:\n{log_tail(log_path)}"
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Trainer"), timeout=1)
-                except grpc.RpcError:
-                    return False
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-            wait_until(serving, 60, "the trainer process to serve")
-            yield process, pb_grpc.TrainerStub(channel)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def terminate(process, log_path: Path) -> float:
-    """SIGTERM; the process must exit 0 within the grace period. Returns the seconds it took."""
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=GRACE)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"no exit within {GRACE} s of SIGTERM:\n{log_tail(log_path)}") from None
-    assert code == 0, log_tail(log_path)
-    return time.monotonic() - sent
-
 
 @pytest.mark.parametrize("optimizer, learning_rate", [("sgd", 0.05), ("momentum", 0.01), ("adam", 1e-3)])
 def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finishes_it(
@@ -480,8 +256,7 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
         assert done.progress.step == done.progress.steps_total == total
         assert [m.epoch for m in done.history] == [1, 2, 3, 4]        # none twice, none missing
         # The second trainer trained only the steps after the checkpoint.
-        steps = scrape(metrics_port)["tandem_trainer_steps"].samples
-        assert [s.value for s in steps if s.name == "tandem_trainer_steps_total"] == [total - interrupted_at]
+        assert scrape_metrics(metrics_port)[("tandem_trainer_steps_total", ())] == total - interrupted_at
         terminate(process, log_path)
 
     final = store.get("resumed", done.last_published_version)
@@ -510,8 +285,7 @@ def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_chec
 
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
         job = stub.StartJob(request, timeout=10)
-        wait_until(lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2, 60,
-                   "a record naming a second checkpoint")
+        wait_until(lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2, "a record naming a second checkpoint", timeout=60)
         process.kill()                   # no final checkpoint: it resumes from the last periodic one
         process.wait(timeout=10)
     record = jobs.get(job.job_id)
@@ -681,7 +455,7 @@ def test_a_redis_outage_mid_job_does_not_fail_it(trainer):
         # Training goes on without Redis (GetJob answers from the trainer's memory) ...
         wait_for_job(trainer.stub, job.job_id, lambda j: j.progress.step == DIGITS_TRAIN, 30, "its last step")
         # ... and the checkpoints wait for Redis, past the client's own retries (about 5 s).
-        wait_until(lambda: publish_failures() > failures, 30, "a publish to fail")
+        wait_until(lambda: publish_failures() > failures, "a publish to fail", timeout=30)
         assert get_job(trainer.stub, job.job_id).state == pb.JOB_STATE_RUNNING
     done = wait_finished(trainer.stub, job.job_id, timeout=90)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
@@ -714,7 +488,7 @@ def test_epochs_go_on_during_a_redis_outage_and_their_records_are_saved_after_it
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
     assert [m.epoch for m in done.history] == list(range(1, epochs + 1))
     # Redis came back empty; the final record is in it, and no older copy landed after it.
-    record = wait_until(lambda: trainer.jobs.get(job.job_id), 30, "the record to be saved again")
+    record = wait_until(lambda: trainer.jobs.get(job.job_id), "the record to be saved again", timeout=30)
     assert record.state == JobState.SUCCEEDED and record.step == epochs * 51
     assert [e["epoch"] for e in record.history] == list(range(1, epochs + 1))
     assert record.last_published_version == trainer.store.latest_version("outage-epochs")
@@ -731,7 +505,7 @@ def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes
             pb.JOB_STATE_CANCELLED
         assert trainer.stub.CancelJob(pb.CancelJobRequest(job_id=blocker.job_id), timeout=30).state == \
             pb.JOB_STATE_CANCELLING
-        wait_until(lambda: publish_failures() > failures, 10, "the final checkpoint to be refused")
+        wait_until(lambda: publish_failures() > failures, "the final checkpoint to be refused", timeout=10)
         assert get_job(trainer.stub, queued.job_id).state == pb.JOB_STATE_CANCELLED
     finally:
         trainer.client.config_set("maxmemory", 0)
@@ -741,8 +515,7 @@ def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes
     assert done.last_published_version == trainer.store.latest_version("refused-writes")
     assert trainer.store.latest("refused-writes").meta.step == done.progress.step
     for job_id in (queued.job_id, blocker.job_id):
-        wait_until(lambda: trainer.jobs.get(job_id).state == JobState.CANCELLED, 15,
-                   f"the record of {job_id} to be saved as CANCELLED")
+        wait_until(lambda: trainer.jobs.get(job_id).state == JobState.CANCELLED, f"the record of {job_id} to be saved as CANCELLED", timeout=15)
 
 
 def test_the_publisher_backs_off_while_redis_refuses_writes(trainer):
@@ -765,30 +538,6 @@ def test_the_publisher_backs_off_while_redis_refuses_writes(trainer):
 
 # ---------------------------------------------------------------- datasets
 
-def digits_arrays(train_size: int, test_size: int) -> dict[str, np.ndarray]:
-    digits = load_dataset("digits")
-    return {"x_train": digits.x_train[:train_size], "y_train": digits.y_train[:train_size],
-            "x_test": digits.x_test[:test_size], "y_test": digits.y_test[:test_size]}
-
-
-def upload(name: str, arrays: dict[str, np.ndarray], *, overwrite: bool = False, piece: int = 16384,
-           drop_last_piece_of: str | None = None):
-    """The chunks of an upload: the header, then each array's little-endian bytes in pieces."""
-    data = {array: np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
-            for array, values in arrays.items()}
-    yield pb.UploadDatasetChunk(header=pb.UploadDatasetHeader(name=name, overwrite=overwrite, arrays=[
-        pb.DatasetArrayHeader(name=array, dtype=values.dtype.name, shape=values.shape,
-                              size_bytes=len(data[array]), sha256=hashlib.sha256(data[array]).hexdigest())
-        for array, values in arrays.items()]))
-    for array, raw in data.items():
-        offsets = list(range(0, len(raw), piece))
-        if array == drop_last_piece_of:
-            offsets = offsets[:-1]
-        for offset in offsets:
-            yield pb.UploadDatasetChunk(piece=pb.DatasetArrayPiece(array=array, offset=offset,
-                                                                   data=raw[offset:offset + piece]))
-
-
 def test_an_uploaded_dataset_is_listed_and_trained_on(trainer):
     info = trainer.stub.UploadDataset(upload("small-digits", digits_arrays(400, 100)), timeout=30)
     assert (info.name, list(info.input_shape), info.num_classes, info.train_size, info.test_size, info.source) \
@@ -800,7 +549,7 @@ def test_an_uploaded_dataset_is_listed_and_trained_on(trainer):
     done = wait_finished(trainer.stub, job.job_id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
     assert done.progress.steps_total == 2 * -(-400 // 32)
-    assert checkpoints(trainer.stub, "on-upload")[0].dataset == "small-digits"
+    assert list_checkpoints(trainer.stub, "on-upload")[0].dataset == "small-digits"
 
 
 def test_uploads_that_cannot_be_stored_are_refused_and_leave_nothing(start_trainer):
@@ -939,20 +688,22 @@ def test_the_metrics_endpoint_serves_job_states_and_publish_times(start_trainer)
     trainer.stub.CancelJob(pb.CancelJobRequest(job_id=queued.job_id))
     wait_finished(trainer.stub, queued.job_id)
 
-    families = scrape(port)
-    states = {s.labels["state"]: s.value for s in families["tandem_trainer_jobs"].samples}
-    assert states == {"SUCCEEDED": 1, "CANCELLED": 1}
-    publish = {s.name: s.value for s in families["tandem_trainer_checkpoint_publish_seconds"].samples
-               if not s.labels.get("le")}
-    assert publish["tandem_trainer_checkpoint_publish_seconds_count"] >= 2
-    assert publish["tandem_trainer_checkpoint_publish_seconds_sum"] > 0
+    samples = scrape_metrics(port)
+    assert job_states(samples) == {"SUCCEEDED": 1, "CANCELLED": 1}
+    assert samples[("tandem_trainer_checkpoint_publish_seconds_count", ())] >= 2
+    assert samples[("tandem_trainer_checkpoint_publish_seconds_sum", ())] > 0
 
     # A trainer started again in the same process, on the same port, serves metrics again.
     trainer.close()
     again = start_trainer(metrics_port=port, metrics_address="127.0.0.1")
-    states = {s.labels["state"]: s.value for s in scrape(port)["tandem_trainer_jobs"].samples}
-    assert states == {"SUCCEEDED": 1, "CANCELLED": 1}
+    assert job_states(scrape_metrics(port)) == {"SUCCEEDED": 1, "CANCELLED": 1}
     again.close()
+
+
+def job_states(samples: dict[tuple[str, tuple], float]) -> dict[str, float]:
+    """The tandem_trainer_jobs gauge by state, from scrape_metrics."""
+    return {dict(labels)["state"]: value for (name, labels), value in samples.items()
+            if name == "tandem_trainer_jobs"}
 
 
 def test_a_slow_watcher_loses_only_old_step_events():

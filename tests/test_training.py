@@ -5,8 +5,7 @@ import pytest
 import safetensors.numpy
 
 from shared.data import load_dataset
-from shared.nn import (SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit,
-                       make_optimizer)
+from shared.nn import SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit, make_optimizer
 from shared.nn.presets import get_preset
 from shared.nn.run import Hyperparameters, train
 

@@ -29,11 +29,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.client import Connection, TrainerClient
-from shared.rpc.convert import job_state_name
 from shared.data import load_dataset
+from shared.rpc.convert import from_tensor, job_state_name, to_tensor
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc
-from shared.rpc.convert import from_tensor, to_tensor
 from shared.security.tls import ClientTLS
 from tests.compose.stack import INFER_PORT, REPO, Stack
 
@@ -505,16 +504,14 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
 def test_the_stack_refuses_plaintext_and_callers_without_the_right_token(healthy_stack, small_model):
     trainer, infer = healthy_stack.trainer_address(), healthy_stack.infer_addresses()[0]
     listing = "/tandem.v1.Trainer/ListJobs"
-    with grpc.insecure_channel(trainer) as plaintext:
-        with pytest.raises(grpc.RpcError) as caught:
-            plaintext.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
+    with grpc.insecure_channel(trainer) as plaintext, pytest.raises(grpc.RpcError) as caught:
+        plaintext.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     for connection, expected in ((Connection(ClientTLS(ca=healthy_stack.ca_file)),
                                   grpc.StatusCode.UNAUTHENTICATED),
                                  (healthy_stack.connection("predict"), grpc.StatusCode.PERMISSION_DENIED)):
-        with connection.channel(trainer) as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                channel.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
+        with connection.channel(trainer) as channel, pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
         assert caught.value.code() == expected, caught.value.details()
     replica = Inference(healthy_stack, infer)   # the predict token on inference: answered
     try:
