@@ -13,17 +13,20 @@ BENCHMARKS = {  # name -> function that runs it
     "speed": train_speed.run,
     "store": store_speed.run,
     "serve": serve_speed.run,
-    "security": security_speed.run,   # TLS, mutual TLS and the token check, per request
+    "security": security_speed.run,  # TLS, mutual TLS and the token check, per request
     "accuracy": accuracy.run,
 }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="Run Tandem's benchmarks.",
-        epilog="BENCH_THREADS=n sets the thread count (default 1); BENCH_QUICK=1 shortens every run.")
-    parser.add_argument("names", nargs="*", metavar="name",
-                        help=f"benchmarks to run, default all: {', '.join(BENCHMARKS)}")
+        prog="python -m bench",
+        description="Run Tandem's benchmarks.",
+        epilog="BENCH_THREADS=n sets the thread count (default 1); BENCH_QUICK=1 shortens every run.",
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="name", help=f"benchmarks to run, default all: {', '.join(BENCHMARKS)}"
+    )
     names = parser.parse_args(argv).names or list(BENCHMARKS)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:

@@ -58,12 +58,29 @@ def run() -> None:
             accuracy = float(np.mean([acc for acc, _ in outcomes]))
             seconds = float(np.mean([sec for _, sec in outcomes]))
             mark = "-" if aim is None else ("pass" if accuracy >= aim else "MISS")
-            rows.append([preset, name, len(seeds), f"{accuracy:.2%}", f"{seconds:.0f}",
-                         mark if aim is None else f"{mark} (aim {aim:.1%})", source])
-            results.append({"preset": preset, "dataset": name, "seeds": list(seeds),
-                            "accuracies": [acc for acc, _ in outcomes], "mean_accuracy": accuracy,
-                            "seconds_per_run": seconds, "aim": aim, "source": source})
+            rows.append(
+                [
+                    preset,
+                    name,
+                    len(seeds),
+                    f"{accuracy:.2%}",
+                    f"{seconds:.0f}",
+                    mark if aim is None else f"{mark} (aim {aim:.1%})",
+                    source,
+                ]
+            )
+            results.append(
+                {
+                    "preset": preset,
+                    "dataset": name,
+                    "seeds": list(seeds),
+                    "accuracies": [acc for acc, _ in outcomes],
+                    "mean_accuracy": accuracy,
+                    "seconds_per_run": seconds,
+                    "aim": aim,
+                    "source": source,
+                }
+            )
     print()
-    print_table(["preset", "dataset", "seeds", "test accuracy (mean)", "s per run", "aim", "reference"],
-                rows)
+    print_table(["preset", "dataset", "seeds", "test accuracy (mean)", "s per run", "aim", "reference"], rows)
     print(f"\nwrote {write_json('accuracy', {'facts': facts, 'runs': results})}")

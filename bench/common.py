@@ -24,10 +24,11 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 RESULTS_DIR = Path(__file__).parent / "results"
-Name = TypeVar("Name", bound=Hashable)   # what names a contender
+Name = TypeVar("Name", bound=Hashable)  # what names a contender
 
 
 # ---- settings ---------------------------------------------------------------
+
 
 def bench_threads() -> int:
     """Threads for BLAS and PyTorch: env BENCH_THREADS, default 1."""
@@ -80,11 +81,12 @@ def redis_session():
 
 # ---- timing -----------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Timing:
-    rounds: int            # blocks timed per contender; the median is reported
-    block_seconds: float   # length of one block (calls are counted to fill it)
-    warmup_calls: int      # untimed calls before the first block
+    rounds: int  # blocks timed per contender; the median is reported
+    block_seconds: float  # length of one block (calls are counted to fill it)
+    warmup_calls: int  # untimed calls before the first block
 
 
 def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
@@ -101,8 +103,7 @@ def calls_per_block(fn: Callable[[], object], block_seconds: float, warmup_calls
     return max(1, round(block_seconds / one_call))
 
 
-def interleaved_medians(contenders: Mapping[Name, Callable[[], object]],
-                        timing: Timing) -> dict[Name, float]:
+def interleaved_medians(contenders: Mapping[Name, Callable[[], object]], timing: Timing) -> dict[Name, float]:
     """Median seconds per call of each contender, timed in alternating blocks.
 
     Each round times one block of every contender; the order reverses
@@ -110,8 +111,10 @@ def interleaved_medians(contenders: Mapping[Name, Callable[[], object]],
     neighbour. A slowdown from another process on the machine then hits
     all contenders alike instead of one of them.
     """
-    calls = {name: calls_per_block(fn, timing.block_seconds, timing.warmup_calls)
-             for name, fn in contenders.items()}
+    calls = {
+        name: calls_per_block(fn, timing.block_seconds, timing.warmup_calls)
+        for name, fn in contenders.items()
+    }
     samples: dict[Name, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for round_index in range(timing.rounds):
@@ -121,6 +124,7 @@ def interleaved_medians(contenders: Mapping[Name, Callable[[], object]],
 
 
 # ---- machine facts ----------------------------------------------------------
+
 
 def _cpu_model() -> str:
     try:
@@ -139,8 +143,11 @@ def _numpy_blas() -> str:
 
 def _describe_pool(pool: dict) -> str:
     """One threadpoolctl entry, e.g. 'openblas 0.3.31 SkylakeX pthreads, 1 thread(s): libopenblas.so'."""
-    name = " ".join(str(pool[key]) for key in
-                    ("internal_api", "version", "architecture", "threading_layer") if pool.get(key))
+    name = " ".join(
+        str(pool[key])
+        for key in ("internal_api", "version", "architecture", "threading_layer")
+        if pool.get(key)
+    )
     return f"{name}, {pool['num_threads']} thread(s): {Path(pool['filepath']).name}"
 
 
@@ -162,6 +169,7 @@ def machine_facts(threads: int) -> dict:
 
 # ---- output -----------------------------------------------------------------
 
+
 def print_facts(title: str, facts: dict) -> None:
     print(title)
     for key, value in facts.items():
@@ -174,12 +182,15 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     """A plain aligned table: text left-aligned, numbers right-aligned."""
     cells = [headers] + [[_cell(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows if row[i] is not None)
-               for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], (int, float)) for row in rows if row[i] is not None)
+        for i in range(len(headers))
+    ]
 
     def line(row):
-        return "  ".join(cell.rjust(w) if num else cell.ljust(w)
-                         for cell, w, num in zip(row, widths, numeric, strict=True)).rstrip()
+        return "  ".join(
+            cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric, strict=True)
+        ).rstrip()
 
     print(line(headers))
     print("  ".join("-" * w for w in widths))

@@ -45,7 +45,7 @@ from shared.security.auth import PREDICT, issue
 from shared.security.certs import CertificateAuthority  # the repository's one certificate maker
 from shared.security.tls import ClientTLS, ServerTLS
 
-SETTINGS = {   # the full run takes about 40 s, the quick one about 10 s
+SETTINGS = {  # the full run takes about 40 s, the quick one about 10 s
     "full": Timing(rounds=7, block_seconds=0.8, warmup_calls=20),
     "quick": Timing(rounds=3, block_seconds=0.25, warmup_calls=5),
 }
@@ -71,15 +71,20 @@ class Credentials:
     def server_settings(self, transport: str) -> dict:
         """The InferConfig fields `tls` and `auth` of the transport's server."""
         mutual = transport == "mutual TLS"
-        tls = (ServerTLS(self.server["cert"], self.server["key"], self.ca if mutual else None)
-               if "TLS" in transport else None)
+        tls = (
+            ServerTLS(self.server["cert"], self.server["key"], self.ca if mutual else None)
+            if "TLS" in transport
+            else None
+        )
         tokens = str(self.tokens_file) if "token" in transport else None
         return {"tls": tls, "auth": AccessSettings(tokens_file=tokens)}
 
     def connection(self, transport: str) -> Connection:
         pair = (self.client["cert"], self.client["key"]) if transport == "mutual TLS" else ()
-        return Connection(ClientTLS(self.ca, *pair) if "TLS" in transport else None,
-                          token=self.token if "token" in transport else None)
+        return Connection(
+            ClientTLS(self.ca, *pair) if "TLS" in transport else None,
+            token=self.token if "token" in transport else None,
+        )
 
 
 def new_connection_block(address: str, connection: Connection, seconds: float) -> Block:
@@ -104,14 +109,14 @@ def measure(redis_url: str, timing: Timing) -> list[dict]:
         credentials = Credentials(Path(stack.enter_context(TemporaryDirectory())))
         calls, connects = [], []
         for transport in transports():
-            config = replace(server_config(redis_url, batching=True),
-                             **credentials.server_settings(transport))
+            config = replace(
+                server_config(redis_url, batching=True), **credentials.server_settings(transport)
+            )
             server = InferenceServer(config).start()
             stack.callback(server.stop, 0)
             address, connection = f"127.0.0.1:{server.port}", credentials.connection(transport)
-            stub = tandem_inference_pb2_grpc.InferenceStub(
-                stack.enter_context(connection.channel(address)))
-            for _ in range(timing.warmup_calls):   # also waits out the model's first load
+            stub = tandem_inference_pb2_grpc.InferenceStub(stack.enter_context(connection.channel(address)))
+            for _ in range(timing.warmup_calls):  # also waits out the model's first load
                 stub.Predict(request, timeout=CALL_TIMEOUT, wait_for_ready=True)
             calls.append(Contender(transport, partial(clients_block, [stub], request, 1)))
             connects.append(Contender(transport, partial(new_connection_block, address, connection)))
@@ -120,12 +125,18 @@ def measure(redis_url: str, timing: Timing) -> list[dict]:
     results = []
     for call, connect in zip(calls, connects, strict=True):
         summary, connected = call.summary(), connect.summary()
-        results.append({
-            "transport": call.name, "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],
-            "calls": summary["calls"], "p50_ratio": summary["p50_ms"] / base["p50_ms"],
-            "p99_ratio": summary["p99_ms"] / base["p99_ms"],
-            "connect_p50_ms": connected["p50_ms"],
-            "connect_ratio": connected["p50_ms"] / base_connect["p50_ms"]})
+        results.append(
+            {
+                "transport": call.name,
+                "p50_ms": summary["p50_ms"],
+                "p99_ms": summary["p99_ms"],
+                "calls": summary["calls"],
+                "p50_ratio": summary["p50_ms"] / base["p50_ms"],
+                "p99_ratio": summary["p99_ms"] / base["p99_ms"],
+                "connect_p50_ms": connected["p50_ms"],
+                "connect_ratio": connected["p50_ms"] / base_connect["p50_ms"],
+            }
+        )
     return results
 
 
@@ -135,17 +146,34 @@ def run() -> None:
     with redis_session() as (url, facts):
         facts["grpc"] = grpc.__version__
         facts["certificates"] = "EC P-256, made by shared/security/certs.py"
-        facts["timing"] = (f"{timing.rounds} rounds of {timing.block_seconds} s blocks per "
-                           f"transport, interleaved; one client, one call at a time")
-        print_facts("Security: the cost per request of TLS, mutual TLS and the token check "
-                    "(batch-1 Predict, digits CNN)", facts)
+        facts["timing"] = (
+            f"{timing.rounds} rounds of {timing.block_seconds} s blocks per "
+            f"transport, interleaved; one client, one call at a time"
+        )
+        print_facts(
+            "Security: the cost per request of TLS, mutual TLS and the token check "
+            "(batch-1 Predict, digits CNN)",
+            facts,
+        )
         results = measure(url, timing)
-    print_table(["transport", "p50 ms", "p99 ms", "p50 x plaintext", "p99 x plaintext", "calls"],
-                [[r["transport"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                  f"{r['p50_ratio']:.2f}", f"{r['p99_ratio']:.2f}", r["calls"]] for r in results])
+    print_table(
+        ["transport", "p50 ms", "p99 ms", "p50 x plaintext", "p99 x plaintext", "calls"],
+        [
+            [
+                r["transport"],
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{r['p50_ratio']:.2f}",
+                f"{r['p99_ratio']:.2f}",
+                r["calls"],
+            ]
+            for r in results
+        ],
+    )
     print("A new connection and its first call (health Check), p50:")
-    print_table(["transport", "connect + call ms", "x plaintext"],
-                [[r["transport"], f"{r['connect_p50_ms']:.2f}", f"{r['connect_ratio']:.2f}"]
-                 for r in results])
+    print_table(
+        ["transport", "connect + call ms", "x plaintext"],
+        [[r["transport"], f"{r['connect_p50_ms']:.2f}", f"{r['connect_ratio']:.2f}"] for r in results],
+    )
     print(f"(took {time.perf_counter() - started:.0f} s)")
     print(f"wrote {write_json('security', {'facts': facts, 'results': results})}")

@@ -71,31 +71,37 @@ from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc
 
 MODEL_NAME = "bench-serve"
-INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10          # the digits CNN's
+INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10  # the digits CNN's
 BATCHES = (1, 32, 256)
 CONCURRENCY = (1, 8, 32)
-GAIN_CLIENTS = 32                                 # single-sample clients for the batching gain
+GAIN_CLIENTS = 32  # single-sample clients for the batching gain
 CALL_TIMEOUT = 30.0
-RELOAD_TIMEOUT = 10.0                             # seconds a publish has to be served
+RELOAD_TIMEOUT = 10.0  # seconds a publish has to be served
 
-AIM_RATIO_256 = 0.8      # Predict throughput / in-process forward, at batch 256
+AIM_RATIO_256 = 0.8  # Predict throughput / in-process forward, at batch 256
 AIM_P99_SINGLE_MS = 5.0  # batch 1, one client
 AIM_RELOAD_P50_MS = 50.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    timing: Timing       # rounds and block length (warmup_calls: untimed calls per client)
-    publishes: int       # for the reload latency
-    breakdown: Timing    # for the steps of the server path
+    timing: Timing  # rounds and block length (warmup_calls: untimed calls per client)
+    publishes: int  # for the reload latency
+    breakdown: Timing  # for the steps of the server path
 
 
 # The full run takes about 2 minutes, the quick one about 20 s.
 SETTINGS = {
-    "full": Settings(Timing(rounds=7, block_seconds=0.8, warmup_calls=5), publishes=20,
-                     breakdown=Timing(rounds=5, block_seconds=0.15, warmup_calls=20)),
-    "quick": Settings(Timing(rounds=3, block_seconds=0.25, warmup_calls=2), publishes=8,
-                      breakdown=Timing(rounds=3, block_seconds=0.04, warmup_calls=5)),
+    "full": Settings(
+        Timing(rounds=7, block_seconds=0.8, warmup_calls=5),
+        publishes=20,
+        breakdown=Timing(rounds=5, block_seconds=0.15, warmup_calls=20),
+    ),
+    "quick": Settings(
+        Timing(rounds=3, block_seconds=0.25, warmup_calls=2),
+        publishes=8,
+        breakdown=Timing(rounds=3, block_seconds=0.04, warmup_calls=5),
+    ),
 }
 
 
@@ -103,11 +109,22 @@ def server_config(redis_url: str, batching: bool) -> InferConfig:
     """The deployed defaults, every one explicit (INFER_* variables change nothing), except the
     queue: 32 clients with 256 rows each may wait at once, beyond the default 4096 rows."""
     return InferConfig(
-        redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,), pinned={},
-        poll_seconds=2.0, batching=batching, max_batch_size=64, max_queue_delay_ms=0.0,
-        max_queue_rows=max(CONCURRENCY) * max(BATCHES), max_rows=4096,
-        max_message_bytes=16 * 2**20, grace_seconds=1.0, metrics_port=0,
-        metrics_address="127.0.0.1", grpc_workers=32)
+        redis_url=redis_url,
+        listen="127.0.0.1:0",
+        models=(MODEL_NAME,),
+        pinned={},
+        poll_seconds=2.0,
+        batching=batching,
+        max_batch_size=64,
+        max_queue_delay_ms=0.0,
+        max_queue_rows=max(CONCURRENCY) * max(BATCHES),
+        max_rows=4096,
+        max_message_bytes=16 * 2**20,
+        grace_seconds=1.0,
+        metrics_port=0,
+        metrics_address="127.0.0.1",
+        grpc_workers=32,
+    )
 
 
 def digits_cnn(seed: int) -> Model:
@@ -234,7 +251,7 @@ def request_for(rows: int) -> pb.PredictRequest:
 def throughput(address: str, servable: Servable, timing: Timing, stack: ExitStack) -> list[dict]:
     """Predict at each batch and concurrency against the in-process forward, interleaved."""
     contenders: list[Contender] = []
-    cases: list[tuple[int, int | None]] = []   # (rows, clients); no clients: the in-process forward
+    cases: list[tuple[int, int | None]] = []  # (rows, clients); no clients: the in-process forward
     for rows in BATCHES:
         x, request = batch(rows), request_for(rows)
         servable.probabilities(x)
@@ -243,21 +260,30 @@ def throughput(address: str, servable: Servable, timing: Timing, stack: ExitStac
         for count in CONCURRENCY:
             clients = Clients(address, count, request, timing.warmup_calls)
             stack.callback(clients.close)
-            contenders.append(Contender(f"predict {rows} x {count}",
-                                        partial(clients_block, clients.stubs, request, rows)))
+            contenders.append(
+                Contender(f"predict {rows} x {count}", partial(clients_block, clients.stubs, request, rows))
+            )
             cases.append((rows, count))
     interleave(contenders, timing)
     results: list[dict] = []
-    forward: dict[int, dict] = {}   # rows -> the in-process forward's summary
+    forward: dict[int, dict] = {}  # rows -> the in-process forward's summary
     for (rows, callers), contender in zip(cases, contenders, strict=True):
         summary = contender.summary()
         if callers is None:
             forward[rows] = summary
-            results.append({"batch": rows, "clients": None, "what": "in-process forward", **summary,
-                            "ratio": None})
+            results.append(
+                {"batch": rows, "clients": None, "what": "in-process forward", **summary, "ratio": None}
+            )
         else:
-            results.append({"batch": rows, "clients": callers, "what": "Predict", **summary,
-                            "ratio": summary["samples_per_s"] / forward[rows]["samples_per_s"]})
+            results.append(
+                {
+                    "batch": rows,
+                    "clients": callers,
+                    "what": "Predict",
+                    **summary,
+                    "ratio": summary["samples_per_s"] / forward[rows]["samples_per_s"],
+                }
+            )
     return results
 
 
@@ -276,7 +302,7 @@ def batching_gain(on_address: str, off_address: str, timing: Timing, stack: Exit
 
 def reload_latency(address: str, store: CheckpointStore, publishes: int) -> dict:
     """Seconds from publish returning to the first Predict answered by the new version."""
-    models = [digits_cnn(seed) for seed in range(100, 100 + publishes)]   # built before timing
+    models = [digits_cnn(seed) for seed in range(100, 100 + publishes)]  # built before timing
     request = request_for(1)
     latencies, calls, missed = [], [], 0
     with grpc.insecure_channel(address) as channel:
@@ -298,10 +324,15 @@ def reload_latency(address: str, store: CheckpointStore, publishes: int) -> dict
                     missed += 1
                     break
     ms = np.array(latencies) * 1e3
-    return {"publishes": publishes, "missed": missed,
-            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "max_ms": float(ms.max()), "min_ms": float(ms.min()),
-            "median_polls": float(np.median(calls))}
+    return {
+        "publishes": publishes,
+        "missed": missed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "max_ms": float(ms.max()),
+        "min_ms": float(ms.min()),
+        "median_polls": float(np.median(calls)),
+    }
 
 
 class _Precomputed:
@@ -317,7 +348,7 @@ class _Precomputed:
 def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Timing) -> list[dict]:
     """Microseconds per request of each step of the server path, timed alone, at each batch."""
     servable = off.registry.get(MODEL_NAME)
-    servicer = InferenceServicer(off.predictor)   # batching off: no handoff, no wait
+    servicer = InferenceServicer(off.predictor)  # batching off: no handoff, no wait
     handoff = Batcher(enabled=True, max_delay=0.0)
     channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for server in (on, off)]
     on_stub, off_stub = (tandem_inference_pb2_grpc.InferenceStub(c) for c in channels)
@@ -334,34 +365,39 @@ def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Tim
         response = servicer.Predict(request, None)
         response_wire = response.SerializeToString()
         precomputed = _Precomputed(probabilities)
-        return interleaved_medians({
-            "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
-            "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
-            "Predictor.predict (checks, forward, softmax)":
-                lambda: off.predictor.predict(MODEL_NAME, inputs),
-            "  of which Servable.probabilities (forward, softmax)":
-                lambda: servable.probabilities(x),
-            "servicer Predict without gRPC (from_tensor, predict, response, metrics)":
-                lambda: servicer.Predict(request, None),
-            # a lambda like the other steps, so that each timing carries the same call overhead
-            "protobuf encode of the response": lambda: response.SerializeToString(),  # noqa: PLW0108
-            "client: protobuf decode of the response":
-                lambda: pb.PredictResponse.FromString(response_wire),
-            "batcher handoff alone (max delay 0, no compute)":
-                lambda: handoff.run(precomputed, x),
-            "gRPC round trip of an empty call (health Check)":
-                lambda: health.Check(empty_call, timeout=CALL_TIMEOUT),
-            "Predict round trip, batching off":
-                lambda: off_stub.Predict(request, timeout=CALL_TIMEOUT),
-            "Predict round trip, batching on":
-                lambda: on_stub.Predict(request, timeout=CALL_TIMEOUT),
-        }, timing)
+        return interleaved_medians(
+            {
+                "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
+                "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
+                "Predictor.predict (checks, forward, softmax)": lambda: off.predictor.predict(
+                    MODEL_NAME, inputs
+                ),
+                "  of which Servable.probabilities (forward, softmax)": lambda: servable.probabilities(x),
+                "servicer Predict without gRPC (from_tensor, predict, response, metrics)": lambda: (
+                    servicer.Predict(request, None)
+                ),
+                # a lambda like the other steps, so that each timing carries the same call overhead
+                "protobuf encode of the response": lambda: response.SerializeToString(),  # noqa: PLW0108
+                "client: protobuf decode of the response": lambda: pb.PredictResponse.FromString(
+                    response_wire
+                ),
+                "batcher handoff alone (max delay 0, no compute)": lambda: handoff.run(precomputed, x),
+                "gRPC round trip of an empty call (health Check)": lambda: health.Check(
+                    empty_call, timeout=CALL_TIMEOUT
+                ),
+                "Predict round trip, batching off": lambda: off_stub.Predict(request, timeout=CALL_TIMEOUT),
+                "Predict round trip, batching on": lambda: on_stub.Predict(request, timeout=CALL_TIMEOUT),
+            },
+            timing,
+        )
 
     rows_out: list[dict] = []
     try:
         for rows in (1, 256):
-            rows_out.extend({"batch": rows, "part": part, "us": seconds * 1e6}
-                            for part, seconds in medians_at(rows).items())
+            rows_out.extend(
+                {"batch": rows, "part": part, "us": seconds * 1e6}
+                for part, seconds in medians_at(rows).items()
+            )
     finally:
         handoff.stop()
         for channel in channels:
@@ -399,10 +435,9 @@ def measure(redis_url: str, settings: Settings) -> dict:
         results = {
             "throughput": throughput(on, servable, settings.timing, stack),
             "batching": batching_gain(on, off, settings.timing, stack),
-            "breakdown": server_path_breakdown(servers[True], servers[False],
-                                               settings.breakdown),
+            "breakdown": server_path_breakdown(servers[True], servers[False], settings.breakdown),
         }
-        servers[False].stop(0)   # so that it does not load each new version beside the other
+        servers[False].stop(0)  # so that it does not load each new version beside the other
         results["reload"] = reload_latency(on, store, settings.publishes)
     return results
 
@@ -419,14 +454,17 @@ def run() -> None:
     started = time.perf_counter()
     with redis_session() as (url, facts):
         config = server_config(url, True)
-        facts["server"] = (f"digits-cnn float32; grpc_workers {config.grpc_workers}, "
-                           f"max_batch_size {config.max_batch_size}, max_queue_delay_ms "
-                           f"{config.max_queue_delay_ms:g}, max_queue_rows {config.max_queue_rows}")
+        facts["server"] = (
+            f"digits-cnn float32; grpc_workers {config.grpc_workers}, "
+            f"max_batch_size {config.max_batch_size}, max_queue_delay_ms "
+            f"{config.max_queue_delay_ms:g}, max_queue_rows {config.max_queue_rows}"
+        )
         facts["clients"] = "threads in this process, one channel each, prebuilt requests"
-        facts["timing"] = (f"{settings.timing.rounds} rounds of {settings.timing.block_seconds} s "
-                           f"blocks per contender, interleaved")
-        print_facts("Serving: Predict through gRPC vs the in-process forward "
-                    "(same model, same batch)", facts)
+        facts["timing"] = (
+            f"{settings.timing.rounds} rounds of {settings.timing.block_seconds} s "
+            f"blocks per contender, interleaved"
+        )
+        print_facts("Serving: Predict through gRPC vs the in-process forward (same model, same batch)", facts)
         results = measure(url, settings)
         facts["load_average_1min_after"] = round(os.getloadavg()[0], 2)
 
@@ -437,34 +475,52 @@ def run() -> None:
             aim = f"{verdict(r['ratio'] >= AIM_RATIO_256)} (>= {AIM_RATIO_256}x)"
         if r["batch"] == 1 and r["clients"] == 1:
             aim = f"{verdict(r['p99_ms'] <= AIM_P99_SINGLE_MS)} (p99 <= {AIM_P99_SINGLE_MS:g} ms)"
-        rows.append([r["batch"], r["clients"] or "-", r["what"], r["samples_per_s"],
-                     f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                     f"{r['ratio']:.2f}" if r["ratio"] is not None else "-", aim])
-    print_table(["batch", "clients", "what", "samples/s", "p50 ms", "p99 ms", "x in-process",
-                 "aim"], rows)
+        rows.append(
+            [
+                r["batch"],
+                r["clients"] or "-",
+                r["what"],
+                r["samples_per_s"],
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['ratio']:.2f}" if r["ratio"] is not None else "-",
+                aim,
+            ]
+        )
+    print_table(["batch", "clients", "what", "samples/s", "p50 ms", "p99 ms", "x in-process", "aim"], rows)
 
     gain = results["batching"]
     print(f"Dynamic batching, {GAIN_CLIENTS} concurrent single-sample clients:")
-    print_table(["server", "samples/s", "p50 ms", "p99 ms"], [
-        [label, gain[key]["samples_per_s"], f"{gain[key]['p50_ms']:.2f}",
-         f"{gain[key]['p99_ms']:.2f}"] for label, key in (("batching on", "on"),
-                                                          ("batching off", "off"))])
+    print_table(
+        ["server", "samples/s", "p50 ms", "p99 ms"],
+        [
+            [label, gain[key]["samples_per_s"], f"{gain[key]['p50_ms']:.2f}", f"{gain[key]['p99_ms']:.2f}"]
+            for label, key in (("batching on", "on"), ("batching off", "off"))
+        ],
+    )
     print(f"gain from batching: {gain['gain']:.2f}x the throughput\n")
 
     reload = results["reload"]
-    print(f"Reload: publish returning -> first Predict answered by the new version "
-          f"({reload['publishes']} publishes, {reload['missed']} not served within "
-          f"{RELOAD_TIMEOUT:g} s; median {reload['median_polls']:g} Predict calls per reload):")
-    print(f"  p50 {reload['p50_ms']:.1f} ms  p90 {reload['p90_ms']:.1f} ms  "
-          f"min {reload['min_ms']:.1f} ms  max {reload['max_ms']:.1f} ms  "
-          f"aim p50 <= {AIM_RELOAD_P50_MS:g} ms: "
-          f"{verdict(reload['p50_ms'] <= AIM_RELOAD_P50_MS and not reload['missed'])}")
+    print(
+        f"Reload: publish returning -> first Predict answered by the new version "
+        f"({reload['publishes']} publishes, {reload['missed']} not served within "
+        f"{RELOAD_TIMEOUT:g} s; median {reload['median_polls']:g} Predict calls per reload):"
+    )
+    print(
+        f"  p50 {reload['p50_ms']:.1f} ms  p90 {reload['p90_ms']:.1f} ms  "
+        f"min {reload['min_ms']:.1f} ms  max {reload['max_ms']:.1f} ms  "
+        f"aim p50 <= {AIM_RELOAD_P50_MS:g} ms: "
+        f"{verdict(reload['p50_ms'] <= AIM_RELOAD_P50_MS and not reload['missed'])}"
+    )
 
     print("\nWhere one request's time goes (each step timed alone, median microseconds):")
     parts = list(dict.fromkeys(r["part"] for r in results["breakdown"]))
     by = {(r["part"], r["batch"]): r["us"] for r in results["breakdown"]}
-    print_table(["step", "batch 1 us", "batch 256 us"],
-                [[part, by[(part, 1)], by[(part, 256)]] for part in parts])
-    print(f"(took {time.perf_counter() - started:.0f} s; load average "
-          f"{facts['load_average_1min']} before, {facts['load_average_1min_after']} after)")
+    print_table(
+        ["step", "batch 1 us", "batch 256 us"], [[part, by[(part, 1)], by[(part, 256)]] for part in parts]
+    )
+    print(
+        f"(took {time.perf_counter() - started:.0f} s; load average "
+        f"{facts['load_average_1min']} before, {facts['load_average_1min_after']} after)"
+    )
     print(f"wrote {write_json('serve', {'facts': facts, **results})}")

@@ -34,8 +34,11 @@ SIZES = [("~1 MB", (256, 128, 100)), ("~20 MB", (2048, 1536))]
 
 
 def run() -> None:
-    timing = Timing(rounds=3, block_seconds=0.3, warmup_calls=3) if quick_mode() else \
-        Timing(rounds=7, block_seconds=1.0, warmup_calls=5)
+    timing = (
+        Timing(rounds=3, block_seconds=0.3, warmup_calls=3)
+        if quick_mode()
+        else Timing(rounds=7, block_seconds=1.0, warmup_calls=5)
+    )
     rows, results = [], []
     with redis_session() as (url, facts):
         client = connect(url)
@@ -50,27 +53,54 @@ def run() -> None:
             medians = _medians(store, client, model, meta, blob, timing)
             publish_ratio = medians["publish"] / medians["set"]
             load_ratio = medians["load"] / medians["get"]
-            for what, ours, peer, ratio in (("publish", "publish", "set", publish_ratio),
-                                            ("load", "load", "get", load_ratio)):
-                rows.append([label, f"{len(blob) / 1e6:.1f}", what, f"{medians[ours] * 1e3:.2f}",
-                             f"{medians[peer] * 1e3:.2f}", f"{ratio:.2f}",
-                             "pass" if ratio <= AIM else "MISS"])
-            results.append({"size": label, "bytes": len(blob), "hidden": list(hidden),
-                            "ms": {k: v * 1e3 for k, v in medians.items()},
-                            "publish_ratio": publish_ratio, "load_ratio": load_ratio})
+            for what, ours, peer, ratio in (
+                ("publish", "publish", "set", publish_ratio),
+                ("load", "load", "get", load_ratio),
+            ):
+                rows.append(
+                    [
+                        label,
+                        f"{len(blob) / 1e6:.1f}",
+                        what,
+                        f"{medians[ours] * 1e3:.2f}",
+                        f"{medians[peer] * 1e3:.2f}",
+                        f"{ratio:.2f}",
+                        "pass" if ratio <= AIM else "MISS",
+                    ]
+                )
+            results.append(
+                {
+                    "size": label,
+                    "bytes": len(blob),
+                    "hidden": list(hidden),
+                    "ms": {k: v * 1e3 for k, v in medians.items()},
+                    "publish_ratio": publish_ratio,
+                    "load_ratio": load_ratio,
+                }
+            )
         client.delete(*client.keys("bench:*"))
     print()
-    print_table(["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio",
-                 f"aim <= {AIM}x"], rows)
+    print_table(
+        ["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio", f"aim <= {AIM}x"], rows
+    )
     print(f"\nwrote {write_json('store', {'facts': facts, 'results': results})}")
 
 
-def _medians(store: CheckpointStore, client: redis.Redis, model: Model, meta: CheckpointMeta,
-             blob: bytes, timing: Timing) -> dict[str, float]:
+def _medians(
+    store: CheckpointStore,
+    client: redis.Redis,
+    model: Model,
+    meta: CheckpointMeta,
+    blob: bytes,
+    timing: Timing,
+) -> dict[str, float]:
     """Median seconds of our publish and load, and of plain SET and GET of the same bytes."""
-    return interleaved_medians({
-        "publish": lambda: store.publish(model, meta),
-        "set": lambda: client.set("bench:plain", blob),
-        "load": lambda: store.latest("bench"),
-        "get": lambda: client.get("bench:plain"),
-    }, timing)
+    return interleaved_medians(
+        {
+            "publish": lambda: store.publish(model, meta),
+            "set": lambda: client.set("bench:plain", blob),
+            "load": lambda: store.latest("bench"),
+            "get": lambda: client.get("bench:plain"),
+        },
+        timing,
+    )

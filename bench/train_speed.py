@@ -37,14 +37,18 @@ from shared.nn.presets import get_preset
 
 NUM_CLASSES = 10
 SEED = 0
-AIMS = {"mlp": 1.0, "cnn": 0.6}   # ours / torch throughput we aim for, by kind of model
+AIMS = {"mlp": 1.0, "cnn": 0.6}  # ours / torch throughput we aim for, by kind of model
 
 # (throughput timing, per-layer breakdown timing); the full run takes about 2 minutes.
 TIMINGS = {
-    "full": (Timing(rounds=7, block_seconds=1.0, warmup_calls=10),
-             Timing(rounds=7, block_seconds=0.2, warmup_calls=5)),
-    "quick": (Timing(rounds=3, block_seconds=0.25, warmup_calls=3),
-              Timing(rounds=3, block_seconds=0.05, warmup_calls=2)),
+    "full": (
+        Timing(rounds=7, block_seconds=1.0, warmup_calls=10),
+        Timing(rounds=7, block_seconds=0.2, warmup_calls=5),
+    ),
+    "quick": (
+        Timing(rounds=3, block_seconds=0.25, warmup_calls=3),
+        Timing(rounds=3, block_seconds=0.05, warmup_calls=2),
+    ),
 }
 
 
@@ -54,7 +58,7 @@ class Case:
 
     preset: str
     input_shape: tuple[int, ...]
-    kind: str              # "mlp" or "cnn", which sets the aim
+    kind: str  # "mlp" or "cnn", which sets the aim
     batch_size: int
     optimizer: str
     learning_rate: float
@@ -67,20 +71,22 @@ class Case:
 def preset_case(preset: str, input_shape: tuple[int, ...], kind: str) -> Case:
     """A case with the batch size, optimiser and learning rate the preset was tuned with."""
     training = get_preset(preset).training
-    return Case(preset, input_shape, kind, training["batch_size"], training["optimizer"],
-                training["learning_rate"])
+    return Case(
+        preset, input_shape, kind, training["batch_size"], training["optimizer"], training["learning_rate"]
+    )
 
 
 CASES = (
-    preset_case("two-layer-net", (1, 28, 28), "mlp"),   # 784-50-10, sigmoid, SGD, batch 100
-    preset_case("mlp", (1, 28, 28), "mlp"),             # 784-256-128-100-10, Adam, batch 64
-    preset_case("digits-cnn", (1, 8, 8), "cnn"),        # Adam, batch 32
-    preset_case("cnn", (1, 28, 28), "cnn"),             # Adam, batch 64
+    preset_case("two-layer-net", (1, 28, 28), "mlp"),  # 784-50-10, sigmoid, SGD, batch 100
+    preset_case("mlp", (1, 28, 28), "mlp"),  # 784-256-128-100-10, Adam, batch 64
+    preset_case("digits-cnn", (1, 8, 8), "cnn"),  # Adam, batch 32
+    preset_case("cnn", (1, 28, 28), "cnn"),  # Adam, batch 64
 )
 BREAKDOWN_CASE = CASES[-1]
 
 
 # ---- our step ---------------------------------------------------------------
+
 
 def build(case: Case) -> Model:
     spec = get_preset(case.preset).spec(case.input_shape, NUM_CLASSES)
@@ -105,6 +111,7 @@ def numpy_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray) -> Callab
 
 # ---- the PyTorch peer -------------------------------------------------------
 
+
 def _symmetric_padding(layer) -> tuple[int, int]:
     w = layer.window
     if (w.pad_top, w.pad_left) != (w.pad_bottom, w.pad_right):
@@ -117,14 +124,18 @@ def torch_layer(layer, torch):
     nn = torch.nn
     if isinstance(layer, Dense):
         module = nn.Linear(layer.input_shape[0], layer.units)
-        weight = layer.params["W"].T                   # ours is (in, out), torch's (out, in)
+        weight = layer.params["W"].T  # ours is (in, out), torch's (out, in)
     elif isinstance(layer, Conv2D):
-        module = nn.Conv2d(layer.input_shape[0], layer.filters, layer.window.kernel,
-                           layer.window.stride, padding=_symmetric_padding(layer))
-        weight = layer.params["W"]                     # (filters, channels, kh, kw) in both
+        module = nn.Conv2d(
+            layer.input_shape[0],
+            layer.filters,
+            layer.window.kernel,
+            layer.window.stride,
+            padding=_symmetric_padding(layer),
+        )
+        weight = layer.params["W"]  # (filters, channels, kh, kw) in both
     elif isinstance(layer, MaxPool2D):
-        return nn.MaxPool2d(layer.window.kernel, layer.window.stride,
-                            padding=_symmetric_padding(layer))
+        return nn.MaxPool2d(layer.window.kernel, layer.window.stride, padding=_symmetric_padding(layer))
     else:
         return {Flatten: nn.Flatten, ReLU: nn.ReLU, Sigmoid: nn.Sigmoid}[type(layer)]()
     with torch.no_grad():
@@ -133,8 +144,7 @@ def torch_layer(layer, torch):
     return module
 
 
-def torch_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray,
-               torch) -> Callable[[], None]:
+def torch_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray, torch) -> Callable[[], None]:
     """PyTorch's step on the same architecture, weights and batch as `model`.
 
     Refuses to time anything if the two models disagree on the loss, which
@@ -162,6 +172,7 @@ def torch_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray,
 
 # ---- measurements -----------------------------------------------------------
 
+
 def measure_throughput(cases, timing: Timing, torch=None) -> list[dict]:
     """Samples/s of our step (and torch's, if given) for each case."""
     results = []
@@ -169,23 +180,25 @@ def measure_throughput(cases, timing: Timing, torch=None) -> list[dict]:
         model = build(case)
         x, y = random_batch(case)
         steps: dict[str, Callable[[], object]] = {}
-        if torch:   # built first: it copies the weights before our steps change them
+        if torch:  # built first: it copies the weights before our steps change them
             steps["torch"] = torch_step(case, model, x, y, torch)
         steps["ours"] = numpy_step(case, model, x, y)
         seconds = interleaved_medians(steps, timing)
         rate = {name: case.batch_size / s for name, s in seconds.items()}
         ratio = rate["ours"] / rate["torch"] if torch else None
-        results.append({
-            "model": case.preset,
-            "input_shape": list(case.input_shape),
-            "batch_size": case.batch_size,
-            "optimizer": f"{case.optimizer} lr {case.learning_rate:g}",
-            "ours_samples_per_s": rate["ours"],
-            "torch_samples_per_s": rate.get("torch"),
-            "ratio": ratio,
-            "aim": case.aim,
-            "mark": None if ratio is None else "pass" if ratio >= case.aim else "MISS",
-        })
+        results.append(
+            {
+                "model": case.preset,
+                "input_shape": list(case.input_shape),
+                "batch_size": case.batch_size,
+                "optimizer": f"{case.optimizer} lr {case.learning_rate:g}",
+                "ours_samples_per_s": rate["ours"],
+                "torch_samples_per_s": rate.get("torch"),
+                "ratio": ratio,
+                "aim": case.aim,
+                "mark": None if ratio is None else "pass" if ratio >= case.aim else "MISS",
+            }
+        )
     return results
 
 
@@ -195,17 +208,17 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
     arrays one real step passes it; then their sum and a whole step."""
     model = build(case)
     x, y = random_batch(case)
-    inputs = [x]                         # inputs[i] is what layer i receives
+    inputs = [x]  # inputs[i] is what layer i receives
     for layer in model.layers:
         inputs.append(layer.forward(inputs[-1], training=True))
     model.loss.forward(inputs[-1], y)
-    arriving = [model.loss.backward()]   # gradients, from the loss back to the input
+    arriving = [model.loss.backward()]  # gradients, from the loss back to the input
     for layer in reversed(model.layers):
         arriving.append(layer.backward(arriving[-1]))
-    douts = arriving[-2::-1]             # douts[i] is the gradient layer i receives
+    douts = arriving[-2::-1]  # douts[i] is the gradient layer i receives
     optimizer = make_optimizer(case.optimizer, case.learning_rate)
 
-    parts: dict[str, dict[str, Callable[[], object]]] = {}   # row name -> {phase: function to time}
+    parts: dict[str, dict[str, Callable[[], object]]] = {}  # row name -> {phase: function to time}
     for i, layer in enumerate(model.layers):
         parts[f"{i} {layer.type_name} -> {layer.output_shape}"] = {
             "forward": partial(layer.forward, inputs[i], True),
@@ -219,7 +232,8 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
         "update": partial(optimizer.step, model.state_dict(), model.gradients()),
     }
     contenders: dict[tuple[str, str] | str, Callable[[], object]] = {
-        (name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()}
+        (name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()
+    }
     contenders["whole step"] = numpy_step(case, model, x, y)
     ms = {key: 1000 * s for key, s in interleaved_medians(contenders, timing).items()}
 
@@ -237,6 +251,7 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
 
 # ---- the benchmark ----------------------------------------------------------
 
+
 def run() -> dict:
     threads = bench_threads()
     mode = "quick" if quick_mode() else "full"
@@ -244,25 +259,51 @@ def run() -> dict:
     torch = import_torch()
     with limited_threads(threads):
         facts = machine_facts(threads)
-        print_facts(f"Training speed ({mode} run, float32, {threads} thread(s) for "
-                    "NumPy's BLAS and for torch)", facts)
+        print_facts(
+            f"Training speed ({mode} run, float32, {threads} thread(s) for NumPy's BLAS and for torch)", facts
+        )
         throughput = measure_throughput(CASES, throughput_timing, torch)
-        print("Throughput of one training step (forward, loss, backward, update); "
-              f"medians of {throughput_timing.rounds} interleaved blocks")
+        print(
+            "Throughput of one training step (forward, loss, backward, update); "
+            f"medians of {throughput_timing.rounds} interleaved blocks"
+        )
         print_table(
-            ["model", "input", "batch", "optimizer", "ours samples/s", "torch samples/s",
-             "ours/torch", "aim", "mark"],
-            [[r["model"], "x".join(map(str, r["input_shape"])), r["batch_size"], r["optimizer"],
-              r["ours_samples_per_s"], r["torch_samples_per_s"], r["ratio"], f">= {r['aim']}x",
-              r["mark"]] for r in throughput],
+            [
+                "model",
+                "input",
+                "batch",
+                "optimizer",
+                "ours samples/s",
+                "torch samples/s",
+                "ours/torch",
+                "aim",
+                "mark",
+            ],
+            [
+                [
+                    r["model"],
+                    "x".join(map(str, r["input_shape"])),
+                    r["batch_size"],
+                    r["optimizer"],
+                    r["ours_samples_per_s"],
+                    r["torch_samples_per_s"],
+                    r["ratio"],
+                    f">= {r['aim']}x",
+                    r["mark"],
+                ]
+                for r in throughput
+            ],
         )
         breakdown = layer_breakdown(BREAKDOWN_CASE, breakdown_timing)
-        print(f"Where our time goes: {BREAKDOWN_CASE.preset} at batch {BREAKDOWN_CASE.batch_size}, "
-              "ms per step")
+        print(
+            f"Where our time goes: {BREAKDOWN_CASE.preset} at batch {BREAKDOWN_CASE.batch_size}, ms per step"
+        )
         print_table(
             ["part", "forward ms", "backward ms", "total ms", "share %"],
-            [[r["part"], r.get("forward_ms"), r.get("backward_ms"), r["total_ms"],
-              r.get("share_percent")] for r in breakdown],
+            [
+                [r["part"], r.get("forward_ms"), r.get("backward_ms"), r["total_ms"], r.get("share_percent")]
+                for r in breakdown
+            ],
         )
     result = {
         "benchmark": "train_speed",
@@ -270,8 +311,11 @@ def run() -> dict:
         "machine": facts,
         "timing": {"throughput": asdict(throughput_timing), "breakdown": asdict(breakdown_timing)},
         "throughput": throughput,
-        "breakdown": {"model": BREAKDOWN_CASE.preset, "batch_size": BREAKDOWN_CASE.batch_size,
-                      "rows": breakdown},
+        "breakdown": {
+            "model": BREAKDOWN_CASE.preset,
+            "batch_size": BREAKDOWN_CASE.batch_size,
+            "rows": breakdown,
+        },
     }
     print(f"wrote {write_json('speed', result)}")
     return result

@@ -38,7 +38,7 @@ TIMEOUT = 4.0
 
 
 def target(listen: str) -> str:
-    """"0.0.0.0:50051" -> "127.0.0.1:50051": the listener as seen from inside the container."""
+    """ "0.0.0.0:50051" -> "127.0.0.1:50051": the listener as seen from inside the container."""
     host, _, port = listen.rpartition(":")
     if host in ("", "0.0.0.0", "[::]", "::", "*"):
         host = "127.0.0.1"
@@ -50,9 +50,11 @@ def client_tls() -> ClientTLS | None:
     if not os.environ.get("TANDEM_TLS_CERT"):
         return None
     if os.environ.get("TANDEM_TLS_CLIENT_CA") and not os.environ.get("TANDEM_TLS_CLIENT_CERT"):
-        raise ValueError("the service asks for client certificates (TANDEM_TLS_CLIENT_CA): give "
-                         "the health check one in TANDEM_TLS_CLIENT_CERT and TANDEM_TLS_CLIENT_KEY")
-    return ClientTLS.from_env() or ClientTLS()   # no TANDEM_TLS_CA: the system's roots
+        raise ValueError(
+            "the service asks for client certificates (TANDEM_TLS_CLIENT_CA): give "
+            "the health check one in TANDEM_TLS_CLIENT_CERT and TANDEM_TLS_CLIENT_KEY"
+        )
+    return ClientTLS.from_env() or ClientTLS()  # no TANDEM_TLS_CA: the system's roots
 
 
 def main() -> int:
@@ -68,8 +70,11 @@ def main() -> int:
         return 1
     with channel(address, tls) as health:
         try:
-            status = health_pb2_grpc.HealthStub(health).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT).status
+            status = (
+                health_pb2_grpc.HealthStub(health)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+                .status
+            )
         except grpc.RpcError as error:
             print(f"{address}: {error.code().name}: {error.details()}")
             return 1

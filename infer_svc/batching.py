@@ -50,14 +50,21 @@ class BatchStats:
 
     rows: int
     requests: int
-    queue_seconds: float     # how long the oldest request waited
+    queue_seconds: float  # how long the oldest request waited
     compute_seconds: float
 
 
 class Batcher:
-    def __init__(self, *, enabled: bool = True, max_batch_size: int = 64, max_delay: float = 0.0,
-                 max_queue_rows: int = 4096, on_batch: Callable[[BatchStats], None] = lambda s: None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        max_batch_size: int = 64,
+        max_delay: float = 0.0,
+        max_queue_rows: int = 4096,
+        on_batch: Callable[[BatchStats], None] = lambda s: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.enabled = enabled
         self.max_batch_size, self.max_delay, self.max_queue_rows = max_batch_size, max_delay, max_queue_rows
         self._on_batch, self._clock = on_batch, clock
@@ -81,8 +88,10 @@ class Batcher:
             if self._stopping:
                 raise BatcherStopped("the server is shutting down; retry on another replica")
             if self._queued_rows + len(x) > self.max_queue_rows:
-                raise QueueFull(f"the batching queue is full ({self._queued_rows} rows waiting, "
-                                f"limit {self.max_queue_rows}); retry later")
+                raise QueueFull(
+                    f"the batching queue is full ({self._queued_rows} rows waiting, "
+                    f"limit {self.max_queue_rows}); retry later"
+                )
             self._queues.setdefault(servable, deque()).append(request)
             self._queued_rows += len(x)
             self._changed.notify_all()
@@ -109,8 +118,11 @@ class Batcher:
         servable = min((s for s, q in self._queues.items() if q), key=lambda s: self._queues[s][0].enqueued)
         waiting = self._queues[servable]
         deadline = waiting[0].enqueued + self.max_delay
-        while (sum(len(r.x) for r in waiting) < self.max_batch_size
-               and (remaining := deadline - self._clock()) > 0 and not self._stopping):
+        while (
+            sum(len(r.x) for r in waiting) < self.max_batch_size
+            and (remaining := deadline - self._clock()) > 0
+            and not self._stopping
+        ):
             self._changed.wait(timeout=remaining)
         batch = [waiting.popleft()]
         rows = len(batch[0].x)
@@ -131,9 +143,10 @@ class Batcher:
                 request.result.set_exception(error)
             return
         finished = self._clock()
-        self._on_batch(BatchStats(len(probabilities), len(batch), started - batch[0].enqueued,
-                                  finished - started))
+        self._on_batch(
+            BatchStats(len(probabilities), len(batch), started - batch[0].enqueued, finished - started)
+        )
         start = 0
         for request in batch:
-            request.result.set_result(probabilities[start:start + len(request.x)])
+            request.result.set_result(probabilities[start : start + len(request.x)])
             start += len(request.x)

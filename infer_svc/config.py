@@ -11,12 +11,12 @@ from shared.security.tls import ServerTLS
 
 
 def model_list(raw: str) -> tuple[str, ...]:
-    """"digits,other" -> ("digits", "other")."""
+    """ "digits,other" -> ("digits", "other")."""
     return tuple(check_model_name(name.strip()) for name in raw.split(",") if name.strip())
 
 
 def version_pins(raw: str) -> dict[str, int]:
-    """"digits=3,other=7" -> {"digits": 3, "other": 7}."""
+    """ "digits=3,other=7" -> {"digits": 3, "other": 7}."""
     pins = {}
     for pin in filter(None, (part.strip() for part in raw.split(","))):
         name, equals, version = pin.partition("=")
@@ -41,11 +41,10 @@ class InferConfig:
     # company; those that queue while a forward pass runs share the next one.
     max_queue_delay_ms: float = field(default_factory=lambda: env("INFER_MAX_QUEUE_DELAY_MS", 0.0, float))
     max_queue_rows: int = field(default_factory=lambda: env("INFER_MAX_QUEUE_ROWS", 4096, int))
-    max_rows: int = field(default_factory=lambda: env("INFER_MAX_ROWS", 4096, int))   # per request
-    max_message_bytes: int = field(
-        default_factory=lambda: env("INFER_MAX_MESSAGE_BYTES", 16 * 2**20, int))
+    max_rows: int = field(default_factory=lambda: env("INFER_MAX_ROWS", 4096, int))  # per request
+    max_message_bytes: int = field(default_factory=lambda: env("INFER_MAX_MESSAGE_BYTES", 16 * 2**20, int))
     grace_seconds: float = field(default_factory=lambda: env("INFER_GRACE_SECONDS", 10.0, float))
-    metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))   # 0 = off
+    metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))  # 0 = off
     metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.

@@ -32,18 +32,18 @@ PLATFORM = "tandem_numpy"
 INPUT = "input"
 # Input datatypes accepted: the numpy dtype of each, and its field in InferTensorContents.
 INPUT_DATATYPES = {"FP32": ("float32", "fp32_contents"), "FP64": ("float64", "fp64_contents")}
-DATATYPE_OF = {"float32": "FP32", "float64": "FP64"}   # a model's dtype, as the input it expects
+DATATYPE_OF = {"float32": "FP32", "float64": "FP64"}  # a model's dtype, as the input it expects
 # Outputs, in the order answered when the request names none: datatype and wire dtype.
 OUTPUTS = {"probabilities": ("FP32", "<f4"), "classes": ("INT64", "<i8")}
 TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
-VERSION = re.compile("[1-9][0-9]*")   # [0-9], not \d, which matches every script's digits
-MAX_VERSION = 2**63 - 1               # int64, the version's type in Tandem's own API
+VERSION = re.compile("[1-9][0-9]*")  # [0-9], not \d, which matches every script's digits
+MAX_VERSION = 2**63 - 1  # int64, the version's type in Tandem's own API
 
 
 def server_version() -> str:
     try:
         return metadata.version("tandem")
-    except metadata.PackageNotFoundError:   # running from a source tree that is not installed
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "0.1.0"
 
 
@@ -58,9 +58,11 @@ def requested_version(text: str, field: str) -> int | None:
     if not text:
         return None
     if len(text) > len(str(MAX_VERSION)) or not VERSION.fullmatch(text) or int(text) > MAX_VERSION:
-        raise ValueError(f"{field} must be empty (the served version) or a version number: ASCII "
-                         f"digits from 1 to {MAX_VERSION} without sign, spaces or leading zeros; "
-                         f"got {text!r:.80}")
+        raise ValueError(
+            f"{field} must be empty (the served version) or a version number: ASCII "
+            f"digits from 1 to {MAX_VERSION} without sign, spaces or leading zeros; "
+            f"got {text!r:.80}"
+        )
     return int(text)
 
 
@@ -72,25 +74,31 @@ def input_array(request: pb.ModelInferRequest) -> np.ndarray:
     if tensor.name != INPUT:
         raise ValueError(f"inputs[0].name must be {INPUT!r}, the model's input; got {tensor.name!r}")
     if tensor.datatype not in INPUT_DATATYPES:
-        raise ValueError(f"inputs[0].datatype {tensor.datatype!r} is not accepted; "
-                         f"use one of {', '.join(INPUT_DATATYPES)}")
+        raise ValueError(
+            f"inputs[0].datatype {tensor.datatype!r} is not accepted; use one of {', '.join(INPUT_DATATYPES)}"
+        )
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"inputs[0].shape must have no negative dimension; got {shape}")
     dtype, contents_field = INPUT_DATATYPES[tensor.datatype]
     if bool(request.raw_input_contents) == tensor.HasField("contents"):
-        raise ValueError(f"inputs[0]: send its data in raw_input_contents or in "
-                         f"inputs[0].contents.{contents_field}, exactly one of them")
+        raise ValueError(
+            f"inputs[0]: send its data in raw_input_contents or in "
+            f"inputs[0].contents.{contents_field}, exactly one of them"
+        )
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
-            raise ValueError(f"raw_input_contents must have one entry per input (1), "
-                             f"got {len(request.raw_input_contents)}")
+            raise ValueError(
+                f"raw_input_contents must have one entry per input (1), got {len(request.raw_input_contents)}"
+            )
         raw = Tensor(dtype=dtype, shape=shape, data=request.raw_input_contents[0])
         return from_tensor(raw, field="raw_input_contents[0]")
     values = np.asarray(getattr(tensor.contents, contents_field), dtype=dtype)
     if values.size != math.prod(shape):
-        raise ValueError(f"inputs[0].contents.{contents_field} holds {values.size} values; "
-                         f"shape {shape} needs {math.prod(shape)}")
+        raise ValueError(
+            f"inputs[0].contents.{contents_field} holds {values.size} values; "
+            f"shape {shape} needs {math.prod(shape)}"
+        )
     return values.reshape(shape)
 
 
@@ -130,11 +138,18 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             name=servable.name,
             versions=[str(meta["version"]) for meta in self.registry.versions(servable.name)],
             platform=PLATFORM,
-            inputs=[TensorMetadata(name=INPUT, datatype=DATATYPE_OF[servable.model.dtype.name],
-                                   shape=[-1, *servable.input_shape])],
-            outputs=[TensorMetadata(name="probabilities", datatype="FP32",
-                                    shape=[-1, servable.num_classes]),
-                     TensorMetadata(name="classes", datatype="INT64", shape=[-1])])
+            inputs=[
+                TensorMetadata(
+                    name=INPUT,
+                    datatype=DATATYPE_OF[servable.model.dtype.name],
+                    shape=[-1, *servable.input_shape],
+                )
+            ],
+            outputs=[
+                TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, servable.num_classes]),
+                TensorMetadata(name="classes", datatype="INT64", shape=[-1]),
+            ],
+        )
 
     @observed("model_version")
     @translate_errors(STATUS_BY_ERROR)
@@ -142,14 +157,20 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         requested = [output.name for output in request.outputs] or list(OUTPUTS)
         unknown = [name for name in requested if name not in OUTPUTS]
         if unknown:
-            raise ValueError(f"outputs: no output named {', '.join(map(repr, unknown))}; "
-                             f"the model's outputs are {', '.join(OUTPUTS)}")
-        prediction = self.predictor.predict(request.model_name, input_array(request),
-                                            requested_version(request.model_version, "model_version"),
-                                            field="inputs[0]")
+            raise ValueError(
+                f"outputs: no output named {', '.join(map(repr, unknown))}; "
+                f"the model's outputs are {', '.join(OUTPUTS)}"
+            )
+        prediction = self.predictor.predict(
+            request.model_name,
+            input_array(request),
+            requested_version(request.model_version, "model_version"),
+            field="inputs[0]",
+        )
         arrays = {"probabilities": prediction.probabilities, "classes": prediction.classes}
-        response = pb.ModelInferResponse(model_name=prediction.model_name,
-                                         model_version=str(prediction.version), id=request.id)
+        response = pb.ModelInferResponse(
+            model_name=prediction.model_name, model_version=str(prediction.version), id=request.id
+        )
         for name in requested:
             datatype, wire_dtype = OUTPUTS[name]
             response.outputs.add(name=name, datatype=datatype, shape=arrays[name].shape)

@@ -21,32 +21,49 @@ SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 REQUESTS = Counter(
     "tandem_infer_requests",
-    "Inference requests by method, model (\"\" for one not loaded), answering version and status",
-    ["method", "model", "version", "status"])
-REQUEST_SECONDS = Histogram("tandem_infer_request_seconds",
-                            "Time to answer an inference request, from receipt", ["method"],
-                            buckets=SECONDS)
+    'Inference requests by method, model ("" for one not loaded), answering version and status',
+    ["method", "model", "version", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "tandem_infer_request_seconds",
+    "Time to answer an inference request, from receipt",
+    ["method"],
+    buckets=SECONDS,
+)
 PENDING = Gauge("tandem_infer_pending_requests", "Inference requests being answered (queued or computing)")
-QUEUE_SECONDS = Histogram("tandem_infer_queue_seconds",
-                          "How long the oldest request of a forward pass waited in the batching queue",
-                          buckets=SECONDS)
+QUEUE_SECONDS = Histogram(
+    "tandem_infer_queue_seconds",
+    "How long the oldest request of a forward pass waited in the batching queue",
+    buckets=SECONDS,
+)
 COMPUTE_SECONDS = Histogram("tandem_infer_compute_seconds", "Time of one forward pass", buckets=SECONDS)
-BATCH_ROWS = Histogram("tandem_infer_batch_rows", "Rows per forward pass",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
-BATCH_REQUESTS = Histogram("tandem_infer_batch_requests", "Requests merged into one forward pass",
-                           buckets=(1, 2, 4, 8, 16, 32, 64))
+BATCH_ROWS = Histogram(
+    "tandem_infer_batch_rows",
+    "Rows per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+BATCH_REQUESTS = Histogram(
+    "tandem_infer_batch_requests", "Requests merged into one forward pass", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 MODEL_VERSION = Gauge("tandem_infer_model_version", "The version each model serves", ["model"])
-LOADS = Counter("tandem_infer_model_loads",
-                "Model versions loaded, verified and warmed up (first loads, reloads, versions "
-                "asked for by number)", ["model"])
-LOAD_FAILURES = Counter("tandem_infer_model_load_failures",
-                        "Model versions that failed verification and were not served, each counted "
-                        "once (a failed version is not fetched again)", ["model"])
-FAILED_VERSION = Gauge("tandem_infer_model_failed_version",
-                       "The newest version of each model that failed verification; above "
-                       "tandem_infer_model_version, the model serves an older version than its newest",
-                       ["model"])
-_newest_failed: dict[str, int] = {}   # FAILED_VERSION's values, to keep the newest of concurrent failures
+LOADS = Counter(
+    "tandem_infer_model_loads",
+    "Model versions loaded, verified and warmed up (first loads, reloads, versions asked for by number)",
+    ["model"],
+)
+LOAD_FAILURES = Counter(
+    "tandem_infer_model_load_failures",
+    "Model versions that failed verification and were not served, each counted "
+    "once (a failed version is not fetched again)",
+    ["model"],
+)
+FAILED_VERSION = Gauge(
+    "tandem_infer_model_failed_version",
+    "The newest version of each model that failed verification; above "
+    "tandem_infer_model_version, the model serves an older version than its newest",
+    ["model"],
+)
+_newest_failed: dict[str, int] = {}  # FAILED_VERSION's values, to keep the newest of concurrent failures
 _newest_failed_lock = threading.Lock()
 
 
@@ -63,7 +80,7 @@ def record_loaded(servable: Servable) -> None:
 
 def record_failed(name: str, version: int, error: Exception) -> None:
     LOAD_FAILURES.labels(name).inc()
-    with _newest_failed_lock:   # a fallback fails newest first, so the newest is not always the last
+    with _newest_failed_lock:  # a fallback fails newest first, so the newest is not always the last
         _newest_failed[name] = max(version, _newest_failed.get(name, 0))
         FAILED_VERSION.labels(name).set(_newest_failed[name])
 
@@ -80,6 +97,7 @@ def observed(version_field: str):
     answering version. Only loaded models get a label of their own: names
     clients make up must not create new time series.
     """
+
     def decorate(method):
         @functools.wraps(method)
         def wrapper(servicer, request, context):
@@ -91,11 +109,16 @@ def observed(version_field: str):
                 return response
             finally:
                 PENDING.dec()
-                status = grpc.StatusCode.OK if response is not None else (
-                    context.code() or grpc.StatusCode.UNKNOWN)
+                status = (
+                    grpc.StatusCode.OK
+                    if response is not None
+                    else (context.code() or grpc.StatusCode.UNKNOWN)
+                )
                 model = request.model_name if request.model_name in servicer.registry.served() else ""
                 version = str(getattr(response, version_field)) if response is not None else ""
                 REQUESTS.labels(method.__name__, model, version, status.name).inc()
                 REQUEST_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
+
         return wrapper
+
     return decorate

@@ -25,7 +25,7 @@ from shared.nn import as_batch, top_k
 class Prediction:
     model_name: str
     version: int
-    probabilities: np.ndarray   # float32 [N, classes]
+    probabilities: np.ndarray  # float32 [N, classes]
 
     @property
     def classes(self) -> np.ndarray:
@@ -40,8 +40,9 @@ class Predictor:
     def __init__(self, registry: Registry, batcher: Batcher, max_rows: int = 4096):
         self.registry, self.batcher, self.max_rows = registry, batcher, max_rows
 
-    def predict(self, model_name: str, inputs: np.ndarray, version: int | None = None,
-                field: str = "inputs") -> Prediction:
+    def predict(
+        self, model_name: str, inputs: np.ndarray, version: int | None = None, field: str = "inputs"
+    ) -> Prediction:
         servable = self.registry.get(model_name, version)
         try:
             x = as_batch(inputs, servable.input_shape)
@@ -51,15 +52,19 @@ class Predictor:
             raise ValueError(f"{field}: the batch is empty; send at least one sample")
         if len(x) > self.max_rows:
             raise ValueError(f"{field}: {len(x)} rows exceed the limit of {self.max_rows} per request")
-        with np.errstate(over="ignore"):   # a value beyond the model dtype's range becomes inf
+        with np.errstate(over="ignore"):  # a value beyond the model dtype's range becomes inf
             x = x.astype(servable.model.dtype, copy=False)
         if (row := first_non_finite_row(x)) is not None:
-            raise ValueError(f"{field}: NaN, infinity or a value beyond {x.dtype}'s range in the "
-                             f"input (first in row {row})")
-        probabilities = self.batcher.run(servable, x)   # this request's rows alone, even when batched
+            raise ValueError(
+                f"{field}: NaN, infinity or a value beyond {x.dtype}'s range in the "
+                f"input (first in row {row})"
+            )
+        probabilities = self.batcher.run(servable, x)  # this request's rows alone, even when batched
         if (row := first_non_finite_row(probabilities)) is not None:
-            raise ValueError(f"{field}: row {row} overflows {x.dtype}'s range in the model's forward "
-                             f"pass (its probabilities are not finite); scale the input down")
+            raise ValueError(
+                f"{field}: row {row} overflows {x.dtype}'s range in the model's forward "
+                f"pass (its probabilities are not finite); scale the input down"
+            )
         return Prediction(servable.name, servable.version, probabilities)
 
 

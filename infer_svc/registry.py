@@ -45,7 +45,7 @@ from shared.checkpoints.store import CheckpointNotFound, CheckpointStore
 
 log = logging.getLogger("tandem.infer.registry")
 
-MAX_FAILED_VERSIONS = 256   # versions remembered as failed, over all models
+MAX_FAILED_VERSIONS = 256  # versions remembered as failed, over all models
 
 
 class ModelUnavailable(RuntimeError):
@@ -118,24 +118,34 @@ class FailedVersions:
                 return
             for key in [key for key in self._errors if key[0] == name]:
                 del self._errors[key]
-        log.warning("event=failures_forgotten model=%s latest=%d reason=%r", name, latest,
-                    f"latest is below failed versions {[v for _, v in stale]}: the store was reset")
+        log.warning(
+            "event=failures_forgotten model=%s latest=%d reason=%r",
+            name,
+            latest,
+            f"latest is below failed versions {[v for _, v in stale]}: the store was reset",
+        )
 
 
 class Registry:
-    def __init__(self, store: CheckpointStore, *, models: Iterable[str] = (),
-                 pinned: dict[str, int] | None = None, extra_versions: int = 4,
-                 on_loaded: Callable[[Servable], None] = lambda s: None,
-                 on_failed: Callable[[str, int, Exception], None] = lambda n, v, e: None,
-                 on_swapped: Callable[[Servable], None] = lambda s: None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        models: Iterable[str] = (),
+        pinned: dict[str, int] | None = None,
+        extra_versions: int = 4,
+        on_loaded: Callable[[Servable], None] = lambda s: None,
+        on_failed: Callable[[str, int, Exception], None] = lambda n, v, e: None,
+        on_swapped: Callable[[Servable], None] = lambda s: None,
+    ):
         self.store = store
-        self.models = tuple(models)     # the only models served here; empty = any model asked for
+        self.models = tuple(models)  # the only models served here; empty = any model asked for
         self.pinned = dict(pinned or {})
         self.failed = FailedVersions()
         self._served: dict[str, Servable] = {}
         self._extra: OrderedDict[tuple[str, int], Servable] = OrderedDict()
         self._extra_size = extra_versions
-        self._loading: dict[tuple[str, int], Future] = {}   # loads in progress, for their waiters
+        self._loading: dict[tuple[str, int], Future] = {}  # loads in progress, for their waiters
         self._lock = threading.Lock()
         self._on_loaded, self._on_failed, self._on_swapped = on_loaded, on_failed, on_swapped
         self._offers: queue.Queue[tuple[str, int] | None] = queue.Queue()
@@ -187,8 +197,9 @@ class Registry:
     def get(self, name: str, version: int | None = None) -> Servable:
         """The servable to answer a request for `name` (and `version`, if one is asked for)."""
         if not self.serves(name):
-            raise LookupError(f"model_name {name!r} is not served here; this server serves "
-                              f"{', '.join(self.models)}")
+            raise LookupError(
+                f"model_name {name!r} is not served here; this server serves {', '.join(self.models)}"
+            )
         with self._lock:
             current = self._served.get(name)
             if current and version in (None, current.version):
@@ -219,13 +230,19 @@ class Registry:
                 failures.append((version, error))
                 continue
             if failures:
-                log.warning("event=model_fallback model=%s version=%d skipped=%s", name, servable.version,
-                            ",".join(str(v) for v, _ in failures))
-            return self.served()[name]   # this version, or a newer one swapped in meanwhile
+                log.warning(
+                    "event=model_fallback model=%s version=%d skipped=%s",
+                    name,
+                    servable.version,
+                    ",".join(str(v) for v, _ in failures),
+                )
+            return self.served()[name]  # this version, or a newer one swapped in meanwhile
         if len(failures) == 1 or not any(isinstance(e, CheckpointError) for _, e in failures):
             raise failures[0][1]
-        raise CheckpointError(f"model_name {name!r} has no stored version that verifies: "
-                              + "; ".join(f"version {v}: {e}" for v, e in failures))
+        raise CheckpointError(
+            f"model_name {name!r} has no stored version that verifies: "
+            + "; ".join(f"version {v}: {e}" for v, e in failures)
+        )
 
     def load_configured(self) -> None:
         """Load each configured model's policy version; one that cannot load yet waits for an offer."""
@@ -246,17 +263,17 @@ class Registry:
     def _load_offers(self) -> None:
         while (offer := self._offers.get()) is not None:
             name, version = offer
-            self.failed.note_latest(name, version)   # offers carry `latest`, or a newer announcement
+            self.failed.note_latest(name, version)  # offers carry `latest`, or a newer announcement
             with self._lock:
                 current = self._served.get(name)
             try:
-                if current is None:   # a configured model not loaded yet; any other loads on first use
+                if current is None:  # a configured model not loaded yet; any other loads on first use
                     if name in self.models:
                         self.load_policy_version(name)
                 elif self.policy(name).prefers(version, current.version):
                     self._load(name, version, self._swap_in)
             except CheckpointError:
-                continue   # each failed version was logged once, when it failed
+                continue  # each failed version was logged once, when it failed
             except Exception as error:  # noqa: BLE001 - the loader must outlive any one bad version
                 log.warning("event=reload_failed model=%s version=%d error=%r", name, version, str(error))
 
@@ -280,7 +297,7 @@ class Registry:
         before fails again at once, with its error, and is not fetched.
         """
         key = (name, version)
-        mine: Future | None = None   # the load this thread does, if it is the first to ask
+        mine: Future | None = None  # the load this thread does, if it is the first to ask
         with self._lock:
             servable = self._installed(name, version)
             loading = self._loading.get(key)
@@ -290,7 +307,7 @@ class Registry:
                 mine = self._loading[key] = Future()
         if mine is None:
             if servable is None:
-                assert loading is not None   # not installed: another thread is loading it
+                assert loading is not None  # not installed: another thread is loading it
                 servable = loading.result()
             install(servable)
             return servable
@@ -323,8 +340,9 @@ class Registry:
         try:
             return call()
         except StoreUnavailable as error:
-            raise ModelUnavailable(f"model_name {name!r} is not loaded and Redis is unavailable: "
-                                   f"{error}") from None
+            raise ModelUnavailable(
+                f"model_name {name!r} is not loaded and Redis is unavailable: {error}"
+            ) from None
 
     def _installed(self, name: str, version: int) -> Servable | None:
         """The loaded servable of that version, if any; the caller holds `_lock`."""
@@ -347,10 +365,13 @@ class Registry:
         """Serve `servable` if the policy prefers it to the version serving now."""
         with self._lock:
             current = self._served.get(servable.name)
-            if not self.policy(servable.name).prefers(servable.version,
-                                                      current.version if current else None):
+            if not self.policy(servable.name).prefers(servable.version, current.version if current else None):
                 return
             self._served[servable.name] = servable
-        log.info("event=model_swapped model=%s version=%d previous=%s", servable.name,
-                 servable.version, current.version if current else None)
+        log.info(
+            "event=model_swapped model=%s version=%d previous=%s",
+            servable.name,
+            servable.version,
+            current.version if current else None,
+        )
         self._on_swapped(servable)

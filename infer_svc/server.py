@@ -55,7 +55,7 @@ log = logging.getLogger("tandem.infer")
 SERVICE = tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME, KSERVE_SERVICE_NAME = SERVICE.full_name, KSERVE_SERVICE.full_name
-HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)   # "" = the server as a whole
+HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)  # "" = the server as a whole
 
 
 class InferenceServer(GrpcService):
@@ -63,24 +63,37 @@ class InferenceServer(GrpcService):
         self.config = config
         self.store = CheckpointStore(connect(config.redis_url))
         health = HealthServicer.for_workers(config.grpc_workers, "INFER_GRPC_WORKERS")
-        for service in (*HEALTH_SERVICES, *config.models):   # each model has an entry of its own
+        for service in (*HEALTH_SERVICES, *config.models):  # each model has an entry of its own
             health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc_server(config.grpc_workers, config.max_message_bytes,
-                             interceptors=[AccessInterceptor(config.auth, "inference")])
+        server = grpc_server(
+            config.grpc_workers,
+            config.max_message_bytes,
+            interceptors=[AccessInterceptor(config.auth, "inference")],
+        )
         super().__init__("infer", server, health, config.grace_seconds)
-        self.registry = Registry(self.store, models=config.models, pinned=config.pinned,
-                                 on_loaded=metrics.record_loaded, on_failed=metrics.record_failed,
-                                 on_swapped=self._swapped)
-        self.batcher = Batcher(enabled=config.batching, max_batch_size=config.max_batch_size,
-                               max_delay=config.max_queue_delay_ms / 1000,
-                               max_queue_rows=config.max_queue_rows, on_batch=metrics.record_batch)
+        self.registry = Registry(
+            self.store,
+            models=config.models,
+            pinned=config.pinned,
+            on_loaded=metrics.record_loaded,
+            on_failed=metrics.record_failed,
+            on_swapped=self._swapped,
+        )
+        self.batcher = Batcher(
+            enabled=config.batching,
+            max_batch_size=config.max_batch_size,
+            max_delay=config.max_queue_delay_ms / 1000,
+            max_queue_rows=config.max_queue_rows,
+            on_batch=metrics.record_batch,
+        )
         self.predictor = Predictor(self.registry, self.batcher, max_rows=config.max_rows)
         self.source = VersionSource(self.store, self.registry, poll_interval=config.poll_seconds)
         tandem_inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.predictor), server)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.predictor),
-                                                                         server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.predictor), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        if config.auth.reflection_served:   # TANDEM_REFLECTION=off: not served
+        if config.auth.reflection_served:  # TANDEM_REFLECTION=off: not served
             enable_reflection(server, SERVICE, KSERVE_SERVICE)
         self.port = listen(server, config.listen, config.tls)
 
@@ -89,8 +102,13 @@ class InferenceServer(GrpcService):
         self.server.start()
         self.registry.load_configured()
         self.source.start()
-        log.info("event=infer_started listen=%s port=%d models=%s metrics_port=%d", self.config.listen,
-                 self.port, ",".join(self.config.models) or "any", self.config.metrics_port)
+        log.info(
+            "event=infer_started listen=%s port=%d models=%s metrics_port=%d",
+            self.config.listen,
+            self.port,
+            ",".join(self.config.models) or "any",
+            self.config.metrics_port,
+        )
         return self
 
     def _close(self) -> None:
@@ -101,7 +119,7 @@ class InferenceServer(GrpcService):
     def _swapped(self, servable: Servable) -> None:
         metrics.record_swapped(servable)
         self.health.set(servable.name, health_pb2.HealthCheckResponse.SERVING)
-        if self.registry.ready:   # the last configured model to serve makes the server ready
+        if self.registry.ready:  # the last configured model to serve makes the server ready
             for service in HEALTH_SERVICES:
                 self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 

@@ -30,7 +30,7 @@ from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc
 
 STATUS_BY_ERROR = [  # the first match wins
-    (CheckpointError, grpc.StatusCode.UNAVAILABLE),   # a ValueError, but not the caller's
+    (CheckpointError, grpc.StatusCode.UNAVAILABLE),  # a ValueError, but not the caller's
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (LookupError, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -45,11 +45,15 @@ def model_metadata(servable: Servable, versions: list[dict]) -> pb.ModelMetadata
     meta = next((m for m in versions if m["version"] == servable.version), None) or asdict(servable.meta)
     newest = bool(versions) and versions[-1]["version"] == servable.version
     return pb.ModelMetadata(
-        model_name=servable.name, version=servable.version,
-        available_versions=[m["version"] for m in versions], input_shape=servable.input_shape,
-        num_classes=servable.num_classes, dtype=servable.model.dtype.name,
+        model_name=servable.name,
+        version=servable.version,
+        available_versions=[m["version"] for m in versions],
+        input_shape=servable.input_shape,
+        num_classes=servable.num_classes,
+        dtype=servable.model.dtype.name,
         spec_json=spec_to_json(servable.model.spec),
-        checkpoint=checkpoint_info(meta, latest=newest))
+        checkpoint=checkpoint_info(meta, latest=newest),
+    )
 
 
 class InferenceServicer(tandem_inference_pb2_grpc.InferenceServicer):
@@ -65,16 +69,21 @@ class InferenceServicer(tandem_inference_pb2_grpc.InferenceServicer):
         prediction = self.predictor.predict(request.model_name, inputs, version)
         num_classes = prediction.probabilities.shape[1]
         if not 0 <= request.top_k <= num_classes:
-            raise ValueError(f"top_k must be from 0 to the model's {num_classes} classes, "
-                             f"got {request.top_k}")
+            raise ValueError(
+                f"top_k must be from 0 to the model's {num_classes} classes, got {request.top_k}"
+            )
         response = pb.PredictResponse(
-            model_name=prediction.model_name, version=prediction.version,
-            probabilities=to_tensor(prediction.probabilities), classes=prediction.classes)
+            model_name=prediction.model_name,
+            version=prediction.version,
+            probabilities=to_tensor(prediction.probabilities),
+            classes=prediction.classes,
+        )
         if request.top_k:
             classes, probabilities = prediction.top_k(request.top_k)
-            response.top_k.extend(pb.TopK(classes=row_classes, probabilities=row_probabilities)
-                                  for row_classes, row_probabilities
-                                  in zip(classes, probabilities, strict=True))
+            response.top_k.extend(
+                pb.TopK(classes=row_classes, probabilities=row_probabilities)
+                for row_classes, row_probabilities in zip(classes, probabilities, strict=True)
+            )
         return response
 
     @translate_errors(STATUS_BY_ERROR)
@@ -85,6 +94,9 @@ class InferenceServicer(tandem_inference_pb2_grpc.InferenceServicer):
 
     @translate_errors(STATUS_BY_ERROR)
     def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[
-            model_metadata(servable, self.registry.versions(name))
-            for name, servable in sorted(self.registry.served().items())])
+        return pb.ListModelsResponse(
+            models=[
+                model_metadata(servable, self.registry.versions(name))
+                for name, servable in sorted(self.registry.served().items())
+            ]
+        )

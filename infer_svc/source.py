@@ -23,8 +23,14 @@ log = logging.getLogger("tandem.infer.source")
 
 
 class VersionSource:
-    def __init__(self, store: CheckpointStore, registry: Registry, *, poll_interval: float = 2.0,
-                 backoff: tuple[float, float] = (0.1, 5.0)):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        registry: Registry,
+        *,
+        poll_interval: float = 2.0,
+        backoff: tuple[float, float] = (0.1, 5.0),
+    ):
         self.store, self.registry = store, registry
         self.poll_interval = poll_interval
         self.backoff = backoff

@@ -50,16 +50,15 @@ from trainer_svc.config import TrainerConfig
 from trainer_svc.server import TrainerServer
 
 MODEL_NAME = "digits-cnn"
-READY_TIMEOUT = 10.0   # seconds a started service has to report SERVING
+READY_TIMEOUT = 10.0  # seconds a started service has to report SERVING
 RELOAD_TIMEOUT = 10.0  # seconds the inference service has to serve a published version
-RELOAD_POLL = 0.005    # seconds between two looks at which version it serves
-STOP_GRACE = 10.0      # seconds a running job has to checkpoint when the demo stops early
+RELOAD_POLL = 0.005  # seconds between two looks at which version it serves
+STOP_GRACE = 10.0  # seconds a running job has to checkpoint when the demo stops early
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the digits CNN and serve it as it trains.")
-    parser.add_argument("--tls", action="store_true",
-                        help="every call over mutual TLS, with a throwaway CA")
+    parser.add_argument("--tls", action="store_true", help="every call over mutual TLS, with a throwaway CA")
     args = parser.parse_args(argv)
     log_file = log_to_temporary_file()
     print(f"Tandem demo (service logs: {log_file})")
@@ -71,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as services:
             redis_url = services.enter_context(redis_for_local_use())
-            print("checkpoint store: " + ("Redis at $REDIS_URL" if redis_url_from_env()
-                                          else "an embedded Redis, in memory"))
+            print(
+                "checkpoint store: "
+                + ("Redis at $REDIS_URL" if redis_url_from_env() else "an embedded Redis, in memory")
+            )
             # Before the trainer, so that it sees every version from the first one on.
             inference = services.enter_context(running_inference(redis_url, server_tls, client))
             trainer = services.enter_context(running_trainer(redis_url, server_tls, client))
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_to_temporary_file() -> Path:
     log_file = Path(tempfile.mkdtemp(prefix="tandem-demo-")) / "services.log"
-    logging.basicConfig(filename=log_file, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     return log_file
 
 
@@ -102,22 +104,26 @@ def throwaway_certificates(directory: Path) -> tuple[ServerTLS, Connection]:
 
     ca = CertificateAuthority.new("tandem-demo-ca")
     ca_file = ca.write(directory / "ca.pem")
-    server = ca.issue("tandem-demo-server", hosts=("127.0.0.1", "localhost")).write(
-        directory / "server")
+    server = ca.issue("tandem-demo-server", hosts=("127.0.0.1", "localhost")).write(directory / "server")
     client = ca.issue("tandem-demo-client", client=True).write(directory / "client")
-    return (ServerTLS(server["cert"], server["key"], client_ca=ca_file),
-            Connection(ClientTLS(ca_file, client["cert"], client["key"])))
+    return (
+        ServerTLS(server["cert"], server["key"], client_ca=ca_file),
+        Connection(ClientTLS(ca_file, client["cert"], client["key"])),
+    )
 
 
 @contextmanager
 def running_inference(redis_url: str, tls: ServerTLS | None, connection: Connection):
     """An inference service on a free port of 127.0.0.1 (no metrics) that serves MODEL_NAME's
     latest version; yields a client. It is live at once, and ready once a version serves."""
-    config = InferConfig(redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,),
-                         pinned={}, metrics_port=0, tls=tls)
+    config = InferConfig(
+        redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,), pinned={}, metrics_port=0, tls=tls
+    )
     server = InferenceServer(config).start()
-    print(f"inference service: 127.0.0.1:{server.port} "
-          f"(serves the latest version of {MODEL_NAME}, reloading each one as it is published)")
+    print(
+        f"inference service: 127.0.0.1:{server.port} "
+        f"(serves the latest version of {MODEL_NAME}, reloading each one as it is published)"
+    )
     try:
         with InferenceClient(f"127.0.0.1:{server.port}", connection=connection) as client:
             yield client
@@ -129,11 +135,14 @@ def running_inference(redis_url: str, tls: ServerTLS | None, connection: Connect
 def running_trainer(redis_url: str, tls: ServerTLS | None, connection: Connection):
     """A trainer service on a free port of 127.0.0.1 (no metrics); yields a client, ready."""
     # Its own jobs only: never resume the unfinished jobs a shared Redis may hold.
-    config = TrainerConfig(redis_url=redis_url, listen="127.0.0.1:0", metrics_port=0,
-                           resume_interrupted=False, tls=tls)
+    config = TrainerConfig(
+        redis_url=redis_url, listen="127.0.0.1:0", metrics_port=0, resume_interrupted=False, tls=tls
+    )
     server = TrainerServer(config).start()
-    print(f"trainer service: 127.0.0.1:{server.port} "
-          f"(keeps the latest {config.checkpoint_retention} versions of a model)\n")
+    print(
+        f"trainer service: 127.0.0.1:{server.port} "
+        f"(keeps the latest {config.checkpoint_retention} versions of a model)\n"
+    )
     try:
         with TrainerClient(f"127.0.0.1:{server.port}", connection=connection) as client:
             client.wait_until_ready(READY_TIMEOUT)
@@ -148,25 +157,28 @@ def train_digits(trainer: TrainerClient, inference: InferenceClient) -> pb.Job:
     After each published checkpoint, says when the inference service serves it.
     """
     job = trainer.start_job(MODEL_NAME, "digits", preset="digits-cnn", every_epoch=True)
-    return watch_job(trainer, job.job_id,
-                     on_checkpoint=lambda event: report_reload(inference, event))
+    return watch_job(trainer, job.job_id, on_checkpoint=lambda event: report_reload(inference, event))
 
 
 def report_reload(inference: InferenceClient, event: pb.JobEvent) -> None:
     """Look at which version the inference service serves until it is the one just published
     (or a newer one), for at most RELOAD_TIMEOUT seconds; print how long after the publish."""
     version = event.checkpoint.version
-    published = event.time.ToNanoseconds() / 1e9   # when the trainer reported it; same clock
+    published = event.time.ToNanoseconds() / 1e9  # when the trainer reported it; same clock
     deadline = time.monotonic() + RELOAD_TIMEOUT
     while True:
         served = served_version(inference)
         if served is not None and served >= version:
-            print(f"inference now serves version {served} "
-                  f"(after {max(0.0, time.time() - published) * 1e3:.0f} ms)")
+            print(
+                f"inference now serves version {served} "
+                f"(after {max(0.0, time.time() - published) * 1e3:.0f} ms)"
+            )
             return
         if time.monotonic() > deadline:
-            print(f"inference still serves version {served or 'none'}, "
-                  f"{RELOAD_TIMEOUT:.0f} s after version {version} was published")
+            print(
+                f"inference still serves version {served or 'none'}, "
+                f"{RELOAD_TIMEOUT:.0f} s after version {version} was published"
+            )
             return
         time.sleep(RELOAD_POLL)
 
@@ -186,9 +198,11 @@ def predict_held_out_digits(inference: InferenceClient) -> None:
     digits = load_dataset("digits")
     prediction = inference.predict(MODEL_NAME, digits.x_test)
     correct = int(np.sum(prediction.classes == digits.y_test))
-    print(f"\ninference service: {len(digits.y_test)} held-out digits in one request, "
-          f"accuracy {accuracy_text(correct, len(digits.y_test))}, "
-          f"answered by version {prediction.version}")
+    print(
+        f"\ninference service: {len(digits.y_test)} held-out digits in one request, "
+        f"accuracy {accuracy_text(correct, len(digits.y_test))}, "
+        f"answered by version {prediction.version}"
+    )
 
 
 if __name__ == "__main__":

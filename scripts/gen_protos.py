@@ -60,28 +60,36 @@ def _plugin(name: str) -> str:
     """A protoc plugin installed beside this interpreter (mypy-protobuf's console scripts)."""
     path = Path(sys.executable).parent / name
     if not path.exists():
-        raise SystemExit(f"{name} not found beside {sys.executable}: install the dev extra "
-                         f"(pip install -r requirements/dev.lock)")
+        raise SystemExit(
+            f"{name} not found beside {sys.executable}: install the dev extra "
+            f"(pip install -r requirements/dev.lock)"
+        )
     return str(path)
 
 
 def _relative_imports(text: str, modules: set[str]) -> str:
     """`import X_pb2 as Y` / `import X_pb2` -> `from . import X_pb2 ...` for our own modules."""
+
     def replace(match: re.Match) -> str:
         indent, module, alias = match.group(1), match.group(2), match.group(3) or ""
         if module not in modules:
             return match.group(0)
         return f"{indent}from . import {module}{alias}"
 
-    return re.sub(r"^([ \t]*)import ([A-Za-z_][A-Za-z0-9_]*)((?: as [A-Za-z_][A-Za-z0-9_]*)?)$",
-                  replace, text, flags=re.MULTILINE)
+    return re.sub(
+        r"^([ \t]*)import ([A-Za-z_][A-Za-z0-9_]*)((?: as [A-Za-z_][A-Za-z0-9_]*)?)$",
+        replace,
+        text,
+        flags=re.MULTILINE,
+    )
 
 
 def _private_pool(text: str, name: str) -> str:
     """Make a generated NAME_pb2.py add its file to a pool of its own (see PRIVATE_POOL)."""
     if text.count(DEFAULT_POOL_LINE) != 1:
-        raise SystemExit(f"{name}: expected one line starting {DEFAULT_POOL_LINE!r}; "
-                         f"has protoc's output changed?")
+        raise SystemExit(
+            f"{name}: expected one line starting {DEFAULT_POOL_LINE!r}; has protoc's output changed?"
+        )
     return text.replace(DEFAULT_POOL_LINE, PRIVATE_POOL_LINES)
 
 
@@ -94,7 +102,7 @@ def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]
     if not protos:
         raise SystemExit(f"no .proto files in {proto_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    well_known = Path(grpc_tools.__file__).parent / "_proto"   # google/protobuf/*.proto
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
     args = [
         "grpc_tools.protoc",
         f"-I{proto_dir}",
@@ -128,8 +136,9 @@ def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT_DIR,
-                        help=f"output directory (default: {OUT_DIR.relative_to(ROOT)})")
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help=f"output directory (default: {OUT_DIR.relative_to(ROOT)})"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

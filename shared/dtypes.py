@@ -11,8 +11,17 @@ import numpy as np
 
 MODEL_DTYPES = ("float32", "float64")
 TENSOR_DTYPES = (
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", *MODEL_DTYPES,
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    *MODEL_DTYPES,
 )
 
 
@@ -23,7 +32,7 @@ def as_model_dtype(dtype) -> np.dtype:
     """
     try:
         resolved = None if dtype is None else np.dtype(dtype)
-    except (TypeError, ValueError, SyntaxError):   # numpy parses "float32,," as a struct and fails so
+    except (TypeError, ValueError, SyntaxError):  # numpy parses "float32,," as a struct and fails so
         resolved = None
     if resolved is None or resolved.name not in MODEL_DTYPES:
         raise ValueError(f"dtype must be {' or '.join(MODEL_DTYPES)}, got {dtype!r}")

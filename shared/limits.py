@@ -23,5 +23,4 @@ def check_limit(what: str, value: int | float, limit: int | float, variable: str
     """
     if value > limit:
         unit = f" {unit}" if unit else ""
-        raise LimitExceeded(f"{what} is {value:,}{unit}; the limit is {limit:,}{unit} "
-                            f"(set by {variable})")
+        raise LimitExceeded(f"{what} is {value:,}{unit}; the limit is {limit:,}{unit} (set by {variable})")

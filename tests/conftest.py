@@ -85,7 +85,6 @@ def start_inference(private_redis):
         inference.close()
 
 
-
 @pytest.fixture
 def start_trainer(private_redis, tmp_path):
     """Start trainers (on the test's own Redis unless told otherwise); all are stopped afterwards."""

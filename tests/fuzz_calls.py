@@ -21,16 +21,16 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from tests.fuzz_inputs import FuzzRequest
 
-STREAM_READ = 3           # messages read from a server stream, at most
-STREAM_LINGER = 0.2       # seconds a stream may take for more messages after its first, then cancelled
-CANCELLED_BY_CLIENT = "CANCELLED by the client"   # a stream we cancelled ourselves: not the server's answer
+STREAM_READ = 3  # messages read from a server stream, at most
+STREAM_LINGER = 0.2  # seconds a stream may take for more messages after its first, then cancelled
+CANCELLED_BY_CLIENT = "CANCELLED by the client"  # a stream we cancelled ourselves: not the server's answer
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str           # a grpc.StatusCode name, or CANCELLED_BY_CLIENT
+    status: str  # a grpc.StatusCode name, or CANCELLED_BY_CLIENT
     details: str
-    response: bytes | None   # the (first) response message, for a call that succeeded
+    response: bytes | None  # the (first) response message, for a call that succeeded
     seconds: float
 
 
@@ -42,8 +42,9 @@ def served_methods(channel: grpc.Channel) -> list[MethodDescriptor]:
     """Every method of every service the server's reflection lists, by service and method name."""
     database = ProtoReflectionDescriptorDatabase(channel)
     pool = DescriptorPool(database)
-    return [method for name in sorted(database.get_services())
-            for method in pool.FindServiceByName(name).methods]
+    return [
+        method for name in sorted(database.get_services()) for method in pool.FindServiceByName(name).methods
+    ]
 
 
 def call(channel: grpc.Channel, method: MethodDescriptor, request: FuzzRequest, deadline: float) -> Outcome:
@@ -85,7 +86,7 @@ def read_some(stream, started: float) -> Outcome:
             if count >= STREAM_READ:
                 break
         else:
-            return Outcome("OK", "", first, time.monotonic() - started)   # the server ended it
+            return Outcome("OK", "", first, time.monotonic() - started)  # the server ended it
         cancel()
     except grpc.RpcError as error:
         if not cancelled.is_set():

@@ -38,10 +38,10 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import strategies as st
 
 KINDS = ("random", "truncated", "bitflip", "hostile")
-MAX_DEPTH = 4               # message levels generated below a request, at most
-HUGE_BYTES = 2**20          # a "huge" repeated field or string: about this much on the wire
-DEEP_JSON = 100_000         # nesting depth of the deepest JSON sent
-MAX_STREAM = 3              # messages in a generated client stream, at most
+MAX_DEPTH = 4  # message levels generated below a request, at most
+HUGE_BYTES = 2**20  # a "huge" repeated field or string: about this much on the wire
+DEEP_JSON = 100_000  # nesting depth of the deepest JSON sent
+MAX_STREAM = 3  # messages in a generated client stream, at most
 
 # Strings that protobuf refuses to hold: Python's protobuf only sets valid
 # UTF-8, so a string is generated with a private-use marker character, whose
@@ -50,47 +50,195 @@ MAX_STREAM = 3              # messages in a generated client stream, at most
 # bytes fields look alike on the wire, so the length prefix stays right. The
 # same bytes inside a bytes field or a varint are swapped too: hostile input
 # all the same.
-INVALID_UTF8 = {"\ue000": b"\xed\xa0\x80",    # U+D800, a lone high surrogate
-                "\ue001": b"\xed\xbf\xbf"}    # U+DFFF, a lone low surrogate
+INVALID_UTF8 = {
+    "\ue000": b"\xed\xa0\x80",  # U+D800, a lone high surrogate
+    "\ue001": b"\xed\xbf\xbf",
+}  # U+DFFF, a lone low surrogate
 
-FLOATS = [math.nan, -math.nan, math.inf, -math.inf, -0.0, 0.0, 1.0, -1.0, 0.5, 1e-3, 1e-45, 5e-324,
-          3.4028235e38, -3e38, 1e39, 1e308, -1e308]
-INTS = {   # hostile values by the field's C++ type, each within the type's range
-    FieldDescriptor.CPPTYPE_INT32: [0, 1, -1, 2, 3, 8, 10, 64, 255, 256, 1000, 2**16, 10**6,
-                                    2**31 - 1, -2**31],
-    FieldDescriptor.CPPTYPE_INT64: [0, 1, -1, 2, 8, 10, 64, 1000, 10**6, 2**31 - 1, 2**31, 2**32, 2**40,
-                                    2**53 + 1, 10**11, 2**63 - 1, -2**63, -2**31],
+FLOATS = [
+    math.nan,
+    -math.nan,
+    math.inf,
+    -math.inf,
+    -0.0,
+    0.0,
+    1.0,
+    -1.0,
+    0.5,
+    1e-3,
+    1e-45,
+    5e-324,
+    3.4028235e38,
+    -3e38,
+    1e39,
+    1e308,
+    -1e308,
+]
+INTS = {  # hostile values by the field's C++ type, each within the type's range
+    FieldDescriptor.CPPTYPE_INT32: [
+        0,
+        1,
+        -1,
+        2,
+        3,
+        8,
+        10,
+        64,
+        255,
+        256,
+        1000,
+        2**16,
+        10**6,
+        2**31 - 1,
+        -(2**31),
+    ],
+    FieldDescriptor.CPPTYPE_INT64: [
+        0,
+        1,
+        -1,
+        2,
+        8,
+        10,
+        64,
+        1000,
+        10**6,
+        2**31 - 1,
+        2**31,
+        2**32,
+        2**40,
+        2**53 + 1,
+        10**11,
+        2**63 - 1,
+        -(2**63),
+        -(2**31),
+    ],
     FieldDescriptor.CPPTYPE_UINT32: [0, 1, 2, 10, 2**31, 2**32 - 1],
     FieldDescriptor.CPPTYPE_UINT64: [0, 1, 2, 10, 2**32, 2**40, 2**63, 2**64 - 1],
 }
-INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: (-2**31, 2**31 - 1),
-              FieldDescriptor.CPPTYPE_INT64: (-2**63, 2**63 - 1),
-              FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
-              FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1)}
-STRINGS = ["", " ", "*", "?", "%", ".", "..", "../x", "../../etc/passwd", "a/b", "x:optimizer",
-           "abc:optimizer", ":", "a:b:c", "\x00", "a\x00b", "\n", "\t", "\r\n", "💥", "👨‍👩‍👧‍👦",
-           "\u202eevil\u202c", "שלום", "مرحبا", "١", "١٢", "+1", "-1", "0", "00", "1", " 1", "1 ",
-           "1.0", "1e3", "0x10", "9" * 20, "NaN", "inf", "null", "true", "[]", "{}", '{"a":',
-           "%s%s%n", "'; DROP TABLE x; --", "A" * 65, "A" * 256, "A" * 70_000]
-NOT_UTF8 = ["\ue000", "a\ue001b", "x" * 63 + "\ue000"]   # see INVALID_UTF8
+INT_RANGES = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+STRINGS = [
+    "",
+    " ",
+    "*",
+    "?",
+    "%",
+    ".",
+    "..",
+    "../x",
+    "../../etc/passwd",
+    "a/b",
+    "x:optimizer",
+    "abc:optimizer",
+    ":",
+    "a:b:c",
+    "\x00",
+    "a\x00b",
+    "\n",
+    "\t",
+    "\r\n",
+    "💥",
+    "👨‍👩‍👧‍👦",
+    "\u202eevil\u202c",
+    "שלום",
+    "مرحبا",
+    "١",
+    "١٢",
+    "+1",
+    "-1",
+    "0",
+    "00",
+    "1",
+    " 1",
+    "1 ",
+    "1.0",
+    "1e3",
+    "0x10",
+    "9" * 20,
+    "NaN",
+    "inf",
+    "null",
+    "true",
+    "[]",
+    "{}",
+    '{"a":',
+    "%s%s%n",
+    "'; DROP TABLE x; --",
+    "A" * 65,
+    "A" * 256,
+    "A" * 70_000,
+]
+NOT_UTF8 = ["\ue000", "a\ue001b", "x" * 63 + "\ue000"]  # see INVALID_UTF8
 HUGE_STRINGS = ["A" * HUGE_BYTES, "💥" * (HUGE_BYTES // 4)]
 # Hostile strings made of a vocabulary word ("digits" -> "digits:optimizer", ...).
-WORD_VARIANTS = [lambda w: w + ":optimizer", lambda w: w + ":latest", lambda w: w + "*",
-                 lambda w: "../" + w, lambda w: w + "\x00", lambda w: " " + w, lambda w: w.upper(),
-                 lambda w: w * 100, lambda w: w + "," + w, lambda w: w + ",,"]
-JSON_VALUES = [None, [], {}, "", "x", True, False, 0, -1, 1, 2, 2**31 - 1, 2**31, 2**40, 2**63, -2**63,
-               10**6, 10**11, 1e308, -0.0, math.nan, math.inf, -math.inf, "NaN", "\ud800", [[]],
-               {"": None}]
-JSON_TEXTS = ["[" * DEEP_JSON + "]" * DEEP_JSON, '{"a":' * DEEP_JSON + "1" + "}" * DEEP_JSON,
-              "[" * DEEP_JSON, "1e999", "-1e999", "1" * 5000, '"\\ud800"', '{"a": 1, "a": 2}', "", "{",
-              "nul", "[1,]", "\ufeff{}", "{}" * 1000]
-DEEP = "\u0001deep\u0001"   # stands in a document for a node nested DEEP_JSON deep (see mutated_json)
+WORD_VARIANTS = [
+    lambda w: w + ":optimizer",
+    lambda w: w + ":latest",
+    lambda w: w + "*",
+    lambda w: "../" + w,
+    lambda w: w + "\x00",
+    lambda w: " " + w,
+    lambda w: w.upper(),
+    lambda w: w * 100,
+    lambda w: w + "," + w,
+    lambda w: w + ",,",
+]
+JSON_VALUES = [
+    None,
+    [],
+    {},
+    "",
+    "x",
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    2**31 - 1,
+    2**31,
+    2**40,
+    2**63,
+    -(2**63),
+    10**6,
+    10**11,
+    1e308,
+    -0.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "NaN",
+    "\ud800",
+    [[]],
+    {"": None},
+]
+JSON_TEXTS = [
+    "[" * DEEP_JSON + "]" * DEEP_JSON,
+    '{"a":' * DEEP_JSON + "1" + "}" * DEEP_JSON,
+    "[" * DEEP_JSON,
+    "1e999",
+    "-1e999",
+    "1" * 5000,
+    '"\\ud800"',
+    '{"a": 1, "a": 2}',
+    "",
+    "{",
+    "nul",
+    "[1,]",
+    "\ufeff{}",
+    "{}" * 1000,
+]
+DEEP = "\u0001deep\u0001"  # stands in a document for a node nested DEEP_JSON deep (see mutated_json)
 
 
 @dataclass(frozen=True)
 class FuzzRequest:
     kind: str
-    messages: tuple[bytes, ...]   # one for a unary request; one or more for a client stream
+    messages: tuple[bytes, ...]  # one for a unary request; one or more for a client stream
 
     def describe(self, request_class: type[Message], limit: int = 400) -> str:
         """Each message decoded (when it parses) and as a hex prefix, for a failure's report."""
@@ -109,7 +257,8 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     """One of `choices`, each (weight, strategy), drawn in proportion to its weight."""
     bounds = list(itertools.accumulate(weight for weight, _ in choices))
     return st.integers(0, bounds[-1] - 1).flatmap(
-        lambda index: choices[bisect.bisect_right(bounds, index)][1])
+        lambda index: choices[bisect.bisect_right(bounds, index)][1]
+    )
 
 
 def message_class(descriptor: Descriptor) -> type[Message]:
@@ -131,8 +280,9 @@ class Fuzzer:
         self.vocabulary = {key: tuple(words) for key, words in vocabulary.items()}
         self._values: dict[tuple[FieldDescriptor, int], st.SearchStrategy] = {}
 
-    def requests(self, method: MethodDescriptor,
-                 seeds: Sequence[Sequence[Message]]) -> st.SearchStrategy[FuzzRequest]:
+    def requests(
+        self, method: MethodDescriptor, seeds: Sequence[Sequence[Message]]
+    ) -> st.SearchStrategy[FuzzRequest]:
         """FuzzRequests for `method`; `seeds` are valid requests, each the list of its messages."""
         most = MAX_STREAM if method.client_streaming else 1
         generated = st.lists(self.messages(method.input_type, 0), min_size=1, max_size=most)
@@ -143,7 +293,7 @@ class Fuzzer:
             sent = draw(valid)
             index = draw(st.integers(0, len(sent) - 1))
             sent[index] = draw(self.mutated(sent[index]))
-            if len(sent) > 1 and draw(st.integers(0, 3)) == 0:   # a stream out of order
+            if len(sent) > 1 and draw(st.integers(0, 3)) == 0:  # a stream out of order
                 sent.insert(draw(st.integers(0, len(sent) - 1)), sent.pop(index))
             return tuple(serialise(message) for message in sent)
 
@@ -154,13 +304,16 @@ class Fuzzer:
                 index = draw(st.integers(0, len(sent) - 1))
                 sent[index] = draw(damage(sent[index]))
                 return tuple(sent)
+
             return build()
 
         random_bytes = st.lists(st.binary(max_size=200), min_size=1, max_size=most).map(tuple)
-        return weighted((2, random_bytes.map(lambda sent: FuzzRequest("random", sent))),
-                        (2, damaged(cut).map(lambda sent: FuzzRequest("truncated", sent))),
-                        (2, damaged(flipped).map(lambda sent: FuzzRequest("bitflip", sent))),
-                        (5, hostile().map(lambda sent: FuzzRequest("hostile", sent))))
+        return weighted(
+            (2, random_bytes.map(lambda sent: FuzzRequest("random", sent))),
+            (2, damaged(cut).map(lambda sent: FuzzRequest("truncated", sent))),
+            (2, damaged(flipped).map(lambda sent: FuzzRequest("bitflip", sent))),
+            (5, hostile().map(lambda sent: FuzzRequest("hostile", sent))),
+        )
 
     # ------------------------------------------------------------ messages
 
@@ -173,7 +326,7 @@ class Fuzzer:
         @st.composite
         def build(draw):
             message = cls()
-            for field in descriptor.fields:   # of a oneof, the last field set wins, as on the wire
+            for field in descriptor.fields:  # of a oneof, the last field set wins, as on the wire
                 if draw(st.booleans()):
                     assign(message, field, draw(self.values(field, depth)))
             return message
@@ -187,7 +340,7 @@ class Fuzzer:
         message.CopyFrom(seed)
         for _ in range(draw(st.integers(1, 3))):
             target, depth = message, 0
-            while fields := list(target.DESCRIPTOR.fields):   # a message without fields stays as it is
+            while fields := list(target.DESCRIPTOR.fields):  # a message without fields stays as it is
                 field = draw(st.sampled_from(fields))
                 if field.message_type and not is_map(field) and depth + 1 < MAX_DEPTH and draw(st.booleans()):
                     items = getattr(target, field.name)
@@ -198,8 +351,12 @@ class Fuzzer:
                         target, depth = items[draw(st.integers(0, len(items) - 1))], depth + 1
                         continue
                 current = getattr(target, field.name)
-                if (field.type == FieldDescriptor.TYPE_STRING and not is_repeated(field)
-                        and is_json_container(current) and draw(st.booleans())):
+                if (
+                    field.type == FieldDescriptor.TYPE_STRING
+                    and not is_repeated(field)
+                    and is_json_container(current)
+                    and draw(st.booleans())
+                ):
                     setattr(target, field.name, draw(mutated_json(current)))
                 else:
                     assign(target, field, draw(self.values(field, depth)))
@@ -218,8 +375,13 @@ class Fuzzer:
     def _new_values(self, field: FieldDescriptor, depth: int) -> st.SearchStrategy:
         if is_map(field):
             entry = field.message_type
-            return st.lists(st.tuples(self.values(entry.fields_by_name["key"], depth + 1),
-                                      self.values(entry.fields_by_name["value"], depth + 1)), max_size=3)
+            return st.lists(
+                st.tuples(
+                    self.values(entry.fields_by_name["key"], depth + 1),
+                    self.values(entry.fields_by_name["value"], depth + 1),
+                ),
+                max_size=3,
+            )
         if field.message_type is not None:
             one = self.messages(field.message_type, depth + 1)
         else:
@@ -235,12 +397,15 @@ class Fuzzer:
         if cpp in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
             width = 64 if cpp == FieldDescriptor.CPPTYPE_DOUBLE else 32
             return weighted((2, st.sampled_from(FLOATS)), (1, st.floats(width=width)))
-        if cpp == FieldDescriptor.CPPTYPE_ENUM:   # proto3 enums are open: any int32 goes on the wire
+        if cpp == FieldDescriptor.CPPTYPE_ENUM:  # proto3 enums are open: any int32 goes on the wire
             known = [value.number for value in field.enum_type.values]
-            return weighted((3, st.sampled_from(known)), (1, st.sampled_from([-1, 99, 2**31 - 1, -2**31])))
+            return weighted((3, st.sampled_from(known)), (1, st.sampled_from([-1, 99, 2**31 - 1, -(2**31)])))
         if field.type == FieldDescriptor.TYPE_BYTES:
-            return weighted((30, st.binary(max_size=64)), (10, st.just(b"\x00" * 4096)),
-                            (1, st.just(b"\xff" * HUGE_BYTES)))
+            return weighted(
+                (30, st.binary(max_size=64)),
+                (10, st.just(b"\x00" * 4096)),
+                (1, st.just(b"\xff" * HUGE_BYTES)),
+            )
         if cpp == FieldDescriptor.CPPTYPE_STRING:
             if field.name.endswith("json"):
                 return weighted((3, json_documents()), (1, self.strings(field)))
@@ -249,16 +414,24 @@ class Fuzzer:
         return weighted((3, st.sampled_from(INTS[cpp])), (2, st.integers(0, 16)), (1, st.integers(low, high)))
 
     def strings(self, field: FieldDescriptor) -> st.SearchStrategy[str]:
-        words = self.vocabulary.get(f"{field.containing_type.full_name}.{field.name}",
-                                    self.vocabulary.get(field.name, ()))
-        text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="".join(INVALID_UTF8)), max_size=30)
+        words = self.vocabulary.get(
+            f"{field.containing_type.full_name}.{field.name}", self.vocabulary.get(field.name, ())
+        )
+        text = st.text(
+            alphabet=st.characters(codec="utf-8", exclude_characters="".join(INVALID_UTF8)), max_size=30
+        )
         # Rare: strings that are not UTF-8 never get past grpcio's parsing, so they test little else.
-        common = [(20, st.sampled_from(STRINGS)), (10, text), (1, st.sampled_from(HUGE_STRINGS)),
-                  (1, st.sampled_from(NOT_UTF8))]
+        common = [
+            (20, st.sampled_from(STRINGS)),
+            (10, text),
+            (1, st.sampled_from(HUGE_STRINGS)),
+            (1, st.sampled_from(NOT_UTF8)),
+        ]
         if not words:
             return weighted(*common)
-        variants = st.builds(lambda word, variant: variant(word), st.sampled_from(words),
-                             st.sampled_from(WORD_VARIANTS))
+        variants = st.builds(
+            lambda word, variant: variant(word), st.sampled_from(words), st.sampled_from(WORD_VARIANTS)
+        )
         return weighted((40, st.sampled_from(words)), (30, variants), *common)
 
 
@@ -295,11 +468,15 @@ def huge_list(value) -> list:
 
 # ---------------------------------------------------------------- JSON in strings
 
+
 def json_documents() -> st.SearchStrategy[str]:
     """Hostile JSON text: random documents of extreme values, deep nesting, and text that is not JSON."""
     leaves = st.one_of(st.sampled_from(JSON_VALUES), st.integers(), st.floats(), st.text(max_size=10))
-    documents = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
-                             | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    documents = st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
     return weighted((3, documents.map(dump)), (1, st.sampled_from(JSON_TEXTS)))
 
 
@@ -324,7 +501,7 @@ def json_paths(document, path=()) -> list[tuple]:
 def is_json_container(text: str) -> bool:
     try:
         return isinstance(json.loads(text), (dict, list))
-    except (ValueError, RecursionError):   # not JSON, or nested deeper than json.loads goes
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json.loads goes
         return False
 
 
@@ -357,6 +534,7 @@ def mutated_json(draw, text: str) -> str:
 
 # ---------------------------------------------------------------- damage to serialised messages
 
+
 def serialise(message: Message) -> bytes:
     payload = message.SerializeToString()
     for marker, invalid in INVALID_UTF8.items():
@@ -366,7 +544,7 @@ def serialise(message: Message) -> bytes:
 
 @st.composite
 def cut(draw, payload: bytes) -> bytes:
-    return payload[:draw(st.integers(0, max(0, len(payload) - 1)))]
+    return payload[: draw(st.integers(0, max(0, len(payload) - 1)))]
 
 
 @st.composite
@@ -384,5 +562,7 @@ def field_count(descriptor: Descriptor, depth: int = 0) -> int:
     """How many fields a request type has, nested ones included (down to MAX_DEPTH)."""
     if depth >= MAX_DEPTH:
         return 0
-    return sum(1 + (field_count(field.message_type, depth + 1) if field.message_type else 0)
-               for field in descriptor.fields)
+    return sum(
+        1 + (field_count(field.message_type, depth + 1) if field.message_type else 0)
+        for field in descriptor.fields
+    )

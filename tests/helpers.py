@@ -13,9 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 
-DEADLINE = 10.0   # seconds: the default bound of a wait
+DEADLINE = 10.0  # seconds: the default bound of a wait
 FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-
 
 
 def wait_until(condition, what: str, timeout: float = DEADLINE):
@@ -37,15 +36,20 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple], float]:
     """Every sample a /metrics endpoint on 127.0.0.1:`port` serves, by (name, sorted labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE) as response:
         text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def wait_for_job(stub, job_id: str, condition, timeout: float, what: str) -> pb.Job:
     """Poll GetJob until `condition(job)` holds, and return that job; fail after `timeout` s."""
+
     def check():
         job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=DEADLINE)
         return job if condition(job) else None
+
     return wait_until(check, f"job {job_id}: {what}", timeout)
 
 

@@ -23,8 +23,8 @@ from shared.rpc.stubs import grpc_service_pb2_grpc, tandem_inference_pb2_grpc
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 
 NAME = "digits"
-INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10      # the built-in digits dataset's
-DEADLINE = 10.0                               # seconds for anything eventual: a reload, readiness
+INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10  # the built-in digits dataset's
+DEADLINE = 10.0  # seconds for anything eventual: a reload, readiness
 
 
 def digits_model(seed: int) -> Model:
@@ -61,12 +61,26 @@ def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def infer_config(redis_url: str, **settings) -> InferConfig:
     """Every setting explicit, so that INFER_* variables in the environment change nothing."""
-    return InferConfig(**{
-        "redis_url": redis_url, "listen": "127.0.0.1:0", "models": (NAME,), "pinned": {},
-        "poll_seconds": 0.05, "batching": True, "max_batch_size": 64, "max_queue_delay_ms": 2.0,
-        "max_queue_rows": 4096, "max_rows": 4096, "max_message_bytes": 16 * 2**20,
-        "grace_seconds": 5.0, "metrics_port": 0, "metrics_address": "127.0.0.1",
-        "grpc_workers": 16, **settings})
+    return InferConfig(
+        **{
+            "redis_url": redis_url,
+            "listen": "127.0.0.1:0",
+            "models": (NAME,),
+            "pinned": {},
+            "poll_seconds": 0.05,
+            "batching": True,
+            "max_batch_size": 64,
+            "max_queue_delay_ms": 2.0,
+            "max_queue_rows": 4096,
+            "max_rows": 4096,
+            "max_message_bytes": 16 * 2**20,
+            "grace_seconds": 5.0,
+            "metrics_port": 0,
+            "metrics_address": "127.0.0.1",
+            "grpc_workers": 16,
+            **settings,
+        }
+    )
 
 
 class Inference:

@@ -16,8 +16,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"shared.dtypes", "shared.env", "shared.limits"}
-SERVICE_MAY_IMPORT = BASE | {"shared.data", "shared.nn", "shared.checkpoints", "shared.rpc",
-                             "shared.security"}
+SERVICE_MAY_IMPORT = BASE | {
+    "shared.data",
+    "shared.nn",
+    "shared.checkpoints",
+    "shared.rpc",
+    "shared.security",
+}
 
 # unit -> the units it may import (besides itself). Top to bottom, as in shared/__init__.py.
 ALLOWED: dict[str, set[str]] = {
@@ -66,8 +71,12 @@ def imports_of(path: Path) -> set[str]:
 
 
 def our_modules() -> dict[str, Path]:
-    paths = [p for root in FIRST_PARTY for p in (REPO / root).rglob("*.py")
-             if "stubs" not in p.relative_to(REPO).parts]
+    paths = [
+        p
+        for root in FIRST_PARTY
+        for p in (REPO / root).rglob("*.py")
+        if "stubs" not in p.relative_to(REPO).parts
+    ]
     return {module_name(p): p for p in paths}
 
 
@@ -88,8 +97,10 @@ def test_no_module_imports_upward(module):
 
 
 def test_no_import_cycles():
-    graph = {module: {name for name in imports_of(path) if name in MODULES and name != module}
-             for module, path in MODULES.items()}
+    graph = {
+        module: {name for name in imports_of(path) if name in MODULES and name != module}
+        for module, path in MODULES.items()
+    }
     # A package's __init__ that re-exports its modules is not a cycle with them.
     graph = {m: {n for n in deps if not m.startswith(n + ".")} for m, deps in graph.items()}
     done: set[str] = set()
@@ -97,7 +108,7 @@ def test_no_import_cycles():
 
     def visit(module):
         if module in path:
-            cycle = [*path[path.index(module):], module]
+            cycle = [*path[path.index(module) :], module]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if module in done:
             return

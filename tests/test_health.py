@@ -36,8 +36,8 @@ from shared.rpc.stubs import (
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE = 10.0         # seconds for every call and every wait
-GRACE = 10.0            # the servers' shutdown grace in the storm test
+DEADLINE = 10.0  # seconds for every call and every wait
+GRACE = 10.0  # the servers' shutdown grace in the storm test
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -89,7 +89,7 @@ def test_check_answers_the_status_and_not_found_for_an_unknown_service(served):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "HealthCheckRequest.service 'tandem.v1.Nothing'" in caught.value.details()
 
-    with pytest.raises(grpc.RpcError) as caught:   # quoted in part: the trailers keep their size
+    with pytest.raises(grpc.RpcError) as caught:  # quoted in part: the trailers keep their size
         check(health, "x" * 100_000)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -98,12 +98,12 @@ def test_watch_sends_the_current_status_then_each_change(served):
     servicer, health = served
     stream = watch(health, "a")
     try:
-        assert next_status(stream) == SERVICE_UNKNOWN   # unknown, and the call stays open
+        assert next_status(stream) == SERVICE_UNKNOWN  # unknown, and the call stays open
         servicer.set("a", SERVING)
         assert next_status(stream) == SERVING
         servicer.set("a", NOT_SERVING)
         assert next_status(stream) == NOT_SERVING
-        servicer.set("a", NOT_SERVING)                  # no change: nothing is sent
+        servicer.set("a", NOT_SERVING)  # no change: nothing is sent
         servicer.set("a", SERVING)
         assert next_status(stream) == SERVING
     finally:
@@ -122,7 +122,7 @@ def test_a_graceful_shutdown_ends_every_watch_with_not_serving_for_good(served):
         next(stream)
     assert stream.code() == grpc.StatusCode.OK
 
-    servicer.set("a", SERVING)                           # ignored from now on
+    servicer.set("a", SERVING)  # ignored from now on
     assert check(health, "a") == NOT_SERVING
     assert [reply.status for reply in watch(health, "a")] == [NOT_SERVING]
 
@@ -148,13 +148,14 @@ def test_watches_beyond_the_limit_are_refused_and_a_cancelled_one_frees_its_plac
         refused, first = open_watch(health)
         assert first == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "the limit is 2 (set by TEST_MAX_WATCHERS)" in refused.details()
-        assert check(health, "") == SERVING              # the other calls still have threads
+        assert check(health, "") == SERVING  # the other calls still have threads
 
         streams.pop().cancel()
 
         def admitted():
             stream, first = open_watch(health)
             return stream if first == SERVING else None
+
         streams.append(wait_until(admitted, "the cancelled watch's place to be free again"))
         assert open_watch(health)[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
@@ -164,46 +165,68 @@ def test_watches_beyond_the_limit_are_refused_and_a_cancelled_one_frees_its_plac
 
 # ---------------------------------------------------------------- a cancel storm against both servers
 
+
 @dataclass(frozen=True)
 class Server:
     module: str
-    settings: Callable[[str, int, Path], dict[str, str]]   # (Redis URL, port, tmp dir) -> environment
-    statuses: dict[str, int]                               # what Check answers, by service, while idle
-    call: Callable[[grpc.Channel], object]                 # one of its own RPCs, which must answer
+    settings: Callable[[str, int, Path], dict[str, str]]  # (Redis URL, port, tmp dir) -> environment
+    statuses: dict[str, int]  # what Check answers, by service, while idle
+    call: Callable[[grpc.Channel], object]  # one of its own RPCs, which must answer
 
 
 SERVERS = {
     "trainer": Server(
         "trainer_svc",
         lambda redis_url, port, tmp: {
-            "REDIS_URL": redis_url, "TRAINER_LISTEN": f"127.0.0.1:{port}", "TRAINER_METRICS_PORT": "0",
-            "TRAINER_GRACE_SECONDS": str(GRACE), "TRAINER_GRPC_WORKERS": "32",
-            "TANDEM_DATA_DIR": str(tmp / "data")},
+            "REDIS_URL": redis_url,
+            "TRAINER_LISTEN": f"127.0.0.1:{port}",
+            "TRAINER_METRICS_PORT": "0",
+            "TRAINER_GRACE_SECONDS": str(GRACE),
+            "TRAINER_GRPC_WORKERS": "32",
+            "TANDEM_DATA_DIR": str(tmp / "data"),
+        },
         {"": SERVING, "tandem.v1.Trainer": SERVING},
         lambda channel: tandem_trainer_pb2_grpc.TrainerStub(channel).ListDatasets(
-            tandem_trainer_pb2.ListDatasetsRequest(), timeout=DEADLINE)),
-    "infer": Server(   # no model in its Redis: it answers, and is not ready
+            tandem_trainer_pb2.ListDatasetsRequest(), timeout=DEADLINE
+        ),
+    ),
+    "infer": Server(  # no model in its Redis: it answers, and is not ready
         "infer_svc",
         lambda redis_url, port, tmp: {
-            "REDIS_URL": redis_url, "INFER_LISTEN": f"127.0.0.1:{port}", "INFER_METRICS_PORT": "0",
-            "INFER_GRACE_SECONDS": str(GRACE), "INFER_GRPC_WORKERS": "32"},
+            "REDIS_URL": redis_url,
+            "INFER_LISTEN": f"127.0.0.1:{port}",
+            "INFER_METRICS_PORT": "0",
+            "INFER_GRACE_SECONDS": str(GRACE),
+            "INFER_GRPC_WORKERS": "32",
+        },
         {"": NOT_SERVING, "tandem.v1.Inference": NOT_SERVING},
         lambda channel: tandem_inference_pb2_grpc.InferenceStub(channel).ListModels(
-            tandem_inference_pb2.ListModelsRequest(), timeout=DEADLINE)),
+            tandem_inference_pb2.ListModelsRequest(), timeout=DEADLINE
+        ),
+    ),
 }
-STORM_CLIENTS, STORM_ROUNDS = 8, 5   # 8 = the servers' watch limit for 32 workers
+STORM_CLIENTS, STORM_ROUNDS = 8, 5  # 8 = the servers' watch limit for 32 workers
 
 
 @contextmanager
 def server_process(server: Server, redis_url: str, tmp: Path):
     """`python -m <server>` on a free port, configured by environment only: yields it, the port, its log."""
     port, log_path = free_loopback_port(), tmp / f"{server.module}.log"
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("TRAINER_", "INFER_", "TANDEM_", "REDIS_"))}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("TRAINER_", "INFER_", "TANDEM_", "REDIS_"))
+    }
     env.update(server.settings(redis_url, port, tmp), PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", server.module], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", server.module],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield process, port, log_path
     finally:
@@ -225,6 +248,7 @@ def answers(health, service: str):
 
 def cancel_storm(port: int) -> collections.Counter:
     """STORM_CLIENTS clients, each STORM_ROUNDS times: Watch(""), read one message, cancel."""
+
     def client(_):
         outcomes = []
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -241,16 +265,21 @@ def cancel_storm(port: int) -> collections.Counter:
 
 @pytest.mark.parametrize("name", SERVERS)
 def test_a_cancel_storm_of_watches_leaves_the_server_answering_and_stopping_on_sigterm(
-        name, private_redis, tmp_path):
+    name, private_redis, tmp_path
+):
     server = SERVERS[name]
-    with server_process(server, private_redis.url, tmp_path) as (process, port, log_path), \
-            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with (
+        server_process(server, private_redis.url, tmp_path) as (process, port, log_path),
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
         health = health_pb2_grpc.HealthStub(channel)
 
         def started():
-            assert process.poll() is None, \
+            assert process.poll() is None, (
                 f"{server.module} exited with {process.returncode}:\n{log_tail(log_path)}"
+            )
             return answers(health, "") == server.statuses[""]
+
         wait_until(started, f"{server.module} to answer health checks", timeout=60)
 
         outcomes = cancel_storm(port)
@@ -266,6 +295,7 @@ def test_a_cancel_storm_of_watches_leaves_the_server_answering_and_stopping_on_s
         try:
             process.wait(timeout=GRACE + DEADLINE)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{server.module} did not exit within {GRACE + DEADLINE} s of SIGTERM:\n"
-                        f"{log_tail(log_path)}")
+            pytest.fail(
+                f"{server.module} did not exit within {GRACE + DEADLINE} s of SIGTERM:\n{log_tail(log_path)}"
+            )
         assert process.returncode == 0, log_tail(log_path)

@@ -73,8 +73,7 @@ def test_versions_metadata_and_the_model_list(checkpoints, start_inference):
     assert older.version == 1
     assert_close(older.probabilities, core_probabilities(old, x))
     assert (metadata.version, list(metadata.available_versions)) == (latest, [1, 2])
-    assert (list(metadata.input_shape), metadata.num_classes, metadata.dtype) == ([1, 8, 8], 10,
-                                                                                  "float32")
+    assert (list(metadata.input_shape), metadata.num_classes, metadata.dtype) == ([1, 8, 8], 10, "float32")
     assert (older_metadata.version, older_metadata.checkpoint.latest) == (1, False)
     assert [(m.model_name, m.version) for m in models] == [(NAME, latest)]
 
@@ -83,19 +82,19 @@ def test_a_refused_call_raises_with_the_servers_status(checkpoints, start_infere
     publish(checkpoints, seed=0)
     inference = start_inference()
     with InferenceClient(inference.address) as client:
-        for call, status in [(lambda: client.predict("nope", samples(1)), grpc.StatusCode.NOT_FOUND),
-                             (lambda: client.predict(NAME, samples(1), version=9),
-                              grpc.StatusCode.NOT_FOUND),
-                             (lambda: client.predict(NAME, np.zeros((1, 8, 8), np.int32)),
-                              grpc.StatusCode.INVALID_ARGUMENT),
-                             (lambda: client.model_metadata("nope"), grpc.StatusCode.NOT_FOUND)]:
+        for call, status in [
+            (lambda: client.predict("nope", samples(1)), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.predict(NAME, samples(1), version=9), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.predict(NAME, np.zeros((1, 8, 8), np.int32)), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: client.model_metadata("nope"), grpc.StatusCode.NOT_FOUND),
+        ]:
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == status
 
 
 def test_wait_until_ready_waits_for_a_first_version(checkpoints, start_inference):
-    inference = start_inference()   # live, with nothing to serve yet
+    inference = start_inference()  # live, with nothing to serve yet
     with InferenceClient(inference.address) as client:
         with pytest.raises(grpc.RpcError) as waited:
             client.wait_until_ready(timeout=0.2)
@@ -127,8 +126,11 @@ def served_and_saved(checkpoints, start_inference, tmp_path):
 
 def prediction_rows(out: str) -> list[tuple[str, list[float]]]:
     """Each sample's line without its percentages, and the percentages as numbers."""
-    return [(re.sub(r"\d+\.\d\d%", "P", line), [float(p) for p in re.findall(r"(\d+\.\d\d)%", line)])
-            for line in out.splitlines() if re.match(r" +\d+  predicted", line)]
+    return [
+        (re.sub(r"\d+\.\d\d%", "P", line), [float(p) for p in re.findall(r"(\d+\.\d\d)%", line)])
+        for line in out.splitlines()
+        if re.match(r" +\d+  predicted", line)
+    ]
 
 
 def assert_same_predictions(local: str, served: str) -> None:
@@ -140,10 +142,21 @@ def assert_same_predictions(local: str, served: str) -> None:
 
 def test_predict_through_the_server_prints_what_the_model_file_does(served_and_saved, capsys):
     address, path = served_and_saved
-    _, local, _ = run(capsys, "predict", path, "--dataset", "digits", "--limit", "20",
-                      "--top-k", "2")
-    code, served, err = run(capsys, "predict", "--server", address, "--model-name", NAME,
-                            "--dataset", "digits", "--limit", "20", "--top-k", "2")
+    _, local, _ = run(capsys, "predict", path, "--dataset", "digits", "--limit", "20", "--top-k", "2")
+    code, served, err = run(
+        capsys,
+        "predict",
+        "--server",
+        address,
+        "--model-name",
+        NAME,
+        "--dataset",
+        "digits",
+        "--limit",
+        "20",
+        "--top-k",
+        "2",
+    )
     assert (code, err) == (0, "")
     assert_same_predictions(local, served)
     local_lines, served_lines = local.splitlines(), served.splitlines()
@@ -153,31 +166,49 @@ def test_predict_through_the_server_prints_what_the_model_file_does(served_and_s
     assert served_lines[-1] == f"answered by {NAME} version 1 at {address}"
 
 
-def test_predict_npy_through_the_server_and_the_default_address(served_and_saved, capsys,
-                                                                 tmp_path, monkeypatch):
+def test_predict_npy_through_the_server_and_the_default_address(
+    served_and_saved, capsys, tmp_path, monkeypatch
+):
     address, path = served_and_saved
     x = load_dataset("digits").x_test[:3]
     np.save(tmp_path / "flat.npy", x.reshape(3, 64).astype(np.float64))
     _, local, _ = run(capsys, "predict", path, "--npy", tmp_path / "flat.npy")
 
-    monkeypatch.setenv("TANDEM_INFERENCE", address)   # --server without a value uses it
-    code, served, err = run(capsys, "predict", "--server", "--model-name", NAME,
-                            "--npy", tmp_path / "flat.npy", "--version", "1")
+    monkeypatch.setenv("TANDEM_INFERENCE", address)  # --server without a value uses it
+    code, served, err = run(
+        capsys, "predict", "--server", "--model-name", NAME, "--npy", tmp_path / "flat.npy", "--version", "1"
+    )
     assert (code, err) == (0, "")
     assert_same_predictions(local, served)
     assert "true" not in served and "accuracy" not in served
     assert served.splitlines()[-1] == f"answered by {NAME} version 1 at {address}"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["predict", "--dataset", "digits"], "give a MODEL_FILE or --server HOST:PORT"),
-    (["predict", "m.safetensors", "--server", "127.0.0.1:1", "--model-name", NAME, "--dataset",
-      "digits"], "give a MODEL_FILE or --server HOST:PORT"),
-    (["predict", "--server", "127.0.0.1:1", "--dataset", "digits"],
-     "--server needs --model-name NAME"),
-    (["predict", "m.safetensors", "--model-name", NAME, "--dataset", "digits"],
-     "--model-name and --version apply to --server only"),
-], ids=["neither", "both", "no-model-name", "model-name-with-file"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--dataset", "digits"], "give a MODEL_FILE or --server HOST:PORT"),
+        (
+            [
+                "predict",
+                "m.safetensors",
+                "--server",
+                "127.0.0.1:1",
+                "--model-name",
+                NAME,
+                "--dataset",
+                "digits",
+            ],
+            "give a MODEL_FILE or --server HOST:PORT",
+        ),
+        (["predict", "--server", "127.0.0.1:1", "--dataset", "digits"], "--server needs --model-name NAME"),
+        (
+            ["predict", "m.safetensors", "--model-name", NAME, "--dataset", "digits"],
+            "--model-name and --version apply to --server only",
+        ),
+    ],
+    ids=["neither", "both", "no-model-name", "model-name-with-file"],
+)
 def test_predict_needs_a_model_file_or_a_server(argv, message, capsys):
     code, out, err = run(capsys, *argv)
     assert (code, out) == (2, "")
@@ -186,20 +217,21 @@ def test_predict_needs_a_model_file_or_a_server(argv, message, capsys):
 
 def test_predict_reports_what_the_server_refuses(served_and_saved, capsys):
     address, _ = served_and_saved
-    code, out, err = run(capsys, "predict", "--server", address, "--model-name", "nope",
-                         "--dataset", "digits")
+    code, out, err = run(
+        capsys, "predict", "--server", address, "--model-name", "nope", "--dataset", "digits"
+    )
     assert (code, out) == (2, "")
     assert err.startswith("tandem: error: NOT_FOUND: ")
 
-    code, _, err = run(capsys, "predict", "--server", address, "--model-name", NAME,
-                       "--dataset", "digits", "--version", "7")
+    code, _, err = run(
+        capsys, "predict", "--server", address, "--model-name", NAME, "--dataset", "digits", "--version", "7"
+    )
     assert code == 2 and err.startswith("tandem: error: NOT_FOUND: ")
 
 
 def test_predict_from_an_unreachable_server_says_what_to_check(capsys):
     address = f"127.0.0.1:{free_loopback_port()}"  # nothing listens there
-    code, out, err = run(capsys, "predict", "--server", address, "--model-name", NAME,
-                         "--dataset", "digits")
+    code, out, err = run(capsys, "predict", "--server", address, "--model-name", NAME, "--dataset", "digits")
     assert (code, out) == (2, "")
     assert err.startswith("tandem: error: UNAVAILABLE: ")
     assert f"is an inference service at {address}" in err

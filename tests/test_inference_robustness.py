@@ -50,8 +50,9 @@ def server_ready(inference) -> bool:
 
 
 def infer_request(x: np.ndarray, name: str = NAME, version: str = "") -> kserve_pb.ModelInferRequest:
-    request = kserve_pb.ModelInferRequest(model_name=name, model_version=version,
-                                          raw_input_contents=[x.tobytes()])
+    request = kserve_pb.ModelInferRequest(
+        model_name=name, model_version=version, raw_input_contents=[x.tobytes()]
+    )
     request.inputs.add(name="input", datatype="FP32", shape=x.shape)
     return request
 
@@ -63,8 +64,10 @@ def redis_gets(store) -> int:
 
 # ---------------------------------------------------------------- corrupt versions
 
+
 def test_a_replica_starting_on_a_corrupt_latest_serves_the_newest_good_version(
-        checkpoints, start_inference, caplog):
+    checkpoints, start_inference, caplog
+):
     name = "fallback"
     caplog.set_level(logging.INFO, logger="tandem.infer.registry")
     publish(checkpoints, seed=0, name=name)
@@ -89,9 +92,10 @@ def test_a_replica_starting_on_a_corrupt_latest_serves_the_newest_good_version(
     assert f"event=model_fallback model={name} version=2 skipped=3" in logged
     assert any(f"event=version_failed model={name} version=3" in line for line in logged)
 
-    newer, newer_model = publish(checkpoints, seed=3, name=name)   # a good one after it serves
-    answer = wait_until(lambda: (a := inference.predict(x, name=name)).version == newer and a,
-                      f"version {newer} to serve")
+    newer, newer_model = publish(checkpoints, seed=3, name=name)  # a good one after it serves
+    answer = wait_until(
+        lambda: (a := inference.predict(x, name=name)).version == newer and a, f"version {newer} to serve"
+    )
     assert_close(probabilities(answer), core_probabilities(newer_model, x))
 
 
@@ -101,7 +105,7 @@ def test_a_corrupt_version_is_fetched_once_however_often_it_is_offered(checkpoin
     bad, _ = publish(checkpoints, seed=1, name=name)
     corrupt(checkpoints, bad, name)
     failures = metric_value(LOAD_FAILURES, model=name)
-    inference = start_inference(models=(name,))   # polls `latest` every 0.05 s
+    inference = start_inference(models=(name,))  # polls `latest` every 0.05 s
     registry = inference.server.registry
 
     gets = redis_gets(checkpoints)
@@ -145,12 +149,14 @@ def test_after_redis_lost_its_data_a_failed_version_number_is_tried_again(checkp
     version, model = publish(checkpoints, seed=3, name=name)
 
     x = samples(2)
-    answer = wait_until(lambda: (a := inference.predict(x, name=name)).version == version and a,
-                      "the new version 2 to serve")
+    answer = wait_until(
+        lambda: (a := inference.predict(x, name=name)).version == version and a, "the new version 2 to serve"
+    )
     assert_close(probabilities(answer), core_probabilities(model, x))
 
 
 # ---------------------------------------------------------------- readiness per model
+
 
 def test_the_server_is_ready_only_when_every_configured_model_serves(checkpoints, start_inference):
     publish(checkpoints, seed=0, name="good")
@@ -166,7 +172,7 @@ def test_the_server_is_ready_only_when_every_configured_model_serves(checkpoints
     assert not model_ready(inference, "broken") and not model_ready(inference, "broken", "1")
     assert inference.predict(samples(1), name="good").version == 1
 
-    publish(checkpoints, seed=2, name="broken")   # version 2 verifies
+    publish(checkpoints, seed=2, name="broken")  # version 2 verifies
 
     wait_until(inference.serving, "the server to be ready")
     assert inference.serving("broken") and server_ready(inference)
@@ -176,6 +182,7 @@ def test_the_server_is_ready_only_when_every_configured_model_serves(checkpoints
 
 # ---------------------------------------------------------------- overflow in the forward pass
 
+
 def overflowing(rows: int = 3) -> np.ndarray:
     """Finite float32 samples whose rows 1 and after overflow float32 in the forward pass."""
     x = samples(rows)
@@ -184,17 +191,17 @@ def overflowing(rows: int = 3) -> np.ndarray:
 
 
 @pytest.mark.parametrize("api", ["Predict", "ModelInfer"])
-def test_rows_that_overflow_are_refused_and_their_batch_neighbour_answers(
-        checkpoints, start_inference, api):
+def test_rows_that_overflow_are_refused_and_their_batch_neighbour_answers(checkpoints, start_inference, api):
     _, model = publish(checkpoints, seed=0)
     # A forward pass waits for 4 rows: the 3 overflowing ones and the good one share it.
     inference = start_inference(max_batch_size=4, max_queue_delay_ms=DEADLINE * 1000 / 2)
     batches = metric_value("tandem_infer_batch_requests_count")
     shared = batches - metric_value("tandem_infer_batch_requests_bucket", le="1.0")
     good = samples(1, seed=5)
-    bad_call = {"Predict": lambda: inference.predict(overflowing()),
-                "ModelInfer": lambda: inference.kserve.ModelInfer(infer_request(overflowing()),
-                                                                  timeout=DEADLINE)}[api]
+    bad_call = {
+        "Predict": lambda: inference.predict(overflowing()),
+        "ModelInfer": lambda: inference.kserve.ModelInfer(infer_request(overflowing()), timeout=DEADLINE),
+    }[api]
 
     with ThreadPoolExecutor(2) as pool:
         refused = pool.submit(refusal, bad_call)
@@ -206,31 +213,49 @@ def test_rows_that_overflow_are_refused_and_their_batch_neighbour_answers(
     assert f"{field}: row 1 overflows float32's range in the model's forward pass" in refused.details()
     assert_close(probabilities(answer), core_probabilities(model, good))
     after = metric_value("tandem_infer_batch_requests_count")
-    assert after - metric_value("tandem_infer_batch_requests_bucket", le="1.0") - shared == 1, \
+    assert after - metric_value("tandem_infer_batch_requests_bucket", le="1.0") - shared == 1, (
         "the two requests did not share a forward pass"
+    )
 
 
 # ---------------------------------------------------------------- version strings
 
-NOT_VERSIONS = ["+1", "١", " 1", "1 ", "1\n", "01", "0", "-1", "1.0", "99999999999999999999",
-                "9223372036854775808"]
+NOT_VERSIONS = [
+    "+1",
+    "١",
+    " 1",
+    "1 ",
+    "1\n",
+    "01",
+    "0",
+    "-1",
+    "1.0",
+    "99999999999999999999",
+    "9223372036854775808",
+]
 
 
 def test_only_canonical_version_numbers_are_accepted(checkpoints, start_inference):
     publish(checkpoints, seed=0)
     inference = start_inference()
-    calls = {   # the field each method reads the version from: (call with a version string)
-        "model_version": lambda v: inference.kserve.ModelInfer(infer_request(samples(1), version=v),
-                                                               timeout=DEADLINE),
+    calls = {  # the field each method reads the version from: (call with a version string)
+        "model_version": lambda v: inference.kserve.ModelInfer(
+            infer_request(samples(1), version=v), timeout=DEADLINE
+        ),
         "version": lambda v: inference.kserve.ModelMetadata(
-            kserve_pb.ModelMetadataRequest(name=NAME, version=v), timeout=DEADLINE)}
+            kserve_pb.ModelMetadataRequest(name=NAME, version=v), timeout=DEADLINE
+        ),
+    }
 
     for text in NOT_VERSIONS:
         for field, call in [*calls.items(), ("version", lambda v: model_ready(inference, NAME, v))]:
             refused = refusal(lambda: call(text))
             assert refused.code() == INVALID, (text, field, refused.code())
-            assert refused.details().startswith(f"{field} must be empty (the served version) or a "
-                                                f"version number"), (text, refused.details())
-    assert inference.kserve.ModelInfer(infer_request(samples(1), version="1"),
-                                       timeout=DEADLINE).model_version == "1"
+            assert refused.details().startswith(
+                f"{field} must be empty (the served version) or a version number"
+            ), (text, refused.details())
+    assert (
+        inference.kserve.ModelInfer(infer_request(samples(1), version="1"), timeout=DEADLINE).model_version
+        == "1"
+    )
     assert model_ready(inference, NAME, "1") and not model_ready(inference, NAME, "2")

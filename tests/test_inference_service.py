@@ -58,6 +58,7 @@ def status_of(call) -> grpc.StatusCode:
 
 # ---------------------------------------------------------------- settings
 
+
 def test_settings_come_from_the_environment(monkeypatch):
     for name in [n for n in os.environ if n.startswith("INFER_")]:
         monkeypatch.delenv(name)
@@ -70,12 +71,17 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("INFER_BATCHING", "false")
     configured = InferConfig()
     assert (configured.models, configured.pinned, configured.batching) == (
-        ("digits", "other"), {"digits": 3, "other": 7}, False)
+        ("digits", "other"),
+        {"digits": 3, "other": 7},
+        False,
+    )
 
-    for name, value, message in [("INFER_PINNED", "digits", "not MODEL=VERSION"),
-                                 ("INFER_PINNED", "digits=0", "not MODEL=VERSION"),
-                                 ("INFER_MODELS", "a b", "model_name must be"),
-                                 ("INFER_MAX_ROWS", "many", "INFER_MAX_ROWS='many'")]:
+    for name, value, message in [
+        ("INFER_PINNED", "digits", "not MODEL=VERSION"),
+        ("INFER_PINNED", "digits=0", "not MODEL=VERSION"),
+        ("INFER_MODELS", "a b", "model_name must be"),
+        ("INFER_MAX_ROWS", "many", "INFER_MAX_ROWS='many'"),
+    ]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=message):
             InferConfig()
@@ -83,6 +89,7 @@ def test_settings_come_from_the_environment(monkeypatch):
 
 
 # ---------------------------------------------------------------- answers
+
 
 def test_predictions_equal_the_cores_forward_pass(checkpoints, start_inference):
     version, model = publish(checkpoints, seed=0)
@@ -98,8 +105,9 @@ def test_predictions_equal_the_cores_forward_pass(checkpoints, start_inference):
     assert list(response.classes) == list(expected.argmax(axis=1))
     top = np.argsort(-expected, axis=1, kind="stable")[:, :3]
     assert [list(row.classes) for row in response.top_k] == top.tolist()
-    assert_close([list(row.probabilities) for row in response.top_k],
-                 np.take_along_axis(expected, top, axis=1))
+    assert_close(
+        [list(row.probabilities) for row in response.top_k], np.take_along_axis(expected, top, axis=1)
+    )
     # float64 inputs and flat samples are accepted too, with the same answers
     assert_close(probabilities(inference.predict(x.astype(np.float64).reshape(7, -1))), expected)
 
@@ -172,6 +180,7 @@ def test_only_configured_models_serve(checkpoints, start_inference):
 
 # ---------------------------------------------------------------- bad input, one server for all
 
+
 @pytest.fixture(scope="module")
 def shared_inference():
     """One server (max_rows 8) with versions 1 and 2 of the model, for the bad-input table."""
@@ -196,32 +205,58 @@ def with_value(value: float) -> np.ndarray:
     return x
 
 
-BAD_PREDICTS = {   # what is wrong: (request fields, status, what the message names)
+BAD_PREDICTS = {  # what is wrong: (request fields, status, what the message names)
     "wrong dtype": (dict(inputs=tensor("int32", [1, 1, 8, 8], bytes(256))), INVALID, "inputs.dtype"),
     "unknown dtype": (dict(inputs=tensor("complex64", [1, 64], bytes(512))), INVALID, "inputs.dtype"),
     "no inputs": (dict(), INVALID, "inputs.dtype"),
-    "shape that does not fit": (dict(inputs=tensor("float32", [2, 7, 7], bytes(392))), INVALID,
-                                "does not fit the model's samples of shape [1, 8, 8]"),
+    "shape that does not fit": (
+        dict(inputs=tensor("float32", [2, 7, 7], bytes(392))),
+        INVALID,
+        "does not fit the model's samples of shape [1, 8, 8]",
+    ),
     "byte count that does not match the shape": (
-        dict(inputs=tensor("float32", [2, 1, 8, 8], bytes(100))), INVALID,
-        "inputs.data must hold 512 bytes"),
+        dict(inputs=tensor("float32", [2, 1, 8, 8], bytes(100))),
+        INVALID,
+        "inputs.data must hold 512 bytes",
+    ),
     "negative dimension": (dict(inputs=tensor("float32", [-1, 64], b"")), INVALID, "inputs.shape"),
-    "NaN": (dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(np.nan).tobytes())), INVALID,
-            "NaN, infinity or a value beyond float32's range in the input (first in row 1)"),
-    "infinity": (dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(-np.inf).tobytes())), INVALID,
-                 "first in row 1"),
-    "beyond float32": (dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(1e300).tobytes())),
-                       INVALID, "beyond float32's range"),
+    "NaN": (
+        dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(np.nan).tobytes())),
+        INVALID,
+        "NaN, infinity or a value beyond float32's range in the input (first in row 1)",
+    ),
+    "infinity": (
+        dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(-np.inf).tobytes())),
+        INVALID,
+        "first in row 1",
+    ),
+    "beyond float32": (
+        dict(inputs=tensor("float64", [3, 1, 8, 8], with_value(1e300).tobytes())),
+        INVALID,
+        "beyond float32's range",
+    ),
     "empty batch": (dict(inputs=tensor("float32", [0, 1, 8, 8], b"")), INVALID, "the batch is empty"),
-    "too many rows": (dict(inputs=tensor("float32", [9, 64], bytes(9 * 256))), INVALID,
-                      "9 rows exceed the limit of 8"),
-    "top_k above the classes": (dict(inputs=tensor("float32", [1, 64], bytes(256)), top_k=11), INVALID,
-                                "top_k must be from 0 to the model's 10 classes"),
+    "too many rows": (
+        dict(inputs=tensor("float32", [9, 64], bytes(9 * 256))),
+        INVALID,
+        "9 rows exceed the limit of 8",
+    ),
+    "top_k above the classes": (
+        dict(inputs=tensor("float32", [1, 64], bytes(256)), top_k=11),
+        INVALID,
+        "top_k must be from 0 to the model's 10 classes",
+    ),
     "negative top_k": (dict(inputs=tensor("float32", [1, 64], bytes(256)), top_k=-1), INVALID, "top_k"),
-    "unknown model": (dict(model_name="nope", inputs=tensor("float32", [1, 64], bytes(256))), NOT_FOUND,
-                      "'nope' is not served here"),
-    "unknown version": (dict(inputs=tensor("float32", [1, 64], bytes(256)), version=7), NOT_FOUND,
-                        "no version 7; stored versions: [1, 2]"),
+    "unknown model": (
+        dict(model_name="nope", inputs=tensor("float32", [1, 64], bytes(256))),
+        NOT_FOUND,
+        "'nope' is not served here",
+    ),
+    "unknown version": (
+        dict(inputs=tensor("float32", [1, 64], bytes(256)), version=7),
+        NOT_FOUND,
+        "no version 7; stored versions: [1, 2]",
+    ),
 }
 
 
@@ -240,8 +275,10 @@ def test_each_bad_predict_gets_its_status(shared_inference, case):
 def test_bad_requests_are_counted_by_status(shared_inference):
     refused = dict(method="Predict", model=NAME, version="", status="INVALID_ARGUMENT")
     answered = dict(method="Predict", model=NAME, version="2", status="OK")
-    counts = lambda: [metric_value("tandem_infer_requests_total", **labels)  # noqa: E731
-                      for labels in (refused, answered)]
+    counts = lambda: [
+        metric_value("tandem_infer_requests_total", **labels)  # noqa: E731
+        for labels in (refused, answered)
+    ]
     before = counts()
 
     status_of(lambda: shared_inference.predict(samples(0)))
@@ -251,6 +288,7 @@ def test_bad_requests_are_counted_by_status(shared_inference):
 
 
 # ---------------------------------------------------------------- hot reload
+
 
 def test_a_new_version_serves_while_clients_run_without_failures(checkpoints, start_inference):
     _, old = publish(checkpoints, seed=0)
@@ -272,8 +310,10 @@ def test_a_new_version_serves_while_clients_run_without_failures(checkpoints, st
     try:
         wait_until(lambda: len(answers) >= 20, "answers from version 1")
         _, new = publish(checkpoints, seed=1)
-        wait_until(lambda: sum(1 for version, _ in answers[-8:] if version == 2) == 8,
-                 "version 2 answering every request")
+        wait_until(
+            lambda: sum(1 for version, _ in answers[-8:] if version == 2) == 8,
+            "version 2 answering every request",
+        )
     finally:
         stop.set()
         for client in clients:
@@ -281,7 +321,7 @@ def test_a_new_version_serves_while_clients_run_without_failures(checkpoints, st
 
     assert failures == []
     expected = {1: core_probabilities(old, x), 2: core_probabilities(new, x)}
-    for version, answer in answers:   # each request was computed whole by one version
+    for version, answer in answers:  # each request was computed whole by one version
         assert_close(answer, expected[version])
 
 
@@ -291,7 +331,7 @@ def plant_corrupt_version(store: CheckpointStore) -> int:
     version = int(store.redis.get(keys.counter)) + 1
     model = digits_model(seed=99)
     blob = bytearray(checkpoint.encode(model, CheckpointMeta(NAME, model.spec, "float32", version=version)))
-    blob[-1] ^= 0xFF   # the weights come last: the checksum no longer matches
+    blob[-1] ^= 0xFF  # the weights come last: the checksum no longer matches
     store.redis.mset({keys.counter: version, keys.blob(version): bytes(blob), keys.latest: version})
     return version
 
@@ -301,16 +341,18 @@ def test_a_corrupted_checkpoint_is_skipped_and_the_old_version_serves(checkpoint
     inference = start_inference()
     failures_before = metric_value("tandem_infer_model_load_failures_total", model=NAME)
 
-    plant_corrupt_version(checkpoints)                      # version 2, found by the poll
-    wait_until(lambda: metric_value("tandem_infer_model_load_failures_total", model=NAME) > failures_before,
-             "the corrupt version to fail verification")
+    plant_corrupt_version(checkpoints)  # version 2, found by the poll
+    wait_until(
+        lambda: metric_value("tandem_infer_model_load_failures_total", model=NAME) > failures_before,
+        "the corrupt version to fail verification",
+    )
 
     x = samples(2)
     answer = inference.predict(x)
     assert answer.version == 1
     assert_close(probabilities(answer), core_probabilities(old, x))
     assert inference.server.registry.ready
-    with pytest.raises(grpc.RpcError) as refused:           # asked for by number: cannot serve it
+    with pytest.raises(grpc.RpcError) as refused:  # asked for by number: cannot serve it
         inference.predict(x, version=2)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "checksum mismatch" in refused.value.details()
@@ -337,16 +379,17 @@ def test_a_pinned_version_serves_whatever_is_published(checkpoints, start_infere
     for seed in (0, 1, 2):
         publish(checkpoints, seed=seed)
     pinned = start_inference(pinned={NAME: 2})
-    follower = start_inference()   # a witness: once it serves version 4, the announcement went out
+    follower = start_inference()  # a witness: once it serves version 4, the announcement went out
 
     publish(checkpoints, seed=3)
     wait_until(lambda: follower.served_version() == 4, "the follower to serve version 4")
 
     assert pinned.served_version() == 2
-    assert pinned.predict(samples(1), version=4).version == 4   # by number, still answered
+    assert pinned.predict(samples(1), version=4).version == 4  # by number, still answered
 
 
 # ---------------------------------------------------------------- batching and queue
+
 
 def test_dynamic_batching_merges_concurrent_requests_with_the_same_answers(checkpoints, start_inference):
     publish(checkpoints, seed=0)
@@ -372,8 +415,10 @@ def test_dynamic_batching_merges_concurrent_requests_with_the_same_answers(check
     assert passes < len(rows)
     for x, answer in zip(rows, answers, strict=True):
         assert_close(answer, probabilities(unbatched.predict(x)))
-    key = ("tandem_infer_requests_total",
-           (("method", "Predict"), ("model", NAME), ("status", "OK"), ("version", "1")))
+    key = (
+        "tandem_infer_requests_total",
+        (("method", "Predict"), ("model", NAME), ("status", "OK"), ("version", "1")),
+    )
     assert growth(key) == len(rows)
 
 
@@ -386,7 +431,7 @@ def test_a_full_queue_refuses_with_resource_exhausted(checkpoints, start_inferen
         start.wait(timeout=DEADLINE)
         return status_of(lambda: inference.predict(samples(rows)))
 
-    with ThreadPoolExecutor(2) as pool:   # both wait in the queue together: 4 + 1 rows > 4
+    with ThreadPoolExecutor(2) as pool:  # both wait in the queue together: 4 + 1 rows > 4
         statuses = sorted(pool.map(ask, (4, 1)), key=str)
 
     assert statuses == sorted([grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED], key=str)
@@ -401,8 +446,11 @@ def test_reflection_lists_and_describes_both_apis(checkpoints, start_inference):
     inference = start_inference(models=())
     database = ProtoReflectionDescriptorDatabase(inference.channel)
     assert set(database.get_services()) == {
-        "tandem.v1.Inference", "inference.GRPCInferenceService", "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection"}
+        "tandem.v1.Inference",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
     pool = DescriptorPool(database)
     kserve = pool.FindServiceByName("inference.GRPCInferenceService")
     assert kserve.methods_by_name["ModelInfer"].input_type.full_name == "inference.ModelInferRequest"
@@ -412,10 +460,15 @@ def test_reflection_lists_and_describes_both_apis(checkpoints, start_inference):
 
 # ---------------------------------------------------------------- readiness, Redis, shutdown
 
+
 def test_live_before_ready_and_ready_once_a_model_serves(checkpoints, start_inference):
-    inference = start_inference()   # its model is not published yet: it must start all the same
-    ready = lambda: inference.kserve.ServerReady(grpc_service_pb2.ServerReadyRequest(),  # noqa: E731
-                                                 timeout=DEADLINE).ready
+    inference = start_inference()  # its model is not published yet: it must start all the same
+    ready = lambda: (
+        inference.kserve.ServerReady(
+            grpc_service_pb2.ServerReadyRequest(),  # noqa: E731
+            timeout=DEADLINE,
+        ).ready
+    )
 
     assert inference.kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=DEADLINE).live
     assert not ready()
@@ -431,11 +484,12 @@ def test_live_before_ready_and_ready_once_a_model_serves(checkpoints, start_infe
 
 
 def test_with_redis_down_the_loaded_model_serves_and_others_are_unavailable(
-        private_redis, checkpoints, start_inference):
+    private_redis, checkpoints, start_inference
+):
     _, model = publish(checkpoints, seed=0)
     inference = start_inference(models=())
     x = samples(2)
-    inference.predict(x)   # loads it
+    inference.predict(x)  # loads it
 
     with private_redis.down():
         answer = inference.predict(x)
@@ -449,7 +503,7 @@ def test_with_redis_down_the_loaded_model_serves_and_others_are_unavailable(
 
 def test_graceful_stop_finishes_the_request_in_flight(checkpoints, start_inference):
     _, model = publish(checkpoints, seed=0)
-    inference = start_inference(max_queue_delay_ms=300.0)   # a request waits 0.3 s for company
+    inference = start_inference(max_queue_delay_ms=300.0)  # a request waits 0.3 s for company
     x = samples(1)
     pending = metric_value("tandem_infer_pending_requests")
 
@@ -466,17 +520,34 @@ def test_graceful_stop_finishes_the_request_in_flight(checkpoints, start_inferen
 def test_python_m_infer_svc_serves_until_sigterm(private_redis, checkpoints):
     publish(checkpoints, seed=0)
     port = free_loopback_port()
-    env = {**os.environ, "REDIS_URL": private_redis.url, "INFER_LISTEN": f"127.0.0.1:{port}",
-           "INFER_MODELS": NAME, "INFER_METRICS_PORT": "0", "INFER_GRACE_SECONDS": "5"}
-    process = subprocess.Popen([sys.executable, "-m", "infer_svc"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "REDIS_URL": private_redis.url,
+        "INFER_LISTEN": f"127.0.0.1:{port}",
+        "INFER_MODELS": NAME,
+        "INFER_METRICS_PORT": "0",
+        "INFER_GRACE_SECONDS": "5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infer_svc"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            wait_until(lambda: status_of(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1))
-                     == grpc.StatusCode.OK
-                     and health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                     == health_pb2.HealthCheckResponse.SERVING, "the process to serve", timeout=30)
+            wait_until(
+                lambda: (
+                    status_of(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1))
+                    == grpc.StatusCode.OK
+                    and health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ),
+                "the process to serve",
+                timeout=30,
+            )
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=DEADLINE)
     finally:

@@ -75,6 +75,7 @@ def raw_refusal(stub, request) -> grpc.RpcError:
 
 # ---------------------------------------------------------------- inference
 
+
 def test_tritonclient_gets_the_probabilities_of_our_own_predict(served, client):
     inference, models = served
     x = samples(6)
@@ -88,7 +89,9 @@ def test_tritonclient_gets_the_probabilities_of_our_own_predict(served, client):
     response = result.get_response()
     assert (response.model_name, response.model_version, response.id) == (NAME, "2", "req-1")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
-        ("probabilities", "FP32", [6, 10]), ("classes", "INT64", [6])]
+        ("probabilities", "FP32", [6, 10]),
+        ("classes", "INT64", [6]),
+    ]
     assert_close(result.as_numpy("probabilities"), core_probabilities(models[2], x))
 
 
@@ -123,11 +126,13 @@ def test_typed_contents_answer_like_raw_bytes(served, datatype):
     raw = stub.ModelInfer(raw_request(x, datatype), timeout=DEADLINE)
 
     assert typed.raw_output_contents == raw.raw_output_contents
-    assert_close(np.frombuffer(typed.raw_output_contents[0], "<f4").reshape(4, 10),
-                 probabilities(inference.predict(x)))
+    assert_close(
+        np.frombuffer(typed.raw_output_contents[0], "<f4").reshape(4, 10), probabilities(inference.predict(x))
+    )
 
 
 # ---------------------------------------------------------------- health and metadata
+
 
 def test_liveness_readiness_and_model_readiness(client):
     assert client.is_server_live() and client.is_server_ready()
@@ -147,13 +152,16 @@ def test_server_and_model_metadata(client):
     assert (model.name, list(model.versions), model.platform) == (NAME, ["1", "2"], "tandem_numpy")
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
     assert [(t.name, t.datatype, list(t.shape)) for t in model.outputs] == [
-        ("probabilities", "FP32", [-1, 10]), ("classes", "INT64", [-1])]
+        ("probabilities", "FP32", [-1, 10]),
+        ("classes", "INT64", [-1]),
+    ]
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("nope")
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
 
 # ---------------------------------------------------------------- refusals
+
 
 def test_refusals_through_tritonclient(client):
     wrong_type = refusal(client, np.zeros((1, 1, 8, 8), np.int32), datatype="INT32")
@@ -166,8 +174,11 @@ def test_refusals_through_tritonclient(client):
     assert refusal(client, samples(1), model_version="9").status() == "StatusCode.NOT_FOUND"
     assert refusal(client, samples(1), outputs=["logits"]).status() == "StatusCode.INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException) as unknown:
-        client.infer("nope", [triton.InferInput("input", [1, 64], "FP32").set_data_from_numpy(
-            samples(1).reshape(1, 64))], client_timeout=DEADLINE)
+        client.infer(
+            "nope",
+            [triton.InferInput("input", [1, 64], "FP32").set_data_from_numpy(samples(1).reshape(1, 64))],
+            client_timeout=DEADLINE,
+        )
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
 
@@ -189,7 +200,7 @@ def test_refusals_of_malformed_requests(served):
     two_inputs.inputs.add(name="mask", datatype="FP32", shape=[2])
     with_nan = x.copy()
     with_nan[1, 0, 4, 4] = np.nan
-    cases = {   # what is wrong: (request, what the message says)
+    cases = {  # what is wrong: (request, what the message says)
         "byte length": (short_bytes, "raw_input_contents[0].data must hold 512 bytes"),
         "raw and typed": (both, "exactly one of them"),
         "no data": (neither, "exactly one of them"),

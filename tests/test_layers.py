@@ -40,7 +40,7 @@ def naive_conv(x, w, b, stride, pads):
     out = np.zeros((n, f, oh, ow))
     for i in range(oh):
         for j in range(ow):
-            patch = x[:, :, i * stride[0]:i * stride[0] + kh, j * stride[1]:j * stride[1] + kw]
+            patch = x[:, :, i * stride[0] : i * stride[0] + kh, j * stride[1] : j * stride[1] + kw]
             out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
     return out
 
@@ -77,7 +77,7 @@ def test_conv_output_size_follows_the_formula():
 
 POOL_CASES = [
     ((2, 6, 6), dict(size=2)),
-    ((2, 7, 7), dict(size=2)),                          # odd input, valid: last row dropped
+    ((2, 7, 7), dict(size=2)),  # odd input, valid: last row dropped
     ((2, 7, 7), dict(size=3, stride=2)),
     ((2, 7, 7), dict(size=3, stride=1, padding="same")),
     ((2, 5, 5), dict(size=2, stride=2, padding="same")),
@@ -101,7 +101,7 @@ def reference_pool(x, size, stride, pads, reduce):
     out = np.zeros((*x.shape[:2], oh, ow))
     for i in range(oh):
         for j in range(ow):
-            window = x[:, :, i * stride:i * stride + size, j * stride:j * stride + size]
+            window = x[:, :, i * stride : i * stride + size, j * stride : j * stride + size]
             out[:, :, i, j] = reduce(window.reshape(*x.shape[:2], -1), axis=2)
     return out
 
@@ -122,10 +122,18 @@ def test_maxpool_routes_a_tie_to_one_input():
     assert dx.sum() == 1 and dx.max() == 1
 
 
-@pytest.mark.parametrize("layer", [
-    Dense((6,), units=4), Dense((5,), units=3, init="xavier"), ReLU((3, 4)), Sigmoid((7,)),
-    Tanh((2, 3, 3)), Flatten((2, 3, 3)),
-], ids=lambda layer: layer.type_name)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Dense((6,), units=4),
+        Dense((5,), units=3, init="xavier"),
+        ReLU((3, 4)),
+        Sigmoid((7,)),
+        Tanh((2, 3, 3)),
+        Flatten((2, 3, 3)),
+    ],
+    ids=lambda layer: layer.type_name,
+)
 def test_simple_layer_gradients(layer):
     built(layer)
     x = np.random.default_rng(6).standard_normal((4, *layer.input_shape))
@@ -189,16 +197,22 @@ def test_loss_gradient_and_stability():
     np.testing.assert_allclose(np.exp(log_softmax(logits)).sum(axis=1), 1.0)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Conv2D((1, 4, 4), filters=2, kernel_size=5), "kernel 5x5 is larger than the padded input 4x4"),
-    (lambda: Conv2D((1, 4, 4), filters=0), "filters must be a positive int"),
-    (lambda: Conv2D((1, 4, 4), filters=2, padding="full"), "padding must be 'same', 'valid' or an int"),
-    (lambda: Conv2D((1, 4, 4), filters=2, stride=0), "stride must be >= 1"),
-    (lambda: Dense((2, 3, 3), units=4), "put a flatten layer before it"),
-    (lambda: Dense((4,), units=0), "units must be a positive int"),
-    (lambda: Dense((4,), units=3, init="zeros"), "init must be one of"),
-    (lambda: MaxPool2D((8,), size=2), "needs (channels, height, width) inputs"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: Conv2D((1, 4, 4), filters=2, kernel_size=5),
+            "kernel 5x5 is larger than the padded input 4x4",
+        ),
+        (lambda: Conv2D((1, 4, 4), filters=0), "filters must be a positive int"),
+        (lambda: Conv2D((1, 4, 4), filters=2, padding="full"), "padding must be 'same', 'valid' or an int"),
+        (lambda: Conv2D((1, 4, 4), filters=2, stride=0), "stride must be >= 1"),
+        (lambda: Dense((2, 3, 3), units=4), "put a flatten layer before it"),
+        (lambda: Dense((4,), units=0), "units must be a positive int"),
+        (lambda: Dense((4,), units=3, init="zeros"), "init must be one of"),
+        (lambda: MaxPool2D((8,), size=2), "needs (channels, height, width) inputs"),
+    ],
+)
 def test_layer_settings_that_cannot_work_are_refused(make, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()

@@ -28,18 +28,25 @@ HANDWRITTEN = {"__init__.py"}
 
 # --- Generated stubs match proto/ ----------------------------------------------
 
+
 def test_generated_stubs_match_the_proto_files(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, f"scripts/gen_protos.py failed:\n{result.stdout}{result.stderr}"
     fresh = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    committed = {p.name: p.read_bytes() for p in RPC_DIR.iterdir()
-                 if p.is_file() and p.name not in HANDWRITTEN}
+    committed = {
+        p.name: p.read_bytes() for p in RPC_DIR.iterdir() if p.is_file() and p.name not in HANDWRITTEN
+    }
     problems = (
-        [f"{n} differs from what proto/ generates" for n in sorted(fresh.keys() & committed.keys())
-         if fresh[n] != committed[n]]
+        [
+            f"{n} differs from what proto/ generates"
+            for n in sorted(fresh.keys() & committed.keys())
+            if fresh[n] != committed[n]
+        ]
         + [f"{n} is missing" for n in sorted(fresh.keys() - committed.keys())]
         + [f"{n} is generated from no proto file (stale)" for n in sorted(committed.keys() - fresh.keys())]
     )
@@ -52,8 +59,7 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
 def test_stubs_import_each_other_within_the_package():
     for path in RPC_DIR.glob("*_pb2*.py"):
         text = path.read_text()
-        for module in ("tandem_common_pb2", "tandem_trainer_pb2", "tandem_inference_pb2",
-                       "grpc_service_pb2"):
+        for module in ("tandem_common_pb2", "tandem_trainer_pb2", "tandem_inference_pb2", "grpc_service_pb2"):
             assert f"\nimport {module}" not in text, f"{path.name}: absolute import of {module}"
 
 
@@ -70,46 +76,75 @@ KSERVE_V2 = {
     "ModelReadyResponse": {"ready": (1, T.TYPE_BOOL, False)},
     "ServerMetadataRequest": {},
     "ServerMetadataResponse": {
-        "name": (1, T.TYPE_STRING, False), "version": (2, T.TYPE_STRING, False),
-        "extensions": (3, T.TYPE_STRING, True)},
+        "name": (1, T.TYPE_STRING, False),
+        "version": (2, T.TYPE_STRING, False),
+        "extensions": (3, T.TYPE_STRING, True),
+    },
     "ModelMetadataRequest": {"name": (1, T.TYPE_STRING, False), "version": (2, T.TYPE_STRING, False)},
     "ModelMetadataResponse": {
-        "name": (1, T.TYPE_STRING, False), "versions": (2, T.TYPE_STRING, True),
-        "platform": (3, T.TYPE_STRING, False), "inputs": (4, T.TYPE_MESSAGE, True),
-        "outputs": (5, T.TYPE_MESSAGE, True)},
+        "name": (1, T.TYPE_STRING, False),
+        "versions": (2, T.TYPE_STRING, True),
+        "platform": (3, T.TYPE_STRING, False),
+        "inputs": (4, T.TYPE_MESSAGE, True),
+        "outputs": (5, T.TYPE_MESSAGE, True),
+    },
     "ModelMetadataResponse.TensorMetadata": {
-        "name": (1, T.TYPE_STRING, False), "datatype": (2, T.TYPE_STRING, False),
-        "shape": (3, T.TYPE_INT64, True)},
+        "name": (1, T.TYPE_STRING, False),
+        "datatype": (2, T.TYPE_STRING, False),
+        "shape": (3, T.TYPE_INT64, True),
+    },
     "InferParameter": {
-        "bool_param": (1, T.TYPE_BOOL, False), "int64_param": (2, T.TYPE_INT64, False),
-        "string_param": (3, T.TYPE_STRING, False)},
+        "bool_param": (1, T.TYPE_BOOL, False),
+        "int64_param": (2, T.TYPE_INT64, False),
+        "string_param": (3, T.TYPE_STRING, False),
+    },
     "InferTensorContents": {
-        "bool_contents": (1, T.TYPE_BOOL, True), "int_contents": (2, T.TYPE_INT32, True),
-        "int64_contents": (3, T.TYPE_INT64, True), "uint_contents": (4, T.TYPE_UINT32, True),
-        "uint64_contents": (5, T.TYPE_UINT64, True), "fp32_contents": (6, T.TYPE_FLOAT, True),
-        "fp64_contents": (7, T.TYPE_DOUBLE, True), "bytes_contents": (8, T.TYPE_BYTES, True)},
+        "bool_contents": (1, T.TYPE_BOOL, True),
+        "int_contents": (2, T.TYPE_INT32, True),
+        "int64_contents": (3, T.TYPE_INT64, True),
+        "uint_contents": (4, T.TYPE_UINT32, True),
+        "uint64_contents": (5, T.TYPE_UINT64, True),
+        "fp32_contents": (6, T.TYPE_FLOAT, True),
+        "fp64_contents": (7, T.TYPE_DOUBLE, True),
+        "bytes_contents": (8, T.TYPE_BYTES, True),
+    },
     "ModelInferRequest": {
-        "model_name": (1, T.TYPE_STRING, False), "model_version": (2, T.TYPE_STRING, False),
-        "id": (3, T.TYPE_STRING, False), "parameters": (4, T.TYPE_MESSAGE, True),
-        "inputs": (5, T.TYPE_MESSAGE, True), "outputs": (6, T.TYPE_MESSAGE, True),
-        "raw_input_contents": (7, T.TYPE_BYTES, True)},
+        "model_name": (1, T.TYPE_STRING, False),
+        "model_version": (2, T.TYPE_STRING, False),
+        "id": (3, T.TYPE_STRING, False),
+        "parameters": (4, T.TYPE_MESSAGE, True),
+        "inputs": (5, T.TYPE_MESSAGE, True),
+        "outputs": (6, T.TYPE_MESSAGE, True),
+        "raw_input_contents": (7, T.TYPE_BYTES, True),
+    },
     "ModelInferRequest.InferInputTensor": {
-        "name": (1, T.TYPE_STRING, False), "datatype": (2, T.TYPE_STRING, False),
-        "shape": (3, T.TYPE_INT64, True), "parameters": (4, T.TYPE_MESSAGE, True),
-        "contents": (5, T.TYPE_MESSAGE, False)},
+        "name": (1, T.TYPE_STRING, False),
+        "datatype": (2, T.TYPE_STRING, False),
+        "shape": (3, T.TYPE_INT64, True),
+        "parameters": (4, T.TYPE_MESSAGE, True),
+        "contents": (5, T.TYPE_MESSAGE, False),
+    },
     "ModelInferRequest.InferRequestedOutputTensor": {
-        "name": (1, T.TYPE_STRING, False), "parameters": (2, T.TYPE_MESSAGE, True)},
+        "name": (1, T.TYPE_STRING, False),
+        "parameters": (2, T.TYPE_MESSAGE, True),
+    },
     "ModelInferResponse": {
-        "model_name": (1, T.TYPE_STRING, False), "model_version": (2, T.TYPE_STRING, False),
-        "id": (3, T.TYPE_STRING, False), "parameters": (4, T.TYPE_MESSAGE, True),
-        "outputs": (5, T.TYPE_MESSAGE, True), "raw_output_contents": (6, T.TYPE_BYTES, True)},
+        "model_name": (1, T.TYPE_STRING, False),
+        "model_version": (2, T.TYPE_STRING, False),
+        "id": (3, T.TYPE_STRING, False),
+        "parameters": (4, T.TYPE_MESSAGE, True),
+        "outputs": (5, T.TYPE_MESSAGE, True),
+        "raw_output_contents": (6, T.TYPE_BYTES, True),
+    },
     "ModelInferResponse.InferOutputTensor": {
-        "name": (1, T.TYPE_STRING, False), "datatype": (2, T.TYPE_STRING, False),
-        "shape": (3, T.TYPE_INT64, True), "parameters": (4, T.TYPE_MESSAGE, True),
-        "contents": (5, T.TYPE_MESSAGE, False)},
+        "name": (1, T.TYPE_STRING, False),
+        "datatype": (2, T.TYPE_STRING, False),
+        "shape": (3, T.TYPE_INT64, True),
+        "parameters": (4, T.TYPE_MESSAGE, True),
+        "contents": (5, T.TYPE_MESSAGE, False),
+    },
 }
-KSERVE_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-               "ModelInfer")
+KSERVE_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 
 
 def _kserve_message(dotted: str):
@@ -137,9 +172,13 @@ def test_kserve_messages_have_exactly_the_protocol_fields(name):
 
 
 def test_kserve_parameter_maps_and_oneof():
-    for name in ("ModelInferRequest", "ModelInferRequest.InferInputTensor",
-                 "ModelInferRequest.InferRequestedOutputTensor", "ModelInferResponse",
-                 "ModelInferResponse.InferOutputTensor"):
+    for name in (
+        "ModelInferRequest",
+        "ModelInferRequest.InferInputTensor",
+        "ModelInferRequest.InferRequestedOutputTensor",
+        "ModelInferResponse",
+        "ModelInferResponse.InferOutputTensor",
+    ):
         entry = _kserve_message(name).fields_by_name["parameters"].message_type
         assert entry.GetOptions().map_entry, name
         assert entry.fields_by_name["key"].type == T.TYPE_STRING
@@ -210,16 +249,22 @@ def test_tritonclient_messages_are_wire_compatible():
             their_desc = their_desc.nested_types_by_name[part]
         for field in ours_desc.fields:
             other = their_desc.fields_by_name[field.name]
-            assert (other.number, other.type, other.is_repeated) == \
-                (field.number, field.type, field.is_repeated), f"{name}.{field.name}"
+            assert (other.number, other.type, other.is_repeated) == (
+                field.number,
+                field.type,
+                field.is_repeated,
+            ), f"{name}.{field.name}"
 
 
 # --- Tandem's own services -------------------------------------------------------
 
+
 def _methods(module, service):
     described = module.DESCRIPTOR.services_by_name[service]
-    return {m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
-            for m in described.methods}
+    return {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+        for m in described.methods
+    }
 
 
 def test_trainer_service_shape():
@@ -239,8 +284,7 @@ def test_trainer_service_shape():
 
 
 def test_inference_service_shape():
-    assert (tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-            == "tandem.v1.Inference")
+    assert tandem_inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name == "tandem.v1.Inference"
     assert _methods(tandem_inference_pb2, "Inference") == {
         "Predict": ("PredictRequest", "PredictResponse", False, False),
         "GetModelMetadata": ("GetModelMetadataRequest", "ModelMetadata", False, False),
@@ -258,13 +302,21 @@ def test_hyperparameters_mirror_the_core_and_track_presence():
     assert {f.name for f in descriptor.fields} == {f.name for f in fields(Hyperparameters)}
     assert all(f.has_presence for f in descriptor.fields), "every hyperparameter is optional"
     hp = tandem_trainer_pb2.Hyperparameters(seed=0)
-    assert hp.HasField("seed") and not hp.HasField("epochs")   # "given as 0" != "not given"
+    assert hp.HasField("seed") and not hp.HasField("epochs")  # "given as 0" != "not given"
 
 
 def test_epoch_metrics_carry_the_training_loop_names():
     names = {f.name for f in tandem_trainer_pb2.EpochMetrics.DESCRIPTOR.fields}
-    assert {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-            "val_loss", "val_accuracy", "seconds"} <= names
+    assert {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "seconds",
+    } <= names
     metrics = tandem_trainer_pb2.EpochMetrics(epoch=1, train_loss=0.5)
     assert not metrics.HasField("val_loss")
 
@@ -284,8 +336,14 @@ def test_job_event_oneof():
     assert event.WhichOneof("event") == "finished"
     states = tandem_trainer_pb2.JobState.keys()
     assert states[0] == "JOB_STATE_UNSPECIFIED"
-    assert {"JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED",
-            "JOB_STATE_CANCELLED", "JOB_STATE_INTERRUPTED"} <= set(states)
+    assert {
+        "JOB_STATE_QUEUED",
+        "JOB_STATE_RUNNING",
+        "JOB_STATE_SUCCEEDED",
+        "JOB_STATE_FAILED",
+        "JOB_STATE_CANCELLED",
+        "JOB_STATE_INTERRUPTED",
+    } <= set(states)
 
 
 def test_predict_carries_tensors_as_raw_bytes():

@@ -31,8 +31,9 @@ from trainer_svc.training import ActiveJob
 
 
 def new_job(repository: JobRepository) -> ActiveJob:
-    request = JobRequest(model_name="copies", dataset="digits", spec={"layers": []},
-                         hyperparameters=Hyperparameters())
+    request = JobRequest(
+        model_name="copies", dataset="digits", spec={"layers": []}, hyperparameters=Hyperparameters()
+    )
     record = JobRecord.new(request, owner="tester")
     return ActiveJob(record, RecordWriter(repository, record.job_id, outage_limit=60.0))
 
@@ -60,9 +61,9 @@ def test_copies_are_numbered_in_order_and_are_snapshots(repository):
     assert [number for number, _ in copies] == [1, 2, 3]
     assert [record.step for _, record in copies] == [10, 20, 30]
     assert [len(record.history) for _, record in copies] == [1, 2, 3]
-    job.record.history.append({"step": 99})     # the live record moves on; the copies do not
+    job.record.history.append({"step": 99})  # the live record moves on; the copies do not
     assert [len(record.history) for _, record in copies] == [1, 2, 3]
-    assert job.writer.saved_copy == 0             # taking a copy is not saving it
+    assert job.writer.saved_copy == 0  # taking a copy is not saving it
 
 
 @pytest.mark.parametrize("order", [(3, 1, 2), (2, 3, 1), (1, 3, 2), (1, 2, 3)])
@@ -80,7 +81,7 @@ def test_a_copy_is_not_written_twice(repository, redis_client, key_prefix):
     number, record = take_copy(job, 5)
     job.writer.write(number, record)
     redis_client.delete(f"{key_prefix}:job:{job.record.job_id}")
-    job.writer.write(number, record)              # same number: already saved, nothing written
+    job.writer.write(number, record)  # same number: already saved, nothing written
     assert repository.get(job.record.job_id) is None
 
 
@@ -99,7 +100,7 @@ def test_racing_writers_leave_the_highest_numbered_copy(repository):
                 start.wait(timeout=5)
                 for number, record in share:
                     job.writer.write(number, record)
-            except BaseException as error:   # reported below, not lost in the thread
+            except BaseException as error:  # reported below, not lost in the thread
                 errors.append(error)
 
         threads = [threading.Thread(target=write, args=(copies[i::writers],)) for i in range(writers)]
@@ -115,9 +116,9 @@ def test_racing_writers_leave_the_highest_numbered_copy(repository):
 def test_the_record_saver_does_not_write_over_a_newer_copy_saved_meanwhile(repository):
     job = new_job(repository)
     older, newer = take_copy(job, 1), take_copy(job, 2)
-    job.writer.write(*newer)                       # e.g. the publisher's copy, from its thread
+    job.writer.write(*newer)  # e.g. the publisher's copy, from its thread
     saver = RecordSaver(job.writer)
-    saver.submit(older)                            # the training loop's earlier copy
+    saver.submit(older)  # the training loop's earlier copy
     assert saver.close(timeout=5) is True
     assert saved_step(repository, job) == 2
     assert job.writer.saved_copy == 2
@@ -140,7 +141,7 @@ def test_a_write_refused_by_redis_does_not_count_as_saved(private_redis):
         assert job.writer.save(*second) is True
         assert (job.writer.saved_copy, saved_step(repository, job)) == (2, 2)
         assert job.writer.save(*third) is True
-        assert job.writer.save(*second) is True    # True: not refused, only skipped
+        assert job.writer.save(*second) is True  # True: not refused, only skipped
         assert (job.writer.saved_copy, saved_step(repository, job)) == (3, 3)
     finally:
         client.close()

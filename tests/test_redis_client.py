@@ -72,15 +72,15 @@ def test_a_down_server_fails_after_bounded_retries_with_backoff():
     message = str(unavailable.value)
     assert message.startswith(f"Redis at redis://127.0.0.1:{server.port}/0 unavailable after 4 attempts: ")
     assert "Connection refused" in message and "p@ss" not in message
-    assert 0.1 + 0.2 + 0.4 <= elapsed < 5.0     # backed off between attempts, then gave up
+    assert 0.1 + 0.2 + 0.4 <= elapsed < 5.0  # backed off between attempts, then gave up
 
 
 def test_a_restart_is_ridden_out_by_the_retries(private_redis):
     client = connect(private_redis.url)
     client.set("k", b"v")
-    private_redis.restart()    # the pooled connection is now dead
+    private_redis.restart()  # the pooled connection is now dead
     assert client.ping()
-    assert client.get("k") is None    # no persistence
+    assert client.get("k") is None  # no persistence
 
 
 def test_the_password_may_come_from_a_file_as_docker_secrets_give_it(monkeypatch, tmp_path):
@@ -97,20 +97,54 @@ def test_the_password_may_come_from_a_file_as_docker_secrets_give_it(monkeypatch
 def test_the_acl_user_comes_from_the_url_or_redis_username(monkeypatch):
     monkeypatch.setenv("REDIS_USERNAME", "infer")
     assert connect("redis://cache.internal:6379").connection_pool.connection_kwargs["username"] == "infer"
-    assert connect("redis://trainer@cache.internal:6379").connection_pool.connection_kwargs["username"] \
+    assert (
+        connect("redis://trainer@cache.internal:6379").connection_pool.connection_kwargs["username"]
         == "trainer"
+    )
 
 
-@pytest.mark.parametrize("settings, url, words", [
-    ({"REDIS_TLS_CA": "missing.pem"}, "rediss://cache.internal:6380", r"REDIS_TLS_CA='.*missing.pem': no such file"),
-    ({"REDIS_TLS_CERT": "missing.crt"}, "rediss://cache.internal:6380", "REDIS_TLS_CERT='.*missing.crt'"),
-    ({"REDIS_PASSWORD_FILE": "missing"}, "redis://cache.internal:6379", "REDIS_PASSWORD_FILE='.*missing'"),
-    ({"REDIS_PASSWORD_FILE": "empty"}, "redis://cache.internal:6379", "REDIS_PASSWORD_FILE='.*empty': the file is empty"),
-    ({"REDIS_TLS_CA": "ca.pem"}, "redis://cache.internal:6379", "REDIS_TLS_CA set, but the Redis address is redis://"),
-    ({"REDIS_TLS_CERT": "client.crt"}, "rediss://cache.internal:6380", "REDIS_TLS_CERT and REDIS_TLS_KEY go together"),
-], ids=["missing-ca", "missing-cert", "missing-password-file", "empty-password-file", "tls-without-rediss",
-        "cert-without-key"])
-def test_settings_that_cannot_be_followed_stop_the_service_at_start(monkeypatch, tmp_path, settings, url, words):
+@pytest.mark.parametrize(
+    "settings, url, words",
+    [
+        (
+            {"REDIS_TLS_CA": "missing.pem"},
+            "rediss://cache.internal:6380",
+            r"REDIS_TLS_CA='.*missing.pem': no such file",
+        ),
+        ({"REDIS_TLS_CERT": "missing.crt"}, "rediss://cache.internal:6380", "REDIS_TLS_CERT='.*missing.crt'"),
+        (
+            {"REDIS_PASSWORD_FILE": "missing"},
+            "redis://cache.internal:6379",
+            "REDIS_PASSWORD_FILE='.*missing'",
+        ),
+        (
+            {"REDIS_PASSWORD_FILE": "empty"},
+            "redis://cache.internal:6379",
+            "REDIS_PASSWORD_FILE='.*empty': the file is empty",
+        ),
+        (
+            {"REDIS_TLS_CA": "ca.pem"},
+            "redis://cache.internal:6379",
+            "REDIS_TLS_CA set, but the Redis address is redis://",
+        ),
+        (
+            {"REDIS_TLS_CERT": "client.crt"},
+            "rediss://cache.internal:6380",
+            "REDIS_TLS_CERT and REDIS_TLS_KEY go together",
+        ),
+    ],
+    ids=[
+        "missing-ca",
+        "missing-cert",
+        "missing-password-file",
+        "empty-password-file",
+        "tls-without-rediss",
+        "cert-without-key",
+    ],
+)
+def test_settings_that_cannot_be_followed_stop_the_service_at_start(
+    monkeypatch, tmp_path, settings, url, words
+):
     for name in ("ca.pem", "client.crt"):
         (tmp_path / name).write_text("PEM")
     (tmp_path / "empty").write_text("")

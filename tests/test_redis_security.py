@@ -46,12 +46,15 @@ ADMIN_PASSWORD = secrets.token_urlsafe(24)
 
 # ---------------------------------------------------------------- certificates and servers
 
+
 @pytest.fixture(scope="module")
 def tls_redis_server() -> Path:
     """Debian's redis-server, which has TLS; skipped without it, except in CI."""
     if not TLS_REDIS_SERVER.is_file():
-        reason = (f"Redis TLS tests need a redis-server built with TLS at {TLS_REDIS_SERVER} "
-                  f"(apt-get install redis-server; .ci/run installs it)")
+        reason = (
+            f"Redis TLS tests need a redis-server built with TLS at {TLS_REDIS_SERVER} "
+            f"(apt-get install redis-server; .ci/run installs it)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -83,8 +86,12 @@ def start_tls_redis(tls_redis_server, pki):
     servers = []
 
     def start(certificate: str = "server", auth_clients: bool = False, **options) -> EmbeddedRedis:
-        tls = ServerTLS(cert=pki[f"{certificate}.crt"], key=pki[f"{certificate}.key"], ca=pki["ca"],
-                        auth_clients=auth_clients)
+        tls = ServerTLS(
+            cert=pki[f"{certificate}.crt"],
+            key=pki[f"{certificate}.key"],
+            ca=pki["ca"],
+            auth_clients=auth_clients,
+        )
         servers.append(EmbeddedRedis(binary=tls_redis_server, tls=tls, **options).start())
         return servers[-1]
 
@@ -118,7 +125,7 @@ class CountingForwarder:
         while True:
             try:
                 client, _ = self._listener.accept()
-            except OSError:    # closed
+            except OSError:  # closed
                 return
             self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", self.port))
@@ -160,6 +167,7 @@ def refused(client: redis.Redis) -> StoreUnavailable:
 
 # ---------------------------------------------------------------- TLS
 
+
 def test_the_store_publishes_and_reads_over_tls(start_tls_redis, pki, monkeypatch):
     server = start_tls_redis()
     trust(monkeypatch, pki)
@@ -178,25 +186,31 @@ def test_the_store_publishes_and_reads_over_tls(start_tls_redis, pki, monkeypatc
     assert connect(server.url.replace("127.0.0.1", "localhost")).get("tandem:model:digits:latest") == b"2"
 
 
-@pytest.mark.parametrize("certificate, ca, words", [
-    ("server", "other-ca", "unable to get local issuer certificate|self-signed certificate"),
-    ("expired-server", "ca", "certificate has expired"),
-    ("elsewhere-server", "ca", "IP address mismatch"),
-], ids=["wrong-ca", "expired", "other-host"])
+@pytest.mark.parametrize(
+    "certificate, ca, words",
+    [
+        ("server", "other-ca", "unable to get local issuer certificate|self-signed certificate"),
+        ("expired-server", "ca", "certificate has expired"),
+        ("elsewhere-server", "ca", "IP address mismatch"),
+    ],
+    ids=["wrong-ca", "expired", "other-host"],
+)
 def test_a_server_certificate_that_does_not_verify_fails_at_once(
-        start_tls_redis, forwarder, pki, monkeypatch, certificate, ca, words):
+    start_tls_redis, forwarder, pki, monkeypatch, certificate, ca, words
+):
     server = start_tls_redis(certificate)
     trust(monkeypatch, pki, ca)
     counted = forwarder(server)
-    error = refused(connect(counted.url))       # 6 retries by default: none of them is used
+    error = refused(connect(counted.url))  # 6 retries by default: none of them is used
     message = str(error)
     assert message.startswith(f"Redis at {counted.url}/0: its TLS certificate could not be verified (")
     assert re.search(words, message), message
-    assert counted.connections == 1             # one attempt, no retry loop
+    assert counted.connections == 1  # one attempt, no retry loop
 
 
 def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca_redis_trusts(
-        start_tls_redis, forwarder, pki, monkeypatch):
+    start_tls_redis, forwarder, pki, monkeypatch
+):
     server = start_tls_redis(auth_clients=True)
     trust(monkeypatch, pki)
     counted = forwarder(server)
@@ -223,18 +237,31 @@ def test_a_plaintext_client_gets_nothing_from_the_tls_port(start_tls_redis):
 
 # ---------------------------------------------------------------- ACL users
 
+
 @pytest.fixture
 def acl_passwords(tmp_path) -> dict[str, str]:
     """A password file for each service user (as Docker secrets give them), and the ACL file from them."""
     passwords = {"trainer": secrets.token_urlsafe(24), "infer": secrets.token_urlsafe(24)}
     for user, password in passwords.items():
         (tmp_path / f"{user}.password").write_text(password + "\n")
-    subprocess.run([sys.executable, "-m", "shared.security.redis_acl",
-                    "--trainer-password-file", str(tmp_path / "trainer.password"),
-                    "--infer-password-file", str(tmp_path / "infer.password"),
-                    "--out", str(tmp_path / "users.acl")], check=True, capture_output=True, timeout=60,
-                   cwd=REPO)
-    with open(tmp_path / "users.acl", "a") as acl:     # the test's own, to read the ACL LOG
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.security.redis_acl",
+            "--trainer-password-file",
+            str(tmp_path / "trainer.password"),
+            "--infer-password-file",
+            str(tmp_path / "infer.password"),
+            "--out",
+            str(tmp_path / "users.acl"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    with open(tmp_path / "users.acl", "a") as acl:  # the test's own, to read the ACL LOG
         acl.write(f"user admin on >{ADMIN_PASSWORD} ~* &* +@all\n")
     return passwords
 
@@ -269,23 +296,32 @@ def test_the_ACL_file_lets_no_one_in_without_a_user_and_password(acl_redis):
 
 
 def test_trainer_and_inference_run_with_their_own_users_and_no_command_is_refused(
-        acl_redis, acl_passwords, tmp_path):
-    trainer = Trainer(acl_redis, trainer_config(as_user(acl_redis, "trainer", acl_passwords["trainer"]),
-                                                tmp_path / "data", checkpoint_retention=1))
+    acl_redis, acl_passwords, tmp_path
+):
+    trainer = Trainer(
+        acl_redis,
+        trainer_config(
+            as_user(acl_redis, "trainer", acl_passwords["trainer"]), tmp_path / "data", checkpoint_retention=1
+        ),
+    )
     inference = Inference(infer_config(as_user(acl_redis, "infer", acl_passwords["infer"])))
     try:
         trainer.stub.UploadDataset(upload("small-digits", digits_arrays(200, 50)), timeout=30)
-        assert "small-digits" in {d.name for d in trainer.stub.ListDatasets(pb.ListDatasetsRequest()).datasets}
-        request = mlp_job("digits", epochs=3, dataset="small-digits", every_epoch=True, request_id="acl-run-1")
+        assert "small-digits" in {
+            d.name for d in trainer.stub.ListDatasets(pb.ListDatasetsRequest()).datasets
+        }
+        request = mlp_job(
+            "digits", epochs=3, dataset="small-digits", every_epoch=True, request_id="acl-run-1"
+        )
         job = trainer.stub.StartJob(request)
-        assert trainer.stub.StartJob(request).job_id == job.job_id       # the idempotency script ran
+        assert trainer.stub.StartJob(request).job_id == job.job_id  # the idempotency script ran
         done = wait_finished(trainer.stub, job.job_id)
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         assert [j.job_id for j in trainer.stub.ListJobs(pb.ListJobsRequest()).jobs] == [job.job_id]
         newest = done.last_published_version
-        assert newest >= 2      # the publisher may skip to the newest of those waiting
+        assert newest >= 2  # the publisher may skip to the newest of those waiting
         listed = trainer.stub.ListCheckpoints(pb.ListCheckpointsRequest(model_name="digits")).checkpoints
-        assert [c.version for c in listed] == [newest]     # retention 1 deleted the others
+        assert [c.version for c in listed] == [newest]  # retention 1 deleted the others
         wait_until(lambda: inference.served_version() == newest, "inference to serve the newest version")
         warm_start = mlp_job("nothing-here")
         warm_start.resume_from_version = 7
@@ -310,7 +346,11 @@ LEAKED_INFER_ATTEMPTS = [
     ("move latest", ("SET", "tandem:model:digits:latest", "99"), "set"),
     ("delete the checkpoint", ("DEL", "tandem:model:digits:v:1:blob"), "del"),
     ("rewrite its metadata", ("HSET", "tandem:model:digits:versions", "1", "{}"), "hset"),
-    ("announce a version", ("PUBLISH", "tandem:announcements", '{"model_name":"digits","version":9}'), "publish"),
+    (
+        "announce a version",
+        ("PUBLISH", "tandem:announcements", '{"model_name":"digits","version":9}'),
+        "publish",
+    ),
     ("append to the stream", ("XADD", "tandem:announcements", "*", "announcement", "{}"), "xadd"),
     ("write a job", ("SET", "tandem:job:0123456789abcdef", "{}"), "set"),
     ("read a job", ("GET", "tandem:job:0123456789abcdef"), "tandem:job:0123456789abcdef"),
@@ -321,33 +361,37 @@ LEAKED_INFER_ATTEMPTS = [
 ]
 
 
-@pytest.mark.parametrize("attempt, command, object_", LEAKED_INFER_ATTEMPTS,
-                         ids=[attempt for attempt, *_ in LEAKED_INFER_ATTEMPTS])
+@pytest.mark.parametrize(
+    "attempt, command, object_", LEAKED_INFER_ATTEMPTS, ids=[attempt for attempt, *_ in LEAKED_INFER_ATTEMPTS]
+)
 def test_leaked_inference_credentials_cannot_change_the_store(
-        acl_redis, acl_passwords, published, attempt, command, object_):
+    acl_redis, acl_passwords, published, attempt, command, object_
+):
     store, blob = published
     leaked = connect(as_user(acl_redis, "infer", acl_passwords["infer"]))
     with pytest.raises(redis.exceptions.NoPermissionError) as refusal:
         leaked.execute_command(*command)
     assert "no permissions" in str(refusal.value)
-    entry, = denied(acl_redis)
+    (entry,) = denied(acl_redis)
     assert (entry["username"], entry["object"]) == ("infer", object_)
     assert store.get_blob("digits", 1) == blob and store.latest_version("digits") == 1
-    assert CheckpointStore(leaked).get_blob("digits", 1) == blob        # reading is what it may do
+    assert CheckpointStore(leaked).get_blob("digits", 1) == blob  # reading is what it may do
 
 
 def test_a_refused_command_is_a_store_unavailable_naming_the_user_and_is_not_retried(
-        acl_redis, acl_passwords, published):
+    acl_redis, acl_passwords, published
+):
     _, blob = published
     leaked = CheckpointStore(connect(as_user(acl_redis, "infer", acl_passwords["infer"])))
     model = digits_model(seed=2)
     with pytest.raises(StoreUnavailable) as refusal:
         leaked.publish(model, CheckpointMeta("digits", model.spec, "float32"))
     assert str(refusal.value).startswith(
-        f"Redis at redis://127.0.0.1:{acl_redis.port}/0 refused the command to ACL user 'infer': ")
+        f"Redis at redis://127.0.0.1:{acl_redis.port}/0 refused the command to ACL user 'infer': "
+    )
     assert acl_passwords["infer"] not in str(refusal.value)
-    entry, = denied(acl_redis)
-    assert (entry["username"], entry["count"]) == ("infer", 1)     # tried once
+    (entry,) = denied(acl_redis)
+    assert (entry["username"], entry["count"]) == ("infer", 1)  # tried once
     assert leaked.get_blob("digits", 1) == blob
 
 

@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 from infer_svc.server import InferenceServer
 from tests.inference_harness import infer_config
 
-NOT_A_MESSAGE = b"\xff\xff"   # a field with tag 0x7f... and no value: no message parses from it
-STOP_BOUND = 20.0             # seconds for stop(grace=1) to return
+NOT_A_MESSAGE = b"\xff\xff"  # a field with tag 0x7f... and no value: no message parses from it
+STOP_BOUND = 20.0  # seconds for stop(grace=1) to return
 
 
 @pytest.fixture
@@ -28,9 +28,14 @@ def raw_channel(server) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{server.port}")
 
 
-@pytest.mark.parametrize("method", ["/tandem.v1.Inference/Predict",
-                                    "/inference.GRPCInferenceService/ModelInfer",
-                                    "/grpc.health.v1.Health/Check"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/tandem.v1.Inference/Predict",
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/grpc.health.v1.Health/Check",
+    ],
+)
 def test_a_unary_request_that_does_not_parse_is_invalid_argument_naming_the_method(server, method):
     with raw_channel(server) as channel, pytest.raises(grpc.RpcError) as caught:
         channel.unary_unary(method)(NOT_A_MESSAGE, timeout=10)

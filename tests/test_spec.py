@@ -8,18 +8,21 @@ import pytest
 from shared.nn import SpecError, build_model, numerical_gradient, rel_error, spec_to_json
 from shared.nn.presets import PRESETS, get_preset
 
-SMALL_CNN = {"input_shape": [2, 7, 7], "layers": [
-    {"type": "conv2d", "filters": 3, "kernel_size": 3, "stride": 2, "padding": "same"},
-    {"type": "tanh"},
-    {"type": "avgpool2d", "size": 2, "padding": "same"},
-    {"type": "conv2d", "filters": 2, "kernel_size": 2, "padding": "same"},
-    {"type": "relu"},
-    {"type": "maxpool2d", "size": 2, "stride": 1},
-    {"type": "flatten"},
-    {"type": "dense", "units": 5, "init": "xavier"},
-    {"type": "sigmoid"},
-    {"type": "dense", "units": 3},
-]}
+SMALL_CNN = {
+    "input_shape": [2, 7, 7],
+    "layers": [
+        {"type": "conv2d", "filters": 3, "kernel_size": 3, "stride": 2, "padding": "same"},
+        {"type": "tanh"},
+        {"type": "avgpool2d", "size": 2, "padding": "same"},
+        {"type": "conv2d", "filters": 2, "kernel_size": 2, "padding": "same"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "size": 2, "stride": 1},
+        {"type": "flatten"},
+        {"type": "dense", "units": 5, "init": "xavier"},
+        {"type": "sigmoid"},
+        {"type": "dense", "units": 3},
+    ],
+}
 
 
 def test_whole_models_backprop_matches_numerical_gradient():
@@ -41,20 +44,33 @@ def test_whole_models_backprop_matches_numerical_gradient():
 def test_shapes_are_inferred_through_the_stack():
     model = build_model(get_preset("cnn").spec((1, 28, 28), 10))
     assert [layer.output_shape for layer in model.layers] == [
-        (32, 28, 28), (32, 28, 28), (32, 14, 14),
-        (64, 14, 14), (64, 14, 14), (64, 7, 7),
-        (3136,), (128,), (128,), (10,)]
+        (32, 28, 28),
+        (32, 28, 28),
+        (32, 14, 14),
+        (64, 14, 14),
+        (64, 14, 14),
+        (64, 7, 7),
+        (3136,),
+        (128,),
+        (128,),
+        (10,),
+    ]
     assert model.param_shapes()["layers.7.W"] == (3136, 128)
 
 
 def test_normal_form_is_complete_stable_and_json():
     model = build_model(SMALL_CNN)
     normal = model.spec
-    assert normal["layers"][0] == {"type": "conv2d", "filters": 3, "kernel_size": [3, 3],
-                                   "stride": [2, 2], "padding": "same", "init": "he",
-                                   "init_std": 0.01}
-    assert normal["layers"][5] == {"type": "maxpool2d", "size": [2, 2], "stride": [1, 1],
-                                   "padding": "valid"}
+    assert normal["layers"][0] == {
+        "type": "conv2d",
+        "filters": 3,
+        "kernel_size": [3, 3],
+        "stride": [2, 2],
+        "padding": "same",
+        "init": "he",
+        "init_std": 0.01,
+    }
+    assert normal["layers"][5] == {"type": "maxpool2d", "size": [2, 2], "stride": [1, 1], "padding": "valid"}
     assert build_model(json.loads(spec_to_json(normal))).spec == normal
 
 
@@ -62,25 +78,51 @@ def bad(layers, input_shape=(1, 8, 8)):
     return {"input_shape": list(input_shape), "layers": layers}
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (bad([{"type": "conv2d", "filters": 4, "kernel_size": 9}, {"type": "flatten"},
-          {"type": "dense", "units": 2}]),
-     r"layer 0 \(conv2d\) with input shape \(1, 8, 8\): kernel 9x9 is larger than the padded input 8x8"),
-    (bad([{"type": "conv2d", "filters": 4}, {"type": "dense", "units": 2}]),
-     r"layer 1 \(dense\) with input shape \(4, 6, 6\): dense needs flat samples"),
-    (bad([{"type": "flatten"}, {"type": "dense", "units": 0}]),
-     r"layer 1 \(dense\) with input shape \(64,\): units must be a positive int, got 0"),
-    (bad([{"type": "flatten"}, {"type": "dropout"}]), r"layer 1 \(dropout\): unknown layer type"),
-    (bad([{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "relu"}]),
-     r"layer 1 \(dense\): unknown options \['activation'\]"),
-    (bad([{"type": "flatten"}, {"type": "dense"}]), r"layer 1 \(dense\): missing required options \['units'\]"),
-    (bad([{"type": "relu"}]), r"the last layer \(0, relu\) outputs shape \(1, 8, 8\)"),
-    (bad([{"type": "maxpool2d", "size": 2}] * 4 + [{"type": "flatten"}, {"type": "dense", "units": 2}]),
-     r"layer 3 \(maxpool2d\) with input shape \(1, 1, 1\): kernel 2x2 is larger"),
-    (bad([], input_shape=(8, 8)), r"input_shape must be \[features\] or \[channels, height, width\]"),
-    ({"input_shape": [4], "layers": [{"type": "dense", "units": 2}], "loss": "mse"}, r"unknown spec keys \['loss'\]"),
-    ("dense", r"a spec must be an object"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (
+            bad(
+                [
+                    {"type": "conv2d", "filters": 4, "kernel_size": 9},
+                    {"type": "flatten"},
+                    {"type": "dense", "units": 2},
+                ]
+            ),
+            r"layer 0 \(conv2d\) with input shape \(1, 8, 8\): kernel 9x9 is larger than the padded input 8x8",
+        ),
+        (
+            bad([{"type": "conv2d", "filters": 4}, {"type": "dense", "units": 2}]),
+            r"layer 1 \(dense\) with input shape \(4, 6, 6\): dense needs flat samples",
+        ),
+        (
+            bad([{"type": "flatten"}, {"type": "dense", "units": 0}]),
+            r"layer 1 \(dense\) with input shape \(64,\): units must be a positive int, got 0",
+        ),
+        (bad([{"type": "flatten"}, {"type": "dropout"}]), r"layer 1 \(dropout\): unknown layer type"),
+        (
+            bad([{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "relu"}]),
+            r"layer 1 \(dense\): unknown options \['activation'\]",
+        ),
+        (
+            bad([{"type": "flatten"}, {"type": "dense"}]),
+            r"layer 1 \(dense\): missing required options \['units'\]",
+        ),
+        (bad([{"type": "relu"}]), r"the last layer \(0, relu\) outputs shape \(1, 8, 8\)"),
+        (
+            bad(
+                [{"type": "maxpool2d", "size": 2}] * 4 + [{"type": "flatten"}, {"type": "dense", "units": 2}]
+            ),
+            r"layer 3 \(maxpool2d\) with input shape \(1, 1, 1\): kernel 2x2 is larger",
+        ),
+        (bad([], input_shape=(8, 8)), r"input_shape must be \[features\] or \[channels, height, width\]"),
+        (
+            {"input_shape": [4], "layers": [{"type": "dense", "units": 2}], "loss": "mse"},
+            r"unknown spec keys \['loss'\]",
+        ),
+        ("dense", r"a spec must be an object"),
+    ],
+)
 def test_a_spec_that_cannot_work_is_refused_with_one_clear_error(spec, expected):
     with pytest.raises(SpecError, match=expected):
         build_model(spec)

@@ -25,8 +25,15 @@ def small_model(seed: int = 0):
 
 
 def meta(step: int = 0) -> CheckpointMeta:
-    return CheckpointMeta(model_name=NAME, spec={}, dtype="", step=step, epoch=1, dataset="digits",
-                          metrics={"test_accuracy": 0.5})
+    return CheckpointMeta(
+        model_name=NAME,
+        spec={},
+        dtype="",
+        step=step,
+        epoch=1,
+        dataset="digits",
+        metrics={"test_accuracy": 0.5},
+    )
 
 
 def next_announcement(pubsub, timeout: float = 5.0) -> Announcement:
@@ -39,6 +46,7 @@ def next_announcement(pubsub, timeout: float = 5.0) -> Announcement:
 
 
 # Round trips and reads
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_layer_type_round_trips_through_the_store(store, dtype):
@@ -69,8 +77,9 @@ def test_versions_lists_each_versions_metadata_oldest_first(store):
 def test_a_listing_skips_entries_no_publish_wrote_and_a_garbage_latest_is_refused(store, redis_client):
     store.publish(small_model(), meta())
     keys = store.keys_for(NAME)
-    redis_client.hset(keys.versions, mapping={"2": b"not json", "x": b"{}", "3": b"[]",
-                                              "4": b'{"version": 5}'})
+    redis_client.hset(
+        keys.versions, mapping={"2": b"not json", "x": b"{}", "3": b"[]", "4": b'{"version": 5}'}
+    )
     assert [m["version"] for m in store.versions(NAME)] == [1]
     redis_client.set(keys.latest, b"one")
     with pytest.raises(CheckpointError, match="latest pointer"):
@@ -84,8 +93,9 @@ def test_unknown_models_and_versions_are_not_found(store):
     store.publish(small_model(), meta())
     store.publish(small_model(), meta())
     for read in (store.get, store.get_blob):
-        with pytest.raises(CheckpointNotFound,
-                           match=r"model 'digits-cnn' has no version 7; stored versions: \[1, 2\]"):
+        with pytest.raises(
+            CheckpointNotFound, match=r"model 'digits-cnn' has no version 7; stored versions: \[1, 2\]"
+        ):
             read(NAME, 7)
     with pytest.raises(ValueError, match="model_name must be"):
         store.latest("../etc")
@@ -105,11 +115,17 @@ def put_another_version_there(_blob, other):
     return other
 
 
-@pytest.mark.parametrize("tamper, refusal", [
-    (flip_a_weight_byte, "checksum mismatch"),
-    (claim_a_wrong_checksum, "checksum mismatch"),
-    (put_another_version_there, "stored as 'digits-cnn' version 2, but the checkpoint is 'digits-cnn' version 1"),
-])
+@pytest.mark.parametrize(
+    "tamper, refusal",
+    [
+        (flip_a_weight_byte, "checksum mismatch"),
+        (claim_a_wrong_checksum, "checksum mismatch"),
+        (
+            put_another_version_there,
+            "stored as 'digits-cnn' version 2, but the checkpoint is 'digits-cnn' version 1",
+        ),
+    ],
+)
 def test_reads_refuse_a_tampered_checkpoint(store, redis_client, tamper, refusal):
     store.publish(small_model(1), meta())
     store.publish(small_model(2), meta())
@@ -118,10 +134,11 @@ def test_reads_refuse_a_tampered_checkpoint(store, redis_client, tamper, refusal
     for read in (lambda: store.latest(NAME), lambda: store.get(NAME, 2)):
         with pytest.raises(CheckpointError, match=refusal):
             read()
-    assert store.get_blob(NAME, 2) == tampered     # raw, for readers that verify it themselves
+    assert store.get_blob(NAME, 2) == tampered  # raw, for readers that verify it themselves
 
 
 # Atomic and ordered publishing
+
 
 class PublisherKilled(Exception):
     pass
@@ -166,8 +183,9 @@ PUBLISHES_EACH = 4
 
 def publish_several(store: CheckpointStore, publisher: int) -> list[int]:
     """Publish PUBLISHES_EACH versions whose step says who published which one."""
-    return [store.publish(small_model(publisher), meta(step=publisher * 100 + i))
-            for i in range(PUBLISHES_EACH)]
+    return [
+        store.publish(small_model(publisher), meta(step=publisher * 100 + i)) for i in range(PUBLISHES_EACH)
+    ]
 
 
 def publish_from_a_process(url, prefix, publisher, start, results):
@@ -186,14 +204,19 @@ def test_concurrent_publishers_get_distinct_increasing_versions(redis_url, redis
     threads, processes = [1, 2, 3], [4, 5]
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(len(threads) + len(processes)), context.Queue()
-    children = [context.Process(target=publish_from_a_process,
-                                args=(redis_url, key_prefix, publisher, start, results))
-                for publisher in processes]
+    children = [
+        context.Process(
+            target=publish_from_a_process, args=(redis_url, key_prefix, publisher, start, results)
+        )
+        for publisher in processes
+    ]
     for child in children:
         child.start()
     with ThreadPoolExecutor(len(threads)) as pool:
-        futures = [pool.submit(publish_from_a_thread, redis_url, key_prefix, publisher, start)
-                   for publisher in threads]
+        futures = [
+            pool.submit(publish_from_a_thread, redis_url, key_prefix, publisher, start)
+            for publisher in threads
+        ]
         published = dict(future.result(timeout=180) for future in futures)
     published.update(results.get(timeout=180) for _ in processes)
     for child in children:
@@ -206,8 +229,9 @@ def test_concurrent_publishers_get_distinct_increasing_versions(redis_url, redis
     store = CheckpointStore(redis_client, retention=5, prefix=key_prefix)
     assert store.latest_version(NAME) == total
     assert [v["version"] for v in store.versions(NAME)] == list(range(total - 4, total + 1))
-    step_of = {v: publisher * 100 + i for publisher, versions in published.items()
-               for i, v in enumerate(versions)}
+    step_of = {
+        v: publisher * 100 + i for publisher, versions in published.items() for i, v in enumerate(versions)
+    }
     for version in range(total - 4, total + 1):
         assert store.get(NAME, version).meta.step == step_of[version]
 
@@ -220,14 +244,16 @@ def test_retention_keeps_exactly_the_newest_n(redis_client, key_prefix, retentio
     kept = list(range(7 - retention, 7))
     assert [v["version"] for v in store.versions(NAME)] == kept
     assert [redis_client.exists(store.keys_for(NAME).blob(v)) for v in range(1, 7)] == (
-        [0] * (6 - retention) + [1] * retention)
+        [0] * (6 - retention) + [1] * retention
+    )
     assert store.latest(NAME).meta.version == 6
     with pytest.raises(ValueError, match="at least 1"):
         CheckpointStore(redis_client, retention=0)
 
 
 def test_latest_reads_again_when_retention_deletes_its_version_meanwhile(
-        redis_url, redis_client, key_prefix, monkeypatch):
+    redis_url, redis_client, key_prefix, monkeypatch
+):
     writer = CheckpointStore(redis_client, retention=1, prefix=key_prefix)
     reader_client = connect(redis_url)
     reader = CheckpointStore(reader_client, prefix=key_prefix)
@@ -236,7 +262,7 @@ def test_latest_reads_again_when_retention_deletes_its_version_meanwhile(
 
     def publish_before_reading_version_1(key):
         if key == reader.keys_for(NAME).blob(1):
-            writer.publish(small_model(2), meta(step=2))    # deletes version 1
+            writer.publish(small_model(2), meta(step=2))  # deletes version 1
         return read(key)
 
     monkeypatch.setattr(reader_client, "get", publish_before_reading_version_1)
@@ -244,6 +270,7 @@ def test_latest_reads_again_when_retention_deletes_its_version_meanwhile(
 
 
 # Announcements
+
 
 def test_each_publish_is_announced_over_pubsub(store):
     pubsub = store.subscribe()
@@ -256,11 +283,11 @@ def test_a_subscriber_that_was_away_catches_up_from_the_stream(store):
     store.publish(small_model(), meta())
     assert next_announcement(pubsub).version == 1
     [seen] = store.announcements_since()
-    pubsub.close()                                       # the subscriber goes away...
+    pubsub.close()  # the subscriber goes away...
     store.publish(small_model(), meta())
     store.publish(small_model(), meta())
-    pubsub = store.subscribe()                           # ...and comes back
-    assert pubsub.get_message(timeout=0.2) is None       # Pub/Sub kept nothing for it
+    pubsub = store.subscribe()  # ...and comes back
+    assert pubsub.get_message(timeout=0.2) is None  # Pub/Sub kept nothing for it
     missed = store.announcements_since(seen.stream_id)
     assert [(a.model_name, a.version) for a in missed] == [(NAME, 2), (NAME, 3)]
     assert store.announcements_since(missed[-1].stream_id) == []
@@ -290,6 +317,7 @@ def test_announcements_are_json_and_anything_else_is_refused():
 
 # Redis going away
 
+
 def test_while_redis_is_down_calls_fail_clearly_and_work_again_after(private_redis):
     client = connect(private_redis.url)
     store = CheckpointStore(client)
@@ -297,10 +325,11 @@ def test_while_redis_is_down_calls_fail_clearly_and_work_again_after(private_red
     with private_redis.down():
         for call in (lambda: store.publish(small_model(), meta()), lambda: store.latest(NAME)):
             started = time.monotonic()
-            with pytest.raises(StoreUnavailable,
-                               match=r"^Redis at unix://.*/redis\.sock unavailable after 7 attempts: "):
+            with pytest.raises(
+                StoreUnavailable, match=r"^Redis at unix://.*/redis\.sock unavailable after 7 attempts: "
+            ):
                 call()
             assert time.monotonic() - started < 15.0
-    assert client.keys("*") == []     # Redis is back, empty (no persistence): nothing half-written
+    assert client.keys("*") == []  # Redis is back, empty (no persistence): nothing half-written
     assert store.publish(small_model(), meta()) == 1
     assert store.latest(NAME).meta.version == 1

@@ -29,14 +29,17 @@ def test_message_fields_are_numpy_name_shape_and_little_endian_bytes():
     assert tensor.data == np.array([1, 2, 3], dtype="<f4").tobytes()
 
 
-@pytest.mark.parametrize("array", [
-    np.float64(2.5),                                  # scalar: shape []
-    np.zeros((0, 3), dtype=np.float32),               # empty
-    np.arange(24, dtype=np.int64).reshape(2, 3, 4)[:, ::2, 1:],   # non-contiguous view
-    np.arange(6, dtype=">f8").reshape(2, 3),          # big-endian input
-    np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
-    np.array([True, False, True]),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.float64(2.5),  # scalar: shape []
+        np.zeros((0, 3), dtype=np.float32),  # empty
+        np.arange(24, dtype=np.int64).reshape(2, 3, 4)[:, ::2, 1:],  # non-contiguous view
+        np.arange(6, dtype=">f8").reshape(2, 3),  # big-endian input
+        np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+        np.array([True, False, True]),
+    ],
+)
 def test_round_trip_shapes_layouts_and_byte_orders(array):
     back = from_tensor(wire(to_tensor(array)))
     assert back.shape == array.shape
@@ -56,9 +59,14 @@ def test_decoded_array_is_native_and_read_only():
     np.array(back)[0, 0] = 5  # a copy is writable
 
 
-@pytest.mark.parametrize("array", [
-    np.array([1 + 2j]), np.array(["a"]), np.array([object()], dtype=object),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([1 + 2j]),
+        np.array(["a"]),
+        np.array([object()], dtype=object),
+    ],
+)
 def test_to_tensor_refuses_dtypes_a_tensor_cannot_carry(array):
     with pytest.raises(TensorError, match="cannot travel as a Tensor"):
         to_tensor(array)

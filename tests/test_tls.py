@@ -44,13 +44,21 @@ from tests.trainer_harness import trainer_config
 from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parent.parent
-CALL = 10.0          # seconds any one call may take
+CALL = 10.0  # seconds any one call may take
 # A channel of its own for every connection attempt: grpc shares subchannels (connections)
 # between channels with equal settings, and these tests are about new handshakes.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
-TLS_VARIABLES = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CLIENT_CA", "TANDEM_TLS_CA",
-                 "TANDEM_TLS_CLIENT_CERT", "TANDEM_TLS_CLIENT_KEY", "TANDEM_TLS", "TANDEM_TOKEN",
-                 "TANDEM_TOKEN_FILE")
+TLS_VARIABLES = (
+    "TANDEM_TLS_CERT",
+    "TANDEM_TLS_KEY",
+    "TANDEM_TLS_CLIENT_CA",
+    "TANDEM_TLS_CA",
+    "TANDEM_TLS_CLIENT_CERT",
+    "TANDEM_TLS_CLIENT_KEY",
+    "TANDEM_TLS",
+    "TANDEM_TOKEN",
+    "TANDEM_TOKEN_FILE",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -71,11 +79,9 @@ class Pki:
         self.other_ca_file = self.other_ca.write(root / "other-ca.pem")
         self.server = self.write(self.ca.issue("server", hosts=("127.0.0.1", "localhost")), "server")
         self.client = self.write(self.ca.issue("alice", client=True), "alice")
-        self.other_server = self.write(self.other_ca.issue("server", hosts=("127.0.0.1",)),
-                                       "other-server")
+        self.other_server = self.write(self.other_ca.issue("server", hosts=("127.0.0.1",)), "other-server")
         self.other_client = self.write(self.other_ca.issue("mallory", client=True), "mallory")
-        self.expired = self.write(self.ca.issue("old", hosts=("127.0.0.1",), expired=True),
-                                  "expired")
+        self.expired = self.write(self.ca.issue("old", hosts=("127.0.0.1",), expired=True), "expired")
 
     def write(self, issued: Issued, stem: str) -> dict[str, Path]:
         return issued.write(self.root / stem)
@@ -125,8 +131,7 @@ def start_inference(private_redis):
 def health_status(address: str, tls: ClientTLS | None) -> int:
     """grpc.health.v1 Check of "" over a connection of its own; raises grpc.RpcError."""
     with Connection(tls).channel(address, OWN_CONNECTION) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=CALL).status
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL).status
 
 
 def refused(address: str, tls: ClientTLS | None) -> str:
@@ -167,31 +172,33 @@ def test_an_expired_server_certificate_is_refused(pki, start_trainer):
 # ---------------------------------------------------------------- mutual TLS
 
 
-def test_mutual_tls_asks_for_a_client_certificate_signed_by_the_client_ca(
-        pki, checkpoints, start_inference):
+def test_mutual_tls_asks_for_a_client_certificate_signed_by_the_client_ca(pki, checkpoints, start_inference):
     publish(checkpoints, seed=0)
     address = start_inference(pki.server_tls(mutual=True))
 
-    refused(address, pki.client_tls())                              # no client certificate
-    refused(address, pki.client_tls(pair=pki.other_client))         # signed by another CA
-    refused(address, None)                                          # plaintext
+    refused(address, pki.client_tls())  # no client certificate
+    refused(address, pki.client_tls(pair=pki.other_client))  # signed by another CA
+    refused(address, None)  # plaintext
     with InferenceClient(address, connection=Connection(pki.client_tls(pair=pki.client))) as client:
         client.wait_until_ready(DEADLINE)
         prediction = client.predict(NAME, samples(3))
     assert prediction.version == 1 and prediction.probabilities.shape == (3, 10)
 
 
-def test_tritonclient_calls_the_inference_service_over_tls_and_mutual_tls(
-        pki, checkpoints, start_inference):
+def test_tritonclient_calls_the_inference_service_over_tls_and_mutual_tls(pki, checkpoints, start_inference):
     publish(checkpoints, seed=0)
     for mutual in (False, True):
         address = start_inference(pki.server_tls(mutual=mutual))
-        client_pair = {"private_key": str(pki.client["key"]),
-                       "certificate_chain": str(pki.client["cert"])} if mutual else {}
-        client = triton.InferenceServerClient(address, ssl=True,
-                                              root_certificates=str(pki.ca_file), **client_pair)
+        client_pair = (
+            {"private_key": str(pki.client["key"]), "certificate_chain": str(pki.client["cert"])}
+            if mutual
+            else {}
+        )
+        client = triton.InferenceServerClient(
+            address, ssl=True, root_certificates=str(pki.ca_file), **client_pair
+        )
         try:
-            deadline = time.monotonic() + DEADLINE   # ready once version 1 is loaded
+            deadline = time.monotonic() + DEADLINE  # ready once version 1 is loaded
             while not client.is_server_ready(client_timeout=CALL):
                 assert time.monotonic() < deadline, "the inference service never turned ready"
                 time.sleep(0.01)
@@ -202,9 +209,8 @@ def test_tritonclient_calls_the_inference_service_over_tls_and_mutual_tls(
             np.testing.assert_allclose(result.as_numpy("probabilities").sum(axis=1), 1, rtol=1e-5)
         finally:
             client.close()
-        if mutual:   # and without a client certificate, no answer
-            bare = triton.InferenceServerClient(address, ssl=True,
-                                                root_certificates=str(pki.ca_file))
+        if mutual:  # and without a client certificate, no answer
+            bare = triton.InferenceServerClient(address, ssl=True, root_certificates=str(pki.ca_file))
             with pytest.raises(triton.InferenceServerException, match="UNAVAILABLE"):
                 bare.is_server_ready(client_timeout=CALL)
             bare.close()
@@ -228,8 +234,9 @@ def answers(address: str, tls: ClientTLS) -> bool:
 
 
 def test_rotated_certificate_files_serve_new_connections_without_a_restart(
-        pki, start_trainer, tmp_path, caplog):
-    live = pki.write(pki.ca.issue("server", hosts=("127.0.0.1",)), "live")   # the files rotated
+    pki, start_trainer, tmp_path, caplog
+):
+    live = pki.write(pki.ca.issue("server", hosts=("127.0.0.1",)), "live")  # the files rotated
     tls = ServerTLS(live["cert"], live["key"])
     address = start_trainer(tls)
     old_ca, new_ca_file = pki.client_tls(), tmp_path / "new-ca.pem"
@@ -251,15 +258,16 @@ def test_rotated_certificate_files_serve_new_connections_without_a_restart(
         wait_until(lambda: answers(address, ClientTLS(new_ca_file)), "the rotated certificate")
         assert "CERTIFICATE_VERIFY_FAILED" in refused(address, old_ca)
         # A connection made before the rotation keeps the certificate it was made with.
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=CALL).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=CALL).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 # ---------------------------------------------------------------- settings and start
 
 
-def test_server_settings_come_from_the_environment_and_bad_files_stop_the_start(
-        pki, monkeypatch, tmp_path):
+def test_server_settings_come_from_the_environment_and_bad_files_stop_the_start(pki, monkeypatch, tmp_path):
     assert ServerTLS.from_env() is None
     monkeypatch.setenv("TANDEM_TLS_CERT", str(pki.server["cert"]))
     monkeypatch.setenv("TANDEM_TLS_KEY", str(pki.server["key"]))
@@ -270,9 +278,9 @@ def test_server_settings_come_from_the_environment_and_bad_files_stop_the_start(
     with pytest.raises(ValueError, match=r"TANDEM_TLS_CLIENT_CA=.*missing\.pem.*cannot read"):
         ServerTLS.from_env()
     monkeypatch.delenv("TANDEM_TLS_CLIENT_CA")
-    monkeypatch.setenv("TANDEM_TLS_KEY", str(pki.client["key"]))   # another certificate's key
+    monkeypatch.setenv("TANDEM_TLS_KEY", str(pki.client["key"]))  # another certificate's key
     with pytest.raises(ValueError, match="not a PEM certificate and its key"):
-        ServerTLS.from_env().credentials()   # as the server binds its port, at start
+        ServerTLS.from_env().credentials()  # as the server binds its port, at start
     monkeypatch.delenv("TANDEM_TLS_KEY")
     with pytest.raises(ValueError, match="TANDEM_TLS_CERT and TANDEM_TLS_KEY go together"):
         ServerTLS.from_env()
@@ -281,20 +289,39 @@ def test_server_settings_come_from_the_environment_and_bad_files_stop_the_start(
 def test_a_service_with_a_missing_certificate_stops_at_start_naming_the_variable(tmp_path):
     missing = tmp_path / "server.crt"
     service = subprocess.run(
-        [sys.executable, "-m", "trainer_svc"], cwd=REPO, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "TANDEM_TLS_CERT": str(missing),
-                         "TANDEM_TLS_KEY": str(missing), "TRAINER_LISTEN": "127.0.0.1:0",
-                         "TRAINER_METRICS_PORT": "0"})
+        [sys.executable, "-m", "trainer_svc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "TANDEM_TLS_CERT": str(missing),
+            "TANDEM_TLS_KEY": str(missing),
+            "TRAINER_LISTEN": "127.0.0.1:0",
+            "TRAINER_METRICS_PORT": "0",
+        },
+    )
     assert service.returncode != 0
     assert f"TANDEM_TLS_CERT={str(missing)!r}: cannot read it" in service.stderr
 
 
-@pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1:50051", True), ("127.1.2.3:0", True), ("localhost:50051", True),
-    ("[::1]:50051", True), ("[::ffff:127.0.0.1]:1", True), ("unix:/run/tandem.sock", True),
-    ("0.0.0.0:50051", False), ("[::]:50051", False), (":50051", False),
-    ("10.0.0.5:50051", False), ("trainer.example:50051", False),
-])
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:0", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("[::ffff:127.0.0.1]:1", True),
+        ("unix:/run/tandem.sock", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.0.0.5:50051", False),
+        ("trainer.example:50051", False),
+    ],
+)
 def test_is_loopback(address, loopback):
     assert is_loopback(address) is loopback
 
@@ -307,7 +334,7 @@ def test_plaintext_on_a_network_address_is_logged_loudly_and_loopback_is_not(cap
         with caplog.at_level(logging.WARNING, logger="tandem.tls"):
             port = listen(server, address, None)
         server.start()
-        try:   # it serves (traffic to 127.0.0.1 only), warned or not
+        try:  # it serves (traffic to 127.0.0.1 only), warned or not
             assert health_status(f"127.0.0.1:{port}", None) == health_pb2.HealthCheckResponse.SERVING
         finally:
             server.stop(0)
@@ -320,7 +347,7 @@ def test_plaintext_on_a_network_address_is_logged_loudly_and_loopback_is_not(cap
 def test_client_settings_come_from_the_environment(pki, monkeypatch):
     assert Connection.from_env() == Connection(None, None)
     monkeypatch.setenv("TANDEM_TLS", "true")
-    assert Connection.from_env().tls == ClientTLS()          # TLS with the system's roots
+    assert Connection.from_env().tls == ClientTLS()  # TLS with the system's roots
     monkeypatch.setenv("TANDEM_TLS_CA", str(pki.ca_file))
     monkeypatch.setenv("TANDEM_TLS_CLIENT_CERT", str(pki.client["cert"]))
     monkeypatch.setenv("TANDEM_TLS_CLIENT_KEY", str(pki.client["key"]))
@@ -373,9 +400,10 @@ def test_the_token_travels_as_bearer_metadata_on_every_call(pki, tls):
     connection = Connection(pki.client_tls() if tls else None, token="tok-789")
     try:
         with TrainerClient(f"127.0.0.1:{port}", connection=connection) as client:
-            client.wait_until_ready(DEADLINE)                         # a stream
-            health_pb2_grpc.HealthStub(client._channel).Check(        # a unary call
-                health_pb2.HealthCheckRequest(), timeout=CALL)
+            client.wait_until_ready(DEADLINE)  # a stream
+            health_pb2_grpc.HealthStub(client._channel).Check(  # a unary call
+                health_pb2.HealthCheckRequest(), timeout=CALL
+            )
     finally:
         server.stop(0)
     assert [m.get("authorization") for m in recorder.metadata] == ["Bearer tok-789"] * 2
@@ -387,9 +415,14 @@ def test_the_token_travels_as_bearer_metadata_on_every_call(pki, tls):
 
 def tandem(*argv, env: dict | None = None) -> subprocess.CompletedProcess:
     """`tandem ARGV` as a process of its own (flags and environment as a user would give them)."""
-    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *map(str, argv)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_tandem_jobs_list_over_tls_and_mutual_tls(pki, start_trainer):
@@ -398,12 +431,20 @@ def test_tandem_jobs_list_over_tls_and_mutual_tls(pki, start_trainer):
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "no jobs\n", "")
     plaintext = tandem("jobs", "list", "--trainer", tls_address)
     assert plaintext.returncode == 2 and "UNAVAILABLE" in plaintext.stderr
-    assert "--tls-ca" in plaintext.stderr   # the hint says what to try
+    assert "--tls-ca" in plaintext.stderr  # the hint says what to try
 
     mutual_address = start_trainer(pki.server_tls(mutual=True))
-    from_env = tandem("jobs", "list", "--trainer", mutual_address, env={
-        "TANDEM_TLS_CA": str(pki.ca_file), "TANDEM_TLS_CLIENT_CERT": str(pki.client["cert"]),
-        "TANDEM_TLS_CLIENT_KEY": str(pki.client["key"])})
+    from_env = tandem(
+        "jobs",
+        "list",
+        "--trainer",
+        mutual_address,
+        env={
+            "TANDEM_TLS_CA": str(pki.ca_file),
+            "TANDEM_TLS_CLIENT_CERT": str(pki.client["cert"]),
+            "TANDEM_TLS_CLIENT_KEY": str(pki.client["key"]),
+        },
+    )
     assert (from_env.returncode, from_env.stdout) == (0, "no jobs\n"), from_env.stderr
     no_cert = tandem("jobs", "list", "--trainer", mutual_address, "--tls-ca", pki.ca_file)
     assert no_cert.returncode == 2 and "UNAVAILABLE" in no_cert.stderr
@@ -415,14 +456,39 @@ def test_tandem_predict_server_over_mutual_tls(pki, checkpoints, start_inference
     with InferenceClient(address, connection=Connection(pki.client_tls(pair=pki.client))) as client:
         client.wait_until_ready(DEADLINE)
     token_file = tmp_path / "token"
-    token_file.write_text("tok-cli\n")   # sent, and unused: no auth on this server
-    predicted = tandem("predict", "--server", address, "--model-name", NAME, "--dataset", "digits",
-                       "--limit", "3", "--tls-ca", pki.ca_file, "--tls-cert", pki.client["cert"],
-                       "--tls-key", pki.client["key"], "--token-file", token_file)
+    token_file.write_text("tok-cli\n")  # sent, and unused: no auth on this server
+    predicted = tandem(
+        "predict",
+        "--server",
+        address,
+        "--model-name",
+        NAME,
+        "--dataset",
+        "digits",
+        "--limit",
+        "3",
+        "--tls-ca",
+        pki.ca_file,
+        "--tls-cert",
+        pki.client["cert"],
+        "--tls-key",
+        pki.client["key"],
+        "--token-file",
+        token_file,
+    )
     assert predicted.returncode == 0, predicted.stderr
     assert f"answered by {NAME} version 1 at {address}" in predicted.stdout
-    missing = tandem("predict", "--server", address, "--model-name", NAME, "--dataset", "digits",
-                     "--tls-ca", tmp_path / "nope.pem")
+    missing = tandem(
+        "predict",
+        "--server",
+        address,
+        "--model-name",
+        NAME,
+        "--dataset",
+        "digits",
+        "--tls-ca",
+        tmp_path / "nope.pem",
+    )
     assert missing.returncode == 2 and "the TLS CA=" in missing.stderr and "nope.pem" in missing.stderr
     help_text = " ".join(tandem("jobs", "list", "--help").stdout.split())
     assert "--token-file" in help_text and "never taken as an argument" in help_text
@@ -430,14 +496,21 @@ def test_tandem_predict_server_over_mutual_tls(pki, checkpoints, start_inference
 
 def healthcheck(service: str, listen_address: str, env: dict) -> subprocess.CompletedProcess:
     variable = {"trainer": "TRAINER_LISTEN", "infer": "INFER_LISTEN"}[service]
-    return subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py"), service],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, variable: listen_address, **env})
+    return subprocess.run(
+        [sys.executable, str(REPO / "docker" / "healthcheck.py"), service],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, variable: listen_address, **env},
+    )
 
 
 def test_the_health_check_speaks_tls_and_mutual_tls_as_its_service_does(pki, start_trainer):
-    server_env = {"TANDEM_TLS_CERT": str(pki.server["cert"]), "TANDEM_TLS_KEY": str(pki.server["key"]),
-                  "TANDEM_TLS_CA": str(pki.ca_file)}
+    server_env = {
+        "TANDEM_TLS_CERT": str(pki.server["cert"]),
+        "TANDEM_TLS_KEY": str(pki.server["key"]),
+        "TANDEM_TLS_CA": str(pki.ca_file),
+    }
     address = start_trainer(pki.server_tls())
     checked = healthcheck("trainer", address, server_env)
     assert (checked.returncode, checked.stdout) == (0, f"{address}: SERVING\n"), checked.stderr
@@ -448,9 +521,15 @@ def test_the_health_check_speaks_tls_and_mutual_tls_as_its_service_does(pki, sta
     mutual_env = {**server_env, "TANDEM_TLS_CLIENT_CA": str(pki.ca_file)}
     without = healthcheck("trainer", mutual, mutual_env)
     assert without.returncode == 1 and "TANDEM_TLS_CLIENT_CERT" in without.stdout
-    with_cert = healthcheck("trainer", mutual, {**mutual_env,
-                                                "TANDEM_TLS_CLIENT_CERT": str(pki.client["cert"]),
-                                                "TANDEM_TLS_CLIENT_KEY": str(pki.client["key"])})
+    with_cert = healthcheck(
+        "trainer",
+        mutual,
+        {
+            **mutual_env,
+            "TANDEM_TLS_CLIENT_CERT": str(pki.client["cert"]),
+            "TANDEM_TLS_CLIENT_KEY": str(pki.client["key"]),
+        },
+    )
     assert (with_cert.returncode, with_cert.stdout) == (0, f"{mutual}: SERVING\n"), with_cert.stderr
 
 

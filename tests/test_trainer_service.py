@@ -49,16 +49,23 @@ from tests.trainer_harness import (
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
 
-DIGITS_TRAIN, DIGITS_TEST = 1618, 179      # the built-in digits split
+DIGITS_TRAIN, DIGITS_TEST = 1618, 179  # the built-in digits split
 
 
 # ---------------------------------------------------------------- 1. a digits CNN job
 
+
 def test_a_digits_cnn_job_reaches_97_percent_and_publishes_its_checkpoints(trainer):
     digits = load_dataset("digits")
-    job = trainer.stub.StartJob(pb.StartJobRequest(
-        model_name="digits-cnn", preset="digits-cnn", dataset="digits",
-        hyperparameters=pb.Hyperparameters(seed=0), checkpoints=pb.CheckpointSchedule(every_epoch=True)))
+    job = trainer.stub.StartJob(
+        pb.StartJobRequest(
+            model_name="digits-cnn",
+            preset="digits-cnn",
+            dataset="digits",
+            hyperparameters=pb.Hyperparameters(seed=0),
+            checkpoints=pb.CheckpointSchedule(every_epoch=True),
+        )
+    )
     assert job.state == pb.JOB_STATE_QUEUED
     assert (job.hyperparameters.epochs, job.hyperparameters.batch_size) == (15, 32)  # the preset's
 
@@ -73,12 +80,17 @@ def test_a_digits_cnn_job_reaches_97_percent_and_publishes_its_checkpoints(train
     listing = list_checkpoints(trainer.stub, "digits-cnn")
     versions = [c.version for c in listing]
     newest = versions[0]
-    assert versions == list(range(newest, newest - len(versions), -1))    # newest first, no gaps
-    assert len(versions) == min(newest, 5)                                 # the retention
+    assert versions == list(range(newest, newest - len(versions), -1))  # newest first, no gaps
+    assert len(versions) == min(newest, 5)  # the retention
     assert [c.latest for c in listing] == [True] + [False] * (len(listing) - 1)
     assert newest == done.last_published_version
     final = listing[0]
-    assert (final.step, final.epoch, final.dataset, final.dtype) == (done.progress.step, 15, "digits", "float32")
+    assert (final.step, final.epoch, final.dataset, final.dtype) == (
+        done.progress.step,
+        15,
+        "digits",
+        "float32",
+    )
     assert final.metrics["test_accuracy"] == pytest.approx(done.last_metrics.test_accuracy)
 
     checkpoint = trainer.store.get("digits-cnn", done.last_published_version)
@@ -90,6 +102,7 @@ def test_a_digits_cnn_job_reaches_97_percent_and_publishes_its_checkpoints(train
 
 
 # ---------------------------------------------------------------- 2. watching
+
 
 def without_time(event: pb.JobEvent) -> pb.JobEvent:
     copy = pb.JobEvent()
@@ -123,7 +136,7 @@ def test_two_watchers_each_get_every_event_in_order(trainer):
 
     epochs = [e.epoch for e in events if e.HasField("epoch")]
     assert [m.epoch for m in epochs] == [1, 2, 3, 4]
-    assert epochs == list(final.history)            # the same metrics, step included
+    assert epochs == list(final.history)  # the same metrics, step included
 
     steps = [e.step.step for e in events if e.HasField("step")]
     assert steps == sorted(set(steps)) and steps[-1] <= final.progress.steps_total
@@ -138,10 +151,16 @@ def test_two_watchers_each_get_every_event_in_order(trainer):
 
     # Every epoch event comes before the job's end, each epoch's checkpoint after its epoch.
     order = kinds(events)
-    assert order.index("snapshot") == 0 and max(i for i, k in enumerate(order) if k == "epoch") < len(order) - 1
+    assert (
+        order.index("snapshot") == 0 and max(i for i, k in enumerate(order) if k == "epoch") < len(order) - 1
+    )
     first_epoch_at = order.index("epoch")
     assert all(i > first_epoch_at for i, k in enumerate(order) if k == "checkpoint")
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watchers to unsubscribe", timeout=5)
+    wait_until(
+        lambda: trainer.manager.events.watcher_count(job.job_id) == 0,
+        "the watchers to unsubscribe",
+        timeout=5,
+    )
 
 
 def test_a_late_watcher_of_a_finished_job_gets_its_snapshot_then_finished(trainer):
@@ -151,7 +170,9 @@ def test_a_late_watcher_of_a_finished_job_gets_its_snapshot_then_finished(traine
     assert kinds(events) == ["snapshot", "finished"]
     assert events[0].snapshot == events[1].finished == done
     assert done.state == pb.JOB_STATE_SUCCEEDED
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5)
+    wait_until(
+        lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5
+    )
 
 
 def test_a_watcher_that_disconnects_early_costs_nothing(trainer):
@@ -160,7 +181,9 @@ def test_a_watcher_that_disconnects_early_costs_nothing(trainer):
     assert next(call).HasField("snapshot")
     assert trainer.manager.events.watcher_count(job.job_id) == 1
     call.cancel()
-    wait_until(lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5)
+    wait_until(
+        lambda: trainer.manager.events.watcher_count(job.job_id) == 0, "the watcher to unsubscribe", timeout=5
+    )
     # The job trains on regardless.
     before = get_job(trainer.stub, job.job_id).progress.step
     wait_for_job(trainer.stub, job.job_id, lambda j: j.progress.step > before, 10, "to take more steps")
@@ -169,9 +192,11 @@ def test_a_watcher_that_disconnects_early_costs_nothing(trainer):
 
 def test_unknown_job_ids_are_not_found_for_every_call(idle_trainer):
     stub = idle_trainer.stub
-    for call, request in [(stub.GetJob, pb.GetJobRequest(job_id="nope")),
-                          (stub.CancelJob, pb.CancelJobRequest(job_id="nope")),
-                          (lambda r, **kw: list(stub.WatchJob(r, **kw)), pb.WatchJobRequest(job_id="nope"))]:
+    for call, request in [
+        (stub.GetJob, pb.GetJobRequest(job_id="nope")),
+        (stub.CancelJob, pb.CancelJobRequest(job_id="nope")),
+        (lambda r, **kw: list(stub.WatchJob(r, **kw)), pb.WatchJobRequest(job_id="nope")),
+    ]:
         error = rpc_error(call, request)
         assert error.code() == grpc.StatusCode.NOT_FOUND, error
         assert "'nope'" in error.details()
@@ -180,6 +205,7 @@ def test_unknown_job_ids_are_not_found_for_every_call(idle_trainer):
 
 
 # ---------------------------------------------------------------- 3. cancelling
+
 
 def test_cancel_stops_a_running_job_within_one_step_with_a_final_checkpoint(trainer):
     job = trainer.stub.StartJob(slow_job("cancelled", every_steps=0))
@@ -193,7 +219,7 @@ def test_cancel_stops_a_running_job_within_one_step_with_a_final_checkpoint(trai
     assert time.monotonic() - asked_at < 10
     assert done.state == pb.JOB_STATE_CANCELLED, done.error
     assert done.stop_reason == "stopped" and done.finished_at.seconds
-    assert seen <= done.progress.step <= seen + 1          # the step in flight, no more
+    assert seen <= done.progress.step <= seen + 1  # the step in flight, no more
     assert done.progress.step < done.progress.steps_total
 
     listing = list_checkpoints(trainer.stub, "cancelled")
@@ -221,16 +247,25 @@ def test_cancel_ends_a_queued_job_at_once_without_a_checkpoint(trainer):
 
 # ---------------------------------------------------------------- 4. SIGTERM and restart
 
+
 @pytest.mark.parametrize("optimizer, learning_rate", [("sgd", 0.05), ("momentum", 0.01), ("adam", 1e-3)])
 def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finishes_it(
-        private_redis, tmp_path, optimizer, learning_rate):
+    private_redis, tmp_path, optimizer, learning_rate
+):
     log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
     client = connect(private_redis.url)
     store, jobs = CheckpointStore(client), JobRepository(client)
     # The optimiser's state (momentum, Adam's moments and step) resumes with the weights, so a
     # resumed run must end with exactly the unbroken run's weights.
-    request = mlp_job("resumed", epochs=4, batch_size=1, every_steps=500, optimizer=optimizer,
-                      learning_rate=learning_rate, seed=3)
+    request = mlp_job(
+        "resumed",
+        epochs=4,
+        batch_size=1,
+        every_steps=500,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        seed=3,
+    )
     total = 4 * DIGITS_TRAIN
 
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
@@ -242,19 +277,20 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
     assert record.state == JobState.INTERRUPTED, log_tail(log_path)
     assert 0 < record.step < total, "the job should have been stopped mid-run"
     assert record.last_published_version >= 1
-    assert record.last_published_step == record.step            # a final checkpoint where it stopped
+    assert record.last_published_step == record.step  # a final checkpoint where it stopped
     interrupted_at = store.get("resumed", record.last_published_version).meta.step
     assert interrupted_at == record.step
     assert [e["epoch"] for e in record.history] == list(range(1, len(record.history) + 1))
 
     metrics_port = free_loopback_port()
-    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir,
-                         metrics_port=metrics_port) as (process, stub):
+    with trainer_process(
+        private_redis.url, free_loopback_port(), log_path, data_dir, metrics_port=metrics_port
+    ) as (process, stub):
         done = wait_finished(stub, job.job_id, timeout=120)
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         assert done.restarts == 1
         assert done.progress.step == done.progress.steps_total == total
-        assert [m.epoch for m in done.history] == [1, 2, 3, 4]        # none twice, none missing
+        assert [m.epoch for m in done.history] == [1, 2, 3, 4]  # none twice, none missing
         # The second trainer trained only the steps after the checkpoint.
         assert scrape_metrics(metrics_port)[("tandem_trainer_steps_total", ())] == total - interrupted_at
         terminate(process, log_path)
@@ -269,7 +305,7 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
 def assert_resumed_like_an_unbroken_run(client, job_id: str, final, request, log_path: Path) -> None:
     """The final checkpoint holds exactly the weights of the job's run trained without a break."""
     assert "optimizer_state_missing" not in log_path.read_text()
-    assert not client.exists(f"tandem:job:{job_id}:optimizer")      # gone with the job's end
+    assert not client.exists(f"tandem:job:{job_id}:optimizer")  # gone with the job's end
     unbroken = train(final.model.spec, load_dataset("digits"), request.hyperparameters).model
     for name, weights in unbroken.state_dict().items():
         assert np.isfinite(weights).all(), name
@@ -277,7 +313,8 @@ def assert_resumed_like_an_unbroken_run(client, job_id: str, final, request, log
 
 
 def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_checkpoint(
-        private_redis, tmp_path):
+    private_redis, tmp_path
+):
     log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
     client = connect(private_redis.url)
     store, jobs = CheckpointStore(client), JobRepository(client)
@@ -285,8 +322,12 @@ def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_chec
 
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
         job = stub.StartJob(request, timeout=10)
-        wait_until(lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2, "a record naming a second checkpoint", timeout=60)
-        process.kill()                   # no final checkpoint: it resumes from the last periodic one
+        wait_until(
+            lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2,
+            "a record naming a second checkpoint",
+            timeout=60,
+        )
+        process.kill()  # no final checkpoint: it resumes from the last periodic one
         process.wait(timeout=10)
     record = jobs.get(job.job_id)
     assert record.state == JobState.RUNNING and record.last_published_step < 2 * DIGITS_TRAIN
@@ -301,7 +342,9 @@ def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_chec
     client.close()
 
 
-def test_a_job_interrupted_at_an_epochs_last_step_keeps_that_epoch_when_it_resumes(start_trainer, private_redis):
+def test_a_job_interrupted_at_an_epochs_last_step_keeps_that_epoch_when_it_resumes(
+    start_trainer, private_redis
+):
     # One step per epoch (the whole training set in a batch): every step is an epoch's last.
     first = start_trainer()
     job = first.stub.StartJob(mlp_job("full-batch", epochs=60, batch_size=DIGITS_TRAIN, every_epoch=True))
@@ -322,39 +365,46 @@ def test_a_job_interrupted_at_an_epochs_last_step_keeps_that_epoch_when_it_resum
 
 
 def test_optimizer_states_are_kept_for_a_jobs_two_newest_checkpoints_and_go_when_it_ends(
-        redis_client, key_prefix):
+    redis_client, key_prefix
+):
     jobs = JobRepository(redis_client, prefix=key_prefix)
-    record = JobRecord.new(JobRequest(model_name="m", dataset="digits", spec={},
-                                      hyperparameters=Hyperparameters()))
+    record = JobRecord.new(
+        JobRequest(model_name="m", dataset="digits", spec={}, hyperparameters=Hyperparameters())
+    )
     jobs.save(record)
-    states = {v: {"layers.0.W.exp_avg": np.full((2, 3), v, np.float32), "step": np.array(v, np.int64)}
-              for v in (1, 2, 3)}
+    states = {
+        v: {"layers.0.W.exp_avg": np.full((2, 3), v, np.float32), "step": np.array(v, np.int64)}
+        for v in (1, 2, 3)
+    }
     jobs.save_optimizer_state(record.job_id, 1, 100, states[1], keep=(0, 0))
     jobs.save_optimizer_state(record.job_id, 2, 200, states[2], keep=(1, 100))
     jobs.save_optimizer_state(record.job_id, 3, 300, states[3], keep=(2, 200))
-    assert jobs.optimizer_state(record.job_id, 1, 100) is None           # older than the kept one
-    assert jobs.optimizer_state(record.job_id, 2, 250) is None           # another step: not its state
+    assert jobs.optimizer_state(record.job_id, 1, 100) is None  # older than the kept one
+    assert jobs.optimizer_state(record.job_id, 2, 250) is None  # another step: not its state
     for version in (2, 3):
         loaded = jobs.optimizer_state(record.job_id, version, version * 100)
-        assert {k: (v.dtype, v.shape, v.tobytes()) for k, v in loaded.items()} == \
-            {k: (v.dtype, v.shape, v.tobytes()) for k, v in states[version].items()}
+        assert {k: (v.dtype, v.shape, v.tobytes()) for k, v in loaded.items()} == {
+            k: (v.dtype, v.shape, v.tobytes()) for k, v in states[version].items()
+        }
     record.state = JobState.INTERRUPTED
-    jobs.save(record)                                                    # resumable: kept
+    jobs.save(record)  # resumable: kept
     assert jobs.optimizer_state(record.job_id, 3, 300) is not None
     redis_client.hset(f"{key_prefix}:job:{record.job_id}:optimizer", "3:300", b"not safetensors")
     with pytest.raises(ValueError, match="unreadable optimizer state"):
         jobs.optimizer_state(record.job_id, 3, 300)
     record.state = JobState.SUCCEEDED
-    jobs.save(record)                                                    # nothing resumes it now
+    jobs.save(record)  # nothing resumes it now
     assert not redis_client.exists(f"{key_prefix}:job:{record.job_id}:optimizer")
 
 
 @pytest.mark.parametrize("lose", ["deleted", "unreadable"])
-def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(start_trainer, private_redis,
-                                                                      caplog, lose):
+def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(
+    start_trainer, private_redis, caplog, lose
+):
     first = start_trainer()
-    job = first.stub.StartJob(mlp_job("lost-state", epochs=2, batch_size=1, every_steps=500,
-                                      optimizer="adam"))
+    job = first.stub.StartJob(
+        mlp_job("lost-state", epochs=2, batch_size=1, every_steps=500, optimizer="adam")
+    )
     wait_for_job(first.stub, job.job_id, lambda j: j.last_published_version >= 1, 30, "a first checkpoint")
     first.close()
     client = connect(private_redis.url)
@@ -363,7 +413,7 @@ def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(start_trai
     assert record.state == JobState.INTERRUPTED and 0 < step < 2 * DIGITS_TRAIN
     assert JobRepository(client).optimizer_state(job.job_id, version, step) is not None
     key = f"tandem:job:{job.job_id}:optimizer"
-    if lose == "deleted":       # as when Redis loses it
+    if lose == "deleted":  # as when Redis loses it
         client.delete(key)
     else:
         client.hset(key, f"{version}:{step}", b"\x00" * 16)
@@ -378,57 +428,149 @@ def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(start_trai
     missing = [r.getMessage() for r in caplog.records if "optimizer_state_missing" in r.getMessage()]
     assert len(missing) == 1, missing
     assert missing[0].startswith(
-        f"event=optimizer_state_missing job={job.job_id} version={version} step={step} "), missing
+        f"event=optimizer_state_missing job={job.job_id} version={version} step={step} "
+    ), missing
 
 
 # ---------------------------------------------------------------- 5. bad requests
 
 BAD_REQUESTS = [
     # (what, StartJobRequest fields, status, words the message must contain)
-    ("unknown preset", dict(preset="no-such-preset"), grpc.StatusCode.NOT_FOUND, ["preset", "no-such-preset"]),
-    ("unknown layer type", dict(spec_json=json.dumps({"input_shape": [1, 8, 8], "layers": [
-        {"type": "flatten"}, {"type": "wormhole", "units": 3}]})), grpc.StatusCode.INVALID_ARGUMENT,
-     ["layer 1", "wormhole"]),
-    ("layer shapes that do not fit", dict(spec_json=json.dumps({"input_shape": [1, 8, 8], "layers": [
-        {"type": "dense", "units": 10}]})), grpc.StatusCode.INVALID_ARGUMENT, ["layer 0", "dense", "(1, 8, 8)"]),
-    ("a spec for other samples", dict(spec_json=json.dumps({"input_shape": [64], "layers": [
-        {"type": "dense", "units": 10}]})), grpc.StatusCode.INVALID_ARGUMENT, ["input_shape", "digits"]),
-    ("a spec with too few classes", dict(spec_json=json.dumps({"input_shape": [1, 8, 8], "layers": [
-        {"type": "flatten"}, {"type": "dense", "units": 5}]})), grpc.StatusCode.INVALID_ARGUMENT, ["classes"]),
-    ("spec_json that is not JSON", dict(spec_json="{layers"), grpc.StatusCode.INVALID_ARGUMENT, ["spec_json"]),
-    ("hidden widths with a spec", dict(spec_json=json.dumps({"input_shape": [1, 8, 8], "layers": [
-        {"type": "flatten"}, {"type": "dense", "units": 10}]}), hidden=[16]),
-     grpc.StatusCode.INVALID_ARGUMENT, ["hidden"]),
+    (
+        "unknown preset",
+        dict(preset="no-such-preset"),
+        grpc.StatusCode.NOT_FOUND,
+        ["preset", "no-such-preset"],
+    ),
+    (
+        "unknown layer type",
+        dict(
+            spec_json=json.dumps(
+                {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "wormhole", "units": 3}]}
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["layer 1", "wormhole"],
+    ),
+    (
+        "layer shapes that do not fit",
+        dict(spec_json=json.dumps({"input_shape": [1, 8, 8], "layers": [{"type": "dense", "units": 10}]})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["layer 0", "dense", "(1, 8, 8)"],
+    ),
+    (
+        "a spec for other samples",
+        dict(spec_json=json.dumps({"input_shape": [64], "layers": [{"type": "dense", "units": 10}]})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input_shape", "digits"],
+    ),
+    (
+        "a spec with too few classes",
+        dict(
+            spec_json=json.dumps(
+                {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]}
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["classes"],
+    ),
+    (
+        "spec_json that is not JSON",
+        dict(spec_json="{layers"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["spec_json"],
+    ),
+    (
+        "hidden widths with a spec",
+        dict(
+            spec_json=json.dumps(
+                {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+            ),
+            hidden=[16],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["hidden"],
+    ),
     ("no architecture", dict(), grpc.StatusCode.INVALID_ARGUMENT, ["preset", "spec"]),
-    ("unknown dataset", dict(preset="mlp", dataset="no-such-data"), grpc.StatusCode.NOT_FOUND, ["no-such-data"]),
-    ("learning_rate 0", dict(preset="mlp", hyperparameters=pb.Hyperparameters(learning_rate=0)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["learning_rate"]),
-    ("learning_rate < 0", dict(preset="mlp", hyperparameters=pb.Hyperparameters(learning_rate=-0.1)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["learning_rate"]),
-    ("batch_size 0", dict(preset="mlp", hyperparameters=pb.Hyperparameters(batch_size=0)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["batch_size"]),
-    ("batch_size above the dataset", dict(preset="mlp", hyperparameters=pb.Hyperparameters(batch_size=5000)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["batch_size", "1618"]),
-    ("epochs 0", dict(preset="mlp", hyperparameters=pb.Hyperparameters(epochs=0)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["epochs"]),
-    ("epochs < 0", dict(preset="mlp", hyperparameters=pb.Hyperparameters(epochs=-3)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["epochs"]),
-    ("unknown optimizer", dict(preset="mlp", hyperparameters=pb.Hyperparameters(optimizer="rmsprop")),
-     grpc.StatusCode.INVALID_ARGUMENT, ["optimizer", "rmsprop"]),
-    ("negative checkpoint interval", dict(preset="mlp", checkpoints=pb.CheckpointSchedule(every_steps=-1)),
-     grpc.StatusCode.INVALID_ARGUMENT, ["every_steps"]),
-    ("resume from a version that does not exist", dict(preset="mlp", resume_from_version=3),
-     grpc.StatusCode.NOT_FOUND, ["resume_from_version 3", "'refused'"]),
-    ("model_name with a space", dict(preset="mlp", model_name="bad name"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["model_name", "'bad name'"]),
-    ("model_name with a path", dict(preset="mlp", model_name="../etc/passwd"),
-     grpc.StatusCode.INVALID_ARGUMENT, ["model_name"]),
+    (
+        "unknown dataset",
+        dict(preset="mlp", dataset="no-such-data"),
+        grpc.StatusCode.NOT_FOUND,
+        ["no-such-data"],
+    ),
+    (
+        "learning_rate 0",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(learning_rate=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["learning_rate"],
+    ),
+    (
+        "learning_rate < 0",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(learning_rate=-0.1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["learning_rate"],
+    ),
+    (
+        "batch_size 0",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(batch_size=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["batch_size"],
+    ),
+    (
+        "batch_size above the dataset",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(batch_size=5000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["batch_size", "1618"],
+    ),
+    (
+        "epochs 0",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(epochs=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["epochs"],
+    ),
+    (
+        "epochs < 0",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(epochs=-3)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["epochs"],
+    ),
+    (
+        "unknown optimizer",
+        dict(preset="mlp", hyperparameters=pb.Hyperparameters(optimizer="rmsprop")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["optimizer", "rmsprop"],
+    ),
+    (
+        "negative checkpoint interval",
+        dict(preset="mlp", checkpoints=pb.CheckpointSchedule(every_steps=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["every_steps"],
+    ),
+    (
+        "resume from a version that does not exist",
+        dict(preset="mlp", resume_from_version=3),
+        grpc.StatusCode.NOT_FOUND,
+        ["resume_from_version 3", "'refused'"],
+    ),
+    (
+        "model_name with a space",
+        dict(preset="mlp", model_name="bad name"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["model_name", "'bad name'"],
+    ),
+    (
+        "model_name with a path",
+        dict(preset="mlp", model_name="../etc/passwd"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["model_name"],
+    ),
     ("empty model_name", dict(preset="mlp", model_name=""), grpc.StatusCode.INVALID_ARGUMENT, ["model_name"]),
 ]
 
 
-@pytest.mark.parametrize("fields, status, words", [case[1:] for case in BAD_REQUESTS],
-                         ids=[case[0] for case in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "fields, status, words", [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+)
 def test_a_bad_request_gets_its_status_and_creates_no_job(idle_trainer, fields, status, words):
     before = [job.job_id for job in all_jobs(idle_trainer.stub)]
     request = pb.StartJobRequest(**{"model_name": "refused", "dataset": "digits", **fields})
@@ -441,6 +583,7 @@ def test_a_bad_request_gets_its_status_and_creates_no_job(idle_trainer, fields, 
 
 
 # ---------------------------------------------------------------- 6. Redis going away
+
 
 def publish_failures() -> float:
     return REGISTRY.get_sample_value("tandem_trainer_checkpoint_publish_failures_total") or 0.0
@@ -464,7 +607,7 @@ def test_a_redis_outage_mid_job_does_not_fail_it(trainer):
     latest = trainer.store.latest("outage")
     assert latest.meta.step == DIGITS_TRAIN
     assert done.last_published_version == latest.meta.version
-    record = trainer.jobs.get(job.job_id)     # saved again once Redis was back
+    record = trainer.jobs.get(job.job_id)  # saved again once Redis was back
     assert record is not None and record.state == JobState.SUCCEEDED
     assert (record.last_published_version, record.step) == (latest.meta.version, DIGITS_TRAIN)
     assert [j.job_id for j in all_jobs(trainer.stub)] == [job.job_id]
@@ -473,15 +616,20 @@ def test_a_redis_outage_mid_job_does_not_fail_it(trainer):
 def test_epochs_go_on_during_a_redis_outage_and_their_records_are_saved_after_it(trainer):
     """An epoch's record is saved off the training thread: during an outage, when each save
     fails only after the client's retries (about 5 s), the epochs go on at their own pace."""
-    epochs = 60       # 51 steps each, a few ms
+    epochs = 60  # 51 steps each, a few ms
     job = trainer.stub.StartJob(mlp_job("outage-epochs", epochs=epochs))
     wait_for_job(trainer.stub, job.job_id, lambda j: len(j.history) >= 2, 30, "2 epochs")
     with trainer.redis.down():
         first = get_job(trainer.stub, job.job_id).progress.epoch
         started = time.monotonic()
         # Four epoch ends with their record saves failing: waiting for them took 20 s and more.
-        seen = wait_for_job(trainer.stub, job.job_id, lambda j: j.progress.epoch >= first + 4, 10,
-                            "4 epochs during the outage")
+        seen = wait_for_job(
+            trainer.stub,
+            job.job_id,
+            lambda j: j.progress.epoch >= first + 4,
+            10,
+            "4 epochs during the outage",
+        )
         assert time.monotonic() - started < 10
         assert seen.state == pb.JOB_STATE_RUNNING
     done = wait_finished(trainer.stub, job.job_id, timeout=90)
@@ -499,12 +647,16 @@ def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes
     wait_for_job(trainer.stub, blocker.job_id, lambda j: j.progress.step > 0, 30, "to run")
     queued = trainer.stub.StartJob(mlp_job("queued-then-cancelled"))
     failures = publish_failures()
-    trainer.client.config_set("maxmemory", 1)     # full: every write fails at once, reads work
+    trainer.client.config_set("maxmemory", 1)  # full: every write fails at once, reads work
     try:
-        assert trainer.stub.CancelJob(pb.CancelJobRequest(job_id=queued.job_id), timeout=30).state == \
-            pb.JOB_STATE_CANCELLED
-        assert trainer.stub.CancelJob(pb.CancelJobRequest(job_id=blocker.job_id), timeout=30).state == \
-            pb.JOB_STATE_CANCELLING
+        assert (
+            trainer.stub.CancelJob(pb.CancelJobRequest(job_id=queued.job_id), timeout=30).state
+            == pb.JOB_STATE_CANCELLED
+        )
+        assert (
+            trainer.stub.CancelJob(pb.CancelJobRequest(job_id=blocker.job_id), timeout=30).state
+            == pb.JOB_STATE_CANCELLING
+        )
         wait_until(lambda: publish_failures() > failures, "the final checkpoint to be refused", timeout=10)
         assert get_job(trainer.stub, queued.job_id).state == pb.JOB_STATE_CANCELLED
     finally:
@@ -515,7 +667,11 @@ def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes
     assert done.last_published_version == trainer.store.latest_version("refused-writes")
     assert trainer.store.latest("refused-writes").meta.step == done.progress.step
     for job_id in (queued.job_id, blocker.job_id):
-        wait_until(lambda: trainer.jobs.get(job_id).state == JobState.CANCELLED, f"the record of {job_id} to be saved as CANCELLED", timeout=15)
+        wait_until(
+            lambda: trainer.jobs.get(job_id).state == JobState.CANCELLED,
+            f"the record of {job_id} to be saved as CANCELLED",
+            timeout=15,
+        )
 
 
 def test_the_publisher_backs_off_while_redis_refuses_writes(trainer):
@@ -538,10 +694,17 @@ def test_the_publisher_backs_off_while_redis_refuses_writes(trainer):
 
 # ---------------------------------------------------------------- datasets
 
+
 def test_an_uploaded_dataset_is_listed_and_trained_on(trainer):
     info = trainer.stub.UploadDataset(upload("small-digits", digits_arrays(400, 100)), timeout=30)
-    assert (info.name, list(info.input_shape), info.num_classes, info.train_size, info.test_size, info.source) \
-        == ("small-digits", [1, 8, 8], 10, 400, 100, "upload")
+    assert (
+        info.name,
+        list(info.input_shape),
+        info.num_classes,
+        info.train_size,
+        info.test_size,
+        info.source,
+    ) == ("small-digits", [1, 8, 8], 10, 400, 100, "upload")
     listed = {d.name: d for d in trainer.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets}
     assert listed["small-digits"] == info and listed["digits"].source == "builtin"
 
@@ -560,8 +723,9 @@ def test_uploads_that_cannot_be_stored_are_refused_and_leave_nothing(start_train
     assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, too_big.details()
     assert "150,000" in too_big.details()
 
-    partial = rpc_error(stub.UploadDataset,
-                        upload("partial", digits_arrays(400, 100), drop_last_piece_of="x_test"))
+    partial = rpc_error(
+        stub.UploadDataset, upload("partial", digits_arrays(400, 100), drop_last_piece_of="x_test")
+    )
     assert partial.code() == grpc.StatusCode.INVALID_ARGUMENT, partial.details()
     assert "incomplete" in partial.details() and "x_test" in partial.details()
 
@@ -588,7 +752,7 @@ def test_an_upload_to_a_taken_name_needs_overwrite(trainer):
     job = trainer.stub.StartJob(mlp_job("after", epochs=1, dataset="taken"))
     done = wait_finished(trainer.stub, job.job_id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
-    assert done.progress.steps_total == -(-300 // 32)     # trained on the new arrays
+    assert done.progress.steps_total == -(-300 // 32)  # trained on the new arrays
 
 
 def test_of_racing_uploads_to_a_new_name_exactly_one_is_stored_whole(trainer):
@@ -608,6 +772,7 @@ def test_of_racing_uploads_to_a_new_name_exactly_one_is_stored_whole(trainer):
 
 # ---------------------------------------------------------------- listing and idempotency
 
+
 def test_list_jobs_pages_through_every_job_newest_first_and_filters(trainer):
     blocker = trainer.stub.StartJob(slow_job("alpha"))
     wait_for_job(trainer.stub, blocker.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
@@ -624,7 +789,7 @@ def test_list_jobs_pages_through_every_job_newest_first_and_filters(trainer):
     assert [job_id for p in pages for job_id in p] == newest_first
 
     first = trainer.stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_QUEUED]), timeout=10)
-    assert len(first.jobs) == 100 and first.next_page_token       # the default page size
+    assert len(first.jobs) == 100 and first.next_page_token  # the default page size
     assert [j.job_id for j in all_jobs(trainer.stub, states=[pb.JOB_STATE_QUEUED])] == newest_first[:-1]
     assert [j.job_id for j in all_jobs(trainer.stub, states=[pb.JOB_STATE_RUNNING])] == [blocker.job_id]
     assert len(all_jobs(trainer.stub, states=[pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED])) == 102
@@ -643,7 +808,7 @@ def test_a_repeated_request_id_returns_the_same_job(trainer):
     other = trainer.stub.StartJob(mlp_job("idempotent", epochs=1, request_id="req-2"))
     assert again.job_id == first.job_id != other.job_id
     raced = []
-    with ThreadPoolExecutor(8) as pool:     # retries racing each other, in 5 rounds
+    with ThreadPoolExecutor(8) as pool:  # retries racing each other, in 5 rounds
         for round_ in range(5):
             request = mlp_job("idempotent", epochs=1, request_id=f"raced-{round_}")
             job_ids = set(pool.map(lambda _: trainer.stub.StartJob(request, timeout=30).job_id, range(8)))
@@ -658,6 +823,7 @@ def test_a_repeated_request_id_returns_the_same_job(trainer):
 
 
 # ---------------------------------------------------------------- health, reflection, metrics
+
 
 def test_health_reports_serving_for_the_server_and_the_trainer_service(idle_trainer):
     health = health_pb2_grpc.HealthStub(idle_trainer.channel)
@@ -674,8 +840,15 @@ def test_reflection_lists_and_describes_the_trainer_service(idle_trainer):
     assert {"tandem.v1.Trainer", "grpc.health.v1.Health"} <= services
     trainer = DescriptorPool(database).FindServiceByName("tandem.v1.Trainer")
     assert {m.name for m in trainer.methods} == {
-        "StartJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListCheckpoints", "ListDatasets",
-        "UploadDataset"}
+        "StartJob",
+        "GetJob",
+        "ListJobs",
+        "WatchJob",
+        "CancelJob",
+        "ListCheckpoints",
+        "ListDatasets",
+        "UploadDataset",
+    }
     assert trainer.methods_by_name["StartJob"].input_type.full_name == "tandem.v1.StartJobRequest"
 
 
@@ -702,8 +875,11 @@ def test_the_metrics_endpoint_serves_job_states_and_publish_times(start_trainer)
 
 def job_states(samples: dict[tuple[str, tuple], float]) -> dict[str, float]:
     """The tandem_trainer_jobs gauge by state, from scrape_metrics."""
-    return {dict(labels)["state"]: value for (name, labels), value in samples.items()
-            if name == "tandem_trainer_jobs"}
+    return {
+        dict(labels)["state"]: value
+        for (name, labels), value in samples.items()
+        if name == "tandem_trainer_jobs"
+    }
 
 
 def test_a_slow_watcher_loses_only_old_step_events():
@@ -719,5 +895,10 @@ def test_a_slow_watcher_loses_only_old_step_events():
     while (event := watcher.next(timeout=0)) is not None:
         received.append(event)
     assert [type(e).__name__ for e in received] == [
-        "EpochDone", "StepProgress", "StepProgress", "StepProgress", "EpochDone"]
+        "EpochDone",
+        "StepProgress",
+        "StepProgress",
+        "StepProgress",
+        "EpochDone",
+    ]
     assert [e.step for e in received if isinstance(e, StepProgress)] == [8, 9, 10]

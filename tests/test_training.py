@@ -24,15 +24,27 @@ def small_problem(seed=0, n=240):
     return x, y
 
 
-MLP_SPEC = {"input_shape": [6], "layers": [{"type": "dense", "units": 16}, {"type": "relu"},
-                                           {"type": "dense", "units": 3}]}
+MLP_SPEC = {
+    "input_shape": [6],
+    "layers": [{"type": "dense", "units": 16}, {"type": "relu"}, {"type": "dense", "units": 3}],
+}
 
 
 def fresh_fit(seed, dtype=np.float32, **kwargs):
     x, y = small_problem()
     model = build_model(MLP_SPEC, dtype=dtype).initialise(seed)
-    history = fit(model, make_optimizer("adam", 1e-2), x, y, epochs=kwargs.pop("epochs", 3),
-                  batch_size=32, seed=seed, x_test=x, y_test=y, **kwargs)
+    history = fit(
+        model,
+        make_optimizer("adam", 1e-2),
+        x,
+        y,
+        epochs=kwargs.pop("epochs", 3),
+        batch_size=32,
+        seed=seed,
+        x_test=x,
+        y_test=y,
+        **kwargs,
+    )
     return model, history
 
 
@@ -51,8 +63,14 @@ def test_training_learns_and_keeps_its_dtype(dtype):
     assert history.epochs[-1]["test_accuracy"] > 0.95
     assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
     assert all(w.dtype == dtype for w in model.state_dict().values())
-    assert set(history.epochs[0]) == {"epoch", "train_loss", "train_accuracy", "test_loss",
-                                      "test_accuracy", "seconds"}
+    assert set(history.epochs[0]) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "seconds",
+    }
 
 
 def weights_bytes(model) -> dict[str, bytes]:
@@ -69,7 +87,7 @@ def test_resuming_mid_epoch_with_the_optimizers_state_ends_bit_identical(name):
 
     optimizer, saved = make_optimizer(name, 0.05), {}
 
-    def stop_after_step_11(event):   # holds the optimiser, as the trainer's callback does
+    def stop_after_step_11(event):  # holds the optimiser, as the trainer's callback does
         if isinstance(event, StepEvent) and event.step == 11:
             saved.update(safetensors.numpy.load(safetensors.numpy.save(optimizer.state_dict())))
             raise StopTraining
@@ -101,22 +119,35 @@ def stepped(optimizer, steps: int = 2):
 MOMENTUM_NAMES = ["layers.0.W.momentum_buffer", "layers.0.b.momentum_buffer"]
 
 
-@pytest.mark.parametrize("make, names", [
-    (lambda: SGD(0.1), []),
-    (lambda: SGD(0.1, momentum=0.9), MOMENTUM_NAMES),
-    (lambda: SGD(0.1, momentum=0.9, nesterov=True), MOMENTUM_NAMES),
-    (lambda: Adam(0.1), ["layers.0.W.exp_avg", "layers.0.W.exp_avg_sq", "layers.0.b.exp_avg",
-                         "layers.0.b.exp_avg_sq", "step"]),
-], ids=["sgd", "momentum", "nesterov", "adam"])
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda: SGD(0.1), []),
+        (lambda: SGD(0.1, momentum=0.9), MOMENTUM_NAMES),
+        (lambda: SGD(0.1, momentum=0.9, nesterov=True), MOMENTUM_NAMES),
+        (
+            lambda: Adam(0.1),
+            [
+                "layers.0.W.exp_avg",
+                "layers.0.W.exp_avg_sq",
+                "layers.0.b.exp_avg",
+                "layers.0.b.exp_avg_sq",
+                "step",
+            ],
+        ),
+    ],
+    ids=["sgd", "momentum", "nesterov", "adam"],
+)
 def test_an_optimizers_state_dict_round_trips_as_plain_arrays(make, names):
     state = stepped(make()).state_dict()
     assert sorted(state) == names and all(isinstance(a, np.ndarray) for a in state.values())
     if "step" in state:
         assert state["step"].dtype == np.int64 and state["step"].shape == () and state["step"] == 2
     loaded = make().load_state_dict(state, PARAMS).state_dict()
-    assert {k: (v.dtype, v.tobytes()) for k, v in loaded.items()} == \
-        {k: (v.dtype, v.tobytes()) for k, v in state.items()}
-    for array in state.values():      # loading copies: nothing is shared with the state given
+    assert {k: (v.dtype, v.tobytes()) for k, v in loaded.items()} == {
+        k: (v.dtype, v.tobytes()) for k, v in state.items()
+    }
+    for array in state.values():  # loading copies: nothing is shared with the state given
         assert not any(np.shares_memory(array, other) for other in loaded.values())
     # The state of an optimiser that has not stepped yet loads too.
     assert make().load_state_dict(make().state_dict(), PARAMS).state_dict().keys() <= {"step"}
@@ -127,28 +158,40 @@ def adam_state(**changes):
     return {k: v for k, v in {**state, **changes}.items() if v is not None}
 
 
-@pytest.mark.parametrize("optimizer, state, words", [
-    (Adam(0.1), adam_state(**{"layers.0.W.exp_avg": None}), ["missing ['layers.0.W.exp_avg']"]),
-    (Adam(0.1), adam_state(step=None), ["missing ['step']"]),
-    (Adam(0.1), adam_state(**{"layers.1.W.exp_avg": np.ones(3, np.float32)}),
-     ["unknown ['layers.1.W.exp_avg']"]),
-    (Adam(0.1), adam_state(**{"layers.0.b.exp_avg_sq": np.ones(4, np.float32)}),
-     ["layers.0.b.exp_avg_sq", "[4]", "[3]"]),
-    (Adam(0.1), adam_state(**{"layers.0.W.exp_avg": np.ones((2, 3), np.float64)}),
-     ["layers.0.W.exp_avg", "float64", "needs float32"]),
-    (Adam(0.1), adam_state(step=np.array(2.0)), ["step", "float64", "needs int64"]),
-    (Adam(0.1), adam_state(step=np.array(0, np.int64)), ["step 0 with moment estimates"]),
-    (Adam(0.1), {"step": np.array(3, np.int64)}, ["step 3 with no moment estimates"]),
-    (SGD(0.1, momentum=0.9), adam_state(), ["SGD state", "unknown", "step"]),
-    (SGD(0.1), stepped(SGD(0.1, momentum=0.9)).state_dict(), ["unknown ['layers.0.W.momentum_buffer'"]),
-])
+@pytest.mark.parametrize(
+    "optimizer, state, words",
+    [
+        (Adam(0.1), adam_state(**{"layers.0.W.exp_avg": None}), ["missing ['layers.0.W.exp_avg']"]),
+        (Adam(0.1), adam_state(step=None), ["missing ['step']"]),
+        (
+            Adam(0.1),
+            adam_state(**{"layers.1.W.exp_avg": np.ones(3, np.float32)}),
+            ["unknown ['layers.1.W.exp_avg']"],
+        ),
+        (
+            Adam(0.1),
+            adam_state(**{"layers.0.b.exp_avg_sq": np.ones(4, np.float32)}),
+            ["layers.0.b.exp_avg_sq", "[4]", "[3]"],
+        ),
+        (
+            Adam(0.1),
+            adam_state(**{"layers.0.W.exp_avg": np.ones((2, 3), np.float64)}),
+            ["layers.0.W.exp_avg", "float64", "needs float32"],
+        ),
+        (Adam(0.1), adam_state(step=np.array(2.0)), ["step", "float64", "needs int64"]),
+        (Adam(0.1), adam_state(step=np.array(0, np.int64)), ["step 0 with moment estimates"]),
+        (Adam(0.1), {"step": np.array(3, np.int64)}, ["step 3 with no moment estimates"]),
+        (SGD(0.1, momentum=0.9), adam_state(), ["SGD state", "unknown", "step"]),
+        (SGD(0.1), stepped(SGD(0.1, momentum=0.9)).state_dict(), ["unknown ['layers.0.W.momentum_buffer'"]),
+    ],
+)
 def test_an_optimizer_refuses_a_state_that_does_not_fit(optimizer, state, words):
     before = {k: v.copy() for k, v in stepped(optimizer, 1).state_dict().items()}
     with pytest.raises(ValueError) as refused:
         optimizer.load_state_dict(state, PARAMS)
     for word in words:
         assert word in str(refused.value), str(refused.value)
-    after = optimizer.state_dict()     # left as it was
+    after = optimizer.state_dict()  # left as it was
     assert {k: v.tobytes() for k, v in after.items()} == {k: v.tobytes() for k, v in before.items()}
 
 
@@ -178,8 +221,17 @@ def test_early_stopping_restores_the_best_weights():
     x, y = small_problem(n=120)
     y_noise = np.random.default_rng(1).integers(0, 3, len(y))  # labels it cannot learn: val loss worsens
     model = build_model(MLP_SPEC).initialise(0)
-    history = fit(model, make_optimizer("adam", 0.05), x, y_noise, epochs=40, batch_size=16, seed=0,
-                  validation_split=0.25, early_stopping=EarlyStopping(patience=2))
+    history = fit(
+        model,
+        make_optimizer("adam", 0.05),
+        x,
+        y_noise,
+        epochs=40,
+        batch_size=16,
+        seed=0,
+        validation_split=0.25,
+        early_stopping=EarlyStopping(patience=2),
+    )
     assert history.stop_reason == "early_stopping"
     assert len(history.epochs) == history.best_epoch + 2
     best = history.epochs[history.best_epoch - 1]["val_loss"]
@@ -195,21 +247,44 @@ def test_cosine_schedule_anneals_from_the_base_rate_towards_zero():
     optimizer = make_optimizer("sgd", 0.1)
     rates = []
     x, y = small_problem()
-    fit(build_model(MLP_SPEC).initialise(0), optimizer, x, y, epochs=3, batch_size=32, seed=0,
+    fit(
+        build_model(MLP_SPEC).initialise(0),
+        optimizer,
+        x,
+        y,
+        epochs=3,
+        batch_size=32,
+        seed=0,
         lr_schedule="cosine",
-        callback=lambda e: rates.append(optimizer.lr) if isinstance(e, StepEvent) else None)
+        callback=lambda e: rates.append(optimizer.lr) if isinstance(e, StepEvent) else None,
+    )
     assert rates[0] == 0.1 and rates[-1] < 0.001
     assert all(a > b for a, b in zip(rates, rates[1:]))
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        fit(build_model(MLP_SPEC).initialise(0), optimizer, x, y, epochs=1, batch_size=32,
-            seed=0, lr_schedule="linear")
+        fit(
+            build_model(MLP_SPEC).initialise(0),
+            optimizer,
+            x,
+            y,
+            epochs=1,
+            batch_size=32,
+            seed=0,
+            lr_schedule="linear",
+        )
 
 
 def test_optimisers_update_in_place_and_leave_gradients_alone():
-    for optimizer in (SGD(0.1), SGD(0.1, momentum=0.9), SGD(0.1, momentum=0.9, nesterov=True),
-                      Adam(0.1), SGD(0.1, weight_decay=0.1)):
-        params = {"layers.0.W": np.array([3.0, -2.0], dtype=np.float32),
-                  "layers.0.b": np.array([1.0], dtype=np.float32)}
+    for optimizer in (
+        SGD(0.1),
+        SGD(0.1, momentum=0.9),
+        SGD(0.1, momentum=0.9, nesterov=True),
+        Adam(0.1),
+        SGD(0.1, weight_decay=0.1),
+    ):
+        params = {
+            "layers.0.W": np.array([3.0, -2.0], dtype=np.float32),
+            "layers.0.b": np.array([1.0], dtype=np.float32),
+        }
         start = {k: v.copy() for k, v in params.items()}
         for _ in range(200):  # minimise 0.5 * |p|^2, whose gradient is p
             grads = {k: v.copy() for k, v in params.items()}
@@ -228,16 +303,21 @@ def test_weight_decay_applies_to_weights_not_biases():
     np.testing.assert_allclose(params["layers.0.b"], 1.0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(learning_rate=0), "learning_rate must be > 0"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(epochs=0), "epochs must be >= 1"),
-    (dict(optimizer="rmsprop"), "optimizer must be one of"),
-    (dict(dtype="float16"), "dtype must be"),
-    (dict(early_stopping_patience=3), "needs validation_split > 0"),
-    (dict(validation_split=0.1, early_stopping_patience=3, early_stopping_monitor="loss"),
-     "early_stopping.monitor must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(learning_rate=0), "learning_rate must be > 0"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(optimizer="rmsprop"), "optimizer must be one of"),
+        (dict(dtype="float16"), "dtype must be"),
+        (dict(early_stopping_patience=3), "needs validation_split > 0"),
+        (
+            dict(validation_split=0.1, early_stopping_patience=3, early_stopping_monitor="loss"),
+            "early_stopping.monitor must be one of",
+        ),
+    ],
+)
 def test_bad_hyperparameters_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Hyperparameters(**kwargs)
@@ -260,7 +340,9 @@ def test_seed_digits_cnn_reaches_the_seeds_accuracy(digits):
     preset = get_preset("digits-cnn")
     spec = preset.spec(digits.input_shape, digits.num_classes)
     accuracies = [
-        train(spec, digits, Hyperparameters.for_preset("digits-cnn", seed=seed)).history.epochs[-1]["test_accuracy"]
+        train(spec, digits, Hyperparameters.for_preset("digits-cnn", seed=seed)).history.epochs[-1][
+            "test_accuracy"
+        ]
         for seed in (0, 1, 2)
     ]
     assert np.mean(accuracies) >= 0.983, accuracies

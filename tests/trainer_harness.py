@@ -39,35 +39,61 @@ from trainer_svc.server import TrainerServer
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE = 10.0
-CALL_DEADLINE = 60.0     # for every gRPC call that does not set its own
+CALL_DEADLINE = 60.0  # for every gRPC call that does not set its own
 
 
 def trainer_config(redis_url: str, data_dir: Path, **settings) -> TrainerConfig:
     """Every setting explicit, so that TRAINER_* variables in the environment change nothing."""
-    return TrainerConfig(**{
-        "redis_url": redis_url, "listen": "127.0.0.1:0", "data_dir": str(data_dir),
-        "max_concurrent_jobs": 1, "grace_seconds": GRACE, "metrics_port": 0,
-        "metrics_address": "127.0.0.1", "resume_interrupted": True, "max_restarts": 3,
-        "publish_outage_seconds": 60.0, "checkpoint_retention": 5,
-        "max_upload_bytes": 512 * 2**20, "max_classes": 10_000, "grpc_workers": 16,
-        "job_limits": JobLimits(), **settings})
+    return TrainerConfig(
+        **{
+            "redis_url": redis_url,
+            "listen": "127.0.0.1:0",
+            "data_dir": str(data_dir),
+            "max_concurrent_jobs": 1,
+            "grace_seconds": GRACE,
+            "metrics_port": 0,
+            "metrics_address": "127.0.0.1",
+            "resume_interrupted": True,
+            "max_restarts": 3,
+            "publish_outage_seconds": 60.0,
+            "checkpoint_retention": 5,
+            "max_upload_bytes": 512 * 2**20,
+            "max_classes": 10_000,
+            "grpc_workers": 16,
+            "job_limits": JobLimits(),
+            **settings,
+        }
+    )
 
 
-class _CallDetails(collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-        grpc.ClientCallDetails):
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class DefaultDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class DefaultDeadline(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Give every call without a deadline one, so that no test can wait on the server forever."""
 
     def _bounded(self, details):
         if details.timeout is not None:
             return details
-        return _CallDetails(details.method, CALL_DEADLINE, details.metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
+        return _CallDetails(
+            details.method,
+            CALL_DEADLINE,
+            details.metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._bounded(details), request)
@@ -107,16 +133,29 @@ class Trainer:
         self.client.close()
 
 
-def mlp_job(model_name: str, *, epochs: int = 2, batch_size: int = 32, hidden=(16,), every_steps: int = 0,
-            every_epoch: bool = False, dataset: str = "digits", request_id: str = "",
-            **hyperparameters) -> pb.StartJobRequest:
+def mlp_job(
+    model_name: str,
+    *,
+    epochs: int = 2,
+    batch_size: int = 32,
+    hidden=(16,),
+    every_steps: int = 0,
+    every_epoch: bool = False,
+    dataset: str = "digits",
+    request_id: str = "",
+    **hyperparameters,
+) -> pb.StartJobRequest:
     """A small MLP job (seed 0 unless given)."""
     hyperparameters.setdefault("seed", 0)
     return pb.StartJobRequest(
-        model_name=model_name, preset="mlp", hidden=hidden, dataset=dataset,
+        model_name=model_name,
+        preset="mlp",
+        hidden=hidden,
+        dataset=dataset,
         hyperparameters=pb.Hyperparameters(epochs=epochs, batch_size=batch_size, **hyperparameters),
         checkpoints=pb.CheckpointSchedule(every_steps=every_steps, every_epoch=every_epoch),
-        request_id=request_id)
+        request_id=request_id,
+    )
 
 
 def slow_job(model_name: str, **settings) -> pb.StartJobRequest:
@@ -157,51 +196,96 @@ def list_checkpoints(stub, model_name: str):
 
 # ---------------------------------------------------------------- datasets
 
+
 def digits_arrays(train_size: int, test_size: int) -> dict[str, np.ndarray]:
     digits = load_dataset("digits")
-    return {"x_train": digits.x_train[:train_size], "y_train": digits.y_train[:train_size],
-            "x_test": digits.x_test[:test_size], "y_test": digits.y_test[:test_size]}
+    return {
+        "x_train": digits.x_train[:train_size],
+        "y_train": digits.y_train[:train_size],
+        "x_test": digits.x_test[:test_size],
+        "y_test": digits.y_test[:test_size],
+    }
 
 
-def upload(name: str, arrays: dict[str, np.ndarray], *, overwrite: bool = False, piece: int = 16384,
-           drop_last_piece_of: str | None = None):
+def upload(
+    name: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    overwrite: bool = False,
+    piece: int = 16384,
+    drop_last_piece_of: str | None = None,
+):
     """The chunks of an upload: the header, then each array's little-endian bytes in pieces."""
-    data = {array: np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
-            for array, values in arrays.items()}
-    yield pb.UploadDatasetChunk(header=pb.UploadDatasetHeader(name=name, overwrite=overwrite, arrays=[
-        pb.DatasetArrayHeader(name=array, dtype=values.dtype.name, shape=values.shape,
-                              size_bytes=len(data[array]), sha256=hashlib.sha256(data[array]).hexdigest())
-        for array, values in arrays.items()]))
+    data = {
+        array: np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+        for array, values in arrays.items()
+    }
+    yield pb.UploadDatasetChunk(
+        header=pb.UploadDatasetHeader(
+            name=name,
+            overwrite=overwrite,
+            arrays=[
+                pb.DatasetArrayHeader(
+                    name=array,
+                    dtype=values.dtype.name,
+                    shape=values.shape,
+                    size_bytes=len(data[array]),
+                    sha256=hashlib.sha256(data[array]).hexdigest(),
+                )
+                for array, values in arrays.items()
+            ],
+        )
+    )
     for array, raw in data.items():
         offsets = list(range(0, len(raw), piece))
         if array == drop_last_piece_of:
             offsets = offsets[:-1]
         for offset in offsets:
-            yield pb.UploadDatasetChunk(piece=pb.DatasetArrayPiece(array=array, offset=offset,
-                                                                   data=raw[offset:offset + piece]))
+            yield pb.UploadDatasetChunk(
+                piece=pb.DatasetArrayPiece(array=array, offset=offset, data=raw[offset : offset + piece])
+            )
 
 
 # ---------------------------------------------------------------- trainer processes
 
+
 @contextmanager
 def trainer_process(redis_url: str, port: int, log_path: Path, data_dir: Path, metrics_port: int = 0):
     """`python -m trainer_svc` configured by environment variables, serving once this yields."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("TRAINER_", "TANDEM_", "REDIS_"))}
-    env.update(REDIS_URL=redis_url, TRAINER_LISTEN=f"127.0.0.1:{port}", TRAINER_METRICS_PORT=str(metrics_port),
-               TRAINER_GRACE_SECONDS=str(GRACE), TANDEM_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("TRAINER_", "TANDEM_", "REDIS_"))
+    }
+    env.update(
+        REDIS_URL=redis_url,
+        TRAINER_LISTEN=f"127.0.0.1:{port}",
+        TRAINER_METRICS_PORT=str(metrics_port),
+        TRAINER_GRACE_SECONDS=str(GRACE),
+        TANDEM_DATA_DIR=str(data_dir),
+        PYTHONUNBUFFERED="1",
+    )
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "trainer_svc"], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trainer_svc"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         with bounded_channel(port) as channel:
             health = health_pb2_grpc.HealthStub(channel)
 
             def serving():
-                assert process.poll() is None, \
+                assert process.poll() is None, (
                     f"the trainer exited with {process.returncode}:\n{log_tail(log_path)}"
+                )
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Trainer"), timeout=1)
+                    reply = health.Check(
+                        health_pb2.HealthCheckRequest(service="tandem.v1.Trainer"), timeout=1
+                    )
                 except grpc.RpcError:
                     return False
                 return reply.status == health_pb2.HealthCheckResponse.SERVING

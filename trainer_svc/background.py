@@ -21,8 +21,9 @@ T = TypeVar("T")
 
 
 class NewestOnly(Generic[T]):
-    def __init__(self, name: str, *, backoff: tuple[float, float] = (0.2, 5.0),
-                 outage_limit: float | None = None):
+    def __init__(
+        self, name: str, *, backoff: tuple[float, float] = (0.2, 5.0), outage_limit: float | None = None
+    ):
         self._backoff = backoff
         self._outage_limit = outage_limit
         self._pending: T | None = None
@@ -54,7 +55,8 @@ class NewestOnly(Generic[T]):
         """Wait until everything submitted is handled (True) or has failed / timed out (False)."""
         with self._changed:
             done = self._changed.wait_for(
-                lambda: self.error or (self._pending is None and not self._busy), timeout)
+                lambda: self.error or (self._pending is None and not self._busy), timeout
+            )
             return bool(done) and self.error is None
 
     def close(self, timeout: float) -> bool:
@@ -76,7 +78,7 @@ class NewestOnly(Generic[T]):
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending is not None or self._closing)
-                if self._closing:   # close has waited for what it could: what is left is dropped
+                if self._closing:  # close has waited for what it could: what is left is dropped
                     return
                 item, self._pending, self._busy = self._pending, None, True
             started = time.monotonic()
@@ -84,13 +86,14 @@ class NewestOnly(Generic[T]):
                 self._handle(item)
             except StoreUnavailable as error:
                 outage_since = outage_since or started
-                failed = (self._outage_limit is not None
-                          and time.monotonic() - outage_since > self._outage_limit)
+                failed = (
+                    self._outage_limit is not None and time.monotonic() - outage_since > self._outage_limit
+                )
                 delay = backoff.next()
                 self._failed(item, error, delay)
                 with self._changed:
                     self._busy = False
-                    if self._pending is None:   # keep only the newest item
+                    if self._pending is None:  # keep only the newest item
                         self._pending = item
                     if failed:
                         self.error = self._gave_up(error)

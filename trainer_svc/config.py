@@ -26,7 +26,8 @@ class TrainerConfig:
     resume_interrupted: bool = field(default_factory=lambda: env("TRAINER_RESUME_INTERRUPTED", True, bool))
     max_restarts: int = field(default_factory=lambda: env("TRAINER_MAX_RESTARTS", 3, int))
     publish_outage_seconds: float = field(
-        default_factory=lambda: env("TRAINER_PUBLISH_OUTAGE_SECONDS", 60.0, float))
+        default_factory=lambda: env("TRAINER_PUBLISH_OUTAGE_SECONDS", 60.0, float)
+    )
     checkpoint_retention: int = field(default_factory=lambda: env("TANDEM_CHECKPOINT_RETENTION", 5, int))
     max_upload_bytes: int = field(default_factory=lambda: env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
     max_classes: int = field(default_factory=lambda: env("TRAINER_MAX_CLASSES", 10_000, int))

@@ -45,7 +45,7 @@ from shared.security.auth import Caller, NotPermitted
 log = logging.getLogger(__name__)
 
 SPLIT_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-WHOLE_ARRAYS = ("x", "y")   # split 90/10, stratified, like an .npz with x and y
+WHOLE_ARRAYS = ("x", "y")  # split 90/10, stratified, like an .npz with x and y
 LABELS_OF = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
 LABEL_ARRAYS = tuple(LABELS_OF.values())
 
@@ -75,20 +75,28 @@ class ArrayHeader:
 @dataclass(frozen=True)
 class DatasetSummary:
     """What a listing tells about a dataset (ListDatasets' DatasetInfo)."""
+
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
     train_size: int
     test_size: int
-    source: str   # "builtin", "directory" or "upload"
+    source: str  # "builtin", "directory" or "upload"
 
     @classmethod
     def of(cls, dataset: Dataset, source: str) -> DatasetSummary:
-        return cls(dataset.name, dataset.input_shape, dataset.num_classes,
-                   len(dataset.y_train), len(dataset.y_test), source)
+        return cls(
+            dataset.name,
+            dataset.input_shape,
+            dataset.num_classes,
+            len(dataset.y_train),
+            len(dataset.y_test),
+            source,
+        )
 
 
 # ---------------------------------------------------------------- the layout of an upload's arrays
+
 
 def check_layout(headers: list[ArrayHeader]) -> dict[str, ArrayHeader]:
     """Everything the headers alone can tell, by name; a ValueError names `header.arrays[NAME]`."""
@@ -100,11 +108,15 @@ def check_layout(headers: list[ArrayHeader]) -> dict[str, ArrayHeader]:
     by_name = {h.name: h for h in headers}
     for x, y in LABELS_OF.items():
         if x in by_name and by_name[x].shape[0] != by_name[y].shape[0]:
-            raise ValueError(f"header.arrays[{y}].shape: {by_name[y].shape[0]} labels for the "
-                             f"{by_name[x].shape[0]} samples of {x}")
+            raise ValueError(
+                f"header.arrays[{y}].shape: {by_name[y].shape[0]} labels for the "
+                f"{by_name[x].shape[0]} samples of {x}"
+            )
     if "x_test" in by_name and by_name["x_train"].shape[1:] != by_name["x_test"].shape[1:]:
-        raise ValueError(f"header.arrays[x_test].shape: samples of {list(by_name['x_test'].shape[1:])}, "
-                         f"but x_train's are {list(by_name['x_train'].shape[1:])}")
+        raise ValueError(
+            f"header.arrays[x_test].shape: samples of {list(by_name['x_test'].shape[1:])}, "
+            f"but x_train's are {list(by_name['x_train'].shape[1:])}"
+        )
     return by_name
 
 
@@ -113,8 +125,10 @@ def _check_array(header: ArrayHeader) -> None:
     is_x = header.name.startswith("x")
     accepted = SAMPLE_DTYPES if is_x else LABEL_DTYPES
     if header.dtype not in accepted:
-        raise ValueError(f"{where}.dtype {header.dtype!r} is not accepted; "
-                         f"{'x' if is_x else 'labels'} must be one of {', '.join(accepted)}")
+        raise ValueError(
+            f"{where}.dtype {header.dtype!r} is not accepted; "
+            f"{'x' if is_x else 'labels'} must be one of {', '.join(accepted)}"
+        )
     shape = list(header.shape)
     if is_x and len(shape) not in (2, 3, 4):
         raise ValueError(f"{where}.shape {shape} must be (N, F), (N, H, W) or (N, C, H, W)")
@@ -122,18 +136,23 @@ def _check_array(header: ArrayHeader) -> None:
         raise ValueError(f"{where}.shape {shape} must be (N,): one label per sample")
     if min(shape) < 1:
         raise ValueError(f"{where}.shape {shape}: every dimension must be at least 1")
-    expected = math.prod(shape) * DTYPES[header.dtype].itemsize   # Python ints: no overflow
+    expected = math.prod(shape) * DTYPES[header.dtype].itemsize  # Python ints: no overflow
     if header.size_bytes != expected:
-        raise ValueError(f"{where}.size_bytes {header.size_bytes} does not match shape {shape} "
-                         f"of {header.dtype} ({expected} bytes)")
+        raise ValueError(
+            f"{where}.size_bytes {header.size_bytes} does not match shape {shape} "
+            f"of {header.dtype} ({expected} bytes)"
+        )
     if header.sha256 and not SHA256_HEX.fullmatch(header.sha256):
         raise ValueError(f"{where}.sha256 must be 64 hexadecimal digits or empty, got {header.sha256!r}")
 
 
 def as_arrays(headers: dict[str, ArrayHeader], data: dict[str, bytes | bytearray]) -> dict[str, np.ndarray]:
     """Views of raw little-endian bytes as the arrays their headers declare (no copy)."""
-    return {name: np.frombuffer(data[name], dtype=DTYPES[h.dtype]).reshape(h.shape)
-            for name, h in headers.items() if name in data}
+    return {
+        name: np.frombuffer(data[name], dtype=DTYPES[h.dtype]).reshape(h.shape)
+        for name, h in headers.items()
+        if name in data
+    }
 
 
 def input_shape(headers: dict[str, ArrayHeader]) -> tuple[int, ...]:
@@ -143,6 +162,7 @@ def input_shape(headers: dict[str, ArrayHeader]) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------- receiving an upload
+
 
 class DatasetUpload:
     """One upload being received: its checked headers, one buffer per array, the bytes so far.
@@ -163,21 +183,27 @@ class DatasetUpload:
         if array not in self.headers:
             raise ValueError(f"piece.array must be one of {sorted(self.headers)}, got {array!r}")
         if offset != self._received[array]:
-            raise ValueError(f"piece.offset {offset} of {array}: expected {self._received[array]} "
-                             "(pieces must arrive in order, without gaps)")
+            raise ValueError(
+                f"piece.offset {offset} of {array}: expected {self._received[array]} "
+                "(pieces must arrive in order, without gaps)"
+            )
         end = offset + len(data)
         if end > self.headers[array].size_bytes:
-            raise ValueError(f"piece.data: more bytes for {array} than its size_bytes "
-                             f"{self.headers[array].size_bytes}")
-        self.buffers[array][offset:end] = data   # the same length: copied in place, never resized
+            raise ValueError(
+                f"piece.data: more bytes for {array} than its size_bytes {self.headers[array].size_bytes}"
+            )
+        self.buffers[array][offset:end] = data  # the same length: copied in place, never resized
         if array in self._digests:
             self._digests[array].update(data)
         self._received[array] = end
 
     def finish(self) -> dict[str, np.ndarray]:
         """Views of the arrays, once every one arrived whole; else ValueError naming what is wrong."""
-        short = {a: f"{self._received[a]}/{h.size_bytes}" for a, h in self.headers.items()
-                 if self._received[a] != h.size_bytes}
+        short = {
+            a: f"{self._received[a]}/{h.size_bytes}"
+            for a, h in self.headers.items()
+            if self._received[a] != h.size_bytes
+        }
         if short:
             raise ValueError(f"upload incomplete: bytes received/declared per array {short}")
         for array, digest in self._digests.items():
@@ -188,10 +214,18 @@ class DatasetUpload:
 
 # ---------------------------------------------------------------- the catalog
 
+
 class DatasetCatalog:
-    def __init__(self, client: redis.Redis, data_dir: str | None = None, *,
-                 max_upload_bytes: int = 512 * 2**20, max_classes: int = 10_000,
-                 cache_size: int = 4, prefix: str = "tandem"):
+    def __init__(
+        self,
+        client: redis.Redis,
+        data_dir: str | None = None,
+        *,
+        max_upload_bytes: int = 512 * 2**20,
+        max_classes: int = 10_000,
+        cache_size: int = 4,
+        prefix: str = "tandem",
+    ):
         self._redis, self._data_dir = client, data_dir
         self.max_upload_bytes, self.max_classes = max_upload_bytes, max_classes
         self._prefix = prefix
@@ -207,15 +241,20 @@ class DatasetCatalog:
     def summaries(self) -> list[DatasetSummary]:
         """Every dataset a job can train on, by name; one that cannot be read is logged and left out."""
         local = list_datasets(self._data_dir)
-        sources = {**dict.fromkeys(self._uploaded_names(), "upload"),
-                   **{name: "builtin" if name in BUILTIN_DATASETS else "directory" for name in local}}
+        sources = {
+            **dict.fromkeys(self._uploaded_names(), "upload"),
+            **{name: "builtin" if name in BUILTIN_DATASETS else "directory" for name in local},
+        }
         found = []
         for name, source in sorted(sources.items()):
             try:
-                found.append(self._stored_summary(name) if source == "upload"
-                             else DatasetSummary.of(self.load(name), source))
+                found.append(
+                    self._stored_summary(name)
+                    if source == "upload"
+                    else DatasetSummary.of(self.load(name), source)
+                )
             except DatasetNotFound:
-                pass   # deleted since it was listed
+                pass  # deleted since it was listed
             except DatasetError as error:
                 log.warning("event=dataset_unreadable dataset=%s error=%s", name, error)
         return found
@@ -230,7 +269,7 @@ class DatasetCatalog:
             keys = list(self._redis.scan_iter(match=self._key("*")))
         names = []
         for key in keys:
-            name = key[len(prefix):].decode(errors="replace")
+            name = key[len(prefix) :].decode(errors="replace")
             if _is_upload_name(name):
                 names.append(name)
             else:
@@ -252,9 +291,11 @@ class DatasetCatalog:
             dataset = load_dataset(name, self._data_dir)
         except DatasetNotFound:
             dataset = self._load_uploaded(name)
-        if dataset.num_classes > self.max_classes:   # uploads are checked as they are read; files are not
-            raise DatasetError(f"dataset {name!r} has {dataset.num_classes:,} classes; at most "
-                               f"{self.max_classes:,} are allowed (set by {MAX_CLASSES_VARIABLE})")
+        if dataset.num_classes > self.max_classes:  # uploads are checked as they are read; files are not
+            raise DatasetError(
+                f"dataset {name!r} has {dataset.num_classes:,} classes; at most "
+                f"{self.max_classes:,} are allowed (set by {MAX_CLASSES_VARIABLE})"
+            )
         with self._lock:
             self._cache[name] = dataset
             while len(self._cache) > self._cache_size:
@@ -278,7 +319,7 @@ class DatasetCatalog:
         """An upload's summary from its header, byte counts and labels: its x is never fetched."""
         key = self._key(name)
         with unavailable_on_error(self._redis), _reading(name):
-            with self._redis.pipeline(transaction=True) as pipe:   # one consistent view of the entry
+            with self._redis.pipeline(transaction=True) as pipe:  # one consistent view of the entry
                 pipe.hget(key, "header")
                 for array in SPLIT_ARRAYS + WHOLE_ARRAYS:
                     pipe.hstrlen(key, array)
@@ -296,16 +337,22 @@ class DatasetCatalog:
 
     # ------------------------------------------------------------ uploading
 
-    def begin_upload(self, name: str, headers: list[ArrayHeader], overwrite: bool,
-                     uploader: Caller) -> DatasetUpload:
+    def begin_upload(
+        self, name: str, headers: list[ArrayHeader], overwrite: bool, uploader: Caller
+    ) -> DatasetUpload:
         """Check everything an upload's header tells, then set aside its buffers."""
         if not _is_upload_name(name):
             raise ValueError(f"header.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
         if name in list_datasets(self._data_dir):
             raise ValueError(f"header.name {name!r} is a built-in or data-directory dataset")
         checked = check_layout(headers)
-        check_limit(f"upload {name!r}", sum(h.size_bytes for h in headers), self.max_upload_bytes,
-                    MAX_UPLOAD_BYTES_VARIABLE, "bytes")
+        check_limit(
+            f"upload {name!r}",
+            sum(h.size_bytes for h in headers),
+            self.max_upload_bytes,
+            MAX_UPLOAD_BYTES_VARIABLE,
+            "bytes",
+        )
         # Checked again when it is stored; this spares receiving a doomed upload.
         with unavailable_on_error(self._redis):
             _check_replaceable(name, _owner(self._redis, self._key(name)), overwrite, uploader)
@@ -334,8 +381,9 @@ class DatasetCatalog:
 
     # ------------------------------------------------------------ the values
 
-    def _summary(self, name: str, headers: dict[str, ArrayHeader],
-                 arrays: dict[str, np.ndarray]) -> DatasetSummary:
+    def _summary(
+        self, name: str, headers: dict[str, ArrayHeader], arrays: dict[str, np.ndarray]
+    ) -> DatasetSummary:
         """Check an upload's values, then summarize it from its headers and labels.
 
         x must be finite (uploads and loads give every array; listings only
@@ -346,14 +394,19 @@ class DatasetCatalog:
             if x in arrays:
                 check_finite(arrays[x], f"header.arrays[{x}]")
         why = f" (at most {self.max_classes:,} classes, set by {MAX_CLASSES_VARIABLE})"
-        largest = max(check_labels(arrays[y], f"header.arrays[{y}]", self.max_classes, why)
-                      for y in LABEL_ARRAYS if y in headers)
+        largest = max(
+            check_labels(arrays[y], f"header.arrays[{y}]", self.max_classes, why)
+            for y in LABEL_ARRAYS
+            if y in headers
+        )
         if "y" in headers:
             train, test = whole_split(arrays["y"])
             sizes = len(train), len(test)
             if not sizes[1]:
-                raise DatasetError("header.arrays[y]: the test split would be empty "
-                                   "(it takes 10% of each class that has two samples or more)")
+                raise DatasetError(
+                    "header.arrays[y]: the test split would be empty "
+                    "(it takes 10% of each class that has two samples or more)"
+                )
         else:
             sizes = headers["y_train"].shape[0], headers["y_test"].shape[0]
         return DatasetSummary(name, input_shape(headers), largest + 1, *sizes, "upload")
@@ -371,7 +424,7 @@ def _owner(client, key: str) -> str | None:
     """Who uploaded the entry at `key`: None if there is none, "" if it names no one."""
     try:
         owner = client.hget(key, OWNER_FIELD)
-    except redis.ResponseError:   # not a hash: a foreign key, no one's
+    except redis.ResponseError:  # not a hash: a foreign key, no one's
         return ""
     if owner is not None:
         return owner.decode(errors="replace")
@@ -385,8 +438,9 @@ def _check_replaceable(name: str, owner: str | None, overwrite: bool, uploader: 
     if not overwrite:
         raise FileExistsError(f"dataset {name!r} exists; set header.overwrite to replace it")
     if not uploader.controls(owner):
-        raise NotPermitted(f"dataset {name!r} is another caller's upload; only its uploader or "
-                           "an admin may overwrite it")
+        raise NotPermitted(
+            f"dataset {name!r} is another caller's upload; only its uploader or an admin may overwrite it"
+        )
 
 
 @contextmanager
@@ -394,7 +448,7 @@ def _reading(name: str):
     """Turn whatever makes a stored upload unreadable into a DatasetError naming it."""
     try:
         yield
-    except (ValueError, RecursionError, redis.ResponseError) as error:   # ResponseError: not a hash
+    except (ValueError, RecursionError, redis.ResponseError) as error:  # ResponseError: not a hash
         raise DatasetError(f"uploaded dataset {name!r} cannot be read: {error}") from None
 
 
@@ -404,8 +458,16 @@ def _stored_headers(raw: bytes | None, lengths: dict[str, int]) -> dict[str, Arr
         raise ValueError("it has no header")
     declared = json.loads(raw)
     if not isinstance(declared, dict) or not all(
-            isinstance(h, dict) and isinstance(h.get("dtype"), str) and isinstance(h.get("shape"), list)
-            and all(type(n) is int for n in h["shape"]) for h in declared.values()):
+        isinstance(h, dict)
+        and isinstance(h.get("dtype"), str)
+        and isinstance(h.get("shape"), list)
+        and all(type(n) is int for n in h["shape"])
+        for h in declared.values()
+    ):
         raise ValueError("its header is not {array: {dtype, shape}}")
-    return check_layout([ArrayHeader(array, h["dtype"], tuple(h["shape"]), lengths.get(array, 0))
-                         for array, h in declared.items()])
+    return check_layout(
+        [
+            ArrayHeader(array, h["dtype"], tuple(h["shape"]), lengths.get(array, 0))
+            for array, h in declared.items()
+        ]
+    )

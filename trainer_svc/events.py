@@ -33,7 +33,7 @@ class EpochDone:
 
 @dataclass(frozen=True)
 class CheckpointPublished:
-    meta: dict   # the checkpoint's metadata, its version included
+    meta: dict  # the checkpoint's metadata, its version included
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Subscription:
         self._hub, self.job_id = hub, job_id
         self._events: deque[Event] = deque()
         self._capacity = capacity
-        self._steps = 0            # how many of the buffered events are StepProgress
+        self._steps = 0  # how many of the buffered events are StepProgress
         self._ready = threading.Condition()
 
     def _push(self, event: Event) -> None:

@@ -28,7 +28,7 @@ from shared.checkpoints.redis_client import unavailable_on_error
 from trainer_svc.jobs import JobRecord, JobState
 
 log = logging.getLogger("tandem.trainer.jobs")
-REQUEST_ID_SECONDS = 7 * 24 * 3600   # how long a request_id names its job
+REQUEST_ID_SECONDS = 7 * 24 * 3600  # how long a request_id names its job
 
 # KEYS: request key, job key, index; ARGV: job id, record JSON, created_at, request key TTL.
 CLAIM_AND_SAVE = """
@@ -79,11 +79,13 @@ class JobRepository:
         with unavailable_on_error(self._redis):
             earlier = self._claim_and_save(
                 keys=[f"{self._prefix}:request:{request_id}", self._key(record.job_id), self._index],
-                args=[record.job_id, record.to_json(), record.created_at, REQUEST_ID_SECONDS])
+                args=[record.job_id, record.to_json(), record.created_at, REQUEST_ID_SECONDS],
+            )
         return earlier.decode() if earlier else None
 
-    def save_optimizer_state(self, job_id: str, version: int, step: int,
-                             state: dict[str, np.ndarray], keep: tuple[int, int]) -> None:
+    def save_optimizer_state(
+        self, job_id: str, version: int, step: int, state: dict[str, np.ndarray], keep: tuple[int, int]
+    ) -> None:
         """Store the optimiser state that goes with checkpoint `version` (at `step`) of a job.
 
         Of the states stored before, only the one of checkpoint `keep` (version, step)
@@ -127,7 +129,7 @@ class JobRepository:
         records = (_readable(job_id, text) for job_id, text in zip(ids, texts, strict=True) if text)
         return [record for record in records if record is not None]
 
-    def unfinished(self) -> builtins.list[JobRecord]:   # `list` here is the method above
+    def unfinished(self) -> builtins.list[JobRecord]:  # `list` here is the method above
         """Jobs that a trainer should take up again, oldest first."""
         resumable = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED, JobState.CANCELLING)
         return [r for r in reversed(self.list()) if r.state in resumable]

@@ -17,8 +17,8 @@ from enum import Enum
 
 from shared.nn.run import Hyperparameters
 
-JOB_ID = re.compile(r"[0-9a-f]{16}")                   # what JobRecord.new makes
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")          # printable ASCII, no spaces
+JOB_ID = re.compile(r"[0-9a-f]{16}")  # what JobRecord.new makes
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 
 
 def is_job_id(text: str) -> bool:
@@ -28,8 +28,9 @@ def is_job_id(text: str) -> bool:
 
 def check_request_id(text: str) -> str:
     if text and not REQUEST_ID.fullmatch(text):
-        raise ValueError(f"request_id must be 1-128 printable ASCII characters without spaces, "
-                         f"got {text[:140]!r}")
+        raise ValueError(
+            f"request_id must be 1-128 printable ASCII characters without spaces, got {text[:140]!r}"
+        )
     return text
 
 
@@ -40,7 +41,7 @@ class JobState(str, Enum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     INTERRUPTED = "INTERRUPTED"  # stopped by a trainer shutdown; resumed when a trainer starts
-    CANCELLING = "CANCELLING"    # asked to cancel; stops at its next step boundary
+    CANCELLING = "CANCELLING"  # asked to cancel; stops at its next step boundary
 
     @property
     def finished(self) -> bool:
@@ -54,7 +55,7 @@ class JobSubmission:
     model_name: str
     dataset: str
     preset: str = ""
-    spec_json: str | None = None        # the spec as the client sent it, not parsed yet
+    spec_json: str | None = None  # the spec as the client sent it, not parsed yet
     hidden: tuple[int, ...] = ()
     hyperparameters: dict = field(default_factory=dict)  # only the settings given
     checkpoint_every_steps: int = 0
@@ -72,11 +73,11 @@ class JobRequest:
     spec: dict
     hyperparameters: Hyperparameters
     preset: str = ""
-    hidden: tuple[int, ...] = ()        # the preset's widths as asked for (the spec has them too)
-    checkpoint_every_steps: int = 0     # 0: not by steps
+    hidden: tuple[int, ...] = ()  # the preset's widths as asked for (the spec has them too)
+    checkpoint_every_steps: int = 0  # 0: not by steps
     checkpoint_every_epoch: bool = True
-    resume_from_version: int = 0        # 0: start fresh
-    request_id: str = ""                # the client's idempotency key, if it gave one
+    resume_from_version: int = 0  # 0: start fresh
+    request_id: str = ""  # the client's idempotency key, if it gave one
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -85,8 +86,13 @@ class JobRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> JobRequest:
-        return cls(**{**data, "hidden": tuple(data.get("hidden", ())),
-                      "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"])})
+        return cls(
+            **{
+                **data,
+                "hidden": tuple(data.get("hidden", ())),
+                "hyperparameters": Hyperparameters.from_dict(data["hyperparameters"]),
+            }
+        )
 
 
 @dataclass
@@ -98,7 +104,7 @@ class JobRecord:
     step: int = 0
     steps_total: int = 0
     samples_per_second: float = 0.0
-    history: list[dict] = field(default_factory=list)   # every finished epoch's metrics
+    history: list[dict] = field(default_factory=list)  # every finished epoch's metrics
     stop_reason: str = ""
     last_published_version: int = 0
     last_published_step: int = 0

@@ -35,19 +35,20 @@ _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 @dataclass(frozen=True)
 class JobLimits:
-    spec_characters: int = 256 * 2**10   # a 1,000-layer spec is about 100 KiB
-    spec_depth: int = 16                 # a spec needs 4 ({"layers": [{"stride": [2, 2]}]})
+    spec_characters: int = 256 * 2**10  # a 1,000-layer spec is about 100 KiB
+    spec_depth: int = 16  # a spec needs 4 ({"layers": [{"stride": [2, 2]}]})
     layers: int = 1000
-    parameters: int = 50_000_000         # 200 MB of float32 weights; the cnn preset has 0.4 M
-    memory_bytes: int = 4 * 2**30        # estimated peak of one job (shared.nn.cost)
+    parameters: int = 50_000_000  # 200 MB of float32 weights; the cnn preset has 0.4 M
+    memory_bytes: int = 4 * 2**30  # estimated peak of one job (shared.nn.cost)
     batch_size: int = 8192
-    steps: int = 10_000_000              # epochs x steps per epoch: days of training at the most
+    steps: int = 10_000_000  # epochs x steps per epoch: days of training at the most
 
     def __post_init__(self):
-        for limit in fields(self):   # a limit of 0 or less would refuse every job: a setting's typo
+        for limit in fields(self):  # a limit of 0 or less would refuse every job: a setting's typo
             if getattr(self, limit.name) < 1:
-                raise ValueError(f"{LIMIT_VARIABLES[limit.name]} must be at least 1, "
-                                 f"got {getattr(self, limit.name)}")
+                raise ValueError(
+                    f"{LIMIT_VARIABLES[limit.name]} must be at least 1, got {getattr(self, limit.name)}"
+                )
 
     @classmethod
     def from_env(cls) -> JobLimits:
@@ -55,8 +56,9 @@ class JobLimits:
 
     def parse_spec(self, text: str) -> object:
         """The spec JSON's value, after its size and nesting depth were found within the limits."""
-        check_limit("spec_json", len(text), self.spec_characters, LIMIT_VARIABLES["spec_characters"],
-                    "characters")
+        check_limit(
+            "spec_json", len(text), self.spec_characters, LIMIT_VARIABLES["spec_characters"], "characters"
+        )
         depth = deepest = 0
         for match in _STRING_OR_BRACKET.finditer(text):
             token = match.group()
@@ -76,12 +78,18 @@ class JobLimits:
 
     def check_job(self, model: Model, batch_size: int, optimizer_slots: int, steps: int) -> None:
         """The built (not initialised) model's size and the run's length against the limits."""
-        check_limit("hyperparameters.batch_size", batch_size, self.batch_size,
-                    LIMIT_VARIABLES["batch_size"])
-        check_limit("the model's parameter count", parameter_count(model), self.parameters,
-                    LIMIT_VARIABLES["parameters"])
-        check_limit("the job's estimated training memory",
-                    training_memory_bytes(model, batch_size, optimizer_slots), self.memory_bytes,
-                    LIMIT_VARIABLES["memory_bytes"], "bytes")
-        check_limit("the job's steps (epochs x steps per epoch)", steps, self.steps,
-                    LIMIT_VARIABLES["steps"])
+        check_limit("hyperparameters.batch_size", batch_size, self.batch_size, LIMIT_VARIABLES["batch_size"])
+        check_limit(
+            "the model's parameter count",
+            parameter_count(model),
+            self.parameters,
+            LIMIT_VARIABLES["parameters"],
+        )
+        check_limit(
+            "the job's estimated training memory",
+            training_memory_bytes(model, batch_size, optimizer_slots),
+            self.memory_bytes,
+            LIMIT_VARIABLES["memory_bytes"],
+            "bytes",
+        )
+        check_limit("the job's steps (epochs x steps per epoch)", steps, self.steps, LIMIT_VARIABLES["steps"])

@@ -49,9 +49,18 @@ class JobManager:
     record is retried while Redis is away.
     """
 
-    def __init__(self, repository: JobRepository, validator: RequestValidator, runner: JobRunner,
-                 events: EventHub, *, max_concurrent_jobs: int, max_restarts: int,
-                 resume_interrupted: bool, outage_limit: float):
+    def __init__(
+        self,
+        repository: JobRepository,
+        validator: RequestValidator,
+        runner: JobRunner,
+        events: EventHub,
+        *,
+        max_concurrent_jobs: int,
+        max_restarts: int,
+        resume_interrupted: bool,
+        outage_limit: float,
+    ):
         self._repository, self._validator, self._runner = repository, validator, runner
         self.events = events
         self._max_restarts, self._resume_interrupted = max_restarts, resume_interrupted
@@ -60,8 +69,10 @@ class JobManager:
         self._active: dict[str, ActiveJob] = {}
         self._lock = threading.Lock()
         self._accepting = True
-        self._workers = [threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True)
-                         for i in range(max_concurrent_jobs)]
+        self._workers = [
+            threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True)
+            for i in range(max_concurrent_jobs)
+        ]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -102,8 +113,12 @@ class JobManager:
         with self._lock:
             self._active[record.job_id] = job
         self._queue.put(job)
-        log.info("event=job_queued job=%s model=%s dataset=%s", record.job_id,
-                 record.model_name, record.request.dataset)
+        log.info(
+            "event=job_queued job=%s model=%s dataset=%s",
+            record.job_id,
+            record.model_name,
+            record.request.dataset,
+        )
         return record.copy()
 
     def get(self, job_id: str, caller: Caller) -> JobRecord:
@@ -126,8 +141,9 @@ class JobManager:
             raise JobNotFound(f"job_id {job_id!r}: no such job")
         return record
 
-    def list(self, caller: Caller, state: JobState | None = None, limit: int | None = None,
-             offset: int = 0) -> list[JobRecord]:
+    def list(
+        self, caller: Caller, state: JobState | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[JobRecord]:
         """The jobs `caller` may see (Caller.sees)."""
         records = [r for r in self._repository.list() if caller.sees(r.owner)]
         with self._lock:
@@ -135,12 +151,15 @@ class JobManager:
         records = [self._record(r.job_id) if r.job_id in live else r for r in records]
         if state:
             records = [r for r in records if r.state == state]
-        return records[offset:None if limit is None else offset + limit]
+        return records[offset : None if limit is None else offset + limit]
 
     def cancel(self, job_id: str, caller: Caller) -> JobRecord:
         """Cancel a job `caller` controls: its own, or anyone's as admin (Caller.controls)."""
-        _allow(caller.controls(self._record(job_id).owner), job_id,
-               "a caller cancels its own jobs only (admin: anyone's)")
+        _allow(
+            caller.controls(self._record(job_id).owner),
+            job_id,
+            "a caller cancels its own jobs only (admin: anyone's)",
+        )
         with self._lock:
             job = self._active.get(job_id)
         if job is None:
@@ -195,8 +214,12 @@ class JobManager:
         with self._lock:
             self._active[record.job_id] = job
         self._queue.put(job)
-        log.info("event=job_resumable job=%s restarts=%d from_version=%d", record.job_id,
-                 record.restarts, record.last_published_version)
+        log.info(
+            "event=job_resumable job=%s restarts=%d from_version=%d",
+            record.job_id,
+            record.restarts,
+            record.last_published_version,
+        )
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -228,12 +251,19 @@ class JobManager:
         if job.writer.save(number, record) or not state.finished:
             self._forget(record.job_id)
         else:
-            threading.Thread(target=self._save_final, args=(job, number, record), daemon=True,
-                             name=f"save-{record.job_id}").start()
+            threading.Thread(
+                target=self._save_final, args=(job, number, record), daemon=True, name=f"save-{record.job_id}"
+            ).start()
         event = JobFinished(record) if state.finished else JobSnapshot(record)
         self.events.publish(record.job_id, event)
-        log.info("event=job_%s job=%s model=%s version=%d error=%r", state.value.lower(),
-                 record.job_id, record.model_name, record.last_published_version, record.error)
+        log.info(
+            "event=job_%s job=%s model=%s version=%d error=%r",
+            state.value.lower(),
+            record.job_id,
+            record.model_name,
+            record.last_published_version,
+            record.error,
+        )
 
     def _save_final(self, job: ActiveJob, number: int, record: JobRecord) -> None:
         """Retry the final record (RecordWriter.save_final) and forget the job once it is saved.

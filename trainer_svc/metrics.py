@@ -9,13 +9,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 STEPS = Counter("tandem_trainer_steps", "Training steps run, over all jobs")
-SAMPLES_PER_SECOND = Gauge("tandem_trainer_samples_per_second",
-                           "Training throughput (samples/s) of the job that reported last")
-PUBLISH_SECONDS = Histogram("tandem_trainer_checkpoint_publish_seconds",
-                            "Time to encode and publish one checkpoint to Redis",
-                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-PUBLISH_FAILURES = Counter("tandem_trainer_checkpoint_publish_failures",
-                           "Checkpoint publish attempts that failed (Redis unavailable)")
+SAMPLES_PER_SECOND = Gauge(
+    "tandem_trainer_samples_per_second", "Training throughput (samples/s) of the job that reported last"
+)
+PUBLISH_SECONDS = Histogram(
+    "tandem_trainer_checkpoint_publish_seconds",
+    "Time to encode and publish one checkpoint to Redis",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+PUBLISH_FAILURES = Counter(
+    "tandem_trainer_checkpoint_publish_failures",
+    "Checkpoint publish attempts that failed (Redis unavailable)",
+)
 
 
 class JobStates(Collector):

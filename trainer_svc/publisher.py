@@ -44,12 +44,18 @@ def snapshot(model: Model, meta: CheckpointMeta, optimizer_state: dict[str, np.n
 
 
 class CheckpointPublisher(NewestOnly[Snapshot]):
-    def __init__(self, store: CheckpointStore, on_published: Callable[[int, Snapshot, float], None],
-                 *, outage_limit: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0),
-                 on_failure: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        on_published: Callable[[int, Snapshot, float], None],
+        *,
+        outage_limit: float = 60.0,
+        backoff: tuple[float, float] = (0.2, 5.0),
+        on_failure: Callable[[], None] = lambda: None,
+    ):
         self._store = store
-        self._on_published = on_published   # (version, snapshot, seconds it took); must not raise
-        self._on_failure = on_failure       # each failed attempt, for metrics
+        self._on_published = on_published  # (version, snapshot, seconds it took); must not raise
+        self._on_failure = on_failure  # each failed attempt, for metrics
         super().__init__("checkpoint-publisher", backoff=backoff, outage_limit=outage_limit)
 
     def submit(self, model: Model, meta: CheckpointMeta, optimizer_state: dict[str, np.ndarray]) -> None:
@@ -63,8 +69,13 @@ class CheckpointPublisher(NewestOnly[Snapshot]):
 
     def _failed(self, item: Snapshot, error: StoreUnavailable, retry_in: float) -> None:
         self._on_failure()
-        log.warning("event=publish_failed model=%s step=%d error=%r retry_in=%.1fs",
-                    item.meta.model_name, item.meta.step, str(error), retry_in)
+        log.warning(
+            "event=publish_failed model=%s step=%d error=%r retry_in=%.1fs",
+            item.meta.model_name,
+            item.meta.step,
+            str(error),
+            retry_in,
+        )
 
     def _gave_up(self, error: StoreUnavailable) -> PublishFailed:
         return PublishFailed(f"no checkpoint could be published for {self._outage_limit:.0f} s: {error}")

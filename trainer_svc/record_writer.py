@@ -39,7 +39,7 @@ class RecordWriter:
 
     def __init__(self, repository: JobRepository, job_id: str, *, outage_limit: float):
         self._repository, self.job_id = repository, job_id
-        self._outage_limit = outage_limit   # how long a final record is retried
+        self._outage_limit = outage_limit  # how long a final record is retried
         # Copies of the record are saved from several threads (training loop, publisher,
         # cancel); each copy is numbered under the job's lock and a copy older than the one
         # already in Redis is never written over it (see `write`).
@@ -75,8 +75,7 @@ class RecordWriter:
                 self._repository.save(record)
                 self.saved_copy = number
 
-    def save_final(self, number: int, record: JobRecord,
-                   backoff: tuple[float, float] = (0.2, 5.0)) -> bool:
+    def save_final(self, number: int, record: JobRecord, backoff: tuple[float, float] = (0.2, 5.0)) -> bool:
         """Save a job's final record, retrying with backoff; there is no next save to catch up.
 
         False if Redis did not take it within the outage limit (logged).
@@ -91,14 +90,19 @@ class RecordWriter:
             time.sleep(delay)
         return True
 
-    def save_optimizer_state(self, version: int, step: int, state: dict[str, np.ndarray],
-                             keep: tuple[int, int]) -> None:
+    def save_optimizer_state(
+        self, version: int, step: int, state: dict[str, np.ndarray], keep: tuple[int, int]
+    ) -> None:
         """Best effort, before the record names `version`: the state of checkpoint `keep` stays."""
         try:
             self._repository.save_optimizer_state(self.job_id, version, step, state, keep=keep)
         except StoreUnavailable as error:
-            log.warning("event=optimizer_state_save_failed job=%s version=%d error=%r",
-                        self.job_id, version, str(error))
+            log.warning(
+                "event=optimizer_state_save_failed job=%s version=%d error=%r",
+                self.job_id,
+                version,
+                str(error),
+            )
 
     def resumed_optimizer(self, model, hp: Hyperparameters, version: int, step: int) -> Optimizer:
         """The optimiser saved with the job's own checkpoint `version` (at `step`).
@@ -113,8 +117,13 @@ class RecordWriter:
             reason = "none stored for this checkpoint"
         except ValueError as error:
             reason = str(error)
-        log.warning("event=optimizer_state_missing job=%s version=%d step=%d reason=%r",
-                    self.job_id, version, step, reason)
+        log.warning(
+            "event=optimizer_state_missing job=%s version=%d step=%d reason=%r",
+            self.job_id,
+            version,
+            step,
+            reason,
+        )
         return prepare_optimizer(model, hp)
 
 
@@ -135,5 +144,6 @@ class RecordSaver(NewestOnly[tuple[int, JobRecord]]):
         self._writer.write(*item)
 
     def _failed(self, item: tuple[int, JobRecord], error: StoreUnavailable, retry_in: float) -> None:
-        log.warning("event=job_save_failed job=%s error=%r retry_in=%.1fs",
-                    self._writer.job_id, str(error), retry_in)
+        log.warning(
+            "event=job_save_failed job=%s error=%r retry_in=%.1fs", self._writer.job_id, str(error), retry_in
+        )

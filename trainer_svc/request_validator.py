@@ -31,13 +31,19 @@ class RequestValidator:
         check_request_id(submission.request_id)
         dataset = self._catalog.load(submission.dataset)
         spec, hp = self._architecture(submission, dataset)
-        model = build_model(spec, dtype=hp.dtype)   # shapes only: no weights yet
+        model = build_model(spec, dtype=hp.dtype)  # shapes only: no weights yet
         train_samples = int(len(dataset.y_train) * (1 - hp.validation_split))
         if hp.batch_size > train_samples:
-            raise ValueError(f"hyperparameters.batch_size {hp.batch_size} is larger than the "
-                             f"{train_samples} training samples of {dataset.name!r}")
-        self._limits.check_job(model, hp.batch_size, len(prepare_optimizer(model, hp).slots),
-                               steps=hp.epochs * -(-train_samples // hp.batch_size))
+            raise ValueError(
+                f"hyperparameters.batch_size {hp.batch_size} is larger than the "
+                f"{train_samples} training samples of {dataset.name!r}"
+            )
+        self._limits.check_job(
+            model,
+            hp.batch_size,
+            len(prepare_optimizer(model, hp).slots),
+            steps=hp.epochs * -(-train_samples // hp.batch_size),
+        )
         check_fits(model, dataset)
         spec = model.spec
         if submission.checkpoint_every_steps < 0:
@@ -45,11 +51,17 @@ class RequestValidator:
         if submission.resume_from_version:
             self._check_resumable(submission, spec)
         return JobRequest(
-            model_name=submission.model_name, dataset=dataset.name, spec=spec, hyperparameters=hp,
-            preset=submission.preset, hidden=submission.hidden,
+            model_name=submission.model_name,
+            dataset=dataset.name,
+            spec=spec,
+            hyperparameters=hp,
+            preset=submission.preset,
+            hidden=submission.hidden,
             checkpoint_every_steps=submission.checkpoint_every_steps,
             checkpoint_every_epoch=submission.checkpoint_every_epoch,
-            resume_from_version=submission.resume_from_version, request_id=submission.request_id)
+            resume_from_version=submission.resume_from_version,
+            request_id=submission.request_id,
+        )
 
     def _architecture(self, submission: JobSubmission, dataset: Dataset) -> tuple[Any, Hyperparameters]:
         """The spec (a preset's, or the client's JSON parsed within the limits; build_model checks
@@ -57,11 +69,13 @@ class RequestValidator:
         preset, spec_json, hidden = submission.preset, submission.spec_json, submission.hidden
         if bool(preset) == (spec_json is not None):
             raise ValueError("architecture: give exactly one of preset or spec_json")
-        if spec_json is None:   # a preset, then
-            if hidden:   # a preset's spec has two layers per hidden width, and three more
+        if spec_json is None:  # a preset, then
+            if hidden:  # a preset's spec has two layers per hidden width, and three more
                 self._limits.check_layer_count(2 * len(hidden) + 3)
-            return (get_preset(preset).spec(dataset.input_shape, dataset.num_classes, hidden or None),
-                    Hyperparameters.for_preset(preset, **submission.hyperparameters))
+            return (
+                get_preset(preset).spec(dataset.input_shape, dataset.num_classes, hidden or None),
+                Hyperparameters.for_preset(preset, **submission.hyperparameters),
+            )
         if hidden:
             raise ValueError("hidden: only a preset takes hidden-layer widths; a spec states its own")
         spec = self._limits.parse_spec(spec_json)
@@ -77,5 +91,7 @@ class RequestValidator:
         except CheckpointNotFound as error:
             raise CheckpointNotFound(f"resume_from_version {version}: {error}") from None
         if meta.spec != spec:
-            raise ValueError(f"resume_from_version {version} of {submission.model_name!r} "
-                             f"has another architecture than this job")
+            raise ValueError(
+                f"resume_from_version {version} of {submission.model_name!r} "
+                f"has another architecture than this job"
+            )

@@ -41,7 +41,7 @@ from trainer_svc.training import JobRunner
 log = logging.getLogger("tandem.trainer")
 SERVICE = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
 SERVICE_NAME = SERVICE.full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)   # "" = the server as a whole
+HEALTH_SERVICES = ("", SERVICE_NAME)  # "" = the server as a whole
 MAX_MESSAGE_BYTES = 8 * 2**20
 
 
@@ -50,24 +50,32 @@ class TrainerServer(GrpcService):
         self.config = config
         client = connect(config.redis_url)
         self.store = CheckpointStore(client, retention=config.checkpoint_retention)
-        self.catalog = DatasetCatalog(client, config.data_dir, max_upload_bytes=config.max_upload_bytes,
-                                      max_classes=config.max_classes)
+        self.catalog = DatasetCatalog(
+            client, config.data_dir, max_upload_bytes=config.max_upload_bytes, max_classes=config.max_classes
+        )
         events = EventHub()
         self.manager = JobManager(
-            JobRepository(client), RequestValidator(self.store, self.catalog, config.job_limits),
+            JobRepository(client),
+            RequestValidator(self.store, self.catalog, config.job_limits),
             JobRunner(self.store, self.catalog, events, outage_limit=config.publish_outage_seconds),
-            events, max_concurrent_jobs=config.max_concurrent_jobs, max_restarts=config.max_restarts,
-            resume_interrupted=config.resume_interrupted, outage_limit=config.publish_outage_seconds)
+            events,
+            max_concurrent_jobs=config.max_concurrent_jobs,
+            max_restarts=config.max_restarts,
+            resume_interrupted=config.resume_interrupted,
+            outage_limit=config.publish_outage_seconds,
+        )
         health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
-        for service in HEALTH_SERVICES:   # known from the first call on; SERVING once started
+        for service in HEALTH_SERVICES:  # known from the first call on; SERVING once started
             health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc_server(config.grpc_workers, MAX_MESSAGE_BYTES,
-                             interceptors=[AccessInterceptor(config.auth, "trainer")])
+        server = grpc_server(
+            config.grpc_workers, MAX_MESSAGE_BYTES, interceptors=[AccessInterceptor(config.auth, "trainer")]
+        )
         super().__init__("trainer", server, health, config.grace_seconds)
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(
-            TrainerServicer(self.manager, self.store, self.catalog), server)
+            TrainerServicer(self.manager, self.store, self.catalog), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        if config.auth.reflection_served:   # TANDEM_REFLECTION=off: not served
+        if config.auth.reflection_served:  # TANDEM_REFLECTION=off: not served
             enable_reflection(server, SERVICE)
         self.port = listen(server, config.listen, config.tls)
         self._job_states: metrics.JobStates | None = None
@@ -77,12 +85,17 @@ class TrainerServer(GrpcService):
         if self.config.metrics_port:
             self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
             self._job_states = metrics.register_job_states(
-                lambda: (r.state.value for r in self.manager.list(UNRESTRICTED)))
+                lambda: (r.state.value for r in self.manager.list(UNRESTRICTED))
+            )
         self.server.start()
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("event=trainer_started listen=%s port=%d metrics_port=%d", self.config.listen,
-                 self.port, self.config.metrics_port)
+        log.info(
+            "event=trainer_started listen=%s port=%d metrics_port=%d",
+            self.config.listen,
+            self.port,
+            self.config.metrics_port,
+        )
         return self
 
     def _drain(self, grace: float) -> None:

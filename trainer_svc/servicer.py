@@ -35,11 +35,11 @@ from trainer_svc.jobs import JobRecord, JobState, JobSubmission
 from trainer_svc.manager import JobManager, NotAccepting
 
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000       # a larger page_size is served as this many
-WATCH_POLL_SECONDS = 1.0   # how often a quiet watch checks that its client is still there
+MAX_PAGE_SIZE = 1000  # a larger page_size is served as this many
+WATCH_POLL_SECONDS = 1.0  # how often a quiet watch checks that its client is still there
 
 STATUS_BY_ERROR = [  # the first match wins
-    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),   # a ValueError, but not the caller's
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),  # a ValueError, but not the caller's
     (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (OverflowError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -57,12 +57,17 @@ def submission_from_proto(request: pb.StartJobRequest) -> JobSubmission:
     spec_json = request.spec_json if request.WhichOneof("architecture") == "spec_json" else None
     hp = request.hyperparameters
     return JobSubmission(
-        model_name=request.model_name, dataset=request.dataset, preset=request.preset,
-        spec_json=spec_json, hidden=tuple(request.hidden),
+        model_name=request.model_name,
+        dataset=request.dataset,
+        preset=request.preset,
+        spec_json=spec_json,
+        hidden=tuple(request.hidden),
         hyperparameters={name: getattr(hp, name) for name in HYPERPARAMETER_FIELDS if hp.HasField(name)},
         checkpoint_every_steps=request.checkpoints.every_steps,
         checkpoint_every_epoch=request.checkpoints.every_epoch,
-        resume_from_version=request.resume_from_version, request_id=request.request_id)
+        resume_from_version=request.resume_from_version,
+        request_id=request.request_id,
+    )
 
 
 def requested_states(values) -> set[JobState]:
@@ -90,11 +95,14 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     request = record.request
     hp = request.hyperparameters.as_dict()
     submitted = pb.StartJobRequest(
-        model_name=request.model_name, dataset=request.dataset,
+        model_name=request.model_name,
+        dataset=request.dataset,
         hyperparameters=pb.Hyperparameters(**hp),
-        checkpoints=pb.CheckpointSchedule(every_steps=request.checkpoint_every_steps,
-                                          every_epoch=request.checkpoint_every_epoch),
-        request_id=request.request_id)
+        checkpoints=pb.CheckpointSchedule(
+            every_steps=request.checkpoint_every_steps, every_epoch=request.checkpoint_every_epoch
+        ),
+        request_id=request.request_id,
+    )
     if request.preset:
         submitted.preset = request.preset
         submitted.hidden.extend(request.hidden)
@@ -104,17 +112,29 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         submitted.resume_from_version = request.resume_from_version
     history = [epoch_metrics(m) for m in record.history]
     return pb.Job(
-        job_id=record.job_id, model_name=record.model_name,
-        state=job_state_value(record.state.value), request=submitted,
-        progress=pb.Progress(epoch=record.epoch, epochs=request.hyperparameters.epochs,
-                             step=record.step, steps_total=record.steps_total,
-                             samples_per_second=record.samples_per_second),
+        job_id=record.job_id,
+        model_name=record.model_name,
+        state=job_state_value(record.state.value),
+        request=submitted,
+        progress=pb.Progress(
+            epoch=record.epoch,
+            epochs=request.hyperparameters.epochs,
+            step=record.step,
+            steps_total=record.steps_total,
+            samples_per_second=record.samples_per_second,
+        ),
         last_metrics=history[-1] if history else None,
-        last_published_version=record.last_published_version, error=record.error,
-        restarts=record.restarts, created_at=timestamp(record.created_at),
-        started_at=timestamp(record.started_at), finished_at=timestamp(record.finished_at),
-        hyperparameters=pb.Hyperparameters(**hp), spec_json=spec_to_json(request.spec),
-        history=history, stop_reason=record.stop_reason)
+        last_published_version=record.last_published_version,
+        error=record.error,
+        restarts=record.restarts,
+        created_at=timestamp(record.created_at),
+        started_at=timestamp(record.started_at),
+        finished_at=timestamp(record.finished_at),
+        hyperparameters=pb.Hyperparameters(**hp),
+        spec_json=spec_to_json(request.spec),
+        history=history,
+        stop_reason=record.stop_reason,
+    )
 
 
 class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
@@ -134,15 +154,19 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         states = requested_states(request.states)
         if request.page_size < 0:
             raise ValueError(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {request.page_size}")
-        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)   # as AIP-158 says
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)  # as AIP-158 says
         offset = page_offset(request.page_token)
-        jobs = [r for r in self.jobs.list(current_caller())
-                if (not states or r.state in states)
-                and (not request.model_name or r.model_name == request.model_name)]
-        page = jobs[offset:offset + page_size]
+        jobs = [
+            r
+            for r in self.jobs.list(current_caller())
+            if (not states or r.state in states)
+            and (not request.model_name or r.model_name == request.model_name)
+        ]
+        page = jobs[offset : offset + page_size]
         more = offset + page_size < len(jobs)
-        return pb.ListJobsResponse(jobs=[job_to_proto(r) for r in page],
-                                   next_page_token=str(offset + page_size) if more else "")
+        return pb.ListJobsResponse(
+            jobs=[job_to_proto(r) for r in page], next_page_token=str(offset + page_size) if more else ""
+        )
 
     @translate_errors(STATUS_BY_ERROR)
     def WatchJob(self, request, context):
@@ -169,8 +193,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         if not versions:
             raise LookupError(f"model_name {request.model_name!r} has no checkpoints")
         latest = self.store.latest_version(request.model_name)
-        return pb.ListCheckpointsResponse(checkpoints=[
-            checkpoint_info(meta, latest=meta["version"] == latest) for meta in reversed(versions)])
+        return pb.ListCheckpointsResponse(
+            checkpoints=[
+                checkpoint_info(meta, latest=meta["version"] == latest) for meta in reversed(versions)
+            ]
+        )
 
     @translate_errors(STATUS_BY_ERROR)
     def ListDatasets(self, request, context):
@@ -182,9 +209,12 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         if first is None or first.WhichOneof("chunk") != "header":
             raise ValueError("the first chunk must be the header")
         header = first.header
-        upload = self.catalog.begin_upload(header.name, [
-            ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays
-        ], overwrite=header.overwrite, uploader=current_caller())
+        upload = self.catalog.begin_upload(
+            header.name,
+            [ArrayHeader(a.name, a.dtype, tuple(a.shape), a.size_bytes, a.sha256) for a in header.arrays],
+            overwrite=header.overwrite,
+            uploader=current_caller(),
+        )
         for chunk in request_iterator:
             if chunk.WhichOneof("chunk") != "piece":
                 raise ValueError("only the first chunk may be a header")
@@ -210,5 +240,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
 
 
 def dataset_info(summary: DatasetSummary) -> pb.DatasetInfo:
-    return pb.DatasetInfo(name=summary.name, input_shape=summary.input_shape, num_classes=summary.num_classes,
-                          train_size=summary.train_size, test_size=summary.test_size, source=summary.source)
+    return pb.DatasetInfo(
+        name=summary.name,
+        input_shape=summary.input_shape,
+        num_classes=summary.num_classes,
+        train_size=summary.train_size,
+        test_size=summary.test_size,
+        source=summary.source,
+    )

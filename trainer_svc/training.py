@@ -30,7 +30,7 @@ from trainer_svc.publisher import CheckpointPublisher, Snapshot
 from trainer_svc.record_writer import RecordSaver, RecordWriter
 
 log = logging.getLogger("tandem.trainer.jobs")
-STEP_EVENT_INTERVAL = 0.25   # at most one step event per this many seconds
+STEP_EVENT_INTERVAL = 0.25  # at most one step event per this many seconds
 
 
 class ActiveJob:
@@ -38,29 +38,30 @@ class ActiveJob:
 
     def __init__(self, record: JobRecord, writer: RecordWriter):
         self.record = record
-        self.stop_as: JobState | None = None   # CANCELLED or INTERRUPTED once asked
-        self.lock = threading.Lock()           # guards record and stop_as
+        self.stop_as: JobState | None = None  # CANCELLED or INTERRUPTED once asked
+        self.lock = threading.Lock()  # guards record and stop_as
         self.writer = writer
 
 
 class JobRunner:
     """Trains one job at a time (each on its caller's thread), from where its record stands to its end."""
 
-    def __init__(self, store: CheckpointStore, catalog: DatasetCatalog, events: EventHub, *,
-                 outage_limit: float):
+    def __init__(
+        self, store: CheckpointStore, catalog: DatasetCatalog, events: EventHub, *, outage_limit: float
+    ):
         self._store, self._catalog, self._events = store, catalog, events
-        self._outage_limit = outage_limit   # seconds Redis may be away before a job fails
+        self._outage_limit = outage_limit  # seconds Redis may be away before a job fails
 
     def run(self, job: ActiveJob) -> JobState:
         """Train `job`; the state it ends in. A failure ends it FAILED, with the error in its record."""
         try:
             return self._train(job)
-        except TrainingDiverged as error:   # the caller's settings, not a bug: no traceback
+        except TrainingDiverged as error:  # the caller's settings, not a bug: no traceback
             log.warning("event=job_diverged job=%s error=%r", job.record.job_id, str(error))
             with job.lock:
                 job.record.error = str(error)
             return JobState.FAILED
-        except Exception as error:   # any failure ends the job, clearly, with its traceback logged
+        except Exception as error:  # any failure ends the job, clearly, with its traceback logged
             log.exception("event=job_failed job=%s", job.record.job_id)
             with job.lock:
                 job.record.error = f"{type(error).__name__}: {error}"
@@ -86,8 +87,11 @@ class JobRunner:
         else:
             optimizer = prepare_optimizer(model, hp)
         publisher = CheckpointPublisher(
-            self._store, lambda v, item, seconds: self._published(job, v, item, seconds),
-            outage_limit=self._outage_limit, on_failure=metrics.PUBLISH_FAILURES.inc)
+            self._store,
+            lambda v, item, seconds: self._published(job, v, item, seconds),
+            outage_limit=self._outage_limit,
+            on_failure=metrics.PUBLISH_FAILURES.inc,
+        )
         saver = RecordSaver(job.writer)
         callback = TrainingCallback(job, model, optimizer, publisher, saver, self._events, dataset.name)
         try:
@@ -111,7 +115,7 @@ class JobRunner:
         meta = item.meta
         with job.lock:
             previous = (job.record.last_published_version, job.record.last_published_step)
-            finished = job.record.state.finished   # its final record deleted the states
+            finished = job.record.state.finished  # its final record deleted the states
         if not finished:
             job.writer.save_optimizer_state(version, meta.step, item.optimizer_state, keep=previous)
         with job.lock:
@@ -121,15 +125,29 @@ class JobRunner:
             number, record = job.writer.copy(job.record)
         job.writer.save(number, record)
         self._events.publish(record.job_id, CheckpointPublished({**asdict(meta), "version": version}))
-        log.info("event=checkpoint_published job=%s model=%s version=%d step=%d seconds=%.3f",
-                 record.job_id, record.model_name, version, meta.step, seconds)
+        log.info(
+            "event=checkpoint_published job=%s model=%s version=%d step=%d seconds=%.3f",
+            record.job_id,
+            record.model_name,
+            version,
+            meta.step,
+            seconds,
+        )
 
 
 class TrainingCallback:
     """What shared.nn.run calls at each step and epoch of one job (see the module docstring)."""
 
-    def __init__(self, job: ActiveJob, model, optimizer: Optimizer, publisher: CheckpointPublisher,
-                 saver: RecordSaver, events: EventHub, dataset: str):
+    def __init__(
+        self,
+        job: ActiveJob,
+        model,
+        optimizer: Optimizer,
+        publisher: CheckpointPublisher,
+        saver: RecordSaver,
+        events: EventHub,
+        dataset: str,
+    ):
         self.job, self.model, self.optimizer = job, model, optimizer
         self.publisher, self.saver, self.events = publisher, saver, events
         self.dataset = dataset
@@ -160,16 +178,25 @@ class TrainingCallback:
             record.epoch, record.step = event.epoch, event.step
             record.steps_total = hp.epochs * event.steps_per_epoch
             if now - self.window_started >= 1.0:
-                record.samples_per_second = ((event.step - self.window_step) * hp.batch_size
-                                             / (now - self.window_started))
+                record.samples_per_second = (
+                    (event.step - self.window_step) * hp.batch_size / (now - self.window_started)
+                )
                 self.window_started, self.window_step = now, event.step
                 metrics.SAMPLES_PER_SECOND.set(record.samples_per_second)
         metrics.STEPS.inc()
         if now - self.last_event >= STEP_EVENT_INTERVAL:
             self.last_event = now
-            self.events.publish(self.job.record.job_id, StepProgress(
-                event.epoch, event.step, event.steps_per_epoch, event.batch_loss, event.batch_accuracy,
-                self.job.record.samples_per_second))
+            self.events.publish(
+                self.job.record.job_id,
+                StepProgress(
+                    event.epoch,
+                    event.step,
+                    event.steps_per_epoch,
+                    event.batch_loss,
+                    event.batch_accuracy,
+                    self.job.record.samples_per_second,
+                ),
+            )
         every = self.request.checkpoint_every_steps
         if every and event.step % every == 0:
             self.checkpoint()
@@ -197,7 +224,13 @@ class TrainingCallback:
             self.last_checkpoint_step = record.step
             check_finite_weights(self.model, record.step)
             meta = CheckpointMeta(
-                model_name=record.model_name, spec=self.model.spec, dtype=self.model.dtype.name,
-                step=record.step, epoch=record.epoch, metrics=dict(record.last_metrics),
-                dataset=self.dataset, hyperparameters=self.request.hyperparameters.as_dict())
+                model_name=record.model_name,
+                spec=self.model.spec,
+                dtype=self.model.dtype.name,
+                step=record.step,
+                epoch=record.epoch,
+                metrics=dict(record.last_metrics),
+                dataset=self.dataset,
+                hyperparameters=self.request.hyperparameters.as_dict(),
+            )
         self.publisher.submit(self.model, meta, self.optimizer.state_dict())

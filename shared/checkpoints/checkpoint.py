@@ -85,7 +85,7 @@ def weights_sha256(weights: dict[str, np.ndarray]) -> str:
         array = np.ascontiguousarray(weights[name])
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
         digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}\n".encode())
-        digest.update(array.data.cast("B"))   # the contiguous array's buffer, as memoryview(array)
+        digest.update(array.data.cast("B"))  # the contiguous array's buffer, as memoryview(array)
     return digest.hexdigest()
 
 
@@ -125,7 +125,7 @@ def read_meta(blob: bytes) -> CheckpointMeta:
             f"checkpoint is truncated: header says {header_len} bytes, {len(blob) - 8} follow"
         )
     try:
-        header = json.loads(blob[8:8 + header_len])
+        header = json.loads(blob[8 : 8 + header_len])
         fields = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"not a Tandem checkpoint: unreadable header ({error})") from None

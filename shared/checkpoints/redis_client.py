@@ -51,12 +51,17 @@ from redis.retry import Retry
 from shared.env import env, read_secret_file
 
 DEFAULT_RETRIES = 6
-DEFAULT_TIMEOUT = 10.0          # seconds, for connecting and for each reply
-HEALTH_CHECK_INTERVAL = 15      # seconds idle before a pooled connection is PINGed
-BACKOFF = ExponentialBackoff(base=0.05, cap=2.0)   # waits base * 2**failure
+DEFAULT_TIMEOUT = 10.0  # seconds, for connecting and for each reply
+HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed
+BACKOFF = ExponentialBackoff(base=0.05, cap=2.0)  # waits base * 2**failure
 # TLS errors that are a dropped connection (a restart), not a refusal: retried.
-DROPPED_TLS_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError,
-                      ssl.SSLWantReadError, ssl.SSLWantWriteError)
+DROPPED_TLS_ERRORS = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLSyscallError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
 
 
 class StoreUnavailable(RuntimeError):
@@ -89,8 +94,11 @@ class TransientErrorRetry(Retry):
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def transient(error: Exception) -> bool:
-            return (not isinstance(error, redis.AuthenticationError) and tls_refusal(error) is None
-                    and (is_retryable is None or is_retryable(error)))
+            return (
+                not isinstance(error, redis.AuthenticationError)
+                and tls_refusal(error) is None
+                and (is_retryable is None or is_retryable(error))
+            )
 
         return super().call_with_retry(do, fail, transient, with_failure_count)
 
@@ -99,8 +107,9 @@ def redis_url_from_env() -> str | None:
     return os.environ.get("REDIS_URL") or None
 
 
-def connect(url: str | None = None, *, retries: int = DEFAULT_RETRIES,
-            timeout: float = DEFAULT_TIMEOUT) -> redis.Redis:
+def connect(
+    url: str | None = None, *, retries: int = DEFAULT_RETRIES, timeout: float = DEFAULT_TIMEOUT
+) -> redis.Redis:
     """A client for `url` (default: `REDIS_URL`); it connects lazily, on the first command.
 
     Credentials and TLS come from the settings in the module docstring.
@@ -185,11 +194,12 @@ def unavailable_on_error(client: redis.Redis):
     except redis.exceptions.NoPermissionError as error:
         user = client.connection_pool.connection_kwargs.get("username") or "default"
         raise StoreUnavailable(
-            f"Redis at {describe(client)} refused the command to ACL user {user!r}: {error}") from error
+            f"Redis at {describe(client)} refused the command to ACL user {user!r}: {error}"
+        ) from error
     except (redis.ConnectionError, redis.TimeoutError) as error:
         if refusal := tls_refusal(error):
             raise StoreUnavailable(f"Redis at {describe(client)}: {_tls_failure(refusal)}") from error
-        retry = client.get_retry()   # None for a client made without retries
+        retry = client.get_retry()  # None for a client made without retries
         attempts = (retry.get_retries() if retry is not None else 0) + 1
         raise StoreUnavailable(
             f"Redis at {describe(client)} unavailable after {attempts} attempts: {error}"
@@ -200,7 +210,11 @@ def unavailable_on_error(client: redis.Redis):
 
 def _tls_failure(refusal: ssl.SSLError) -> str:
     if isinstance(refusal, ssl.SSLCertVerificationError):
-        return (f"its TLS certificate could not be verified ({refusal.verify_message}); "
-                f"check REDIS_TLS_CA and the host name in REDIS_URL")
-    return (f"the TLS handshake failed ({refusal.reason or refusal}); a Redis with "
-            f"tls-auth-clients yes needs REDIS_TLS_CERT and REDIS_TLS_KEY signed by a CA it trusts")
+        return (
+            f"its TLS certificate could not be verified ({refusal.verify_message}); "
+            f"check REDIS_TLS_CA and the host name in REDIS_URL"
+        )
+    return (
+        f"the TLS handshake failed ({refusal.reason or refusal}); a Redis with "
+        f"tls-auth-clients yes needs REDIS_TLS_CERT and REDIS_TLS_KEY signed by a CA it trusts"
+    )

@@ -48,12 +48,12 @@ from shared.nn import Model
 
 log = logging.getLogger("tandem.store")
 DEFAULT_PREFIX = "tandem"
-ANNOUNCEMENTS = "announcements"    # the stream's key and the channel, after the prefix
+ANNOUNCEMENTS = "announcements"  # the stream's key and the channel, after the prefix
 ANNOUNCEMENTS_MAXLEN = 10_000
 STREAM_FIELD = b"announcement"
-MAX_PUBLISH_ATTEMPTS = 100         # commits lost to other publishers before giving up
-MAX_LATEST_READS = 5               # re-reads of `latest` while retention deletes under us
-SUBSCRIBE_TIMEOUT = 10.0           # seconds to wait for Redis to confirm a subscription
+MAX_PUBLISH_ATTEMPTS = 100  # commits lost to other publishers before giving up
+MAX_LATEST_READS = 5  # re-reads of `latest` while retention deletes under us
+SUBSCRIBE_TIMEOUT = 10.0  # seconds to wait for Redis to confirm a subscription
 
 
 class CheckpointNotFound(LookupError):
@@ -62,7 +62,7 @@ class CheckpointNotFound(LookupError):
 
 @dataclass(frozen=True)
 class Announcement:
-    stream_id: str | None    # None when it came over Pub/Sub, which has no ids
+    stream_id: str | None  # None when it came over Pub/Sub, which has no ids
     model_name: str
     version: int
 
@@ -72,7 +72,7 @@ class ModelKeys:
     counter: str
     latest: str
     versions: str
-    model: str               # what the blobs' keys start with
+    model: str  # what the blobs' keys start with
 
     def blob(self, version: int) -> str:
         return f"{self.model}:v:{version}:blob"
@@ -98,8 +98,9 @@ class CheckpointStore:
 
     def keys_for(self, name: str) -> ModelKeys:
         model = f"{self.prefix}:model:{check_model_name(name)}"
-        return ModelKeys(counter=f"{model}:counter", latest=f"{model}:latest",
-                         versions=f"{model}:versions", model=model)
+        return ModelKeys(
+            counter=f"{model}:counter", latest=f"{model}:latest", versions=f"{model}:versions", model=model
+        )
 
     # Publishing
 
@@ -116,10 +117,11 @@ class CheckpointStore:
                 try:
                     return self._publish_once(pipe, keys, model, meta)
                 except redis.WatchError:
-                    continue    # another publisher committed first, or the connection dropped
+                    continue  # another publisher committed first, or the connection dropped
         raise StoreUnavailable(
             f"publishing {meta.model_name!r} to Redis at {describe(self.redis)}: lost the race to "
-            f"other publishers {MAX_PUBLISH_ATTEMPTS} times in a row")
+            f"other publishers {MAX_PUBLISH_ATTEMPTS} times in a row"
+        )
 
     def _publish_once(self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta) -> int:
         pipe.watch(keys.counter)
@@ -127,7 +129,7 @@ class CheckpointStore:
         stored = _version_numbers(pipe.hkeys(keys.versions))
         blob = checkpoint.encode(model, replace(meta, version=version))
         listing = {**asdict(checkpoint.read_meta(blob)), "size_bytes": len(blob)}
-        expired = stored[:max(0, len(stored) + 1 - self.retention)]   # the new version stays
+        expired = stored[: max(0, len(stored) + 1 - self.retention)]  # the new version stays
         body = json.dumps({"model_name": meta.model_name, "version": version})
 
         pipe.multi()
@@ -139,8 +141,7 @@ class CheckpointStore:
         if expired:
             pipe.delete(*(keys.blob(v) for v in expired))
             pipe.hdel(keys.versions, *(str(v) for v in expired))
-        pipe.xadd(self.announcements_key, {STREAM_FIELD: body},
-                  maxlen=ANNOUNCEMENTS_MAXLEN, approximate=True)
+        pipe.xadd(self.announcements_key, {STREAM_FIELD: body}, maxlen=ANNOUNCEMENTS_MAXLEN, approximate=True)
         pipe.publish(self.announcements_key, body)
         pipe.execute()
         return version
@@ -149,7 +150,7 @@ class CheckpointStore:
 
     def models(self) -> list[str]:
         with unavailable_on_error(self.redis):
-            names = cast("set[bytes]", self.redis.smembers(self.models_key))   # a bytes client
+            names = cast("set[bytes]", self.redis.smembers(self.models_key))  # a bytes client
         return sorted(name.decode() for name in names)
 
     def latest_version(self, name: str) -> int | None:
@@ -158,7 +159,7 @@ class CheckpointStore:
             version = self.redis.get(self.keys_for(name).latest)
         if version is None:
             return None
-        if not version.isdigit():   # written by something other than a publish
+        if not version.isdigit():  # written by something other than a publish
             raise CheckpointError(f"model {name!r}: its latest pointer {version[:40]!r} is not a version")
         return int(version)
 
@@ -176,7 +177,8 @@ class CheckpointStore:
             if blob is not None:
                 return self._verified(name, version, blob)
         raise CheckpointNotFound(
-            f"model {name!r}: latest pointed at deleted versions {MAX_LATEST_READS} times in a row")
+            f"model {name!r}: latest pointed at deleted versions {MAX_LATEST_READS} times in a row"
+        )
 
     def get(self, name: str, version: int) -> Checkpoint:
         return self._verified(name, version, self.get_blob(name, version))
@@ -205,8 +207,12 @@ class CheckpointStore:
                     raise ValueError("not a version's metadata")
                 readable[int(field)] = meta
             except ValueError as error:
-                log.warning("event=checkpoint_listing_unreadable model=%s field=%r error=%r",
-                            name, field[:40], str(error)[:200])
+                log.warning(
+                    "event=checkpoint_listing_unreadable model=%s field=%r error=%r",
+                    name,
+                    field[:40],
+                    str(error)[:200],
+                )
         return [readable[version] for version in sorted(readable)]
 
     def _blob(self, name: str, version: int) -> bytes | None:
@@ -224,7 +230,8 @@ class CheckpointStore:
         if (loaded.meta.model_name, loaded.meta.version) != (name, version):
             raise CheckpointError(
                 f"stored as {name!r} version {version}, but the checkpoint is "
-                f"{loaded.meta.model_name!r} version {loaded.meta.version}")
+                f"{loaded.meta.model_name!r} version {loaded.meta.version}"
+            )
         return loaded
 
     def _not_found(self, name: str, version: int | None = None) -> str:
@@ -237,8 +244,9 @@ class CheckpointStore:
 
     # Announcements
 
-    def announcements_since(self, last_id: str = "0-0", block_ms: int | None = None,
-                            count: int = 100) -> list[Announcement]:
+    def announcements_since(
+        self, last_id: str = "0-0", block_ms: int | None = None, count: int = 100
+    ) -> list[Announcement]:
         """Up to `count` announcements after stream id `last_id`, oldest first.
 
         With `block_ms`, wait up to that long for one when there are none;
@@ -247,14 +255,20 @@ class CheckpointStore:
         """
         timeout = read_timeout(self.redis)
         if block_ms is not None and not 0 < block_ms < (timeout or float("inf")) * 1000:
-            raise ValueError(f"block_ms must be above 0 and below the client's read timeout "
-                             f"({timeout} s), got {block_ms}")
+            raise ValueError(
+                f"block_ms must be above 0 and below the client's read timeout ({timeout} s), got {block_ms}"
+            )
         with unavailable_on_error(self.redis):
             # RESP2's reply: [[stream, [(id, fields), ...]]]; None when none came within block_ms
-            reply = cast("list[list[Any]] | None",
-                         self.redis.xread({self.announcements_key: last_id}, count=count, block=block_ms))
-        return [_announcement(fields.get(STREAM_FIELD), stream_id.decode())
-                for _stream, entries in reply or [] for stream_id, fields in entries]
+            reply = cast(
+                "list[list[Any]] | None",
+                self.redis.xread({self.announcements_key: last_id}, count=count, block=block_ms),
+            )
+        return [
+            _announcement(fields.get(STREAM_FIELD), stream_id.decode())
+            for _stream, entries in reply or []
+            for stream_id, fields in entries
+        ]
 
     def subscribe(self) -> redis.client.PubSub:
         """A PubSub subscribed to the announcements; read it with `get_message(timeout=…)`.
@@ -270,8 +284,10 @@ class CheckpointStore:
             confirmation = pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT)
         if confirmation is None or confirmation["type"] != "subscribe":
             pubsub.close()
-            raise StoreUnavailable(f"Redis at {describe(self.redis)} did not confirm the subscription "
-                                   f"within {SUBSCRIBE_TIMEOUT} s (got {confirmation!r:.200})")
+            raise StoreUnavailable(
+                f"Redis at {describe(self.redis)} did not confirm the subscription "
+                f"within {SUBSCRIBE_TIMEOUT} s (got {confirmation!r:.200})"
+            )
         return pubsub
 
 
@@ -290,7 +306,7 @@ def parse_announcement(message: dict | None) -> Announcement | None:
 def _announcement(body: bytes | None, stream_id: str | None) -> Announcement:
     """Parse a JSON body; anything else in the store's channel or stream is an error."""
     try:
-        fields = json.loads(body)   # type: ignore[arg-type]  # None raises TypeError: malformed
+        fields = json.loads(body)  # type: ignore[arg-type]  # None raises TypeError: malformed
         return Announcement(stream_id, check_model_name(fields["model_name"]), int(fields["version"]))
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"malformed announcement {body!r:.200}: {error}") from None

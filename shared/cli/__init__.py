@@ -72,9 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tandem", description="Train, evaluate and query Tandem's NumPy models.")
+        prog="tandem", description="Train, evaluate and query Tandem's NumPy models."
+    )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add_command in (local.add_train, local.add_evaluate, predict.add_predict,
-                        local.add_datasets, local.add_presets, jobs.add_jobs):
+    for add_command in (
+        local.add_train,
+        local.add_evaluate,
+        predict.add_predict,
+        local.add_datasets,
+        local.add_presets,
+        jobs.add_jobs,
+    ):
         add_command(commands)  # in this order in `tandem --help`
     return parser

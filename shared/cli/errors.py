@@ -15,9 +15,9 @@ import sys
 
 import grpc
 
-EXIT_ERROR = 2             # the exit code argparse uses for usage errors
+EXIT_ERROR = 2  # the exit code argparse uses for usage errors
 EXIT_JOB_UNSUCCESSFUL = 1  # a job watched to its end FAILED or was CANCELLED
-EXIT_INTERRUPTED = 130     # the shell's code for a process stopped by Ctrl-C
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -57,11 +57,17 @@ def error_message(error: Exception) -> str:
 
 def unavailable_hint(args: argparse.Namespace) -> str:
     """What to try when the service a command called is UNAVAILABLE."""
-    tls = ("If it serves TLS, trust its CA with --tls-ca (and, for mutual TLS, give "
-           "--tls-cert and --tls-key); a TLS handshake that fails looks like this too.")
+    tls = (
+        "If it serves TLS, trust its CA with --tls-ca (and, for mutual TLS, give "
+        "--tls-cert and --tls-key); a TLS handshake that fails looks like this too."
+    )
     if getattr(args, "server", None):
-        return (f"tandem: is an inference service at {args.server}, with a version of "
-                f"{args.model_name!r} loaded? Start one with `python -m infer_svc`, or name "
-                f"another with --server HOST:PORT. {tls}")
-    return (f"tandem: no trainer answers at {args.trainer}? Start one with "
-            f"`python -m trainer_svc`, or name another with --trainer HOST:PORT. {tls}")
+        return (
+            f"tandem: is an inference service at {args.server}, with a version of "
+            f"{args.model_name!r} loaded? Start one with `python -m infer_svc`, or name "
+            f"another with --server HOST:PORT. {tls}"
+        )
+    return (
+        f"tandem: no trainer answers at {args.trainer}? Start one with "
+        f"`python -m trainer_svc`, or name another with --trainer HOST:PORT. {tls}"
+    )

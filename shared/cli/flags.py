@@ -31,10 +31,18 @@ HYPERPARAMETER_FLAGS = [
     ("--weight-decay", "weight_decay", float, "weight decay, in [0, 1)"),
     ("--seed", "seed", int, "seed of the initial weights and of the shuffling"),
     ("--dtype", "dtype", str, "float32 or float64"),
-    ("--validation-split", "validation_split", float,
-     "fraction of the training data held out for val metrics"),
-    ("--early-stopping-patience", "early_stopping_patience", int,
-     "stop after this many epochs without improvement (needs --validation-split)"),
+    (
+        "--validation-split",
+        "validation_split",
+        float,
+        "fraction of the training data held out for val metrics",
+    ),
+    (
+        "--early-stopping-patience",
+        "early_stopping_patience",
+        int,
+        "stop after this many epochs without improvement (needs --validation-split)",
+    ),
     ("--early-stopping-monitor", "early_stopping_monitor", str, f"one of: {', '.join(MONITORS)}"),
 ]
 METAVARS = {int: "N", float: "X", str: "NAME"}
@@ -44,19 +52,20 @@ def data_dir_flag() -> argparse.ArgumentParser:
     """--data-dir, for the commands that read datasets (a parent parser)."""
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument(
-        "--data-dir", metavar="DIR",
-        help="where to look for datasets (default: $TANDEM_DATA_DIR, else /usr/share/datasets)")
+        "--data-dir",
+        metavar="DIR",
+        help="where to look for datasets (default: $TANDEM_DATA_DIR, else /usr/share/datasets)",
+    )
     return flags
 
 
 def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
     architecture = parser.add_mutually_exclusive_group(required=True)
-    architecture.add_argument(
-        "--preset", metavar="NAME", help="a named architecture (see `tandem presets`)")
-    architecture.add_argument(
-        "--spec", metavar="FILE.json", help="a model spec (see shared/nn/spec.py)")
-    parser.add_argument("--hidden", type=widths, metavar="W1,W2,...",
-                        help="hidden layer widths, instead of the preset's")
+    architecture.add_argument("--preset", metavar="NAME", help="a named architecture (see `tandem presets`)")
+    architecture.add_argument("--spec", metavar="FILE.json", help="a model spec (see shared/nn/spec.py)")
+    parser.add_argument(
+        "--hidden", type=widths, metavar="W1,W2,...", help="hidden layer widths, instead of the preset's"
+    )
 
 
 def read_spec_file(path: str) -> dict:
@@ -71,11 +80,16 @@ def read_spec_file(path: str) -> dict:
 def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     settings = parser.add_argument_group(
         "hyperparameters",
-        "Unset ones keep the preset's tuned settings (see `tandem presets`), "
-        "else the defaults below.")
+        "Unset ones keep the preset's tuned settings (see `tandem presets`), else the defaults below.",
+    )
     for flag, field, type_, help_ in HYPERPARAMETER_FLAGS:
-        settings.add_argument(flag, dest=field, type=type_, metavar=METAVARS[type_],
-                              help=f"{help_} (default: {getattr(Hyperparameters, field)})")
+        settings.add_argument(
+            flag,
+            dest=field,
+            type=type_,
+            metavar=METAVARS[type_],
+            help=f"{help_} (default: {getattr(Hyperparameters, field)})",
+        )
 
 
 def given_hyperparameters(args: argparse.Namespace) -> dict:
@@ -87,32 +101,47 @@ def connection_flags() -> argparse.ArgumentParser:
     """TLS and the bearer token, for the commands that call a service (a parent parser)."""
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group(
-        "TLS and token", "For a service that serves TLS or asks for a token. A token is never "
-                         "taken as an argument (`ps` would show it): from --token-file, or "
-                         "$TANDEM_TOKEN_FILE or $TANDEM_TOKEN.")
-    group.add_argument("--tls-ca", metavar="CA.pem", default=os.environ.get("TANDEM_TLS_CA"),
-                       help="speak TLS, trusting this CA (default: $TANDEM_TLS_CA)")
-    group.add_argument("--tls-cert", metavar="CERT.pem",
-                       default=os.environ.get("TANDEM_TLS_CLIENT_CERT"),
-                       help="for mutual TLS: this client's certificate "
-                            "(default: $TANDEM_TLS_CLIENT_CERT)")
-    group.add_argument("--tls-key", metavar="KEY.pem",
-                       default=os.environ.get("TANDEM_TLS_CLIENT_KEY"),
-                       help="the key of --tls-cert (default: $TANDEM_TLS_CLIENT_KEY)")
-    group.add_argument("--tls", action="store_true",
-                       help="speak TLS trusting the system's CAs (default: $TANDEM_TLS; "
-                            "implied by the flags above)")
-    group.add_argument("--token-file", metavar="FILE",
-                       help="send the bearer token in FILE with every call "
-                            "(default: $TANDEM_TOKEN_FILE, else $TANDEM_TOKEN)")
+        "TLS and token",
+        "For a service that serves TLS or asks for a token. A token is never "
+        "taken as an argument (`ps` would show it): from --token-file, or "
+        "$TANDEM_TOKEN_FILE or $TANDEM_TOKEN.",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="CA.pem",
+        default=os.environ.get("TANDEM_TLS_CA"),
+        help="speak TLS, trusting this CA (default: $TANDEM_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        metavar="CERT.pem",
+        default=os.environ.get("TANDEM_TLS_CLIENT_CERT"),
+        help="for mutual TLS: this client's certificate (default: $TANDEM_TLS_CLIENT_CERT)",
+    )
+    group.add_argument(
+        "--tls-key",
+        metavar="KEY.pem",
+        default=os.environ.get("TANDEM_TLS_CLIENT_KEY"),
+        help="the key of --tls-cert (default: $TANDEM_TLS_CLIENT_KEY)",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS trusting the system's CAs (default: $TANDEM_TLS; implied by the flags above)",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="send the bearer token in FILE with every call "
+        "(default: $TANDEM_TOKEN_FILE, else $TANDEM_TOKEN)",
+    )
     return flags
 
 
 def connection(args: argparse.Namespace) -> Connection:
     """TLS and token as the connection flags (and, by default, the environment) set them."""
     given = (args.tls_ca, args.tls_cert, args.tls_key)
-    tls = (ClientTLS(*given) if any(given) or args.tls or env("TANDEM_TLS", False, bool)
-           else None)
+    tls = ClientTLS(*given) if any(given) or args.tls or env("TANDEM_TLS", False, bool) else None
     token = read_token_file(args.token_file) if args.token_file else token_from_env()
     return Connection(tls, token)
 

@@ -1,11 +1,11 @@
 """`tandem jobs ...`: training jobs on a trainer service (--trainer), and how a watch is shown.
 
-    start        queue a job (--follow: then watch it)
-    list         the jobs, newest first
-    watch        follow a job to its end: `watch_job`, which `make demo` shows too
-    cancel       stop a job
-    checkpoints  a model's published versions
-    plot         a job's loss and accuracy per epoch, as an image (matplotlib: tandem[plot])
+start        queue a job (--follow: then watch it)
+list         the jobs, newest first
+watch        follow a job to its end: `watch_job`, which `make demo` shows too
+cancel       stop a job
+checkpoints  a model's published versions
+plot         a job's loss and accuracy per epoch, as an image (matplotlib: tandem[plot])
 """
 
 from __future__ import annotations
@@ -41,25 +41,30 @@ def add_jobs(commands: argparse._SubParsersAction) -> None:
     ).add_subparsers(title="jobs commands", required=True, metavar="COMMAND")
     trainer = argparse.ArgumentParser(add_help=False, parents=[connection_flags()])
     trainer.add_argument(
-        "--trainer", metavar="HOST:PORT", default=os.environ.get("TANDEM_TRAINER", DEFAULT_TRAINER),
-        help=f"the trainer's address (default: $TANDEM_TRAINER, else {DEFAULT_TRAINER})")
+        "--trainer",
+        metavar="HOST:PORT",
+        default=os.environ.get("TANDEM_TRAINER", DEFAULT_TRAINER),
+        help=f"the trainer's address (default: $TANDEM_TRAINER, else {DEFAULT_TRAINER})",
+    )
 
     add_start(jobs.add_parser("start", parents=[trainer], help="queue a training job"))
     add_list(jobs.add_parser("list", parents=[trainer], help="list the jobs, newest first"))
-    watch = jobs.add_parser("watch", parents=[trainer],
-                            help="follow a job to its end (exit code 0 if it SUCCEEDED, 1 if not)")
+    watch = jobs.add_parser(
+        "watch", parents=[trainer], help="follow a job to its end (exit code 0 if it SUCCEEDED, 1 if not)"
+    )
     watch.add_argument("job_id", metavar="JOB_ID")
     watch.set_defaults(run=run_watch)
     cancel = jobs.add_parser("cancel", parents=[trainer], help="stop a job")
     cancel.add_argument("job_id", metavar="JOB_ID")
     cancel.set_defaults(run=run_cancel)
-    checkpoints = jobs.add_parser("checkpoints", parents=[trainer],
-                                  help="list a model's published versions")
+    checkpoints = jobs.add_parser("checkpoints", parents=[trainer], help="list a model's published versions")
     checkpoints.add_argument("model_name", metavar="MODEL_NAME")
     checkpoints.set_defaults(run=run_checkpoints)
     plot = jobs.add_parser(
-        "plot", parents=[trainer],
-        help="plot a job's loss and accuracy per epoch (needs matplotlib: tandem[plot])")
+        "plot",
+        parents=[trainer],
+        help="plot a job's loss and accuracy per epoch (needs matplotlib: tandem[plot])",
+    )
     plot.add_argument("job_id", metavar="JOB_ID")
     plot.add_argument("--out", required=True, metavar="FILE.png", help="the image to write")
     plot.set_defaults(run=run_plot)
@@ -74,32 +79,55 @@ def trainer_client(args: argparse.Namespace) -> TrainerClient:
 
 
 def add_start(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-name", required=True, metavar="NAME",
-                        help="the name its checkpoints are published under")
+    parser.add_argument(
+        "--model-name", required=True, metavar="NAME", help="the name its checkpoints are published under"
+    )
     add_architecture_flags(parser)
-    parser.add_argument("--dataset", required=True, metavar="NAME",
-                        help="a dataset the trainer has (see its ListDatasets)")
+    parser.add_argument(
+        "--dataset", required=True, metavar="NAME", help="a dataset the trainer has (see its ListDatasets)"
+    )
     add_hyperparameter_flags(parser)
     schedule = parser.add_argument_group(
-        "checkpoints", "The final checkpoint is always published; these add intermediate ones.")
-    schedule.add_argument("--every-steps", type=int, default=0, metavar="N",
-                          help="publish every N optimiser steps (default: 0, not by steps)")
-    schedule.add_argument("--no-every-epoch", dest="every_epoch", action="store_false",
-                          help="do not publish at the end of every epoch")
-    parser.add_argument("--resume-from-version", type=positive_int, metavar="V",
-                        help="start from this published version of the model")
-    parser.add_argument("--follow", action="store_true",
-                        help="then watch it to its end, as `tandem jobs watch`")
+        "checkpoints", "The final checkpoint is always published; these add intermediate ones."
+    )
+    schedule.add_argument(
+        "--every-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="publish every N optimiser steps (default: 0, not by steps)",
+    )
+    schedule.add_argument(
+        "--no-every-epoch",
+        dest="every_epoch",
+        action="store_false",
+        help="do not publish at the end of every epoch",
+    )
+    parser.add_argument(
+        "--resume-from-version",
+        type=positive_int,
+        metavar="V",
+        help="start from this published version of the model",
+    )
+    parser.add_argument(
+        "--follow", action="store_true", help="then watch it to its end, as `tandem jobs watch`"
+    )
     parser.set_defaults(run=run_start)
 
 
 def run_start(args: argparse.Namespace) -> int | None:
     with trainer_client(args) as trainer:
         job = trainer.start_job(
-            args.model_name, args.dataset, preset=args.preset,
-            spec=read_spec_file(args.spec) if args.spec else None, hidden=args.hidden or (),
-            hyperparameters=given_hyperparameters(args), every_steps=args.every_steps,
-            every_epoch=args.every_epoch, resume_from_version=args.resume_from_version)
+            args.model_name,
+            args.dataset,
+            preset=args.preset,
+            spec=read_spec_file(args.spec) if args.spec else None,
+            hidden=args.hidden or (),
+            hyperparameters=given_hyperparameters(args),
+            every_steps=args.every_steps,
+            every_epoch=args.every_epoch,
+            resume_from_version=args.resume_from_version,
+        )
         print(f"started job {job.job_id} ({job_state_name(job.state)})")
         if args.follow:
             return watch_exit_code(watch_job(trainer, job.job_id))
@@ -107,11 +135,16 @@ def run_start(args: argparse.Namespace) -> int | None:
 
 
 def add_list(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state", action="append", default=[], type=str.upper,
-                        choices=JOB_STATE_NAMES, metavar="STATE",
-                        help="only jobs in this state (repeatable): " + ", ".join(JOB_STATE_NAMES))
-    parser.add_argument("--model-name", default="", metavar="NAME",
-                        help="only jobs publishing to this model")
+    parser.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=str.upper,
+        choices=JOB_STATE_NAMES,
+        metavar="STATE",
+        help="only jobs in this state (repeatable): " + ", ".join(JOB_STATE_NAMES),
+    )
+    parser.add_argument("--model-name", default="", metavar="NAME", help="only jobs publishing to this model")
     parser.set_defaults(run=run_list)
 
 
@@ -143,8 +176,9 @@ def run_checkpoints(args: argparse.Namespace) -> None:
         print_checkpoints(trainer.list_checkpoints(args.model_name))
 
 
-def watch_job(trainer: TrainerClient, job_id: str,
-              on_checkpoint: Callable[[pb.JobEvent], None] | None = None) -> pb.Job:
+def watch_job(
+    trainer: TrainerClient, job_id: str, on_checkpoint: Callable[[pb.JobEvent], None] | None = None
+) -> pb.Job:
     """Show a job's progress until it ends; return it as it ended.
 
     What has happened so far first (its state, its finished epochs), then
@@ -159,15 +193,20 @@ def watch_job(trainer: TrainerClient, job_id: str,
             kind = event.WhichOneof("event")
             if progress is None:  # the first event: the job's snapshot
                 job = event.snapshot
-                print(f"job {job.job_id}: {job.model_name} on {job.request.dataset}, "
-                      f"{job.progress.epochs} epochs: {job_state_name(job.state)}")
+                print(
+                    f"job {job.job_id}: {job.model_name} on {job.request.dataset}, "
+                    f"{job.progress.epochs} epochs: {job_state_name(job.state)}"
+                )
                 progress = TerminalProgress(job.progress.epochs)
                 for epoch in job.history:
                     progress(epoch_event(epoch))
             elif kind == "step":
                 step = event.step
-                progress(StepEvent(step.epoch, step.step, step.steps_per_epoch,
-                                   step.batch_loss, step.batch_accuracy))
+                progress(
+                    StepEvent(
+                        step.epoch, step.step, step.steps_per_epoch, step.batch_loss, step.batch_accuracy
+                    )
+                )
             elif kind == "epoch":
                 progress(epoch_event(event.epoch))
             else:
@@ -193,8 +232,11 @@ def watch_exit_code(job: pb.Job) -> int:
 
 def metrics_dict(epoch: pb.EpochMetrics) -> dict[str, float]:
     """An epoch's metrics by the training loop's names; val_* only when the job has them."""
-    return {field.name: getattr(epoch, field.name) for field in epoch.DESCRIPTOR.fields
-            if not field.has_presence or epoch.HasField(field.name)}
+    return {
+        field.name: getattr(epoch, field.name)
+        for field in epoch.DESCRIPTOR.fields
+        if not field.has_presence or epoch.HasField(field.name)
+    }
 
 
 def epoch_event(epoch: pb.EpochMetrics) -> EpochEvent:

@@ -32,9 +32,11 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     add_architecture_flags(parser)
     parser.add_argument("--dataset", default="digits", metavar="NAME", help="default: digits")
     parser.add_argument(
-        "--name", help="the model's name (default: the preset's name or the spec file's stem)")
+        "--name", help="the model's name (default: the preset's name or the spec file's stem)"
+    )
     parser.add_argument(
-        "--out", metavar="PATH", help="checkpoint to write (default: runs/<name>.safetensors)")
+        "--out", metavar="PATH", help="checkpoint to write (default: runs/<name>.safetensors)"
+    )
     add_hyperparameter_flags(parser)
     parser.set_defaults(run=run_train)
 
@@ -58,15 +60,25 @@ def run_train(args: argparse.Namespace) -> None:
     _, correct = score_test_split(trained.model, dataset)
     summary = f"final test accuracy {accuracy_text(correct, len(dataset.y_test))}"
     if history.stop_reason == "early_stopping":  # the CLI never stops training otherwise
-        summary += (f"  (early stopping after epoch {last['epoch']}; "
-                    f"kept the weights of epoch {history.best_epoch})")
+        summary += (
+            f"  (early stopping after epoch {last['epoch']}; kept the weights of epoch {history.best_epoch})"
+        )
     print(summary)
 
-    save(out, trained.model, CheckpointMeta(
-        model_name=name, spec=trained.model.spec, dtype=hp.dtype, step=history.steps,
-        epoch=history.weights_epoch or 0, metrics=history.weights_metrics, dataset=dataset.name,
-        hyperparameters=hp.as_dict(),
-    ))
+    save(
+        out,
+        trained.model,
+        CheckpointMeta(
+            model_name=name,
+            spec=trained.model.spec,
+            dtype=hp.dtype,
+            step=history.steps,
+            epoch=history.weights_epoch or 0,
+            metrics=history.weights_metrics,
+            dataset=dataset.name,
+            hyperparameters=hp.as_dict(),
+        ),
+    )
     print(f"saved {out}")
 
 
@@ -96,8 +108,10 @@ def model_spec(args: argparse.Namespace, dataset: Dataset) -> dict:
 
 def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "evaluate", parents=[data_dir_flag()],
-        help="a saved model's loss and accuracy on a dataset's test split")
+        "evaluate",
+        parents=[data_dir_flag()],
+        help="a saved model's loss and accuracy on a dataset's test split",
+    )
     parser.add_argument("model", metavar="MODEL_FILE")
     parser.add_argument("--dataset", required=True, metavar="NAME")
     parser.set_defaults(run=run_evaluate)
@@ -105,11 +119,12 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.model)
-    dataset = load_dataset_for(checkpoint.model, args.dataset, args.data_dir,
-                               f"the model in {args.model}")
+    dataset = load_dataset_for(checkpoint.model, args.dataset, args.data_dir, f"the model in {args.model}")
     meta = checkpoint.meta
-    print(f"model {meta.model_name}: epoch {meta.epoch}, step {meta.step}, "
-          f"trained on {meta.dataset or 'an unnamed dataset'}")
+    print(
+        f"model {meta.model_name}: epoch {meta.epoch}, step {meta.step}, "
+        f"trained on {meta.dataset or 'an unnamed dataset'}"
+    )
     loss, correct = score_test_split(checkpoint.model, dataset)
     print(f"{dataset.name} test split, {len(dataset.y_test)} samples")
     print(f"test loss {loss:.4f}  accuracy {accuracy_text(correct, len(dataset.y_test))}")

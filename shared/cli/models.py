@@ -41,14 +41,16 @@ class ServedModel:
         cast to the model's here, as the model would at its door.
         """
         x = x.astype(self.dtype, copy=False)
-        parts = [self.client.predict(self.name, x[start:start + SERVER_PREDICT_ROWS],
-                                     version=self.version).probabilities
-                 for start in range(0, len(x), SERVER_PREDICT_ROWS)]
+        parts = [
+            self.client.predict(
+                self.name, x[start : start + SERVER_PREDICT_ROWS], version=self.version
+            ).probabilities
+            for start in range(0, len(x), SERVER_PREDICT_ROWS)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
 
 
-def load_dataset_for(model: Model | ServedModel, name: str, data_dir: str | None,
-                     model_text: str) -> Dataset:
+def load_dataset_for(model: Model | ServedModel, name: str, data_dir: str | None, model_text: str) -> Dataset:
     """Load dataset `name` in the model's dtype; refuse it if its samples do not fit the model.
 
     `model_text` names the model in errors: "the model in PATH", "model 'digits' at HOST:PORT".
@@ -57,9 +59,11 @@ def load_dataset_for(model: Model | ServedModel, name: str, data_dir: str | None
     if dataset.input_shape != model.input_shape:
         raise ValueError(
             f"dataset {name!r} has samples of shape {list(dataset.input_shape)}, "
-            f"but {model_text} takes {list(model.input_shape)}")
+            f"but {model_text} takes {list(model.input_shape)}"
+        )
     if dataset.num_classes > model.num_classes:
         raise ValueError(
             f"dataset {name!r} has {dataset.num_classes} classes, "
-            f"but {model_text} tells only {model.num_classes} apart")
+            f"but {model_text} tells only {model.num_classes} apart"
+        )
     return dataset

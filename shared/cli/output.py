@@ -21,21 +21,40 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 def print_jobs(jobs: list[pb.Job]) -> None:
     """A table of Job messages, a row per job."""
-    print_table(["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST ACC", "VERSION", "CREATED"], [
-        [job.job_id, job_state_name(job.state), job.model_name, job.request.dataset,
-         f"{job.progress.epoch}/{job.progress.epochs}",
-         f"{job.last_metrics.test_accuracy:.2%}" if job.HasField("last_metrics") else "-",
-         job.last_published_version or "-", local_time(job.created_at)]
-        for job in jobs])
+    print_table(
+        ["JOB", "STATE", "MODEL", "DATASET", "EPOCH", "TEST ACC", "VERSION", "CREATED"],
+        [
+            [
+                job.job_id,
+                job_state_name(job.state),
+                job.model_name,
+                job.request.dataset,
+                f"{job.progress.epoch}/{job.progress.epochs}",
+                f"{job.last_metrics.test_accuracy:.2%}" if job.HasField("last_metrics") else "-",
+                job.last_published_version or "-",
+                local_time(job.created_at),
+            ]
+            for job in jobs
+        ],
+    )
 
 
 def print_checkpoints(checkpoints: list[tandem_common_pb2.CheckpointInfo]) -> None:
     """A table of CheckpointInfo messages; the latest version is marked with `*`."""
-    print_table(["VERSION", "EPOCH", "STEP", "TEST ACC", "SIZE", "CREATED"], [
-        [f"{c.version}{' *' if c.latest else ''}", c.epoch, c.step,
-         f"{c.metrics['test_accuracy']:.2%}" if "test_accuracy" in c.metrics else "-",
-         f"{c.size_bytes / 1024:.1f} KiB", local_time(c.created_at)]
-        for c in checkpoints])
+    print_table(
+        ["VERSION", "EPOCH", "STEP", "TEST ACC", "SIZE", "CREATED"],
+        [
+            [
+                f"{c.version}{' *' if c.latest else ''}",
+                c.epoch,
+                c.step,
+                f"{c.metrics['test_accuracy']:.2%}" if "test_accuracy" in c.metrics else "-",
+                f"{c.size_bytes / 1024:.1f} KiB",
+                local_time(c.created_at),
+            ]
+            for c in checkpoints
+        ],
+    )
 
 
 def local_time(stamp: Timestamp) -> str:
@@ -59,8 +78,7 @@ def job_end_text(job: pb.Job) -> str:
     if job.error:
         text += f": {job.error}"
     if job.HasField("last_metrics"):
-        text += (f", test accuracy {job.last_metrics.test_accuracy:.2%} "
-                 f"after epoch {job.last_metrics.epoch}")
+        text += f", test accuracy {job.last_metrics.test_accuracy:.2%} after epoch {job.last_metrics.epoch}"
     if job.last_published_version:
         text += f", latest version {job.last_published_version}"
     return text

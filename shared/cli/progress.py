@@ -33,8 +33,9 @@ def format_epoch(metrics: dict[str, float], total_epochs: int) -> str:
     parts = [f"epoch {metrics['epoch']:>{width}}/{total_epochs}"]
     for split in ("train", "val", "test"):
         if f"{split}_loss" in metrics:
-            parts.append(f"{split} loss {metrics[f'{split}_loss']:.4f} "
-                         f"acc {metrics[f'{split}_accuracy']:.2%}")
+            parts.append(
+                f"{split} loss {metrics[f'{split}_loss']:.4f} acc {metrics[f'{split}_accuracy']:.2%}"
+            )
     parts.append(f"({metrics['seconds']:.1f} s)")
     return "  ".join(parts)
 
@@ -93,9 +94,11 @@ class TerminalProgress:
     def _draw(self, step_in_epoch: int, steps_per_epoch: int) -> None:
         filled = BAR_WIDTH * step_in_epoch // steps_per_epoch
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        line = (f"epoch {self._epoch}/{self.total_epochs} [{bar}] {step_in_epoch}/{steps_per_epoch}"
-                f"  loss {self._loss_sum / self._shown_steps:.4f}"
-                f"  acc {self._accuracy_sum / self._shown_steps:.1%}")
+        line = (
+            f"epoch {self._epoch}/{self.total_epochs} [{bar}] {step_in_epoch}/{steps_per_epoch}"
+            f"  loss {self._loss_sum / self._shown_steps:.4f}"
+            f"  acc {self._accuracy_sum / self._shown_steps:.1%}"
+        )
         # Pad with spaces to overwrite a longer line drawn before.
         self._write("\r" + line.ljust(self._shown))
         self._shown = len(line)

@@ -14,7 +14,15 @@ from shared.client.inference import INFERENCE_SERVICE, InferenceClient, Predicti
 from shared.client.trainer import TRAINER_SERVICE, TrainerClient
 
 __all__ = [
-    "INFERENCE_SERVICE", "TRAINER_SERVICE", "BearerToken", "Connection", "InferenceClient",
-    "Prediction", "ServiceClient", "TrainerClient", "read_token_file", "token_from_env",
+    "INFERENCE_SERVICE",
+    "TRAINER_SERVICE",
+    "BearerToken",
+    "Connection",
+    "InferenceClient",
+    "Prediction",
+    "ServiceClient",
+    "TrainerClient",
+    "read_token_file",
+    "token_from_env",
     "wait_until_serving",
 ]

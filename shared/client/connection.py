@@ -51,14 +51,21 @@ def token_from_env() -> str | None:
     return token
 
 
-class _CallDetails(collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
-                         "compression")), grpc.ClientCallDetails):
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer TOKEN` to every call's metadata.
 
     An interceptor rather than grpc's call credentials: those refuse to
@@ -73,9 +80,14 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return "BearerToken(...)"
 
     def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        return _CallDetails(details.method, details.timeout,
-                            [*(details.metadata or ()), self._metadata], details.credentials,
-                            details.wait_for_ready, details.compression)
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._metadata],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_token(details), request)
@@ -97,7 +109,7 @@ class Connection:
     call (None: none). `Connection()` is plaintext without a token."""
 
     tls: ClientTLS | None = None
-    token: str | None = field(default=None, repr=False)   # a secret: never in a repr or a log
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @classmethod
     def from_env(cls) -> Connection:
@@ -122,8 +134,13 @@ class ServiceClient:
 
     service: str  # the full service name that grpc.health.v1 reports on
 
-    def __init__(self, target: str, timeout: float = 30.0, connection: Connection | None = None,
-                 options: list | None = None):
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 30.0,
+        connection: Connection | None = None,
+        options: list | None = None,
+    ):
         self.target = target
         self.timeout = timeout
         if connection is None:
@@ -155,8 +172,9 @@ class ServiceClient:
 
 def wait_until_serving(health: health_pb2_grpc.HealthStub, service: str, timeout: float) -> None:
     """Follow `service`'s health status until SERVING; DEADLINE_EXCEEDED after `timeout` seconds."""
-    statuses = health.Watch(health_pb2.HealthCheckRequest(service=service),
-                            timeout=timeout, wait_for_ready=True)
+    statuses = health.Watch(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
+    )
     try:
         for status in statuses:
             if status.status == health_pb2.HealthCheckResponse.SERVING:

@@ -60,13 +60,16 @@ class TrainerClient(ServiceClient):
         """
         if preset is not None and spec is not None:
             raise ValueError("give a preset or a spec, not both")
-        settings = {name: value for name, value in (hyperparameters or {}).items()
-                    if value is not None}
+        settings = {name: value for name, value in (hyperparameters or {}).items() if value is not None}
         request = pb.StartJobRequest(
-            model_name=model_name, dataset=dataset, hidden=hidden,
+            model_name=model_name,
+            dataset=dataset,
+            hidden=hidden,
             hyperparameters=pb.Hyperparameters(**settings),
             checkpoints=pb.CheckpointSchedule(every_steps=every_steps, every_epoch=every_epoch),
-            resume_from_version=resume_from_version, request_id=request_id)
+            resume_from_version=resume_from_version,
+            request_id=request_id,
+        )
         if preset is not None:
             request.preset = preset
         if spec is not None:
@@ -76,12 +79,12 @@ class TrainerClient(ServiceClient):
     def get_job(self, job_id: str) -> pb.Job:
         return self._trainer.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout)
 
-    def list_jobs(self, states: Iterable[str] = (), model_name: str = "",
-                  page_size: int = 0) -> list[pb.Job]:
+    def list_jobs(self, states: Iterable[str] = (), model_name: str = "", page_size: int = 0) -> list[pb.Job]:
         """Every job (newest first) in one of `states` (short names: shared.rpc.convert.JOB_STATE_NAMES),
         following the pages to the last."""
-        request = pb.ListJobsRequest(states=[job_state_value(name) for name in states],
-                                     model_name=model_name, page_size=page_size)
+        request = pb.ListJobsRequest(
+            states=[job_state_value(name) for name in states], model_name=model_name, page_size=page_size
+        )
         jobs: list[pb.Job] = []
         while True:
             page = self._trainer.ListJobs(request, timeout=self.timeout)
@@ -102,25 +105,29 @@ class TrainerClient(ServiceClient):
     def list_checkpoints(self, model_name: str) -> list[tandem_common_pb2.CheckpointInfo]:
         """The model's retained versions, newest first."""
         response = self._trainer.ListCheckpoints(
-            pb.ListCheckpointsRequest(model_name=model_name), timeout=self.timeout)
+            pb.ListCheckpointsRequest(model_name=model_name), timeout=self.timeout
+        )
         return list(response.checkpoints)
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
         response = self._trainer.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout)
         return list(response.datasets)
 
-    def upload_dataset(self, name: str, arrays: dict[str, np.ndarray], overwrite: bool = False,
-                       piece_bytes: int = 1 << 20) -> pb.DatasetInfo:
+    def upload_dataset(
+        self, name: str, arrays: dict[str, np.ndarray], overwrite: bool = False, piece_bytes: int = 1 << 20
+    ) -> pb.DatasetInfo:
         """Upload arrays x_train, y_train, x_test, y_test (or x, y) as dataset `name`.
 
         Returns the dataset as the trainer loaded it; what is sent: `upload_chunks`.
         """
-        return self._trainer.UploadDataset(upload_chunks(name, arrays, overwrite, piece_bytes),
-                                           timeout=self.timeout)
+        return self._trainer.UploadDataset(
+            upload_chunks(name, arrays, overwrite, piece_bytes), timeout=self.timeout
+        )
 
 
-def upload_chunks(name: str, arrays: dict[str, np.ndarray], overwrite: bool,
-                  piece_bytes: int) -> Iterator[pb.UploadDatasetChunk]:
+def upload_chunks(
+    name: str, arrays: dict[str, np.ndarray], overwrite: bool, piece_bytes: int
+) -> Iterator[pb.UploadDatasetChunk]:
     """The UploadDataset stream: a header declaring each array's dtype, shape, byte count and
     SHA-256, then each array's bytes (row-major, little-endian) in pieces of at most `piece_bytes`.
 
@@ -128,17 +135,29 @@ def upload_chunks(name: str, arrays: dict[str, np.ndarray], overwrite: bool,
     call); the pieces are cut as the stream is read.
     """
     tensors = {array_name: to_tensor(array) for array_name, array in arrays.items()}
-    header = pb.UploadDatasetHeader(name=name, overwrite=overwrite, arrays=[
-        pb.DatasetArrayHeader(name=array_name, dtype=tensor.dtype, shape=tensor.shape,
-                              size_bytes=len(tensor.data),
-                              sha256=hashlib.sha256(tensor.data).hexdigest())
-        for array_name, tensor in tensors.items()])
+    header = pb.UploadDatasetHeader(
+        name=name,
+        overwrite=overwrite,
+        arrays=[
+            pb.DatasetArrayHeader(
+                name=array_name,
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                size_bytes=len(tensor.data),
+                sha256=hashlib.sha256(tensor.data).hexdigest(),
+            )
+            for array_name, tensor in tensors.items()
+        ],
+    )
 
     def chunks() -> Iterator[pb.UploadDatasetChunk]:
         yield pb.UploadDatasetChunk(header=header)
         for array_name, tensor in tensors.items():
             for offset in range(0, len(tensor.data), piece_bytes):
-                yield pb.UploadDatasetChunk(piece=pb.DatasetArrayPiece(
-                    array=array_name, offset=offset, data=tensor.data[offset:offset + piece_bytes]))
+                yield pb.UploadDatasetChunk(
+                    piece=pb.DatasetArrayPiece(
+                        array=array_name, offset=offset, data=tensor.data[offset : offset + piece_bytes]
+                    )
+                )
 
     return chunks()

@@ -33,9 +33,7 @@ def list_datasets(data_dir: str | os.PathLike | None = None) -> list[str]:
     return sorted({*BUILTIN_DATASETS, *_discover(resolve_data_dir(data_dir))})
 
 
-def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, dtype=np.float32
-) -> Dataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, dtype=np.float32) -> Dataset:
     """Load a dataset by name; the built-in `digits` wins over a same-named file."""
     dtype = as_model_dtype(dtype)
     if name == "digits":

@@ -76,7 +76,7 @@ def _chunks(flat: np.ndarray):
     """(start, view) pairs covering a 1-D array, CHECK_CHUNK_BYTES at a time."""
     step = max(1, CHECK_CHUNK_BYTES // flat.itemsize)
     for start in range(0, flat.size, step):
-        yield start, flat[start:start + step]
+        yield start, flat[start : start + step]
 
 
 def check_finite(x: np.ndarray, where: str) -> None:
@@ -92,8 +92,9 @@ def check_finite(x: np.ndarray, where: str) -> None:
         bad = ~np.isfinite(chunk)
         if bad.any():
             index = start + int(bad.argmax())
-            raise DatasetError(f"{where}: sample {index // per_sample} holds {flat[index]}; "
-                               "x must hold finite numbers")
+            raise DatasetError(
+                f"{where}: sample {index // per_sample} holds {flat[index]}; x must hold finite numbers"
+            )
 
 
 def check_labels(y: np.ndarray, where: str, stop: int, why: str = "") -> int:

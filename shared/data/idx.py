@@ -50,16 +50,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dtype = _TYPES[type_code]
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
-        raise DatasetError(
-            f"{path}: truncated header: expected {header_size} bytes, got {len(raw)}"
-        )
+        raise DatasetError(f"{path}: truncated header: expected {header_size} bytes, got {len(raw)}")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     count = int(np.prod(shape))
     expected = header_size + count * dtype.itemsize
     if len(raw) < expected:
         raise DatasetError(
-            f"{path}: truncated file: expected {expected} bytes for shape {shape}, "
-            f"got {len(raw)}"
+            f"{path}: truncated file: expected {expected} bytes for shape {shape}, got {len(raw)}"
         )
     if len(raw) > expected:
         raise DatasetError(
@@ -95,9 +92,7 @@ def _split(images_path: Path, labels_path: Path, dtype: np.dtype):
     """One split's images as (N, 1, H, W) floats in [0, 1] and its labels."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
-        raise DatasetError(
-            f"{images_path}: images must be 3-D (N, H, W), got shape {images.shape}"
-        )
+        raise DatasetError(f"{images_path}: images must be 3-D (N, H, W), got shape {images.shape}")
     labels = as_labels(labels, str(labels_path))
     if len(images) != len(labels):
         raise DatasetError(

@@ -65,9 +65,7 @@ def _samples(path: Path, arrays: dict, x_key: str, y_key: str, dtype: np.dtype):
     """Validate one x/y pair; return x as float `dtype` with a channel axis for images."""
     x = arrays[x_key]
     if x.ndim not in (2, 3, 4):
-        raise DatasetError(
-            f"{path}: {x_key} must be (N, F), (N, H, W) or (N, C, H, W), got shape {x.shape}"
-        )
+        raise DatasetError(f"{path}: {x_key} must be (N, F), (N, H, W) or (N, C, H, W), got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise DatasetError(f"{path}: {x_key} must be integers or floats, got dtype {x.dtype}")
     y = as_labels(arrays[y_key], f"{path}: {y_key}")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def stratified_split(
-    y: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (train_indices, test_indices), each sorted ascending.
 
     Each class sends round(count * test_fraction) samples (np.rint) to the test

@@ -41,7 +41,7 @@ from redis.retry import Retry
 
 from shared.checkpoints.redis_client import redis_url_from_env
 
-READY_POLL_INTERVAL = 0.01   # seconds between probes while the server starts
+READY_POLL_INTERVAL = 0.01  # seconds between probes while the server starts
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -65,18 +65,28 @@ def free_loopback_port() -> int:
 @dataclass(frozen=True)
 class ServerTLS:
     """The server's certificate and key (PEM files), and the CA it checks client certificates with."""
+
     cert: Path
     key: Path
     ca: Path
-    auth_clients: bool = False    # True: a client without a certificate the CA signed is refused
+    auth_clients: bool = False  # True: a client without a certificate the CA signed is refused
 
 
 class EmbeddedRedis:
     """`with EmbeddedRedis() as server: connect(server.url)`; stopped and cleaned up on exit."""
 
-    def __init__(self, *, tcp: bool = False, port: int | None = None, password: str | None = None,
-                 binary: Path | None = None, tls: ServerTLS | None = None, aclfile: Path | None = None,
-                 startup_timeout: float = 10.0, stop_timeout: float = 5.0):
+    def __init__(
+        self,
+        *,
+        tcp: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+        binary: Path | None = None,
+        tls: ServerTLS | None = None,
+        aclfile: Path | None = None,
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ):
         tcp = tcp or tls is not None
         if port is not None and not tcp:
             raise ValueError("a port needs tcp=True")
@@ -167,18 +177,39 @@ class EmbeddedRedis:
         if self.password:
             command.append(str(self._write_password_config(self.password)))
         if self.tls:
-            command += ["--port", "0", "--tls-port", str(self.port),
-                        "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
-                        "--tls-ca-cert-file", str(self.tls.ca),
-                        "--tls-auth-clients", "yes" if self.tls.auth_clients else "no"]
+            command += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls.cert),
+                "--tls-key-file",
+                str(self.tls.key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca),
+                "--tls-auth-clients",
+                "yes" if self.tls.auth_clients else "no",
+            ]
         else:
             command += ["--port", str(self.port) if self.tcp else "0"]
         if self.tcp:
             command += ["--bind", "127.0.0.1", "--protected-mode", "yes"]
         if self.aclfile:
             command += ["--aclfile", str(self.aclfile)]
-        return [*command, "--unixsocket", str(self._home / "redis.sock"), "--unixsocketperm", "700",
-                "--save", "", "--appendonly", "no", "--dir", str(self._home)]
+        return [
+            *command,
+            "--unixsocket",
+            str(self._home / "redis.sock"),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._home),
+        ]
 
     def _write_password_config(self, password: str) -> Path:
         """A config file for the password, which would show in `ps` on the command line."""
@@ -190,8 +221,9 @@ class EmbeddedRedis:
 
     def _launch(self) -> None:
         with open(self._home / "redis.log", "ab") as log:
-            self._process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(
+                self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         self._wait_until_ready(self._process)
 
     def _wait_until_ready(self, process: subprocess.Popen) -> None:
@@ -203,8 +235,12 @@ class EmbeddedRedis:
         for want of a password (NOAUTH: a password, or an ACL file that turns
         the default user off).
         """
-        probe = redis.Redis.from_url(f"unix://{self._home / 'redis.sock'}", retry=Retry(NoBackoff(), 0),
-                                     socket_connect_timeout=1.0, socket_timeout=1.0)
+        probe = redis.Redis.from_url(
+            f"unix://{self._home / 'redis.sock'}",
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=1.0,
+            socket_timeout=1.0,
+        )
         deadline = time.monotonic() + self.startup_timeout
         try:
             while True:
@@ -219,14 +255,16 @@ class EmbeddedRedis:
                     self._terminate()
                     raise EmbeddedRedisError(
                         f"redis-server did not answer within {self.startup_timeout} s; "
-                        f"its log:\n{self._log_tail()}")
+                        f"its log:\n{self._log_tail()}"
+                    )
                 try:
                     code = process.wait(timeout=READY_POLL_INTERVAL)
                 except subprocess.TimeoutExpired:
                     continue
                 self._process = None
                 raise EmbeddedRedisError(
-                    f"redis-server exited with code {code} while starting; its log:\n{self._log_tail()}")
+                    f"redis-server exited with code {code} while starting; its log:\n{self._log_tail()}"
+                )
         finally:
             probe.close()
 

@@ -54,5 +54,6 @@ def training_memory_bytes(model: Model, batch_size: int, optimizer_slots: int) -
     training = batch_size * sum(_per_sample(layer) for layer in model.layers)
     evaluating = EVAL_BATCH * max(
         math.prod(layer.input_shape) + math.prod(layer.output_shape) + _columns(layer)
-        for layer in model.layers)
+        for layer in model.layers
+    )
     return itemsize * (parameters + max(training, evaluating))

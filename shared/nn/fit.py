@@ -24,7 +24,7 @@ from shared.nn.model import Model
 from shared.nn.optim import Optimizer, scheduled_lr
 
 MONITORS = ("val_loss", "val_accuracy")
-EVAL_BATCH = 1024   # samples per forward pass when evaluating
+EVAL_BATCH = 1024  # samples per forward pass when evaluating
 
 
 class StopTraining(Exception):
@@ -48,8 +48,8 @@ def check_finite_weights(model: Model, step: int) -> None:
 
 @dataclass(frozen=True)
 class StepEvent:
-    epoch: int            # 1-based
-    step: int             # 1-based, counted over the whole run
+    epoch: int  # 1-based
+    step: int  # 1-based, counted over the whole run
     steps_per_epoch: int
     batch_loss: float
     batch_accuracy: float
@@ -90,10 +90,10 @@ class History:
     """Every epoch's metrics, and how and where training ended."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
-    stop_reason: str = "completed"      # completed | early_stopping | stopped
+    stop_reason: str = "completed"  # completed | early_stopping | stopped
     best_epoch: int | None = None
     steps: int = 0
-    weights_epoch: int | None = None    # the epoch whose weights the model ended with
+    weights_epoch: int | None = None  # the epoch whose weights the model ended with
 
     @property
     def weights_metrics(self) -> dict[str, float]:
@@ -113,8 +113,8 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_
         raise ValueError("cannot evaluate on an empty set of samples")
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        logits = model.forward(x[start:start + batch_size])
-        labels = y[start:start + batch_size]
+        logits = model.forward(x[start : start + batch_size])
+        labels = y[start : start + batch_size]
         log_probs = log_softmax(logits)
         total_loss -= float(log_probs[np.arange(len(labels)), labels].sum())
         correct += int((logits.argmax(axis=1) == labels).sum())
@@ -165,8 +165,12 @@ def fit(
     y_val: np.ndarray | None = None
     if validation_split:
         train_idx, val_idx = stratified_split(y_train, validation_split, seed)
-        x_train, y_train, x_val, y_val = (x_train[train_idx], y_train[train_idx],
-                                          x_train[val_idx], y_train[val_idx])
+        x_train, y_train, x_val, y_val = (
+            x_train[train_idx],
+            y_train[train_idx],
+            x_train[val_idx],
+            y_train[val_idx],
+        )
     n = len(x_train)
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be between 1 and the {n} training samples, got {batch_size}")
@@ -186,11 +190,10 @@ def fit(
         loss_sum = correct = seen = 0.0
         try:
             for start in range(skip, n, batch_size):
-                batch = order[start:start + batch_size]
-                optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps,
-                                            epochs * steps_per_epoch)
+                batch = order[start : start + batch_size]
+                optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps, epochs * steps_per_epoch)
                 loss, logits = model.train_step_gradients(x_train[batch], y_train[batch])
-                if not math.isfinite(loss):   # before the step: the weights stay as they were
+                if not math.isfinite(loss):  # before the step: the weights stay as they were
                     raise TrainingDiverged(history.steps + 1, f"loss {loss}")
                 optimizer.step(model.state_dict(), model.gradients())
                 hits = int((logits.argmax(axis=1) == y_train[batch]).sum())

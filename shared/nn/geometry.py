@@ -80,8 +80,7 @@ def make_window(in_hw: tuple[int, int], kernel, stride, padding) -> Window:
     padded_h, padded_w = in_hw[0] + top + bottom, in_hw[1] + left + right
     if kernel[0] > padded_h or kernel[1] > padded_w:
         raise SpecError(
-            f"kernel {kernel[0]}x{kernel[1]} is larger than the padded input "
-            f"{padded_h}x{padded_w}"
+            f"kernel {kernel[0]}x{kernel[1]} is larger than the padded input {padded_h}x{padded_w}"
         )
     return Window(
         kernel=kernel,

@@ -27,8 +27,9 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = H) -> n
     return grad
 
 
-def eval_numerical_gradient_array(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
-                                  upstream: np.ndarray, h: float = H) -> np.ndarray:
+def eval_numerical_gradient_array(
+    f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, upstream: np.ndarray, h: float = H
+) -> np.ndarray:
     """Gradient of sum(f(x) * upstream) with respect to x: checks any layer's backward."""
     return numerical_gradient(lambda: float(np.sum(f(x) * upstream)), x, h)
 

@@ -23,12 +23,13 @@ def _normal(rng, shape, fan_in, fan_out, std):
 
 
 INITIALISERS = {
-    "he": _he,          # He et al. 2015: std sqrt(2 / fan_in), for ReLU layers
+    "he": _he,  # He et al. 2015: std sqrt(2 / fan_in), for ReLU layers
     "xavier": _xavier,  # Glorot & Bengio 2010: std sqrt(2 / (fan_in + fan_out))
     "normal": _normal,  # fixed std (`init_std`, 0.01 by default), as the seeds' TwoLayerNet
 }
 
 
-def initialise(name: str, rng: np.random.Generator, shape, fan_in: int, fan_out: int,
-               std: float, dtype) -> np.ndarray:
+def initialise(
+    name: str, rng: np.random.Generator, shape, fan_in: int, fan_out: int, std: float, dtype
+) -> np.ndarray:
     return INITIALISERS[name](rng, shape, fan_in, fan_out, std).astype(dtype)

@@ -36,8 +36,12 @@ def positive_int(name: str, value) -> int:
 
 def positive_float(name: str, value) -> float:
     """A finite number above 0 (an int is taken as a float): NaN or inf would poison every weight."""
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or value <= 0):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise SpecError(f"{name} must be a finite number above 0, got {value!r}")
     return float(value)
 
@@ -101,8 +105,7 @@ class Dense(Layer):
         self._x: np.ndarray | None = None
 
     def config(self):
-        return {"type": self.type_name, "units": self.units, "init": self.init,
-                "init_std": self.init_std}
+        return {"type": self.type_name, "units": self.units, "init": self.init, "init_std": self.init_std}
 
     def param_shapes(self):
         return {"W": (self.input_shape[0], self.units), "b": (self.units,)}
@@ -110,8 +113,7 @@ class Dense(Layer):
     def initialise(self, rng, dtype):
         fan_in, fan_out = self.input_shape[0], self.units
         self.params = {
-            "W": initialise(self.init, rng, (fan_in, fan_out), fan_in, fan_out,
-                            self.init_std, dtype),
+            "W": initialise(self.init, rng, (fan_in, fan_out), fan_in, fan_out, self.init_std, dtype),
             "b": np.zeros(self.units, dtype=dtype),
         }
 
@@ -129,22 +131,20 @@ def _pad(x: np.ndarray, window: Window, value: float) -> np.ndarray:
         return x
     return np.pad(
         x,
-        ((0, 0), (0, 0), (window.pad_top, window.pad_bottom),
-         (window.pad_left, window.pad_right)),
+        ((0, 0), (0, 0), (window.pad_top, window.pad_bottom), (window.pad_left, window.pad_right)),
         constant_values=value,
     )
 
 
 def _unpad(dx_padded: np.ndarray, window: Window) -> np.ndarray:
     h, w = dx_padded.shape[2:]
-    return dx_padded[:, :, window.pad_top:h - window.pad_bottom,
-                     window.pad_left:w - window.pad_right]
+    return dx_padded[:, :, window.pad_top : h - window.pad_bottom, window.pad_left : w - window.pad_right]
 
 
 def _tap(x_padded: np.ndarray, window: Window, i: int, j: int) -> np.ndarray:
     """The strided slice of x that kernel offset (i, j) sees at every output position."""
     sh, sw = window.stride
-    return x_padded[:, :, i:i + sh * window.out_h:sh, j:j + sw * window.out_w:sw]
+    return x_padded[:, :, i : i + sh * window.out_h : sh, j : j + sw * window.out_w : sw]
 
 
 def _taps(window: Window):
@@ -159,8 +159,7 @@ class _WindowLayer(Layer):
         super().__init__(input_shape)
         if len(self.input_shape) != 3:
             raise SpecError(
-                f"{self.type_name} needs (channels, height, width) inputs, "
-                f"got shape {self.input_shape}"
+                f"{self.type_name} needs (channels, height, width) inputs, got shape {self.input_shape}"
             )
         self.window = make_window(self.input_shape[1:], kernel_size, stride, padding)
 
@@ -182,8 +181,9 @@ class Conv2D(_WindowLayer):
 
     type_name = "conv2d"
 
-    def __init__(self, input_shape, *, filters, kernel_size=3, stride=1, padding="valid",
-                 init="he", init_std=0.01):
+    def __init__(
+        self, input_shape, *, filters, kernel_size=3, stride=1, padding="valid", init="he", init_std=0.01
+    ):
         super().__init__(input_shape, kernel_size, stride, padding)
         self.filters = positive_int("filters", filters)
         self.init = init_name(init)
@@ -193,8 +193,13 @@ class Conv2D(_WindowLayer):
         self._padded_shape: tuple[int, ...] | None = None
 
     def config(self):
-        return {"type": self.type_name, "filters": self.filters, **self._window_config(),
-                "init": self.init, "init_std": self.init_std}
+        return {
+            "type": self.type_name,
+            "filters": self.filters,
+            **self._window_config(),
+            "init": self.init,
+            "init_std": self.init_std,
+        }
 
     def param_shapes(self):
         kh, kw = self.window.kernel
@@ -204,8 +209,15 @@ class Conv2D(_WindowLayer):
         kh, kw = self.window.kernel
         channels = self.input_shape[0]
         self.params = {
-            "W": initialise(self.init, rng, self.param_shapes()["W"], channels * kh * kw,
-                            self.filters * kh * kw, self.init_std, dtype),
+            "W": initialise(
+                self.init,
+                rng,
+                self.param_shapes()["W"],
+                channels * kh * kw,
+                self.filters * kh * kw,
+                self.init_std,
+                dtype,
+            ),
             "b": np.zeros(self.filters, dtype=dtype),
         }
 
@@ -242,7 +254,8 @@ class Conv2D(_WindowLayer):
             "b": dout_rows.sum(axis=1),
         }
         dcols = (weights.T @ dout_rows).reshape(
-            self.input_shape[0], *self.window.kernel, n, self.window.out_h, self.window.out_w)
+            self.input_shape[0], *self.window.kernel, n, self.window.out_h, self.window.out_w
+        )
         dx_padded = np.zeros(self._kept(self._padded_shape), dtype=dout.dtype)
         dx_channels_first = dx_padded.transpose(1, 0, 2, 3)
         for i, j in _taps(self.window):
@@ -259,8 +272,12 @@ class _Pool2D(_WindowLayer):
 
     def config(self):
         cfg = self._window_config()
-        return {"type": self.type_name, "size": cfg["kernel_size"], "stride": cfg["stride"],
-                "padding": cfg["padding"]}
+        return {
+            "type": self.type_name,
+            "size": cfg["kernel_size"],
+            "stride": cfg["stride"],
+            "padding": cfg["padding"],
+        }
 
 
 class MaxPool2D(_Pool2D):
@@ -336,7 +353,7 @@ class Flatten(Layer):
 
     def __init__(self, input_shape):
         super().__init__(input_shape)
-        self.output_shape = (math.prod(self.input_shape),)   # Python ints: no overflow
+        self.output_shape = (math.prod(self.input_shape),)  # Python ints: no overflow
 
     def forward(self, x, training=True):
         return x.reshape(x.shape[0], -1)
@@ -411,6 +428,5 @@ class Tanh(Activation):
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.type_name: cls
-    for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, ReLU, Sigmoid, Tanh)
+    cls.type_name: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, ReLU, Sigmoid, Tanh)
 }

@@ -23,7 +23,8 @@ def as_batch(array: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
             return array.reshape(len(array), *input_shape)
     raise ValueError(
         f"shape {list(array.shape)} does not fit the model's samples of shape {list(input_shape)} "
-        f"(or flat {list(flat)}): send one sample or a batch [N, ...] of them")
+        f"(or flat {list(flat)}): send one sample or a batch [N, ...] of them"
+    )
 
 
 class Model:
@@ -131,8 +132,7 @@ class Model:
     def predict_proba(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Softmax probabilities, computed in batches to bound memory."""
         x = self._check_batch(x)
-        parts = [softmax(self.forward(x[i:i + batch_size]))
-                 for i in range(0, len(x), batch_size)]
+        parts = [softmax(self.forward(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), self.dtype)
 
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -34,12 +34,12 @@ def _in_range(name: str, value: float, low: float, high: float) -> float:
 
 
 class Optimizer:
-    slots: tuple[str, ...] = ()   # the arrays kept per parameter, by their state_dict suffix
+    slots: tuple[str, ...] = ()  # the arrays kept per parameter, by their state_dict suffix
 
     def __init__(self, lr: float, weight_decay: float = 0.0):
         self.lr = _positive("learning_rate", lr)
         self.weight_decay = _in_range("weight_decay", weight_decay, 0.0, 1.0)
-        self.state: dict[str, dict[str, np.ndarray]] = {}   # parameter -> slot -> array
+        self.state: dict[str, dict[str, np.ndarray]] = {}  # parameter -> slot -> array
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The state by name (the live arrays, not copies, like Model.state_dict).
@@ -47,12 +47,12 @@ class Optimizer:
         `PARAM.SLOT` for each parameter's arrays (none before the first step),
         and the optimiser's counters (Adam's `step`, an int64 scalar).
         """
-        arrays = {f"{name}.{slot}": array
-                  for name, slots in self.state.items() for slot, array in slots.items()}
+        arrays = {
+            f"{name}.{slot}": array for name, slots in self.state.items() for slot, array in slots.items()
+        }
         return {**arrays, **self._counters()}
 
-    def load_state_dict(self, state: dict[str, np.ndarray],
-                        params: dict[str, np.ndarray]) -> Optimizer:
+    def load_state_dict(self, state: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> Optimizer:
         """Take a `state_dict()` for the parameters `params` (copied, checked against them).
 
         Every parameter must have every slot, with its shape and dtype, or none
@@ -67,17 +67,22 @@ class Optimizer:
         unknown = sorted(set(state) - set(expected))
         missing = sorted(set(expected) - set(state))
         if unknown or missing:
-            raise ValueError(f"{type(self).__name__} state does not fit: "
-                             f"missing {missing}, unknown {unknown}")
+            raise ValueError(
+                f"{type(self).__name__} state does not fit: missing {missing}, unknown {unknown}"
+            )
         for name, like in expected.items():
             array = np.asarray(state[name])
             if array.shape != like.shape or array.dtype != like.dtype:
                 raise ValueError(
                     f"{type(self).__name__} state does not fit: {name} is {array.dtype} "
-                    f"{list(array.shape)}, needs {like.dtype} {list(like.shape)}")
+                    f"{list(array.shape)}, needs {like.dtype} {list(like.shape)}"
+                )
         self._set_counters({name: int(state[name]) for name in counters}, stepped)
-        self.state = {name: {slot: np.array(state[f"{name}.{slot}"]) for slot in self.slots}
-                      for name in params} if stepped else {}
+        self.state = (
+            {name: {slot: np.array(state[f"{name}.{slot}"]) for slot in self.slots} for name in params}
+            if stepped
+            else {}
+        )
         return self
 
     def _counters(self) -> dict[str, np.ndarray]:
@@ -107,8 +112,7 @@ class SGD(Optimizer):
     updating v), as in Sutskever et al. 2013 and PyTorch.
     """
 
-    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay)
         self.momentum = _in_range("momentum", momentum, 0.0, 1.0)
         if nesterov and not self.momentum:
@@ -135,8 +139,14 @@ class Adam(Optimizer):
 
     slots = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(lr, weight_decay)
         self.beta1 = _in_range("beta1", beta1, 0.0, 1.0)
         self.beta2 = _in_range("beta2", beta2, 0.0, 1.0)
@@ -152,27 +162,29 @@ class Adam(Optimizer):
 
     def _set_counters(self, counters, stepped):
         if counters["step"] < 0 or (counters["step"] > 0) != stepped:
-            raise ValueError(f"Adam state does not fit: step {counters['step']} with "
-                             f"{'' if stepped else 'no '}moment estimates")
+            raise ValueError(
+                f"Adam state does not fit: step {counters['step']} with "
+                f"{'' if stepped else 'no '}moment estimates"
+            )
         self.steps = counters["step"]
 
     def _update(self, name, param, grad):
-        slot = self.state.setdefault(name, {"exp_avg": np.zeros_like(param),
-                                            "exp_avg_sq": np.zeros_like(param)})
+        slot = self.state.setdefault(
+            name, {"exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
+        )
         m, v = slot["exp_avg"], slot["exp_avg_sq"]
         m *= self.beta1
         m += (1 - self.beta1) * grad
         v *= self.beta2
         v += (1 - self.beta2) * (grad * grad)
-        step_size = self.lr * np.sqrt(1 - self.beta2 ** self.steps) / (1 - self.beta1 ** self.steps)
+        step_size = self.lr * np.sqrt(1 - self.beta2**self.steps) / (1 - self.beta1**self.steps)
         param -= float(step_size) * m / (np.sqrt(v) + self.eps)
 
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 
 
-def make_optimizer(name: str, lr: float, *, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> Optimizer:
+def make_optimizer(name: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
     """An optimiser by name: 'sgd', 'momentum', 'nesterov' or 'adam'."""
     if name == "sgd":
         return SGD(lr, weight_decay=weight_decay)

@@ -19,11 +19,15 @@ def _dense(units: int, **options) -> dict:
 def two_layer_net(input_shape, num_classes, hidden=(50,)) -> dict:
     """The book's TwoLayerNet: one sigmoid hidden layer, N(0, 0.01) weights (seed 004)."""
     normal = {"init": "normal", "init_std": 0.01}
-    return {"input_shape": list(input_shape), "layers": [
-        {"type": "flatten"},
-        _dense(hidden[0], **normal), {"type": "sigmoid"},
-        _dense(num_classes, **normal),
-    ]}
+    return {
+        "input_shape": list(input_shape),
+        "layers": [
+            {"type": "flatten"},
+            _dense(hidden[0], **normal),
+            {"type": "sigmoid"},
+            _dense(num_classes, **normal),
+        ],
+    }
 
 
 def mlp(input_shape, num_classes, hidden=DEFAULT_MLP_HIDDEN) -> dict:
@@ -35,24 +39,40 @@ def mlp(input_shape, num_classes, hidden=DEFAULT_MLP_HIDDEN) -> dict:
 
 
 def _conv_block(filters: int) -> list[dict]:
-    return [{"type": "conv2d", "filters": filters, "kernel_size": 3, "padding": "same"},
-            {"type": "relu"}, {"type": "maxpool2d", "size": 2}]
+    return [
+        {"type": "conv2d", "filters": filters, "kernel_size": 3, "padding": "same"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "size": 2},
+    ]
 
 
 def digits_cnn(input_shape, num_classes, hidden=(300,)) -> dict:
     """Seed 002: conv 3x3x32 SAME + ReLU, max pool 2, dense 300 + ReLU, dense + softmax."""
-    return {"input_shape": list(input_shape), "layers": [
-        *_conv_block(32), {"type": "flatten"},
-        _dense(hidden[0]), {"type": "relu"}, _dense(num_classes),
-    ]}
+    return {
+        "input_shape": list(input_shape),
+        "layers": [
+            *_conv_block(32),
+            {"type": "flatten"},
+            _dense(hidden[0]),
+            {"type": "relu"},
+            _dense(num_classes),
+        ],
+    }
 
 
 def cnn(input_shape, num_classes, hidden=(128,)) -> dict:
     """Two conv blocks (32, 64 filters), dense 128: the MNIST-shaped CNN of the benchmark."""
-    return {"input_shape": list(input_shape), "layers": [
-        *_conv_block(32), *_conv_block(64), {"type": "flatten"},
-        _dense(hidden[0]), {"type": "relu"}, _dense(num_classes),
-    ]}
+    return {
+        "input_shape": list(input_shape),
+        "layers": [
+            *_conv_block(32),
+            *_conv_block(64),
+            {"type": "flatten"},
+            _dense(hidden[0]),
+            {"type": "relu"},
+            _dense(num_classes),
+        ],
+    }
 
 
 @dataclass(frozen=True)
@@ -60,8 +80,8 @@ class Preset:
     name: str
     build: Callable[..., dict]
     default_hidden: tuple[int, ...]
-    training: dict = field(default_factory=dict)   # optimizer, learning_rate, batch_size, epochs
-    fixed_depth: bool = True                       # only the mlp takes any number of hidden layers
+    training: dict = field(default_factory=dict)  # optimizer, learning_rate, batch_size, epochs
+    fixed_depth: bool = True  # only the mlp takes any number of hidden layers
 
     @property
     def description(self) -> str:
@@ -77,19 +97,48 @@ class Preset:
         return self.build(tuple(input_shape), num_classes, hidden)
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("two-layer-net", two_layer_net, (50,),
-           {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 100, "epochs": 17}),
-    Preset("mlp", mlp, DEFAULT_MLP_HIDDEN,
-           {"optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": "cosine", "batch_size": 64,
-            "epochs": 20},
-           fixed_depth=False),
-    Preset("digits-cnn", digits_cnn, (300,),
-           {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 32, "epochs": 15}),
-    Preset("cnn", cnn, (128,),
-           {"optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": "cosine", "batch_size": 64,
-            "epochs": 10}),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "two-layer-net",
+            two_layer_net,
+            (50,),
+            {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 100, "epochs": 17},
+        ),
+        Preset(
+            "mlp",
+            mlp,
+            DEFAULT_MLP_HIDDEN,
+            {
+                "optimizer": "adam",
+                "learning_rate": 1e-3,
+                "lr_schedule": "cosine",
+                "batch_size": 64,
+                "epochs": 20,
+            },
+            fixed_depth=False,
+        ),
+        Preset(
+            "digits-cnn",
+            digits_cnn,
+            (300,),
+            {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 32, "epochs": 15},
+        ),
+        Preset(
+            "cnn",
+            cnn,
+            (128,),
+            {
+                "optimizer": "adam",
+                "learning_rate": 1e-3,
+                "lr_schedule": "cosine",
+                "batch_size": 64,
+                "epochs": 10,
+            },
+        ),
+    )
+}
 
 
 def get_preset(name: str) -> Preset:

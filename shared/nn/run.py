@@ -17,19 +17,19 @@ from shared.nn import EarlyStopping, History, Model, build_model, fit, make_opti
 from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
 
-MAX_LEARNING_RATE = 100.0   # far above any rate that trains; beyond it every run diverges
+MAX_LEARNING_RATE = 100.0  # far above any rate that trains; beyond it every run diverges
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
-    lr_schedule: str = "constant"    # or "cosine": anneal to 0 over the run
-    momentum: float = 0.9            # for "momentum" and "nesterov"
+    lr_schedule: str = "constant"  # or "cosine": anneal to 0 over the run
+    momentum: float = 0.9  # for "momentum" and "nesterov"
     weight_decay: float = 0.0
     batch_size: int = 32
     epochs: int = 10
-    seed: int = 0                    # initial weights and shuffling
+    seed: int = 0  # initial weights and shuffling
     dtype: str = "float32"
     validation_split: float = 0.0
     early_stopping_patience: int = 0  # 0 = off; else stop after this many epochs without gain
@@ -41,8 +41,9 @@ class Hyperparameters:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         # Comparisons are false for NaN, so each range check refuses NaN too; inf needs its own.
         if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
-            raise ValueError(f"learning_rate must be > 0 and at most {MAX_LEARNING_RATE}, "
-                             f"got {self.learning_rate}")
+            raise ValueError(
+                f"learning_rate must be > 0 and at most {MAX_LEARNING_RATE}, got {self.learning_rate}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.momentum < 1:
@@ -55,13 +56,12 @@ class Hyperparameters:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.dtype not in MODEL_DTYPES:   # the names themselves: they go into checkpoints as given
+        if self.dtype not in MODEL_DTYPES:  # the names themselves: they go into checkpoints as given
             raise ValueError(f"dtype must be {' or '.join(map(repr, MODEL_DTYPES))}, got {self.dtype!r}")
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
         if self.early_stopping_patience < 0:
-            raise ValueError(
-                f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if self.early_stopping_patience and not self.validation_split:
             raise ValueError("early_stopping_patience needs validation_split > 0")
         self.early_stopping()  # checks the monitor
@@ -69,8 +69,7 @@ class Hyperparameters:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> Hyperparameters:
         """The preset's tuned settings, with `overrides` (None values ignored) on top."""
-        settings = {**get_preset(preset).training,
-                    **{k: v for k, v in overrides.items() if v is not None}}
+        settings = {**get_preset(preset).training, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**settings)
 
     @classmethod
@@ -87,8 +86,7 @@ class Hyperparameters:
     def early_stopping(self) -> EarlyStopping | None:
         if not self.early_stopping_patience:
             return None
-        return EarlyStopping(monitor=self.early_stopping_monitor,
-                             patience=self.early_stopping_patience)
+        return EarlyStopping(monitor=self.early_stopping_monitor, patience=self.early_stopping_patience)
 
 
 @dataclass
@@ -97,8 +95,9 @@ class TrainedModel:
     history: History
 
 
-def prepare_model(spec: dict, dataset: Dataset, hp: Hyperparameters,
-                  initial_weights: dict[str, np.ndarray] | None = None) -> Model:
+def prepare_model(
+    spec: dict, dataset: Dataset, hp: Hyperparameters, initial_weights: dict[str, np.ndarray] | None = None
+) -> Model:
     """Build `spec` for `dataset`, initialised from `hp.seed` or from `initial_weights`."""
     model = build_model(spec, dtype=hp.dtype)
     check_fits(model, dataset)
@@ -121,22 +120,30 @@ def check_fits(model: Model, dataset: Dataset) -> None:
         )
 
 
-def prepare_optimizer(model: Model, hp: Hyperparameters,
-                      initial_state: dict[str, np.ndarray] | None = None) -> Optimizer:
+def prepare_optimizer(
+    model: Model, hp: Hyperparameters, initial_state: dict[str, np.ndarray] | None = None
+) -> Optimizer:
     """`hp`'s optimiser for `model`, fresh or from `initial_state` (an Optimizer.state_dict).
 
     A state that does not fit the optimiser and the model is a ValueError.
     """
-    optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
-                               weight_decay=hp.weight_decay)
+    optimizer = make_optimizer(
+        hp.optimizer, hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
+    )
     if initial_state is not None:
         optimizer.load_state_dict(initial_state, model.state_dict())
     return optimizer
 
 
-def fit_model(model: Model, dataset: Dataset, hp: Hyperparameters,
-              callback: Callable | None = None, *, start_step: int = 0,
-              optimizer: Optimizer | None = None) -> History:
+def fit_model(
+    model: Model,
+    dataset: Dataset,
+    hp: Hyperparameters,
+    callback: Callable | None = None,
+    *,
+    start_step: int = 0,
+    optimizer: Optimizer | None = None,
+) -> History:
     """Train a prepared model in place with `hp` (resuming after `start_step` steps).
 
     `optimizer` (from `prepare_optimizer`, default a fresh one) is updated in
@@ -148,17 +155,26 @@ def fit_model(model: Model, dataset: Dataset, hp: Hyperparameters,
         optimizer = prepare_optimizer(model, hp)
     dtype = np.dtype(hp.dtype)
     return fit(
-        model, optimizer,
-        dataset.x_train.astype(dtype, copy=False), dataset.y_train,
-        x_test=dataset.x_test.astype(dtype, copy=False), y_test=dataset.y_test,
-        epochs=hp.epochs, batch_size=hp.batch_size, seed=hp.seed,
-        validation_split=hp.validation_split, early_stopping=hp.early_stopping(),
-        callback=callback, start_step=start_step, lr_schedule=hp.lr_schedule,
+        model,
+        optimizer,
+        dataset.x_train.astype(dtype, copy=False),
+        dataset.y_train,
+        x_test=dataset.x_test.astype(dtype, copy=False),
+        y_test=dataset.y_test,
+        epochs=hp.epochs,
+        batch_size=hp.batch_size,
+        seed=hp.seed,
+        validation_split=hp.validation_split,
+        early_stopping=hp.early_stopping(),
+        callback=callback,
+        start_step=start_step,
+        lr_schedule=hp.lr_schedule,
     )
 
 
-def train(spec: dict, dataset: Dataset, hp: Hyperparameters,
-          callback: Callable | None = None) -> TrainedModel:
+def train(
+    spec: dict, dataset: Dataset, hp: Hyperparameters, callback: Callable | None = None
+) -> TrainedModel:
     """Build, initialise and train `spec` on `dataset`: the whole run in one call."""
     model = prepare_model(spec, dataset, hp)
     return TrainedModel(model, fit_model(model, dataset, hp, callback))

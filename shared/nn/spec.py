@@ -34,8 +34,7 @@ SPEC_KEYS = {"input_shape", "layers"}
 def _layer_options(cls) -> tuple[set[str], set[str]]:
     """(all option names, required option names) from the layer's constructor."""
     params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, input_shape
-    return ({p.name for p in params},
-            {p.name for p in params if p.default is inspect.Parameter.empty})
+    return ({p.name for p in params}, {p.name for p in params if p.default is inspect.Parameter.empty})
 
 
 def _check_input_shape(value) -> tuple[int, ...]:
@@ -45,8 +44,7 @@ def _check_input_shape(value) -> tuple[int, ...]:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         raise SpecError(
-            "input_shape must be [features] or [channels, height, width] of positive ints, "
-            f"got {value!r}"
+            f"input_shape must be [features] or [channels, height, width] of positive ints, got {value!r}"
         )
     return tuple(value)
 
@@ -74,8 +72,7 @@ def build_model(spec: dict, dtype=np.float32) -> Model:
             f"the last layer ({len(entries) - 1}, {layers[-1].type_name}) outputs shape {shape}; "
             "a classifier ends in one logit per class, e.g. a dense layer with units >= 2"
         )
-    normalised = {"input_shape": list(layers[0].input_shape),
-                  "layers": [layer.config() for layer in layers]}
+    normalised = {"input_shape": list(layers[0].input_shape), "layers": [layer.config() for layer in layers]}
     return Model(normalised, layers, dtype=as_model_dtype(dtype))
 
 

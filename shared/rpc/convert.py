@@ -35,8 +35,7 @@ def to_tensor(array) -> tandem_common_pb2.Tensor:
     array = np.asarray(array)
     name = array.dtype.name
     if name not in DTYPES:
-        raise TensorError(
-            f"dtype {array.dtype} cannot travel as a Tensor; supported: {', '.join(DTYPES)}")
+        raise TensorError(f"dtype {array.dtype} cannot travel as a Tensor; supported: {', '.join(DTYPES)}")
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return tandem_common_pb2.Tensor(dtype=name, shape=array.shape, data=little.tobytes(order="C"))
 
@@ -57,18 +56,19 @@ def from_tensor(
     allowed = tuple(allowed_dtypes)
     if msg.dtype not in allowed or msg.dtype not in DTYPES:
         raise TensorError(
-            f"{field}.dtype must be one of {', '.join(d for d in allowed if d in DTYPES)}; "
-            f"got {msg.dtype!r}")
+            f"{field}.dtype must be one of {', '.join(d for d in allowed if d in DTYPES)}; got {msg.dtype!r}"
+        )
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"{field}.shape must have no negative dimension; got {list(shape)}")
     dtype = np.dtype(msg.dtype).newbyteorder("<")
-    expected = math.prod(shape) * dtype.itemsize     # Python ints: no overflow
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     actual = len(msg.data)
     if actual != expected:
         raise TensorError(
             f"{field}.data must hold {expected} bytes (shape {list(shape)} of {msg.dtype}, "
-            f"{dtype.itemsize} byte(s) each), got {actual}")
+            f"{dtype.itemsize} byte(s) each), got {actual}"
+        )
     if msg.dtype == "bool" and actual and np.frombuffer(msg.data, dtype=np.uint8).max() > 1:
         raise TensorError(f"{field}.data: bool elements must be bytes 0 or 1")
     array = np.frombuffer(msg.data, dtype=dtype).reshape(shape)
@@ -80,8 +80,9 @@ def from_tensor(
 # The JobState enum's names carry a prefix (JOB_STATE_RUNNING); everywhere else
 # (the trainer's records, the CLI, logs) a state goes by its short name.
 _JOB_STATE_PREFIX = "JOB_STATE_"
-JOB_STATE_NAMES = tuple(name.removeprefix(_JOB_STATE_PREFIX)
-                        for name, number in tandem_trainer_pb2.JobState.items() if number)
+JOB_STATE_NAMES = tuple(
+    name.removeprefix(_JOB_STATE_PREFIX) for name, number in tandem_trainer_pb2.JobState.items() if number
+)
 
 
 def job_state_name(value: int) -> str:
@@ -89,8 +90,7 @@ def job_state_name(value: int) -> str:
     states = tandem_trainer_pb2.JobState
     name = states.Name(states.ValueType(value)) if value in states.values() else ""
     if not value or not name:
-        raise ValueError(f"{value} is not a job state; known: "
-                         f"{sorted(n for n in states.values() if n)}")
+        raise ValueError(f"{value} is not a job state; known: {sorted(n for n in states.values() if n)}")
     return name.removeprefix(_JOB_STATE_PREFIX)
 
 
@@ -117,9 +117,15 @@ def checkpoint_info(meta: dict, latest: bool = False) -> tandem_common_pb2.Check
     """A CheckpointInfo from a checkpoint's metadata (the store's version listing)."""
     created = datetime.fromisoformat(meta["created_at"]).timestamp() if meta.get("created_at") else 0
     return tandem_common_pb2.CheckpointInfo(
-        model_name=meta["model_name"], version=meta["version"], step=meta.get("step", 0),
+        model_name=meta["model_name"],
+        version=meta["version"],
+        step=meta.get("step", 0),
         epoch=meta.get("epoch", 0),
-        metrics={k: float(v) for k, v in meta.get("metrics", {}).items()
-                 if isinstance(v, (int, float))},
-        dataset=meta.get("dataset", ""), created_at=timestamp(created), sha256=meta.get("sha256", ""),
-        size_bytes=meta.get("size_bytes", 0), latest=latest, dtype=meta.get("dtype", ""))
+        metrics={k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))},
+        dataset=meta.get("dataset", ""),
+        created_at=timestamp(created),
+        sha256=meta.get("sha256", ""),
+        size_bytes=meta.get("size_bytes", 0),
+        latest=latest,
+        dtype=meta.get("dtype", ""),
+    )

@@ -25,13 +25,15 @@ def translate_errors(table: StatusTable):
         context.abort(next(code for kind, code in table if isinstance(error, kind)), str(error))
 
     def decorate(method):
-        if inspect.isgeneratorfunction(method):   # a streaming response raises as it is iterated
+        if inspect.isgeneratorfunction(method):  # a streaming response raises as it is iterated
+
             @functools.wraps(method)
             def stream(self, request, context):
                 try:
                     yield from method(self, request, context)
                 except kinds as error:
                     abort(context, error)
+
             return stream
 
         @functools.wraps(method)
@@ -40,5 +42,7 @@ def translate_errors(table: StatusTable):
                 return method(self, request, context)
             except kinds as error:
                 abort(context, error)
+
         return unary
+
     return decorate

@@ -31,15 +31,17 @@ WORKERS_PER_WATCHER = 4
 # How often an idle Watch checks that its client is still there: a cancelled
 # watch gives its thread and its slot back within this many seconds.
 CLIENT_CHECK_SECONDS = 0.5
-SHOWN_NAME = 200   # characters of an unknown service's name quoted back
+SHOWN_NAME = 200  # characters of an unknown service's name quoted back
 
 
 class UnknownService(LookupError):
     """A Check for a service that has no status here."""
 
 
-STATUS_BY_ERROR = [(UnknownService, grpc.StatusCode.NOT_FOUND),
-                   (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+STATUS_BY_ERROR = [
+    (UnknownService, grpc.StatusCode.NOT_FOUND),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+]
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -47,8 +49,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def __init__(self, max_watchers: int, limit_variable: str):
         self._max_watchers = max_watchers
-        self._limit_variable = limit_variable   # what sets max_watchers, for the refusal's message
-        self._changed = threading.Condition()   # guards the three below; notified on every change
+        self._limit_variable = limit_variable  # what sets max_watchers, for the refusal's message
+        self._changed = threading.Condition()  # guards the three below; notified on every change
         self._statuses: dict[str, Status] = {}
         self._watchers = 0
         self._shutting_down = False
@@ -56,8 +58,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     @classmethod
     def for_workers(cls, workers: int, workers_variable: str) -> HealthServicer:
         """For a server on `workers` threads (set by `workers_variable`): watches take a quarter at most."""
-        return cls(max(1, workers // WORKERS_PER_WATCHER),
-                   f"{workers_variable} / {WORKERS_PER_WATCHER}")
+        return cls(max(1, workers // WORKERS_PER_WATCHER), f"{workers_variable} / {WORKERS_PER_WATCHER}")
 
     def set(self, service: str, status: Status) -> None:
         """Set `service`'s status; ignored once a graceful shutdown has begun."""
@@ -82,8 +83,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             # At most SHOWN_NAME characters of the name: the message travels in the trailers,
             # which a long name would take beyond the client's metadata limit.
             name = request.service[:SHOWN_NAME] + ("..." if len(request.service) > SHOWN_NAME else "")
-            raise UnknownService(f"HealthCheckRequest.service {name!r} is unknown here; "
-                                 f"expected one of {known}")
+            raise UnknownService(
+                f"HealthCheckRequest.service {name!r} is unknown here; expected one of {known}"
+            )
         return health_pb2.HealthCheckResponse(status=status)
 
     @translate_errors(STATUS_BY_ERROR)
@@ -95,9 +97,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         with self._watch_slot():
             sent = None
             while context.is_active():
-                with self._changed:   # wait releases the lock; it is not held while we yield
-                    self._changed.wait_for(partial(self._has_news, request.service, sent),
-                                           timeout=CLIENT_CHECK_SECONDS)
+                with self._changed:  # wait releases the lock; it is not held while we yield
+                    self._changed.wait_for(
+                        partial(self._has_news, request.service, sent), timeout=CLIENT_CHECK_SECONDS
+                    )
                     status, ending = self._status(request.service), self._shutting_down
                 if status != sent:
                     yield health_pb2.HealthCheckResponse(status=status)
@@ -109,8 +112,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def _watch_slot(self):
         """One of the `max_watchers` places, for the duration of a Watch, or LimitExceeded."""
         with self._changed:
-            check_limit("open health watches", self._watchers + 1, self._max_watchers,
-                        self._limit_variable)
+            check_limit("open health watches", self._watchers + 1, self._max_watchers, self._limit_variable)
             self._watchers += 1
         try:
             yield

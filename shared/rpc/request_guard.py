@@ -39,9 +39,11 @@ class UnparsableRequests(grpc.ServerInterceptor):
 
         def check(request, context):
             if isinstance(request, _Unparsable):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid message for {method}: "
-                              f"{type(request.error).__name__}: {str(request.error)[:200]}")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid message for {method}: "
+                    f"{type(request.error).__name__}: {str(request.error)[:200]}",
+                )
             return request
 
         def checked_stream(requests, context):

@@ -30,8 +30,9 @@ class Service(Protocol):
     def wait(self) -> None: ...
 
 
-def grpc_server(workers: int, max_message_bytes: int,
-                interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
+def grpc_server(
+    workers: int, max_message_bytes: int, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> grpc.Server:
     """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
 
     `interceptors` see every call first (the access check, shared.security.access); then
@@ -39,9 +40,13 @@ def grpc_server(workers: int, max_message_bytes: int,
     """
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=(*interceptors, UnparsableRequests()), maximum_concurrent_rpcs=workers * 4,
-        options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes)])
+        interceptors=(*interceptors, UnparsableRequests()),
+        maximum_concurrent_rpcs=workers * 4,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
 
 
 class MetricsEndpoint:
@@ -68,7 +73,7 @@ class GrpcService:
     def __init__(self, name: str, server: grpc.Server, health: HealthServicer, grace_seconds: float):
         self.server, self.health = server, health
         self.metrics_http: MetricsEndpoint | None = None
-        self._name, self._grace_seconds = name, grace_seconds   # name: "trainer" logs event=trainer_...
+        self._name, self._grace_seconds = name, grace_seconds  # name: "trainer" logs event=trainer_...
         self._log = logging.getLogger(f"tandem.{name}")
         self._stopped = threading.Event()
 
@@ -108,15 +113,18 @@ def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None
     shared/rpc/stubs/grpc_service_pb2.py): a pool for reflection alone gets a copy
     of every file they need.
     """
-    services = (*services, health_pb2.DESCRIPTOR.services_by_name["Health"],
-                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    services = (
+        *services,
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
     def add(file: FileDescriptor) -> None:
         if file.name in added:
             return
-        for dependency in file.dependencies:   # a file's imports go into the pool first
+        for dependency in file.dependencies:  # a file's imports go into the pool first
             add(dependency)
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
@@ -129,8 +137,7 @@ def enable_reflection(server: grpc.Server, *services: ServiceDescriptor) -> None
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def run_until_signalled(service: Service) -> None:

@@ -43,7 +43,7 @@ from shared.security.auth import PREDICT, TRAIN, UNRESTRICTED, VIEW, Caller, Tok
 log = logging.getLogger("tandem.access")
 
 OPEN = None
-READ_JOBS = frozenset({VIEW, TRAIN})   # train reads its own jobs; the domain filters (Caller.sees)
+READ_JOBS = frozenset({VIEW, TRAIN})  # train reads its own jobs; the domain filters (Caller.sees)
 METHOD_ROLES: dict[str, frozenset[str] | None] = {
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
@@ -53,8 +53,8 @@ METHOD_ROLES: dict[str, frozenset[str] | None] = {
     "/tandem.v1.Trainer/ListCheckpoints": READ_JOBS,
     "/tandem.v1.Trainer/ListDatasets": READ_JOBS,
     "/tandem.v1.Trainer/StartJob": frozenset({TRAIN}),
-    "/tandem.v1.Trainer/CancelJob": frozenset({TRAIN}),     # its own jobs: the domain checks
-    "/tandem.v1.Trainer/UploadDataset": frozenset({TRAIN}),   # overwrites its own: the domain checks
+    "/tandem.v1.Trainer/CancelJob": frozenset({TRAIN}),  # its own jobs: the domain checks
+    "/tandem.v1.Trainer/UploadDataset": frozenset({TRAIN}),  # overwrites its own: the domain checks
     "/tandem.v1.Inference/Predict": frozenset({PREDICT}),
     "/tandem.v1.Inference/GetModelMetadata": frozenset({PREDICT}),
     "/tandem.v1.Inference/ListModels": frozenset({PREDICT}),
@@ -66,7 +66,7 @@ METHOD_ROLES: dict[str, frozenset[str] | None] = {
     "/inference.GRPCInferenceService/ModelInfer": frozenset({PREDICT}),
 }
 REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-REFLECTION_ROLES = {"on": OPEN, "view": frozenset({VIEW})}   # "off": not served at all
+REFLECTION_ROLES = {"on": OPEN, "view": frozenset({VIEW})}  # "off": not served at all
 
 FAILURES = Counter("tandem_auth_failures", "Calls refused by the access check", ["service", "reason"])
 
@@ -79,7 +79,7 @@ def reflection_mode(raw: str) -> str:
 
 @dataclass(frozen=True)
 class AccessSettings:
-    tokens_file: str | None = None   # None: auth off
+    tokens_file: str | None = None  # None: auth off
     reflection: str = "on"
 
     @classmethod
@@ -107,11 +107,11 @@ class RefusalLog:
 
     def __init__(self, interval: float, clock=time.monotonic, max_peers: int = 1024):
         self.interval, self._clock, self._max_peers = interval, clock, max_peers
-        self._peers: OrderedDict[str, list] = OrderedDict()   # host -> [last line at, held back]
+        self._peers: OrderedDict[str, list] = OrderedDict()  # host -> [last line at, held back]
         self._lock = threading.Lock()
 
     def admit(self, peer: str) -> int | None:
-        host = peer.rpartition(":")[0] or peer   # "ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1"
+        host = peer.rpartition(":")[0] or peer  # "ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1"
         now = self._clock()
         with self._lock:
             seen = self._peers.get(host)
@@ -135,13 +135,18 @@ class AccessInterceptor(grpc.ServerInterceptor):
             self.roles[REFLECTION_METHOD] = REFLECTION_ROLES[settings.reflection]
         self.service = service
         self._refusals = RefusalLog(log_interval)
-        log.info("event=access service=%s auth=%s tokens_file=%s reflection=%s", service,
-                 "on" if self.tokens else "off", settings.tokens_file or "-", settings.reflection)
+        log.info(
+            "event=access service=%s auth=%s tokens_file=%s reflection=%s",
+            service,
+            "on" if self.tokens else "off",
+            settings.tokens_file or "-",
+            settings.reflection,
+        )
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or (details.method in self.roles and self.roles[details.method] is OPEN):
-            return handler   # not served here (UNIMPLEMENTED, as without auth), or open to anyone
+            return handler  # not served here (UNIMPLEMENTED, as without auth), or open to anyone
         return _with_caller(handler, lambda context: self._admit(details, context))
 
     def _admit(self, details, context) -> Caller:
@@ -163,60 +168,87 @@ class AccessInterceptor(grpc.ServerInterceptor):
         if headers:
             scheme, _, token = headers[0].partition(" ")
             if len(headers) > 1 or scheme.lower() != "bearer" or not token.strip():
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "malformed",
-                              "the authorization metadata must be one 'Bearer TOKEN'")
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "malformed",
+                    "the authorization metadata must be one 'Bearer TOKEN'",
+                )
             caller = tokens.by_token(token.strip())
             if caller is None:
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown_token",
-                              "the bearer token is not known here (mistyped, revoked or another "
-                              "deployment's)")
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "unknown_token",
+                    "the bearer token is not known here (mistyped, revoked or another deployment's)",
+                )
             return caller
         names = context.auth_context().get("x509_common_name")
         if names:
             name = names[0].decode(errors="replace")
             caller = tokens.by_certificate(name)
             if caller is None:
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown_certificate",
-                              f"no token, and the client certificate's common name {name[:64]!r} "
-                              "is not in the tokens file")
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "unknown_certificate",
+                    f"no token, and the client certificate's common name {name[:64]!r} "
+                    "is not in the tokens file",
+                )
             return caller
-        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no_credentials",
-                      "this server needs credentials: send the metadata 'authorization: Bearer TOKEN'")
+        raise Refused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no_credentials",
+            "this server needs credentials: send the metadata 'authorization: Bearer TOKEN'",
+        )
 
     def _authorize(self, caller: Caller, method: str) -> None:
         if method not in self.roles:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unlisted",
-                          f"{method} is not in the roles table (shared/security/access.py): "
-                          "no one may call it",
-                          caller)
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "unlisted",
+                f"{method} is not in the roles table (shared/security/access.py): no one may call it",
+                caller,
+            )
         needed = self.roles[method]
-        if needed is OPEN:   # anyone may (intercept_service does not even ask)
+        if needed is OPEN:  # anyone may (intercept_service does not even ask)
             return
         if not any(caller.has(role) for role in needed):
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "role",
-                          f"{caller.identity!r} (roles: {', '.join(sorted(caller.roles))}) may not call "
-                          f"{method}: it needs the role {' or '.join(sorted(needed))}", caller)
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "role",
+                f"{caller.identity!r} (roles: {', '.join(sorted(caller.roles))}) may not call "
+                f"{method}: it needs the role {' or '.join(sorted(needed))}",
+                caller,
+            )
 
     def _refused(self, refused: Refused, method: str, context) -> None:
         FAILURES.labels(self.service, refused.reason).inc()
         peer = context.peer()
         held_back = self._refusals.admit(peer)
         if held_back is not None:
-            log.warning("event=auth_refused service=%s peer=%s method=%s reason=%s identity=%s "
-                        "held_back=%d", self.service, peer, method, refused.reason,
-                        refused.caller.identity if refused.caller else "-", held_back)
+            log.warning(
+                "event=auth_refused service=%s peer=%s method=%s reason=%s identity=%s held_back=%d",
+                self.service,
+                peer,
+                method,
+                refused.reason,
+                refused.caller.identity if refused.caller else "-",
+                held_back,
+            )
 
 
 def _with_caller(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
     """`handler`, admitting each call first and running it with `current_caller()` set to its caller."""
-    kind = "_".join("stream" if streaming else "unary"
-                    for streaming in (handler.request_streaming, handler.response_streaming))
-    behaviour = getattr(handler, kind)   # e.g. handler.unary_stream
+    kind = "_".join(
+        "stream" if streaming else "unary"
+        for streaming in (handler.request_streaming, handler.response_streaming)
+    )
+    behaviour = getattr(handler, kind)  # e.g. handler.unary_stream
 
     def admitted(request, context):
-        caller = admit(context)   # aborts a refused call before the handler sees its request
+        caller = admit(context)  # aborts a refused call before the handler sees its request
         return (iterate_as if handler.response_streaming else run_as)(caller, behaviour, request, context)
 
     return getattr(grpc, f"{kind}_rpc_method_handler")(
-        admitted, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+        admitted,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

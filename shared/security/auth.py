@@ -69,7 +69,7 @@ class NotPermitted(Exception):
     """A caller reaching what is not its own (another's job or dataset): PERMISSION_DENIED."""
 
 
-UNRESTRICTED = Caller("", frozenset(ROLES))   # auth off: the local demo, tests that do not ask for it
+UNRESTRICTED = Caller("", frozenset(ROLES))  # auth off: the local demo, tests that do not ask for it
 
 _current: contextvars.ContextVar[Caller] = contextvars.ContextVar("tandem_caller")
 
@@ -78,9 +78,10 @@ def current_caller() -> Caller:
     """The caller of the call this thread serves, as the access interceptor set it."""
     try:
         return _current.get()
-    except LookupError:   # not a LookupError to the servicer: that would answer NOT_FOUND
-        raise RuntimeError("no caller: the handler runs without shared.security.access's "
-                           "interceptor") from None
+    except LookupError:  # not a LookupError to the servicer: that would answer NOT_FOUND
+        raise RuntimeError(
+            "no caller: the handler runs without shared.security.access's interceptor"
+        ) from None
 
 
 def _context_of(caller: Caller) -> contextvars.Context:
@@ -120,14 +121,15 @@ def token_digest(token: str) -> str:
 
 # ---------------------------------------------------------------- the file
 
+
 class TokensFileError(ValueError):
     pass
 
 
 @dataclass(frozen=True)
 class _Table:
-    tokens: tuple[tuple[bytes, Caller], ...]   # (SHA-256 digest, caller)
-    certificates: dict[str, Caller]            # common name -> caller
+    tokens: tuple[tuple[bytes, Caller], ...]  # (SHA-256 digest, caller)
+    certificates: dict[str, Caller]  # common name -> caller
 
 
 def _entries(data: dict, section: str) -> list[dict]:
@@ -195,11 +197,18 @@ class TokensFile:
                 self._seen = seen
                 try:
                     self._table = parse_tokens_file(self.path.read_text())
-                    log.info("event=tokens_reloaded file=%s tokens=%d certificates=%d", self.path,
-                             len(self._table.tokens), len(self._table.certificates))
+                    log.info(
+                        "event=tokens_reloaded file=%s tokens=%d certificates=%d",
+                        self.path,
+                        len(self._table.tokens),
+                        len(self._table.certificates),
+                    )
                 except (OSError, UnicodeDecodeError, TokensFileError) as error:
-                    log.error("event=tokens_file_invalid file=%s error=%r; the previous tokens stay "
-                              "in force", self.path, str(error))
+                    log.error(
+                        "event=tokens_file_invalid file=%s error=%r; the previous tokens stay in force",
+                        self.path,
+                        str(error),
+                    )
             return self._table
 
     def by_token(self, token: str) -> Caller | None:
@@ -217,11 +226,12 @@ class TokensFile:
 
 # ---------------------------------------------------------------- issuing and revoking
 
+
 def _read_for_edit(path: Path) -> dict:
     if not path.exists():
         return {"tokens": [], "certificates": []}
     text = path.read_text()
-    parse_tokens_file(text)   # refuse to edit a file the services would refuse
+    parse_tokens_file(text)  # refuse to edit a file the services would refuse
     data = json.loads(text)
     return {"tokens": data.get("tokens", []), "certificates": data.get("certificates", [])}
 
@@ -229,8 +239,9 @@ def _read_for_edit(path: Path) -> dict:
 def _write(path: Path, data: dict) -> None:
     """Replace the file at once (write and rename), readable by its owner only."""
     parse_tokens_file(json.dumps(data))
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as temporary:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as temporary:
         json.dump(data, temporary, indent=2)
         temporary.write("\n")
     os.chmod(temporary.name, 0o600)
@@ -269,8 +280,9 @@ def allow_certificate(path: str | os.PathLike, common_name: str, roles: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.security.auth",
-                                     description="Manage a tokens file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.security.auth", description="Manage a tokens file."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     issuing = commands.add_parser("issue", help="print a new token once and store its hash")
     issuing.add_argument("--identity", required=True)

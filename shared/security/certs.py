@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CLOCK_SKEW = datetime.timedelta(minutes=5)   # valid from a little before now: clocks differ
+CLOCK_SKEW = datetime.timedelta(minutes=5)  # valid from a little before now: clocks differ
 
 
 def _name(common_name: str) -> x509.Name:
@@ -45,8 +45,9 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def _key_pem(key: PrivateKeyTypes) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -84,15 +85,29 @@ class CertificateAuthority:
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name)).issuer_name(_name(common_name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=days))
+            .subject_name(_name(common_name))
+            .issuer_name(_name(common_name))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
         return cls(cert, key, days)
 
     @classmethod
@@ -101,8 +116,11 @@ class CertificateAuthority:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         # A CA's key file holds a signing key (ours are P-256, from `new`); a key of a kind
         # that cannot sign fails in `issue`, as cryptography's sign() refuses it.
-        return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()),
-                   cast(CertificateIssuerPrivateKeyTypes, key), days)
+        return cls(
+            x509.load_pem_x509_certificate(cert_path.read_bytes()),
+            cast(CertificateIssuerPrivateKeyTypes, key),
+            days,
+        )
 
     @property
     def cert_pem(self) -> bytes:
@@ -118,23 +136,32 @@ class CertificateAuthority:
         write_private(path, _key_pem(self._key))
         return path
 
-    def issue(self, common_name: str, *, hosts: tuple[str, ...] = (), client: bool = False,
-              expired: bool = False) -> Issued:
+    def issue(
+        self, common_name: str, *, hosts: tuple[str, ...] = (), client: bool = False, expired: bool = False
+    ) -> Issued:
         """A certificate for `hosts` (a server's) or, with `client`, one a client presents."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        start, end = ((now - datetime.timedelta(days=2), now - datetime.timedelta(days=1)) if expired
-                      else (now - CLOCK_SKEW, now + datetime.timedelta(days=self.days)))
+        start, end = (
+            (now - datetime.timedelta(days=2), now - datetime.timedelta(days=1))
+            if expired
+            else (now - CLOCK_SKEW, now + datetime.timedelta(days=self.days))
+        )
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
+            .subject_name(_name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if hosts:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+                x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False
+            )
         cert = builder.sign(self._key, hashes.SHA256())
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))

@@ -38,7 +38,7 @@ from shared.security import auth
 from shared.security.certs import CertificateAuthority, write_private
 from shared.security.redis_acl import acl_file_text
 
-CA_DAYS = 3650          # the CA and what it signs; renew by deleting files
+CA_DAYS = 3650  # the CA and what it signs; renew by deleting files
 SERVERS = ("trainer", "infer", "redis")
 CLIENT_TOKENS = {"admin": [auth.ADMIN], "predict": [auth.PREDICT]}
 
@@ -82,10 +82,10 @@ def make_secrets(root: Path, service_uid: int, redis_gid: int) -> list[str]:
     for identity, roles in CLIENT_TOKENS.items():
         token_file = root / "clients" / f"{identity}.token"
         if absent(token_file):
-            if tokens.exists():   # the lost token's hash must not stay valid
+            if tokens.exists():  # the lost token's hash must not stay valid
                 auth.revoke(tokens, identity=identity)
             write_private(token_file, auth.issue(tokens, identity, roles).encode())
-    tokens.chmod(0o644)   # hashes only: every service reads it
+    tokens.chmod(0o644)  # hashes only: every service reads it
 
     for service in ("trainer", "infer"):
         _own(root / service, uid=service_uid, gid=service_uid, group_reads=False)
@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-gid", type=int, default=10002, help="the group Redis reads its folder as")
     args = parser.parse_args(argv)
     made = make_secrets(args.directory, args.service_uid, args.redis_gid)
-    print(f"deploy_secrets: {args.directory}: " + (f"made {', '.join(made)}" if made
-                                                   else "everything was there"))
+    print(
+        f"deploy_secrets: {args.directory}: "
+        + (f"made {', '.join(made)}" if made else "everything was there")
+    )
     return 0
 
 

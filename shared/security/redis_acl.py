@@ -44,8 +44,8 @@ USERS = {
         "+get +set +del +exists +mget +scan "
         "+hget +hset +hdel +hgetall +hkeys +hmget +hstrlen "
         "+sadd +smembers +zadd +zrevrange +xadd +publish "
-        "+multi +exec +watch +unwatch "            # the publish, job and upload transactions
-        "+evalsha +script|load"                    # job_repository's claim script (redis-py loads it on NOSCRIPT)
+        "+multi +exec +watch +unwatch "  # the publish, job and upload transactions
+        "+evalsha +script|load"  # job_repository's claim script (redis-py loads it on NOSCRIPT)
     ),
     "infer": (
         f"~{PREFIX}:model:* ~{PREFIX}:models &{PREFIX}:announcements "
@@ -69,15 +69,18 @@ def acl_file_text(passwords: dict[str, str]) -> str:
     # can log in as it, and a connection without credentials still gets NOAUTH.
     unusable = secrets.token_urlsafe(32)
     lines = [f"user default reset resetchannels on #{password_hash(unusable)} ~* &* +@all"]
-    lines += [f"user {user} reset resetchannels on #{password_hash(passwords[user])} {USERS[user]}"
-              for user in USERS]
+    lines += [
+        f"user {user} reset resetchannels on #{password_hash(passwords[user])} {USERS[user]}"
+        for user in USERS
+    ]
     return "\n".join(lines) + "\n"
 
 
 def write_acl_file(path: Path, password_files: dict[str, Path]) -> Path:
     """Write the ACL file for the passwords in `password_files` (user -> file), readable by its owner only."""
-    text = acl_file_text({user: read_secret_file(file, f"{user}'s password file")
-                          for user, file in password_files.items()})
+    text = acl_file_text(
+        {user: read_secret_file(file, f"{user}'s password file") for user, file in password_files.items()}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as acl:
@@ -88,8 +91,12 @@ def write_acl_file(path: Path, password_files: dict[str, Path]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for user in USERS:
-        parser.add_argument(f"--{user}-password-file", type=Path, required=True,
-                            help=f"a file holding the {user} user's password")
+        parser.add_argument(
+            f"--{user}-password-file",
+            type=Path,
+            required=True,
+            help=f"a file holding the {user} user's password",
+        )
     parser.add_argument("--out", type=Path, required=True, help="where to write the ACL file")
     args = parser.parse_args(argv)
     try:

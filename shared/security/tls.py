@@ -100,8 +100,11 @@ class ServerTLS:
             return None
         if cert is None or key is None:
             raise ValueError("TANDEM_TLS_CERT and TANDEM_TLS_KEY go together: set both or neither")
-        return cls(_readable(cert, "TANDEM_TLS_CERT"), _readable(key, "TANDEM_TLS_KEY"),
-                   client_ca and _readable(client_ca, "TANDEM_TLS_CLIENT_CA"))
+        return cls(
+            _readable(cert, "TANDEM_TLS_CERT"),
+            _readable(key, "TANDEM_TLS_KEY"),
+            client_ca and _readable(client_ca, "TANDEM_TLS_CLIENT_CA"),
+        )
 
     def check(self) -> None:
         """Raise ValueError unless the files are what they should be (at start: a clear stop)."""
@@ -115,7 +118,8 @@ class ServerTLS:
         self.check()
         files = CertificateFiles(self)
         return grpc.dynamic_ssl_server_credentials(
-            files.initial, files, require_client_authentication=self.client_ca is not None)
+            files.initial, files, require_client_authentication=self.client_ca is not None
+        )
 
 
 class CertificateFiles:
@@ -131,8 +135,8 @@ class CertificateFiles:
     def __init__(self, tls: ServerTLS):
         self._tls = tls
         self._paths = [path for path in (tls.cert, tls.key, tls.client_ca) if path is not None]
-        self._lock = threading.Lock()   # handshakes may call in from several threads
-        self._failed: tuple | None = None   # the files' stat when they last failed to load
+        self._lock = threading.Lock()  # handshakes may call in from several threads
+        self._failed: tuple | None = None  # the files' stat when they last failed to load
         self._loaded = self._stat()
         self.initial = self._configuration()
 
@@ -141,18 +145,21 @@ class CertificateFiles:
         if signature == self._loaded:
             return None
         with self._lock:
-            if signature == self._loaded:   # another handshake reloaded them meanwhile
+            if signature == self._loaded:  # another handshake reloaded them meanwhile
                 return None
             try:
                 self._tls.check()
                 configuration = self._configuration()
             except (ValueError, OSError) as error:
                 if signature != self._failed:
-                    log.warning("event=tls_reload_failed cert=%s: %s; serving the previous "
-                                "certificate", self._tls.cert, error)
+                    log.warning(
+                        "event=tls_reload_failed cert=%s: %s; serving the previous certificate",
+                        self._tls.cert,
+                        error,
+                    )
                     self._failed = signature
                 return None
-            if self._stat() != signature:   # changed again while being read: next handshake
+            if self._stat() != signature:  # changed again while being read: next handshake
                 return None
             self._loaded = signature
         log.info("event=tls_reloaded cert=%s", self._tls.cert)
@@ -165,13 +172,15 @@ class CertificateFiles:
             except OSError:
                 return None
             return status.st_ino, status.st_size, status.st_mtime_ns
+
         return tuple(one(path) for path in self._paths)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         tls = self._tls
         return grpc.ssl_server_certificate_configuration(
             [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None)
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+        )
 
 
 def is_loopback(address: str) -> bool:
@@ -202,13 +211,20 @@ def listen(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
     logged loudly at start.
     """
     if tls is not None:
-        log.info("event=tls_on listen=%s cert=%s client_certificates=%s", address, tls.cert,
-                 f"required, signed by {tls.client_ca}" if tls.client_ca else "not asked for")
+        log.info(
+            "event=tls_on listen=%s cert=%s client_certificates=%s",
+            address,
+            tls.cert,
+            f"required, signed by {tls.client_ca}" if tls.client_ca else "not asked for",
+        )
         return server.add_secure_port(address, tls.credentials())
     if not is_loopback(address):
-        log.warning("event=plaintext_on_network listen=%s: gRPC WITHOUT TLS on a non-loopback "
-                    "address; anyone on the network can read and send calls. Set "
-                    "TANDEM_TLS_CERT and TANDEM_TLS_KEY to serve TLS.", address)
+        log.warning(
+            "event=plaintext_on_network listen=%s: gRPC WITHOUT TLS on a non-loopback "
+            "address; anyone on the network can read and send calls. Set "
+            "TANDEM_TLS_CERT and TANDEM_TLS_KEY to serve TLS.",
+            address,
+        )
     return server.add_insecure_port(address)
 
 
@@ -227,8 +243,11 @@ class ClientTLS:
     def __post_init__(self):
         if (self.cert is None) != (self.key is None):
             raise ValueError("a client certificate and its key go together: give both or neither")
-        for name, what in (("ca", "the TLS CA"), ("cert", "the TLS client certificate"),
-                           ("key", "the TLS client key")):
+        for name, what in (
+            ("ca", "the TLS CA"),
+            ("cert", "the TLS client certificate"),
+            ("key", "the TLS client key"),
+        ):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _readable(getattr(self, name), what))
 
@@ -241,16 +260,19 @@ class ClientTLS:
             return None
         if (cert is None) != (key is None):
             raise ValueError("TANDEM_TLS_CLIENT_CERT and TANDEM_TLS_CLIENT_KEY go together")
-        return cls(ca and _readable(ca, "TANDEM_TLS_CA"),
-                   cert and _readable(cert, "TANDEM_TLS_CLIENT_CERT"),
-                   key and _readable(key, "TANDEM_TLS_CLIENT_KEY"))
+        return cls(
+            ca and _readable(ca, "TANDEM_TLS_CA"),
+            cert and _readable(cert, "TANDEM_TLS_CLIENT_CERT"),
+            key and _readable(key, "TANDEM_TLS_CLIENT_KEY"),
+        )
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: Path | None) -> bytes | None:
             return path.read_bytes() if path is not None else None
-        return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
-                                            private_key=read(self.key),
-                                            certificate_chain=read(self.cert))
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
+        )
 
 
 def channel(target: str, tls: ClientTLS | None, options: list | None = None) -> grpc.Channel:

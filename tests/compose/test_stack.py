@@ -38,14 +38,15 @@ from tests.compose.stack import INFER_PORT, REPO, Stack
 
 pytestmark = pytest.mark.compose
 
-TRAIN_TIMEOUT = 240.0      # one job, start to end
-READY_TIMEOUT = 90.0       # a (re)started service answering
-RELOAD_TIMEOUT = 30.0      # a replica serving a newly published version
+TRAIN_TIMEOUT = 240.0  # one job, start to end
+READY_TIMEOUT = 90.0  # a (re)started service answering
+RELOAD_TIMEOUT = 30.0  # a replica serving a newly published version
 CALL_TIMEOUT = 30.0
-LONG_EPOCHS = 40           # a job long enough to be interrupted mid-way (a few seconds per 10 epochs)
+LONG_EPOCHS = 40  # a job long enough to be interrupted mid-way (a few seconds per 10 epochs)
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def digits():
     return load_dataset("digits")
@@ -133,8 +134,7 @@ class Inference:
         self.stub = tandem_inference_pb2_grpc.InferenceStub(self.channel)
 
     def predict(self, model: str, x: np.ndarray, timeout: float = CALL_TIMEOUT) -> pb.PredictResponse:
-        return self.stub.Predict(pb.PredictRequest(model_name=model, inputs=to_tensor(x)),
-                                 timeout=timeout)
+        return self.stub.Predict(pb.PredictRequest(model_name=model, inputs=to_tensor(x)), timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -146,10 +146,14 @@ class PredictLoop:
     Bounded: at most `max_seconds`; paced by `interval` so that it leaves the CPU to training.
     """
 
-    def __init__(self, calls: list[Callable[[], pb.PredictResponse]], interval: float = 0.02,
-                 max_seconds: float = TRAIN_TIMEOUT + 60):   # outlives the job it watches
+    def __init__(
+        self,
+        calls: list[Callable[[], pb.PredictResponse]],
+        interval: float = 0.02,
+        max_seconds: float = TRAIN_TIMEOUT + 60,
+    ):  # outlives the job it watches
         self.calls, self.interval, self.max_seconds = calls, interval, max_seconds
-        self.outcomes: list[tuple[float, bool, str]] = []   # (time, ok, version or error)
+        self.outcomes: list[tuple[float, bool, str]] = []  # (time, ok, version or error)
         self._stop = threading.Event()
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="predict-loop", daemon=True)
@@ -189,11 +193,16 @@ class PredictLoop:
 
     def wait_successes(self, count: int, timeout: float = 60.0) -> None:
         with self._condition:
-            if not self._condition.wait_for(
-                    lambda: self._stop.is_set() or sum(ok for _, ok, _ in self.outcomes) >= count, timeout) \
-                    or sum(ok for _, ok, _ in self.outcomes) < count:
-                pytest.fail(f"the client loop reached {self.successes()} of {count} answers "
-                            f"(failures: {self.failures()[:5]})")
+            if (
+                not self._condition.wait_for(
+                    lambda: self._stop.is_set() or sum(ok for _, ok, _ in self.outcomes) >= count, timeout
+                )
+                or sum(ok for _, ok, _ in self.outcomes) < count
+            ):
+                pytest.fail(
+                    f"the client loop reached {self.successes()} of {count} answers "
+                    f"(failures: {self.failures()[:5]})"
+                )
 
     def between(self, start: float, end: float) -> list[tuple[float, bool, str]]:
         with self._condition:
@@ -221,10 +230,14 @@ def requests_served(stack: Stack, container, model: str) -> float:
     """The replica's count of answered Predict requests for `model` (its Prometheus metrics)."""
     with urllib.request.urlopen(stack.infer_metrics_url(container), timeout=10) as response:
         text = response.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               for sample in family.samples
-               if sample.name == "tandem_infer_requests_total" and sample.labels.get("model") == model
-               and sample.labels.get("method") == "Predict")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "tandem_infer_requests_total"
+        and sample.labels.get("model") == model
+        and sample.labels.get("method") == "Predict"
+    )
 
 
 def crash(container, process: str) -> None:
@@ -242,7 +255,8 @@ def crash(container, process: str) -> None:
         "        continue\n"
         f"    if argv[0].endswith(b'python') and {process.encode()!r} in argv and int(pid) != os.getpid():\n"
         "        os.kill(int(pid), signal.SIGKILL)\n"
-        "        print('killed', pid)\n")
+        "        print('killed', pid)\n"
+    )
     exit_code, output = container.exec_run(["python", "-c", script])
     assert exit_code == 0 and b"killed" in output, output.decode(errors="replace")
 
@@ -258,8 +272,9 @@ def trainer(healthy_stack):
 def small_model(stack):
     """A digits CNN trained for two epochs, for the tests that only need something to serve."""
     with connect_trainer(stack) as client:
-        job = client.start_job("compose-small", "digits", preset="digits-cnn",
-                               hyperparameters={"epochs": 2, "seed": 5})
+        job = client.start_job(
+            "compose-small", "digits", preset="digits-cnn", hyperparameters={"epochs": 2, "seed": 5}
+        )
         watch = JobWatch(client, job.job_id)
         final = watch.finished()
     assert job_state_name(final.state) == "SUCCEEDED", final.error
@@ -268,10 +283,10 @@ def small_model(stack):
 
 # ---------------------------------------------------------------- 1. train and predict
 
+
 def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
     model = "compose-digits"
-    job = trainer.start_job(model, "digits", preset="digits-cnn",
-                            hyperparameters={"epochs": 8, "seed": 7})
+    job = trainer.start_job(model, "digits", preset="digits-cnn", hyperparameters={"epochs": 8, "seed": 7})
     watch = JobWatch(trainer, job.job_id)
     final = watch.finished()
     assert job_state_name(final.state) == "SUCCEEDED", final.error
@@ -298,23 +313,32 @@ def test_train_digits_and_predict_the_held_out_set(healthy_stack, trainer):
 
 # ---------------------------------------------------------------- 2. replicas agree after a publish
 
+
 def test_both_replicas_serve_the_latest_version_after_a_publish(healthy_stack, trainer):
     model = "compose-replicas"
     sample = digits().x_test[:4]
     replicas = [Inference(healthy_stack, address) for address in healthy_stack.infer_addresses()]
     assert len(replicas) == 2
     try:
-        first = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
-                                                    hyperparameters={"epochs": 1, "seed": 1}).job_id).finished()
+        first = JobWatch(
+            trainer,
+            trainer.start_job(
+                model, "digits", preset="digits-cnn", hyperparameters={"epochs": 1, "seed": 1}
+            ).job_id,
+        ).finished()
         assert job_state_name(first.state) == "SUCCEEDED", first.error
         # Both replicas load the model on first use and follow it from then on.
         assert [r.predict(model, sample).version for r in replicas] == [first.last_published_version] * 2
 
-        second = JobWatch(trainer, trainer.start_job(model, "digits", preset="digits-cnn",
-                                                     hyperparameters={"epochs": 2, "seed": 2}).job_id).finished()
+        second = JobWatch(
+            trainer,
+            trainer.start_job(
+                model, "digits", preset="digits-cnn", hyperparameters={"epochs": 2, "seed": 2}
+            ).job_id,
+        ).finished()
         assert job_state_name(second.state) == "SUCCEEDED", second.error
         assert second.last_published_version > first.last_published_version
-        for replica in replicas:   # hot reloaded: announced over Pub/Sub, or caught up by the poll
+        for replica in replicas:  # hot reloaded: announced over Pub/Sub, or caught up by the poll
             wait_until_serving(replica, model, second.last_published_version, sample)
         answers = [replica.predict(model, sample) for replica in replicas]
         assert {a.version for a in answers} == {second.last_published_version}
@@ -326,24 +350,30 @@ def test_both_replicas_serve_the_latest_version_after_a_publish(healthy_stack, t
 
 # ---------------------------------------------------------------- 3. Redis restarts mid-training
 
+
 def test_redis_restart_mid_training(healthy_stack, trainer):
     model = "compose-redis-restart"
     sample = digits().x_test[:4]
-    job = trainer.start_job(model, "digits", preset="digits-cnn",
-                            hyperparameters={"epochs": LONG_EPOCHS, "seed": 3},
-                            every_steps=100, every_epoch=False)
+    job = trainer.start_job(
+        model,
+        "digits",
+        preset="digits-cnn",
+        hyperparameters={"epochs": LONG_EPOCHS, "seed": 3},
+        every_steps=100,
+        every_epoch=False,
+    )
     watch = JobWatch(trainer, job.job_id)
     watch.wait_for(lambda e: e.HasField("checkpoint"), "a first checkpoint")
     replicas = [Inference(healthy_stack, address) for address in healthy_stack.infer_addresses()]
     try:
-        for replica in replicas:   # loaded before the outage
+        for replica in replicas:  # loaded before the outage
             replica.predict(model, sample)
         with PredictLoop([lambda r=r: r.predict(model, sample) for r in replicas]) as loop:
             loop.wait_successes(10)
             redis = healthy_stack.container("redis")
             steps_before = max((step.step for _, step in watch.of_kind("step")), default=0)
             outage_start = time.monotonic()
-            redis.restart(timeout=10)      # SIGTERM (Redis saves and exits), then a new start
+            redis.restart(timeout=10)  # SIGTERM (Redis saves and exits), then a new start
             outage_end = time.monotonic()  # the server is starting again
             final = watch.finished()
             loop.wait_successes(loop.successes() + 10)
@@ -353,13 +383,14 @@ def test_redis_restart_mid_training(healthy_stack, trainer):
         assert steps_before < final.progress.steps_total
         finished_at = watch.of_kind("finished")[0][0]
         assert finished_at > outage_end
-        assert any(at > outage_end for at, _ in watch.of_kind("checkpoint")), \
+        assert any(at > outage_end for at, _ in watch.of_kind("checkpoint")), (
             "no checkpoint was published to the restarted Redis"
+        )
         # Redis kept its data (append-only file on its volume): versions counted on across the
         # restart instead of starting from 1 again.
         versions = [checkpoint.version for _, checkpoint in watch.of_kind("checkpoint")]
         assert versions == list(range(1, len(versions) + 1)), versions
-        healthy_stack.wait_healthy()   # Redis included, by its own health check
+        healthy_stack.wait_healthy()  # Redis included, by its own health check
         # Inference answered throughout, the outage included, and never failed.
         assert loop.failures() == []
         assert len(loop.between(outage_start, outage_end)) > 0
@@ -373,17 +404,23 @@ def test_redis_restart_mid_training(healthy_stack, trainer):
 
 # ---------------------------------------------------------------- 4. the trainer dies mid-job
 
+
 def test_killed_trainer_restarts_and_resumes_the_job(healthy_stack, trainer):
     model = "compose-trainer-kill"
-    job = trainer.start_job(model, "digits", preset="digits-cnn",
-                            hyperparameters={"epochs": LONG_EPOCHS, "seed": 4},
-                            every_steps=50, every_epoch=False)
+    job = trainer.start_job(
+        model,
+        "digits",
+        preset="digits-cnn",
+        hyperparameters={"epochs": LONG_EPOCHS, "seed": 4},
+        every_steps=50,
+        every_epoch=False,
+    )
     watch = JobWatch(trainer, job.job_id)
     watch.wait_for(lambda e: e.HasField("checkpoint") and e.checkpoint.version >= 2, "a second checkpoint")
     container = healthy_stack.container("trainer")
     restarts_before = container.attrs["RestartCount"]
     crash(container, "trainer_svc")
-    watch.wait_ended(CALL_TIMEOUT)   # the stream breaks with the process
+    watch.wait_ended(CALL_TIMEOUT)  # the stream breaks with the process
     assert not watch.of_kind("finished"), "the job ended before the trainer was killed"
     seen = {checkpoint.version: checkpoint.step for _, checkpoint in watch.of_kind("checkpoint")}
 
@@ -391,7 +428,7 @@ def test_killed_trainer_restarts_and_resumes_the_job(healthy_stack, trainer):
         container.reload()
         if container.attrs["RestartCount"] > restarts_before and container.status == "running":
             break
-    with connect_trainer(healthy_stack) as client:   # its port may have changed
+    with connect_trainer(healthy_stack) as client:  # its port may have changed
         resumed = JobWatch(client, job.job_id)
         final = resumed.finished()
     assert job_state_name(final.state) == "SUCCEEDED", final.error
@@ -423,11 +460,18 @@ def test_killed_trainer_restarts_and_resumes_the_job(healthy_stack, trainer):
 # never retried: retry policies apply to statuses from the server only.
 FAILOVER_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "tandem.v1.Inference"}],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
-    }],
+    "methodConfig": [
+        {
+            "name": [{"service": "tandem.v1.Inference"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ],
 }
 
 
@@ -436,17 +480,22 @@ def test_one_replica_stops_under_a_client_loop(healthy_stack, small_model):
     sample = digits().x_test[:4]
     stopped, survivor = healthy_stack.containers("infer", all=False)
     addresses = [healthy_stack.published(c, INFER_PORT) for c in (stopped, survivor)]
-    client = Inference(healthy_stack, "ipv4:" + ",".join(addresses),
-                       options=[("grpc.service_config", json.dumps(FAILOVER_CONFIG)),
-                                ("grpc.enable_retries", 1),
-                                # One channel over two addresses: check the name the certificates have.
-                                ("grpc.ssl_target_name_override", "localhost")])
+    client = Inference(
+        healthy_stack,
+        "ipv4:" + ",".join(addresses),
+        options=[
+            ("grpc.service_config", json.dumps(FAILOVER_CONFIG)),
+            ("grpc.enable_retries", 1),
+            # One channel over two addresses: check the name the certificates have.
+            ("grpc.ssl_target_name_override", "localhost"),
+        ],
+    )
     try:
         with PredictLoop([lambda: client.predict(model, sample)], interval=0.01) as loop:
             loop.wait_successes(40)
             served_before = [requests_served(healthy_stack, c, model) for c in (stopped, survivor)]
             assert all(count > 0 for count in served_before), f"not balanced: {served_before}"
-            stopped.stop(timeout=15)   # SIGTERM: graceful, calls in flight finish
+            stopped.stop(timeout=15)  # SIGTERM: graceful, calls in flight finish
             stopped.reload()
             assert stopped.status == "exited"
             after_stop = loop.successes()
@@ -464,23 +513,27 @@ def test_one_replica_stops_under_a_client_loop(healthy_stack, small_model):
 
 # ---------------------------------------------------------------- 6. the Open Inference Protocol
 
+
 def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model):
     import tritonclient.grpc as triton
 
     model, version = small_model.model_name, small_model.last_published_version
     x = digits().x_test[:16].astype(np.float32)
     address = healthy_stack.infer_addresses()[-1]
-    client = triton.InferenceServerClient(url=address, ssl=True,
-                                          root_certificates=str(healthy_stack.ca_file))
+    client = triton.InferenceServerClient(url=address, ssl=True, root_certificates=str(healthy_stack.ca_file))
     token = {"authorization": f"Bearer {healthy_stack.token('predict')}"}
     replica = Inference(healthy_stack, address)
     try:
         assert client.is_server_live(headers=token, client_timeout=CALL_TIMEOUT)
         inputs = triton.InferInput("input", list(x.shape), "FP32")
         inputs.set_data_from_numpy(x)
-        result = client.infer(model, [inputs], outputs=[triton.InferRequestedOutput("probabilities"),
-                                                        triton.InferRequestedOutput("classes")],
-                              headers=token, client_timeout=CALL_TIMEOUT)
+        result = client.infer(
+            model,
+            [inputs],
+            outputs=[triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("classes")],
+            headers=token,
+            client_timeout=CALL_TIMEOUT,
+        )
         assert result.get_response().model_version == str(version)
         probabilities, classes = result.as_numpy("probabilities"), result.as_numpy("classes")
         assert probabilities.shape == (16, 10) and classes.shape == (16,)
@@ -492,8 +545,12 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
         # The same answer as Tandem's own API on the same replica.
         own = replica.predict(model, x)
         assert list(classes) == list(own.classes)
-        np.testing.assert_allclose(probabilities, from_tensor(own.probabilities, allowed_dtypes=("float32",),
-                                                              field="probabilities"), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            probabilities,
+            from_tensor(own.probabilities, allowed_dtypes=("float32",), field="probabilities"),
+            rtol=1e-5,
+            atol=1e-7,
+        )
     finally:
         client.close()
         replica.close()
@@ -501,22 +558,26 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
 
 # ---------------------------------------------------------------- 7. security: TLS, tokens, Redis users
 
+
 def test_the_stack_refuses_plaintext_and_callers_without_the_right_token(healthy_stack, small_model):
     trainer, infer = healthy_stack.trainer_address(), healthy_stack.infer_addresses()[0]
     listing = "/tandem.v1.Trainer/ListJobs"
     with grpc.insecure_channel(trainer) as plaintext, pytest.raises(grpc.RpcError) as caught:
         plaintext.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    for connection, expected in ((Connection(ClientTLS(ca=healthy_stack.ca_file)),
-                                  grpc.StatusCode.UNAUTHENTICATED),
-                                 (healthy_stack.connection("predict"), grpc.StatusCode.PERMISSION_DENIED)):
+    for connection, expected in (
+        (Connection(ClientTLS(ca=healthy_stack.ca_file)), grpc.StatusCode.UNAUTHENTICATED),
+        (healthy_stack.connection("predict"), grpc.StatusCode.PERMISSION_DENIED),
+    ):
         with connection.channel(trainer) as channel, pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary(listing)(b"", timeout=CALL_TIMEOUT)
         assert caught.value.code() == expected, caught.value.details()
-    replica = Inference(healthy_stack, infer)   # the predict token on inference: answered
+    replica = Inference(healthy_stack, infer)  # the predict token on inference: answered
     try:
-        assert replica.predict(small_model.model_name, digits().x_test[:1]).version == \
-            small_model.last_published_version
+        assert (
+            replica.predict(small_model.model_name, digits().x_test[:1]).version
+            == small_model.last_published_version
+        )
     finally:
         replica.close()
 
@@ -525,15 +586,45 @@ def test_the_cli_drives_the_stack_over_tls_with_a_token_file(healthy_stack, smal
     tandem = [sys.executable, "-m", "shared.cli"]
     tls = ["--tls-ca", str(healthy_stack.ca_file)]
     tokens = healthy_stack.secrets_dir / "clients"
-    jobs = subprocess.run([*tandem, "jobs", "list", "--trainer", healthy_stack.trainer_address(), *tls,
-                           "--token-file", str(tokens / "admin.token")],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    jobs = subprocess.run(
+        [
+            *tandem,
+            "jobs",
+            "list",
+            "--trainer",
+            healthy_stack.trainer_address(),
+            *tls,
+            "--token-file",
+            str(tokens / "admin.token"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert jobs.returncode == 0, jobs.stderr
     assert small_model.job_id in jobs.stdout
-    predicted = subprocess.run([*tandem, "predict", "--server", healthy_stack.infer_addresses()[0], *tls,
-                                "--token-file", str(tokens / "predict.token"),
-                                "--model-name", small_model.model_name, "--dataset", "digits",
-                                "--limit", "20"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    predicted = subprocess.run(
+        [
+            *tandem,
+            "predict",
+            "--server",
+            healthy_stack.infer_addresses()[0],
+            *tls,
+            "--token-file",
+            str(tokens / "predict.token"),
+            "--model-name",
+            small_model.model_name,
+            "--dataset",
+            "digits",
+            "--limit",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert predicted.returncode == 0, predicted.stderr
     assert f"version {small_model.last_published_version}" in predicted.stdout
 
@@ -545,15 +636,36 @@ def test_its_redis_refuses_writes_from_the_inference_user(healthy_stack, small_m
     def redis_cli(user: str, *command: str) -> str:
         password = (healthy_stack.secrets_dir / user / "redis.password").read_text()
         exit_code, output = redis.exec_run(
-            ["redis-cli", "--tls", "--cacert", "/run/tandem/public/ca.crt", "-h", "localhost",
-             "--user", user, "--pass", password, "--no-auth-warning", *command])
+            [
+                "redis-cli",
+                "--tls",
+                "--cacert",
+                "/run/tandem/public/ca.crt",
+                "-h",
+                "localhost",
+                "--user",
+                user,
+                "--pass",
+                password,
+                "--no-auth-warning",
+                *command,
+            ]
+        )
         return output.decode(errors="replace").strip()
 
     latest = redis_cli("infer", "GET", key)
     assert latest == str(small_model.last_published_version)
-    for command in (("SET", key, "999"), ("DEL", key), ("PUBLISH", "tandem:announcements", "{}"),
-                    ("KEYS", "tandem:job:*")):
+    for command in (
+        ("SET", key, "999"),
+        ("DEL", key),
+        ("PUBLISH", "tandem:announcements", "{}"),
+        ("KEYS", "tandem:job:*"),
+    ):
         assert "NOPERM" in redis_cli("infer", *command), command
     assert redis_cli("infer", "GET", key) == latest
-    assert "NOAUTH" in redis.exec_run(["redis-cli", "--tls", "--cacert", "/run/tandem/public/ca.crt",
-                                       "-h", "localhost", "GET", key])[1].decode()
+    assert (
+        "NOAUTH"
+        in redis.exec_run(
+            ["redis-cli", "--tls", "--cacert", "/run/tandem/public/ca.crt", "-h", "localhost", "GET", key]
+        )[1].decode()
+    )
