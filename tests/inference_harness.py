@@ -40,7 +40,9 @@ def publish(store: CheckpointStore, seed: int, name: str = NAME) -> tuple[int, M
 def corrupt(store: CheckpointStore, version: int, name: str = NAME) -> None:
     """Flip the last byte of a stored version: its weights' checksum no longer matches."""
     key = store.keys_for(name).blob(version)
-    blob = bytearray(store.redis.get(key))
+    stored = store.redis.get(key)
+    assert isinstance(stored, bytes), f"no version {version} of {name!r} to corrupt"
+    blob = bytearray(stored)
     blob[-1] ^= 0xFF
     store.redis.set(key, bytes(blob))
 

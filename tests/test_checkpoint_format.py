@@ -93,7 +93,7 @@ def test_spec_that_disagrees_with_the_weights_is_refused():
     def widen(fields):
         fields["spec"]["layers"][-1]["units"] = 4
 
-    with pytest.raises(CheckpointError, match="architecture mismatch: .*layers.9.W has shape"):
+    with pytest.raises(CheckpointError, match=r"architecture mismatch: .*layers\.9\.W has shape"):
         checkpoint.decode(rewrite(blob, meta_change=widen))
 
 

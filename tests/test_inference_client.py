@@ -106,9 +106,11 @@ def test_wait_until_ready_waits_for_a_first_version(checkpoints, start_inference
 
 
 def test_wait_until_ready_is_bounded_with_no_server():
-    with InferenceClient(f"127.0.0.1:{free_loopback_port()}") as client:  # nothing listens there
-        with pytest.raises(grpc.RpcError) as waited:
-            client.wait_until_ready(timeout=0.2)
+    with (
+        InferenceClient(f"127.0.0.1:{free_loopback_port()}") as client,  # nothing listens there
+        pytest.raises(grpc.RpcError) as waited,
+    ):
+        client.wait_until_ready(timeout=0.2)
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 

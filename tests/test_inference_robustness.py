@@ -10,6 +10,7 @@ a real Redis.
 - Version strings are the canonical decimal numbers and nothing else.
 """
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -249,7 +250,7 @@ def test_only_canonical_version_numbers_are_accepted(checkpoints, start_inferenc
 
     for text in NOT_VERSIONS:
         for field, call in [*calls.items(), ("version", lambda v: model_ready(inference, NAME, v))]:
-            refused = refusal(lambda: call(text))
+            refused = refusal(functools.partial(call, text))
             assert refused.code() == INVALID, (text, field, refused.code())
             assert refused.details().startswith(
                 f"{field} must be empty (the served version) or a version number"

@@ -14,6 +14,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -106,7 +107,8 @@ def test_predictions_equal_the_cores_forward_pass(checkpoints, start_inference):
     top = np.argsort(-expected, axis=1, kind="stable")[:, :3]
     assert [list(row.classes) for row in response.top_k] == top.tolist()
     assert_close(
-        [list(row.probabilities) for row in response.top_k], np.take_along_axis(expected, top, axis=1)
+        np.array([list(row.probabilities) for row in response.top_k]),
+        np.take_along_axis(expected, top, axis=1),
     )
     # float64 inputs and flat samples are accepted too, with the same answers
     assert_close(probabilities(inference.predict(x.astype(np.float64).reshape(7, -1))), expected)
@@ -205,7 +207,8 @@ def with_value(value: float) -> np.ndarray:
     return x
 
 
-BAD_PREDICTS = {  # what is wrong: (request fields, status, what the message names)
+# What is wrong: (request fields, status, what the message names).
+BAD_PREDICTS: dict[str, tuple[dict[str, Any], grpc.StatusCode, str]] = {
     "wrong dtype": (dict(inputs=tensor("int32", [1, 1, 8, 8], bytes(256))), INVALID, "inputs.dtype"),
     "unknown dtype": (dict(inputs=tensor("complex64", [1, 64], bytes(512))), INVALID, "inputs.dtype"),
     "no inputs": (dict(), INVALID, "inputs.dtype"),
@@ -275,10 +278,10 @@ def test_each_bad_predict_gets_its_status(shared_inference, case):
 def test_bad_requests_are_counted_by_status(shared_inference):
     refused = dict(method="Predict", model=NAME, version="", status="INVALID_ARGUMENT")
     answered = dict(method="Predict", model=NAME, version="2", status="OK")
-    counts = lambda: [
-        metric_value("tandem_infer_requests_total", **labels)  # noqa: E731
-        for labels in (refused, answered)
-    ]
+
+    def counts() -> list[float]:
+        return [metric_value("tandem_infer_requests_total", **labels) for labels in (refused, answered)]
+
     before = counts()
 
     status_of(lambda: shared_inference.predict(samples(0)))
@@ -328,7 +331,9 @@ def test_a_new_version_serves_while_clients_run_without_failures(checkpoints, st
 def plant_corrupt_version(store: CheckpointStore) -> int:
     """Store the next version with one weight byte flipped and point `latest` at it, unannounced."""
     keys = store.keys_for(NAME)
-    version = int(store.redis.get(keys.counter)) + 1
+    counter = store.redis.get(keys.counter)
+    assert counter is not None  # a model was published before
+    version = int(counter) + 1
     model = digits_model(seed=99)
     blob = bytearray(checkpoint.encode(model, CheckpointMeta(NAME, model.spec, "float32", version=version)))
     blob[-1] ^= 0xFF  # the weights come last: the checksum no longer matches
@@ -463,12 +468,9 @@ def test_reflection_lists_and_describes_both_apis(checkpoints, start_inference):
 
 def test_live_before_ready_and_ready_once_a_model_serves(checkpoints, start_inference):
     inference = start_inference()  # its model is not published yet: it must start all the same
-    ready = lambda: (
-        inference.kserve.ServerReady(
-            grpc_service_pb2.ServerReadyRequest(),  # noqa: E731
-            timeout=DEADLINE,
-        ).ready
-    )
+
+    def ready() -> bool:
+        return inference.kserve.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=DEADLINE).ready
 
     assert inference.kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=DEADLINE).live
     assert not ready()

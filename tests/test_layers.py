@@ -23,7 +23,7 @@ def check_layer_gradients(layer, x, seed=1):
     upstream = rng.standard_normal(out.shape)
     dx = layer.backward(upstream)
 
-    numeric_dx = eval_numerical_gradient_array(lambda v: layer.forward(v), x, upstream)
+    numeric_dx = eval_numerical_gradient_array(layer.forward, x, upstream)
     assert rel_error(dx, numeric_dx) < TOLERANCE
     for name, param in layer.params.items():
         numeric = eval_numerical_gradient_array(lambda _: layer.forward(x), param, upstream)

@@ -25,20 +25,24 @@ SMALL_CNN = {
 }
 
 
+def assert_backprop_matches_numerical_gradient(spec) -> None:
+    model = build_model(spec, dtype=np.float64).initialise(0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, *model.input_shape))
+    y = np.array([0, 1, 2, 1])
+    model.train_step_gradients(x, y)
+    analytic = {k: v.copy() for k, v in model.gradients().items()}
+
+    def loss():
+        return model.loss.forward(model.forward(x, training=True), y)
+
+    for name, param in model.state_dict().items():
+        assert rel_error(analytic[name], numerical_gradient(loss, param)) < 1e-6, name
+
+
 def test_whole_models_backprop_matches_numerical_gradient():
     for spec in (SMALL_CNN, get_preset("two-layer-net").spec((1, 4, 4), 3, hidden=(6,))):
-        model = build_model(spec, dtype=np.float64).initialise(0)
-        rng = np.random.default_rng(1)
-        x = rng.standard_normal((4, *model.input_shape))
-        y = np.array([0, 1, 2, 1])
-        model.train_step_gradients(x, y)
-        analytic = {k: v.copy() for k, v in model.gradients().items()}
-
-        def loss():
-            return model.loss.forward(model.forward(x, training=True), y)
-
-        for name, param in model.state_dict().items():
-            assert rel_error(analytic[name], numerical_gradient(loss, param)) < 1e-6, name
+        assert_backprop_matches_numerical_gradient(spec)
 
 
 def test_shapes_are_inferred_through_the_stack():
@@ -89,7 +93,10 @@ def bad(layers, input_shape=(1, 8, 8)):
                     {"type": "dense", "units": 2},
                 ]
             ),
-            r"layer 0 \(conv2d\) with input shape \(1, 8, 8\): kernel 9x9 is larger than the padded input 8x8",
+            (
+                r"layer 0 \(conv2d\) with input shape \(1, 8, 8\): "
+                r"kernel 9x9 is larger than the padded input 8x8"
+            ),
         ),
         (
             bad([{"type": "conv2d", "filters": 4}, {"type": "dense", "units": 2}]),

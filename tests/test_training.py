@@ -1,5 +1,7 @@
 """The training loop, optimisers and the seeds' digits CNN."""
 
+import itertools
+
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -196,7 +198,7 @@ def test_an_optimizer_refuses_a_state_that_does_not_fit(optimizer, state, words)
 
 
 def test_callback_sees_every_step_and_epoch():
-    events = []
+    events: list[StepEvent | EpochEvent] = []
     _, history = fresh_fit(seed=0, epochs=2, callback=events.append)
     steps = [e for e in events if isinstance(e, StepEvent)]
     epochs = [e for e in events if isinstance(e, EpochEvent)]
@@ -233,6 +235,7 @@ def test_early_stopping_restores_the_best_weights():
         early_stopping=EarlyStopping(patience=2),
     )
     assert history.stop_reason == "early_stopping"
+    assert history.best_epoch is not None
     assert len(history.epochs) == history.best_epoch + 2
     best = history.epochs[history.best_epoch - 1]["val_loss"]
     assert all(e["val_loss"] >= best for e in history.epochs)
@@ -259,7 +262,7 @@ def test_cosine_schedule_anneals_from_the_base_rate_towards_zero():
         callback=lambda e: rates.append(optimizer.lr) if isinstance(e, StepEvent) else None,
     )
     assert rates[0] == 0.1 and rates[-1] < 0.001
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in itertools.pairwise(rates))
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         fit(
             build_model(MLP_SPEC).initialise(0),
