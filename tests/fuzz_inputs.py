@@ -31,6 +31,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from google.protobuf import message_factory, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
@@ -187,7 +188,7 @@ WORD_VARIANTS = [
     lambda w: w + "," + w,
     lambda w: w + ",,",
 ]
-JSON_VALUES = [
+JSON_VALUES: list[object] = [
     None,
     [],
     {},
@@ -333,35 +334,44 @@ class Fuzzer:
 
         return build()
 
-    @st.composite
-    def mutated(draw, self, seed: Message) -> Message:
+    def mutated(self, seed: Message) -> st.SearchStrategy[Message]:
         """A copy of `seed` with one to three fields, possibly nested, set to hostile values."""
-        message = type(seed)()
-        message.CopyFrom(seed)
-        for _ in range(draw(st.integers(1, 3))):
-            target, depth = message, 0
-            while fields := list(target.DESCRIPTOR.fields):  # a message without fields stays as it is
-                field = draw(st.sampled_from(fields))
-                if field.message_type and not is_map(field) and depth + 1 < MAX_DEPTH and draw(st.booleans()):
-                    items = getattr(target, field.name)
-                    if not is_repeated(field):
-                        target, depth = items, depth + 1
-                        continue
-                    if items:
-                        target, depth = items[draw(st.integers(0, len(items) - 1))], depth + 1
-                        continue
-                current = getattr(target, field.name)
-                if (
-                    field.type == FieldDescriptor.TYPE_STRING
-                    and not is_repeated(field)
-                    and is_json_container(current)
-                    and draw(st.booleans())
-                ):
-                    setattr(target, field.name, draw(mutated_json(current)))
-                else:
-                    assign(target, field, draw(self.values(field, depth)))
-                break
-        return message
+
+        @st.composite
+        def build(draw: st.DrawFn) -> Message:
+            message = type(seed)()
+            message.CopyFrom(seed)
+            for _ in range(draw(st.integers(1, 3))):
+                target, depth = message, 0
+                while fields := list(target.DESCRIPTOR.fields):  # a message without fields stays as it is
+                    field = draw(st.sampled_from(fields))
+                    if (
+                        field.message_type
+                        and not is_map(field)
+                        and depth + 1 < MAX_DEPTH
+                        and draw(st.booleans())
+                    ):
+                        items = getattr(target, field.name)
+                        if not is_repeated(field):
+                            target, depth = items, depth + 1
+                            continue
+                        if items:
+                            target, depth = items[draw(st.integers(0, len(items) - 1))], depth + 1
+                            continue
+                    current = getattr(target, field.name)
+                    if (
+                        field.type == FieldDescriptor.TYPE_STRING
+                        and not is_repeated(field)
+                        and is_json_container(current)
+                        and draw(st.booleans())
+                    ):
+                        setattr(target, field.name, draw(mutated_json(current)))
+                    else:
+                        assign(target, field, draw(self.values(field, depth)))
+                    break
+            return message
+
+        return build()
 
     # ------------------------------------------------------------ values by field type
 
@@ -395,7 +405,7 @@ class Fuzzer:
         if cpp == FieldDescriptor.CPPTYPE_BOOL:
             return st.booleans()
         if cpp in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
-            width = 64 if cpp == FieldDescriptor.CPPTYPE_DOUBLE else 32
+            width: Literal[32, 64] = 64 if cpp == FieldDescriptor.CPPTYPE_DOUBLE else 32
             return weighted((2, st.sampled_from(FLOATS)), (1, st.floats(width=width)))
         if cpp == FieldDescriptor.CPPTYPE_ENUM:  # proto3 enums are open: any int32 goes on the wire
             known = [value.number for value in field.enum_type.values]
@@ -520,6 +530,7 @@ def mutated_json(draw, text: str) -> str:
     if operation == "add" and isinstance(node, dict):
         node[draw(st.sampled_from(["extra", "type", "", "__proto__"]))] = draw(st.sampled_from(JSON_VALUES))
         return dump(document)
+    new: object
     if operation == "repeat" and isinstance(node, list) and node:
         new = (node * (200_000 // len(node) + 1))[:200_000]
     elif operation == "deepen":

@@ -66,7 +66,7 @@ def write(path: Path, content) -> Path:
 def test_train_prints_epochs_and_final_accuracy_then_saves(trained):
     path, output = trained
     lines = output.splitlines()
-    assert [EPOCH_LINE.match(line).group(1) for line in lines[:2]] == ["1", "2"]
+    assert [match.group(1) for line in lines[:2] if (match := EPOCH_LINE.match(line))] == ["1", "2"]
     assert re.fullmatch(rf"final test accuracy {ACCURACY.pattern}", lines[2])
     assert lines[3] == f"saved {path}"
     assert len(lines) == 4 and "\r" not in output
@@ -84,8 +84,9 @@ def test_evaluate_prints_the_accuracy_training_ended_with(trained, capsys):
     code, out, err = run(capsys, "evaluate", path, "--dataset", "digits")
     assert (code, err) == (0, "")
     assert "model digits-cnn: epoch 2, step 102, trained on digits" in out
-    final = ACCURACY.search(output.splitlines()[2]).group()
-    assert re.search(rf"test loss \d\.\d{{4}}  accuracy {re.escape(final)}$", out, re.M)
+    final = ACCURACY.search(output.splitlines()[2])
+    assert final, output
+    assert re.search(rf"test loss \d\.\d{{4}}  accuracy {re.escape(final.group())}$", out, re.M)
 
 
 def test_train_from_spec_file_with_default_name_and_out(tmp_path, monkeypatch, capsys):
@@ -299,7 +300,9 @@ def test_console_script_runs(trained):
         timeout=60,
     )
     assert (result.returncode, result.stderr) == (0, "")
-    assert ACCURACY.search(output.splitlines()[2]).group() in result.stdout
+    final = ACCURACY.search(output.splitlines()[2])
+    assert final, output
+    assert final.group() in result.stdout
 
 
 def test_python_m_shared_cli_runs_the_same_command():

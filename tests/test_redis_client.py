@@ -54,9 +54,11 @@ def test_a_wrong_password_fails_at_once_without_showing_it():
     with EmbeddedRedis(tcp=True, password=PASSWORD) as server:
         client = connect(f"redis://:{quote('not-' + PASSWORD, safe='')}@127.0.0.1:{server.port}")
         started = time.monotonic()
-        with pytest.raises(StoreUnavailable, match="refused the credentials") as refused:
-            with unavailable_on_error(client):
-                client.ping()
+        with (
+            pytest.raises(StoreUnavailable, match="refused the credentials") as refused,
+            unavailable_on_error(client),
+        ):
+            client.ping()
         assert time.monotonic() - started < 2.0
         assert PASSWORD not in str(refused.value)
 

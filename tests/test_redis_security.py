@@ -150,6 +150,7 @@ def forwarder():
     opened = []
 
     def open_(server: EmbeddedRedis) -> CountingForwarder:
+        assert server.port is not None, "a forwarder needs a TCP server"
         opened.append(CountingForwarder(server.port))
         return opened[-1]
 
@@ -287,12 +288,16 @@ def denied(server: EmbeddedRedis) -> list[dict]:
 
 
 def test_the_ACL_file_lets_no_one_in_without_a_user_and_password(acl_redis):
-    with pytest.raises(StoreUnavailable, match="refused the credentials"):
-        with unavailable_on_error(client := connect(acl_redis.url)):
-            client.ping()
-    with pytest.raises(StoreUnavailable, match="refused the credentials"):
-        with unavailable_on_error(client := connect(as_user(acl_redis, "infer", "guessed"))):
-            client.ping()
+    with (
+        pytest.raises(StoreUnavailable, match="refused the credentials"),
+        unavailable_on_error(client := connect(acl_redis.url)),
+    ):
+        client.ping()
+    with (
+        pytest.raises(StoreUnavailable, match="refused the credentials"),
+        unavailable_on_error(client := connect(as_user(acl_redis, "infer", "guessed"))),
+    ):
+        client.ping()
 
 
 def test_trainer_and_inference_run_with_their_own_users_and_no_command_is_refused(

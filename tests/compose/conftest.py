@@ -15,25 +15,31 @@ logs are added to its report.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import os
 import signal
+from dataclasses import dataclass
 
 import pytest
 
-from tests.compose.stack import Stack, StackError, find_engine
+from tests.compose.stack import Engine, Stack, StackError, find_engine
 
 REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER", "").lower() in ("1", "true", "yes")
 _MESSAGE = pytest.StashKey[str]()
 
-_engine = None
-_stack: Stack | None = None  # the session's stack while it exists, for logs and clean-up
+
+@dataclass
+class _Session:
+    stack: Stack | None = None  # the session's stack while it exists, for logs and clean-up
 
 
-def engine():
-    global _engine
-    if _engine is None:
-        _engine = find_engine()
-    return _engine
+_session = _Session()
+
+
+@functools.cache
+def engine() -> Engine:
+    return find_engine()
 
 
 def _loud(reporter, message: str) -> None:
@@ -68,23 +74,25 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if message := config.stash.get(_MESSAGE, None):
         _loud(terminalreporter, message)
-    if _stack is not None and _stack.timings:
-        timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in _stack.timings.items())
-        terminalreporter.write_sep("-", f"compose tier ({_stack.project}): {timings}")
+    current = _session.stack
+    if current is not None and current.timings:
+        timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in current.timings.items())
+        terminalreporter.write_sep("-", f"compose tier ({current.project}): {timings}")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    current = _session.stack
     if (
         report.failed
-        and _stack is not None
-        and _stack.started
-        and not _stack.removed
+        and current is not None
+        and current.started
+        and not current.removed
         and item.get_closest_marker("compose")
     ):
-        report.sections.append((f"compose logs ({_stack.project}, last lines per service)", _stack.logs()))
+        report.sections.append((f"compose logs ({current.project}, last lines per service)", current.logs()))
 
 
 class _Teardown:
@@ -103,10 +111,8 @@ class _Teardown:
         self.previous = {}
         self.done = False
         for signum in self.SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: rely on the fixture and atexit
                 self.previous[signum] = signal.signal(signum, self._interrupt)
-            except ValueError:  # not the main thread: rely on the fixture and atexit
-                pass
         atexit.register(self.run)
 
     def _interrupt(self, signum, frame):
@@ -133,23 +139,22 @@ class _Teardown:
 
 @pytest.fixture(scope="session")
 def stack():
-    global _stack
     if not engine().ok:
         if REQUIRE_DOCKER:
             pytest.fail(f"REQUIRE_DOCKER=1 but {engine().problem}", pytrace=False)
         pytest.skip(f"COMPOSE TIER SKIPPED: {engine().problem}")
-    _stack = Stack(engine())
-    teardown = _Teardown(_stack)
+    current = _session.stack = Stack(engine())
+    teardown = _Teardown(current)
     try:
         try:
-            _stack.prepare_base_images()
-            _stack.build()
-            _stack.up()
-            _stack.wait_healthy()
+            current.prepare_base_images()
+            current.build()
+            current.up()
+            current.wait_healthy()
         except (StackError, OSError) as error:
-            logs = _stack.logs() if _stack.started else "(the stack was not started)"
+            logs = current.logs() if current.started else "(the stack was not started)"
             raise StackError(f"{error}\n---- compose logs ----\n{logs}") from None
-        yield _stack
+        yield current
     finally:
         teardown.run()
 

@@ -21,6 +21,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import docker
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -59,7 +63,7 @@ class StackError(RuntimeError):
 class Engine:
     """Whether a Docker engine answers, and how to call Compose v2; `problem` says why not."""
 
-    client: object = None  # docker.DockerClient
+    client: docker.DockerClient | None = None
     compose: list[str] = field(default_factory=list)
     problem: str = ""
 
@@ -70,7 +74,9 @@ class Engine:
 
 def _compose_v2(command: list[str]) -> bool:
     try:
-        result = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [*command, "version", "--short"], capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0 and result.stdout.strip().lstrip("v").startswith("2.")
@@ -124,7 +130,8 @@ def find_engine() -> Engine:
 
 class Stack:
     def __init__(self, engine: Engine, project: str | None = None):
-        self.docker = engine.client
+        assert engine.client is not None, f"a stack needs an engine: {engine.problem}"
+        self.docker: docker.DockerClient = engine.client
         self.compose_command = engine.compose
         self.project = project or f"tandem-test-{secrets.token_hex(4)}"
         self.secrets_dir = Path(tempfile.mkdtemp(prefix=f"{self.project}-secrets-"))
@@ -171,7 +178,13 @@ class Stack:
             *args,
         ]
         result = subprocess.run(
-            command, env=self.env, capture_output=True, text=True, timeout=timeout, start_new_session=True
+            command,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            check=False,
         )
         if check and result.returncode != 0:
             raise StackError(
@@ -204,6 +217,7 @@ class Stack:
             text=True,
             timeout=PREPARE_TIMEOUT,
             start_new_session=True,
+            check=False,
         )
         self.timings["prepare base images"] = time.monotonic() - started
         if result.returncode != 0:

@@ -14,6 +14,7 @@ matter; one that stops a container starts it again.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -21,7 +22,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, cast
 
 import grpc
 import numpy as np
@@ -32,7 +34,7 @@ from shared.client import Connection, TrainerClient
 from shared.data import load_dataset
 from shared.rpc.convert import from_tensor, job_state_name, to_tensor
 from shared.rpc.stubs import tandem_inference_pb2 as pb
-from shared.rpc.stubs import tandem_inference_pb2_grpc
+from shared.rpc.stubs import tandem_inference_pb2_grpc, tandem_trainer_pb2
 from shared.security.tls import ClientTLS
 from tests.compose.stack import INFER_PORT, REPO, Stack
 
@@ -62,6 +64,14 @@ def deadline_loop(what: str, timeout: float, interval: float = 0.1):
         time.sleep(interval)
 
 
+class _EventStream(Protocol):
+    """What TrainerClient.watch returns at run time: a gRPC response stream, which can be cancelled."""
+
+    def __iter__(self) -> Iterator[tandem_trainer_pb2.JobEvent]: ...
+
+    def cancel(self) -> bool: ...
+
+
 class JobWatch:
     """A trainer's WatchJob stream followed in a thread, each event with its arrival time.
 
@@ -70,11 +80,11 @@ class JobWatch:
 
     def __init__(self, client: TrainerClient, job_id: str, timeout: float = TRAIN_TIMEOUT):
         self.job_id = job_id
-        self.events: list[tuple[float, object]] = []
+        self.events: list[tuple[float, tandem_trainer_pb2.JobEvent]] = []
         self.error: grpc.RpcError | None = None
         self.ended = False
         self._condition = threading.Condition()
-        self._stream = client.watch(job_id)
+        self._stream = cast(_EventStream, client.watch(job_id))
         self._timer = threading.Timer(timeout, self._stream.cancel)
         self._timer.daemon = True
         self._timer.start()
@@ -117,7 +127,7 @@ class JobWatch:
     def finished(self, timeout: float = TRAIN_TIMEOUT):
         return self.wait_for(lambda e: e.HasField("finished"), "end of the job", timeout).finished
 
-    def of_kind(self, kind: str) -> list[tuple[float, object]]:
+    def of_kind(self, kind: str) -> list[tuple[float, Any]]:  # Any: the message of `kind` (getattr)
         with self._condition:
             return [(at, getattr(e, kind)) for at, e in self.events if e.WhichOneof("event") == kind]
 
@@ -368,7 +378,7 @@ def test_redis_restart_mid_training(healthy_stack, trainer):
     try:
         for replica in replicas:  # loaded before the outage
             replica.predict(model, sample)
-        with PredictLoop([lambda r=r: r.predict(model, sample) for r in replicas]) as loop:
+        with PredictLoop([functools.partial(r.predict, model, sample) for r in replicas]) as loop:
             loop.wait_successes(10)
             redis = healthy_stack.container("redis")
             steps_before = max((step.step for _, step in watch.of_kind("step")), default=0)
@@ -601,6 +611,7 @@ def test_the_cli_drives_the_stack_over_tls_with_a_token_file(healthy_stack, smal
         text=True,
         timeout=60,
         cwd=REPO,
+        check=False,
     )
     assert jobs.returncode == 0, jobs.stderr
     assert small_model.job_id in jobs.stdout
@@ -624,6 +635,7 @@ def test_the_cli_drives_the_stack_over_tls_with_a_token_file(healthy_stack, smal
         text=True,
         timeout=60,
         cwd=REPO,
+        check=False,
     )
     assert predicted.returncode == 0, predicted.stderr
     assert f"version {small_model.last_published_version}" in predicted.stdout
@@ -635,7 +647,7 @@ def test_its_redis_refuses_writes_from_the_inference_user(healthy_stack, small_m
 
     def redis_cli(user: str, *command: str) -> str:
         password = (healthy_stack.secrets_dir / user / "redis.password").read_text()
-        exit_code, output = redis.exec_run(
+        _, output = redis.exec_run(
             [
                 "redis-cli",
                 "--tls",
