@@ -12,11 +12,12 @@ Inference servers in-process: `checkpoints` (the store they read) and
 `start_trainer`, `trainer` and the module's `idle_trainer` (tests/trainer_harness.py).
 
 Helpers every tier uses: `wait_until` (a bounded wait, never a sleep as
-synchronisation; `wait_for_job` and `wait_finished` for a trainer's job) and `metric_value` / `scrape_metrics` (Prometheus figures,
-in-process or over HTTP).
+synchronisation; `wait_for_job` and `wait_finished` for a trainer's job) and
+`metric_value` / `scrape_metrics` (Prometheus figures, in-process or over HTTP).
 """
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -64,7 +65,7 @@ def private_redis():
 
 
 @pytest.fixture
-def checkpoints(private_redis) -> CheckpointStore:
+def checkpoints(private_redis) -> Iterator[CheckpointStore]:
     """The checkpoint store the servers read: in the test's own Redis, under the default prefix."""
     client = connect(private_redis.url)
     yield CheckpointStore(client)

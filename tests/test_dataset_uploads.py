@@ -11,6 +11,7 @@ about its own size in memory, not a multiple of it.
 
 import json
 import logging
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,8 +31,10 @@ def listed_names(stub) -> list[str]:
     return [d.name for d in stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets]
 
 
-def tampered(name: str, arrays: dict[str, np.ndarray], *, header_only: bool = False, **declare):
-    """The chunks of an upload of `arrays` whose header declares other fields: `x={"dtype": "O"}`."""
+def tampered(
+    name: str, arrays: dict[str, np.ndarray], declare: dict[str, dict[str, Any]], *, header_only: bool = False
+):
+    """The chunks of an upload of `arrays` whose header declares other fields: `{"x": {"dtype": "O"}}`."""
     chunks = list(upload(name, arrays))
     for declared in chunks[0].header.arrays:
         for field, value in declare.get(declared.name, {}).items():
@@ -89,7 +92,7 @@ def test_integer_pixel_uploads_are_stored_and_trained_on(trainer, dtype, layout)
     ] == info
 
     loaded = trainer.server.catalog.load("pixels")
-    assert loaded.x_train.dtype == np.float32 and 0 <= loaded.x_train.min() and loaded.x_train.max() == 1.0
+    assert loaded.x_train.dtype == np.float32 and loaded.x_train.min() >= 0 and loaded.x_train.max() == 1.0
     job = trainer.stub.StartJob(mlp_job("on-pixels", epochs=1, dataset="pixels"))
     done = wait_finished(trainer.stub, job.job_id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
@@ -120,7 +123,7 @@ def test_integer_pixel_uploads_are_stored_and_trained_on(trainer, dtype, layout)
 def test_dtypes_outside_the_whitelist_are_refused(idle_trainer, array, dtype):
     error = rpc_error(
         idle_trainer.stub.UploadDataset,
-        tampered("odd-dtype", digits_arrays(40, 10), **{array: {"dtype": dtype}}),
+        tampered("odd-dtype", digits_arrays(40, 10), {array: {"dtype": dtype}}),
     )
     accepted = "float32" if array.startswith("x") else "int64"
     assert_refused(
@@ -139,8 +142,8 @@ def test_a_shape_whose_size_overflows_int64_is_refused_before_anything_is_alloca
     overflowing = tampered(
         "overflow",
         digits_arrays(40, 10),
+        {"x_train": {"shape": [40, 2**32, 2**32], "size_bytes": 0}},
         header_only=True,
-        x_train={"shape": [40, 2**32, 2**32], "size_bytes": 0},
     )
     error = rpc_error(idle_trainer.stub.UploadDataset, overflowing)
     assert_refused(
@@ -156,9 +159,8 @@ def test_a_shape_whose_size_overflows_int64_is_refused_before_anything_is_alloca
     huge = tampered(
         "huge",
         whole_digits(40),
+        {"x": {"shape": [2**20, 2**20], "size_bytes": 2**42}, "y": {"shape": [2**20], "size_bytes": 2**23}},
         header_only=True,
-        x={"shape": [2**20, 2**20], "size_bytes": 2**42},
-        y={"shape": [2**20], "size_bytes": 2**23},
     )
     error = rpc_error(idle_trainer.stub.UploadDataset, huge)
     assert_refused(
@@ -271,7 +273,7 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 def test_an_upload_costs_the_trainer_at_most_one_and_a_half_times_its_size(private_redis, tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "x": rng.random((UPLOAD_SAMPLES, 784), dtype=np.float32),
         "y": np.arange(UPLOAD_SAMPLES, dtype=np.int64) % 10,
     }

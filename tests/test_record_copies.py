@@ -47,7 +47,9 @@ def take_copy(job: ActiveJob, step: int) -> tuple[int, JobRecord]:
 
 
 def saved_step(repository: JobRepository, job: ActiveJob) -> int:
-    return repository.get(job.record.job_id).step
+    record = repository.get(job.record.job_id)
+    assert record is not None, "no readable record saved"
+    return record.step
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_copies_are_numbered_in_order_and_are_snapshots(repository):
 @pytest.mark.parametrize("order", [(3, 1, 2), (2, 3, 1), (1, 3, 2), (1, 2, 3)])
 def test_an_older_copy_written_later_does_not_replace_a_newer_one(repository, order):
     job = new_job(repository)
-    copies = {number: record for number, record in (take_copy(job, 100 * n) for n in (1, 2, 3))}
+    copies = dict(take_copy(job, 100 * n) for n in (1, 2, 3))
     for number in order:
         job.writer.write(number, copies[number])
     assert saved_step(repository, job) == 300
@@ -85,6 +87,18 @@ def test_a_copy_is_not_written_twice(repository, redis_client, key_prefix):
     assert repository.get(job.record.job_id) is None
 
 
+def write_copies(
+    job: ActiveJob, start: threading.Barrier, errors: list[BaseException], share: list[tuple[int, JobRecord]]
+) -> None:
+    """One of the racing writers: wait for the others, then write `share` of the copies."""
+    try:
+        start.wait(timeout=5)
+        for number, record in share:
+            job.writer.write(number, record)
+    except BaseException as error:  # noqa: BLE001 - reported by the test, not lost in the thread
+        errors.append(error)
+
+
 def test_racing_writers_leave_the_highest_numbered_copy(repository):
     rng = random.Random(12)
     for _ in range(5):
@@ -94,16 +108,10 @@ def test_racing_writers_leave_the_highest_numbered_copy(repository):
         writers = 8
         start = threading.Barrier(writers)
         errors: list[BaseException] = []
-
-        def write(share):
-            try:
-                start.wait(timeout=5)
-                for number, record in share:
-                    job.writer.write(number, record)
-            except BaseException as error:  # reported below, not lost in the thread
-                errors.append(error)
-
-        threads = [threading.Thread(target=write, args=(copies[i::writers],)) for i in range(writers)]
+        threads = [
+            threading.Thread(target=write_copies, args=(job, start, errors, copies[i::writers]))
+            for i in range(writers)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

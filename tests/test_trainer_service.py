@@ -40,6 +40,7 @@ from tests.trainer_harness import (
     log_tail,
     mlp_job,
     rpc_error,
+    saved_record,
     slow_job,
     terminate,
     trainer_process,
@@ -273,7 +274,7 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
         wait_for_job(stub, job.job_id, lambda j: j.last_published_version >= 1, 60, "a first checkpoint")
         terminate(process, log_path)
 
-    record = jobs.get(job.job_id)
+    record = saved_record(jobs, job.job_id)
     assert record.state == JobState.INTERRUPTED, log_tail(log_path)
     assert 0 < record.step < total, "the job should have been stopped mid-run"
     assert record.last_published_version >= 1
@@ -297,7 +298,7 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
 
     final = store.get("resumed", done.last_published_version)
     assert final.meta.step == total and store.latest_version("resumed") == done.last_published_version
-    assert jobs.get(job.job_id).state == JobState.SUCCEEDED
+    assert saved_record(jobs, job.job_id).state == JobState.SUCCEEDED
     assert_resumed_like_an_unbroken_run(client, job.job_id, final, record.request, log_path)
     client.close()
 
@@ -323,13 +324,13 @@ def test_a_trainer_killed_mid_job_resumes_it_with_adams_state_from_its_last_chec
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
         job = stub.StartJob(request, timeout=10)
         wait_until(
-            lambda: (jobs.get(job.job_id).last_published_version or 0) >= 2,
+            lambda: (saved_record(jobs, job.job_id).last_published_version or 0) >= 2,
             "a record naming a second checkpoint",
             timeout=60,
         )
         process.kill()  # no final checkpoint: it resumes from the last periodic one
         process.wait(timeout=10)
-    record = jobs.get(job.job_id)
+    record = saved_record(jobs, job.job_id)
     assert record.state == JobState.RUNNING and record.last_published_step < 2 * DIGITS_TRAIN
 
     with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir) as (process, stub):
@@ -351,7 +352,7 @@ def test_a_job_interrupted_at_an_epochs_last_step_keeps_that_epoch_when_it_resum
     wait_for_job(first.stub, job.job_id, lambda j: j.progress.step >= 10, 30, "to take 10 steps")
     first.close()
     client = connect(private_redis.url)
-    record = JobRepository(client).get(job.job_id)
+    record = saved_record(JobRepository(client), job.job_id)
     client.close()
     assert record.state == JobState.INTERRUPTED and record.step < 60
     assert record.last_published_step == record.step
@@ -372,7 +373,7 @@ def test_optimizer_states_are_kept_for_a_jobs_two_newest_checkpoints_and_go_when
         JobRequest(model_name="m", dataset="digits", spec={}, hyperparameters=Hyperparameters())
     )
     jobs.save(record)
-    states = {
+    states: dict[int, dict[str, np.ndarray]] = {
         v: {"layers.0.W.exp_avg": np.full((2, 3), v, np.float32), "step": np.array(v, np.int64)}
         for v in (1, 2, 3)
     }
@@ -383,6 +384,7 @@ def test_optimizer_states_are_kept_for_a_jobs_two_newest_checkpoints_and_go_when
     assert jobs.optimizer_state(record.job_id, 2, 250) is None  # another step: not its state
     for version in (2, 3):
         loaded = jobs.optimizer_state(record.job_id, version, version * 100)
+        assert loaded is not None
         assert {k: (v.dtype, v.shape, v.tobytes()) for k, v in loaded.items()} == {
             k: (v.dtype, v.shape, v.tobytes()) for k, v in states[version].items()
         }
@@ -408,7 +410,7 @@ def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(
     wait_for_job(first.stub, job.job_id, lambda j: j.last_published_version >= 1, 30, "a first checkpoint")
     first.close()
     client = connect(private_redis.url)
-    record = JobRepository(client).get(job.job_id)
+    record = saved_record(JobRepository(client), job.job_id)
     version, step = record.last_published_version, record.last_published_step
     assert record.state == JobState.INTERRUPTED and 0 < step < 2 * DIGITS_TRAIN
     assert JobRepository(client).optimizer_state(job.job_id, version, step) is not None
@@ -668,7 +670,7 @@ def test_final_states_reached_while_redis_refuses_writes_are_saved_once_it_takes
     assert trainer.store.latest("refused-writes").meta.step == done.progress.step
     for job_id in (queued.job_id, blocker.job_id):
         wait_until(
-            lambda: trainer.jobs.get(job_id).state == JobState.CANCELLED,
+            lambda job_id=job_id: trainer.jobs.get(job_id).state == JobState.CANCELLED,
             f"the record of {job_id} to be saved as CANCELLED",
             timeout=15,
         )
@@ -807,11 +809,12 @@ def test_a_repeated_request_id_returns_the_same_job(trainer):
     again = trainer.stub.StartJob(mlp_job("idempotent", epochs=1, request_id="req-1"))
     other = trainer.stub.StartJob(mlp_job("idempotent", epochs=1, request_id="req-2"))
     assert again.job_id == first.job_id != other.job_id
-    raced = []
+    raced: list[str] = []
     with ThreadPoolExecutor(8) as pool:  # retries racing each other, in 5 rounds
         for round_ in range(5):
             request = mlp_job("idempotent", epochs=1, request_id=f"raced-{round_}")
-            job_ids = set(pool.map(lambda _: trainer.stub.StartJob(request, timeout=30).job_id, range(8)))
+            calls = [pool.submit(trainer.stub.StartJob, request, timeout=30) for _ in range(8)]
+            job_ids = {call.result().job_id for call in calls}
             assert len(job_ids) == 1, job_ids
             raced += job_ids
     started = [first.job_id, other.job_id, *raced]

@@ -34,6 +34,7 @@ from shared.rpc.stubs import tandem_trainer_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
 from trainer_svc.config import TrainerConfig
 from trainer_svc.job_repository import JobRepository
+from trainer_svc.jobs import JobRecord
 from trainer_svc.limits import JobLimits
 from trainer_svc.server import TrainerServer
 
@@ -177,7 +178,7 @@ def watch(stub, job_id: str, timeout: float = 60) -> list[pb.JobEvent]:
     return list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout))
 
 
-def kinds(events: list[pb.JobEvent]) -> list[str]:
+def kinds(events: list[pb.JobEvent]) -> list[str | None]:  # None: an event with none set
     return [event.WhichOneof("event") for event in events]
 
 
@@ -188,6 +189,13 @@ def all_jobs(stub, **request) -> list[pb.Job]:
         jobs += page.jobs
         if not (token := page.next_page_token):
             return jobs
+
+
+def saved_record(jobs: JobRepository, job_id: str) -> JobRecord:
+    """The job's record as saved in Redis, which the test expects to be there and readable."""
+    record = jobs.get(job_id)
+    assert record is not None, f"no readable record of job {job_id}"
+    return record
 
 
 def list_checkpoints(stub, model_name: str):

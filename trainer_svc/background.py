@@ -80,7 +80,10 @@ class NewestOnly(Generic[T]):
                 self._changed.wait_for(lambda: self._pending is not None or self._closing)
                 if self._closing:  # close has waited for what it could: what is left is dropped
                     return
-                item, self._pending, self._busy = self._pending, None, True
+                item = self._pending
+                # Woken with nothing pending only when closing, which returned above.
+                assert item is not None, "the worker woke with nothing to handle"
+                self._pending, self._busy = None, True
             started = time.monotonic()
             try:
                 self._handle(item)

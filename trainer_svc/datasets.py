@@ -27,11 +27,14 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis
+from redis.typing import EncodableT, FieldT
 
 from shared.checkpoints.checkpoint import check_model_name
 from shared.checkpoints.redis_client import unavailable_on_error
@@ -146,7 +149,9 @@ def _check_array(header: ArrayHeader) -> None:
         raise ValueError(f"{where}.sha256 must be 64 hexadecimal digits or empty, got {header.sha256!r}")
 
 
-def as_arrays(headers: dict[str, ArrayHeader], data: dict[str, bytes | bytearray]) -> dict[str, np.ndarray]:
+def as_arrays(
+    headers: dict[str, ArrayHeader], data: Mapping[str, bytes | bytearray]
+) -> dict[str, np.ndarray]:
     """Views of raw little-endian bytes as the arrays their headers declare (no copy)."""
     return {
         name: np.frombuffer(data[name], dtype=DTYPES[h.dtype]).reshape(h.shape)
@@ -306,14 +311,15 @@ class DatasetCatalog:
         if not _is_upload_name(name):
             raise self._not_found(name)
         with unavailable_on_error(self._redis), _reading(name):
-            stored = self._redis.hgetall(self._key(name))
+            # The client answers bytes (decode_responses off, as `connect` makes it).
+            stored = cast(dict[bytes, bytes], self._redis.hgetall(self._key(name)))
             if not stored:
                 raise self._not_found(name)
             data = {array: stored.get(array.encode(), b"") for array in SPLIT_ARRAYS + WHOLE_ARRAYS}
             headers = _stored_headers(stored.get(b"header"), {a: len(d) for a, d in data.items()})
             arrays = as_arrays(headers, data)
             self._summary(name, headers, arrays)
-            return dataset_from_arrays(name, arrays, f"uploaded dataset {name!r}", np.float32)
+            return dataset_from_arrays(name, arrays, f"uploaded dataset {name!r}", np.dtype(np.float32))
 
     def _stored_summary(self, name: str) -> DatasetSummary:
         """An upload's summary from its header, byte counts and labels: its x is never fetched."""
@@ -363,7 +369,12 @@ class DatasetCatalog:
         summary = self._summary(upload.name, upload.headers, upload.finish())
         header = {a: {"dtype": h.dtype, "shape": list(h.shape)} for a, h in upload.headers.items()}
         # redis-py sends a bytearray as it is: the buffers are not copied again.
-        fields = {"header": json.dumps(header), OWNER_FIELD: upload.uploader.identity, **upload.buffers}
+        # Typed as hset takes them (a Mapping's key type is invariant).
+        fields: dict[FieldT, EncodableT] = {
+            "header": json.dumps(header),
+            OWNER_FIELD: upload.uploader.identity,
+        }
+        fields.update(upload.buffers.items())
         key = self._key(upload.name)
         with unavailable_on_error(self._redis), self._redis.pipeline(transaction=True) as pipe:
             pipe.watch(key)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+from typing import cast
 
 import numpy as np
 import redis
@@ -42,6 +43,12 @@ return false
 
 
 class JobRepository:
+    """Job records and optimiser states in Redis.
+
+    `client` answers bytes (decode_responses off, as `connect` makes it); redis-py
+    types every reply `bytes | str`, hence the casts where replies are read.
+    """
+
     def __init__(self, client: redis.Redis, prefix: str = "tandem"):
         self._redis = client
         self._prefix = prefix
@@ -94,7 +101,8 @@ class JobRepository:
         key, field = self._optimizer_key(job_id), _field(version, step)
         blob = safetensors.numpy.save(state)
         with unavailable_on_error(self._redis):
-            stale = [f for f in self._redis.hkeys(key) if f.decode() not in (field, _field(*keep))]
+            fields = cast(list[bytes], self._redis.hkeys(key))
+            stale = [f for f in fields if f.decode() not in (field, _field(*keep))]
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(key, field, blob)
             if stale:
@@ -107,7 +115,7 @@ class JobRepository:
         Bytes that are not safetensors are a ValueError.
         """
         with unavailable_on_error(self._redis):
-            blob = self._redis.hget(self._optimizer_key(job_id), _field(version, step))
+            blob = cast(bytes | None, self._redis.hget(self._optimizer_key(job_id), _field(version, step)))
         if blob is None:
             return None
         try:
@@ -118,14 +126,15 @@ class JobRepository:
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record; None if there is none, or none this build can read."""
         with unavailable_on_error(self._redis):
-            text = self._redis.get(self._key(job_id))
+            text = cast(bytes | None, self._redis.get(self._key(job_id)))
         return _readable(job_id, text) if text else None
 
     def list(self) -> list[JobRecord]:
         """Every job with a readable record, newest first."""
         with unavailable_on_error(self._redis):
-            ids = [i.decode(errors="replace") for i in self._redis.zrevrange(self._index, 0, -1)]
-            texts = self._redis.mget([self._key(i) for i in ids]) if ids else []
+            members = cast(list[bytes], self._redis.zrevrange(self._index, 0, -1))  # no scores asked
+            ids = [i.decode(errors="replace") for i in members]
+            texts = cast(list[bytes | None], self._redis.mget([self._key(i) for i in ids]) if ids else [])
         records = (_readable(job_id, text) for job_id, text in zip(ids, texts, strict=True) if text)
         return [record for record in records if record is not None]
 

@@ -1,9 +1,9 @@
 """Publishing a job's checkpoints without making training wait for Redis.
 
-`submit` snapshots the weights (and the optimiser's state, which goes to
-`on_published` for the trainer's own use, never into the checkpoint) and
-returns at once; a thread of the publisher's own encodes and publishes.
-While Redis is unreachable only the newest snapshot is kept, retried with
+`submit` takes a `snapshot` of the weights (and of the optimiser's state,
+which goes to `on_published` for the trainer's own use, never into the
+checkpoint) and returns at once; a thread of the publisher's own encodes and
+publishes. While Redis is unreachable only the newest snapshot is kept, retried with
 exponential backoff; if nothing could be published for `outage_limit`
 seconds the publisher fails, and the job with it, with an error that says so.
 """
@@ -57,10 +57,6 @@ class CheckpointPublisher(NewestOnly[Snapshot]):
         self._on_published = on_published  # (version, snapshot, seconds it took); must not raise
         self._on_failure = on_failure  # each failed attempt, for metrics
         super().__init__("checkpoint-publisher", backoff=backoff, outage_limit=outage_limit)
-
-    def submit(self, model: Model, meta: CheckpointMeta, optimizer_state: dict[str, np.ndarray]) -> None:
-        """Queue a snapshot for publishing, replacing one not yet published."""
-        super().submit(snapshot(model, meta, optimizer_state))
 
     def _handle(self, item: Snapshot) -> None:
         started = time.monotonic()

@@ -26,7 +26,7 @@ from trainer_svc import metrics
 from trainer_svc.datasets import DatasetCatalog
 from trainer_svc.events import CheckpointPublished, EpochDone, EventHub, StepProgress
 from trainer_svc.jobs import JobRecord, JobState
-from trainer_svc.publisher import CheckpointPublisher, Snapshot
+from trainer_svc.publisher import CheckpointPublisher, Snapshot, snapshot
 from trainer_svc.record_writer import RecordSaver, RecordWriter
 
 log = logging.getLogger("tandem.trainer.jobs")
@@ -99,7 +99,12 @@ class JobRunner:
             with job.lock:
                 stop_as = job.stop_as
                 job.record.stop_reason = history.stop_reason
-            final = JobState.SUCCEEDED if history.stop_reason != "stopped" else stop_as
+            if history.stop_reason != "stopped":
+                final = JobState.SUCCEEDED
+            elif stop_as is not None:
+                final = stop_as
+            else:  # only TrainingCallback stops training, and only once stop_as is set
+                raise RuntimeError("training stopped without a reason to stop")
             callback.checkpoint()
             if not publisher.close(timeout=self._outage_limit + 5):
                 raise publisher.error or RuntimeError("the final checkpoint was not published in time")
@@ -233,4 +238,4 @@ class TrainingCallback:
                 dataset=self.dataset,
                 hyperparameters=self.request.hyperparameters.as_dict(),
             )
-        self.publisher.submit(self.model, meta, self.optimizer.state_dict())
+        self.publisher.submit(snapshot(self.model, meta, self.optimizer.state_dict()))
