@@ -39,7 +39,9 @@ import numpy as np
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
 from shared.checkpoints.redis_client import redis_url_from_env
-from shared.cli import EXIT_INTERRUPTED, accuracy_text, print_checkpoints, watch_job
+from shared.cli.errors import EXIT_INTERRUPTED
+from shared.cli.jobs import watch_job
+from shared.cli.output import accuracy_text, print_checkpoints
 from shared.client import Connection, InferenceClient, TrainerClient
 from shared.data import load_dataset
 from shared.embedded.redis_server import redis_for_local_use

@@ -53,12 +53,7 @@ from __future__ import annotations
 import argparse
 
 from shared.cli import jobs, local, predict
-from shared.cli.errors import EXIT_INTERRUPTED, run_command
-from shared.cli.jobs import watch_job
-from shared.cli.output import accuracy_text, print_checkpoints
-
-# Besides main: what scripts/demo.py prints with, as `tandem jobs watch` and `checkpoints` do.
-__all__ = ["EXIT_INTERRUPTED", "accuracy_text", "build_parser", "main", "print_checkpoints", "watch_job"]
+from shared.cli.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
