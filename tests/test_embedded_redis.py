@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
 
 from shared.checkpoints.redis_client import connect
+from shared.embedded.redis_ha import EmbeddedRedisHA
 from shared.embedded.redis_server import (
     EmbeddedRedis,
     EmbeddedRedisError,
@@ -122,3 +124,22 @@ def test_redis_for_local_use_prefers_redis_url(monkeypatch):
     with redis_for_local_use() as url:
         assert url.startswith("unix://") and connect(url).ping()
     assert not socket_path(url).parent.exists()
+
+
+def test_the_ha_set_runs_a_primary_a_replica_and_three_sentinels_and_leaves_nothing_behind():
+    with pytest.raises(RuntimeError, match="a failing test"), EmbeddedRedisHA("cache") as ha:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in ha.sentinels)
+        assert ha.url == f"redis+sentinel://{hosts}/cache"
+        primary, replica = ha.nodes
+        assert ha.primary() is primary
+        assert connect(replica.url).info("replication")["master_port"] == primary.port
+        for sentinel in ha.sentinels:
+            state = cast(dict, connect(sentinel.url).sentinel_master("cache"))
+            assert (state["port"], state["num-slaves"], state["num-other-sentinels"]) == (primary.port, 1, 2)
+            assert state["down-after-milliseconds"] == 1000 and state["quorum"] == 2
+        processes = [server.pid for server in [*ha.nodes, *ha.sentinels]]
+        homes = [socket_path(server.socket_url).parent for server in [*ha.nodes, *ha.sentinels]]
+        raise RuntimeError("a failing test")
+    assert all(pid is not None and process_is_gone(pid) for pid in processes)
+    assert not any(home.exists() for home in homes)
+    assert ha.nodes == [] and ha.sentinels == []

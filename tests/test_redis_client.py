@@ -154,3 +154,15 @@ def test_settings_that_cannot_be_followed_stop_the_service_at_start(
         monkeypatch.setenv(name, str(tmp_path / file))
     with pytest.raises(ValueError, match=words):
         connect(url)
+
+
+def test_a_sentinel_address_takes_the_same_credentials_and_tls_settings(monkeypatch, tmp_path):
+    (tmp_path / "ca.pem").write_text("PEM")
+    monkeypatch.setenv("REDIS_USERNAME", "trainer")
+    monkeypatch.setenv("REDIS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("REDIS_TLS_CA", str(tmp_path / "ca.pem"))
+    settings = connect("rediss+sentinel://s1,s2:26380/tandem/1").connection_pool.connection_kwargs
+    assert (settings["username"], settings["password"], settings["db"]) == ("trainer", PASSWORD, 1)
+    assert settings["ssl_ca_certs"] == str(tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="REDIS_TLS_CA set, but the Redis address is redis\\+sentinel://"):
+        connect("redis+sentinel://s1/tandem")

@@ -346,6 +346,23 @@ def published(acl_redis, acl_passwords) -> tuple[CheckpointStore, bytes]:
     return store, store.get_blob("digits", version)
 
 
+def test_the_trainer_user_may_wait_for_replicas(acl_redis, acl_passwords, caplog):
+    """REDIS_MIN_REPLICAS_ACK: the trainer's publish sends WAIT, which its ACL allows.
+
+    This Redis has no replica, so WAIT answers 0 at its timeout: the publish is reported
+    unreplicated, not refused (a refusal is logged as replica_wait_refused).
+    """
+    store = CheckpointStore(
+        connect(as_user(acl_redis, "trainer", acl_passwords["trainer"])),
+        min_replicas_ack=1,
+        replica_ack_timeout_ms=50,
+    )
+    publish(store, seed=2)
+    assert store.last_replicas_acked == 0
+    assert store.unreplicated_publishes == 1
+    assert "replica_wait_refused" not in caplog.text
+
+
 LEAKED_INFER_ATTEMPTS = [
     ("overwrite the checkpoint", ("SET", "tandem:model:digits:v:1:blob", b"evil"), "set"),
     ("move latest", ("SET", "tandem:model:digits:latest", "99"), "set"),

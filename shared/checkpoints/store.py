@@ -22,6 +22,24 @@ handed out in commit order, without gaps or duplicates, `latest` is always
 the newest version, and a publisher that dies before EXEC leaves nothing
 behind: Redis drops a transaction whose connection closes.
 
+How an acknowledged publish survives a failover: Redis replicates
+asynchronously, so EXEC returns once the primary has the checkpoint, before
+any replica does. Should the primary die then, Sentinel promotes a replica
+that never got it: a version the publisher was told is stored is gone, and
+the promoted replica's counter hands its number out again. With
+`min_replicas_ack` (REDIS_MIN_REPLICAS_ACK) above 0, the publish sends WAIT
+on the same connection right after EXEC: it returns once that many replicas
+have everything written so far, or after `replica_ack_timeout_ms`. That
+narrows the window (a replica that acknowledged has the checkpoint; Sentinel
+promotes the most up-to-date replica) without closing it: WAIT is no
+consensus, and a primary may die after acknowledging and before the others
+caught up. When fewer replicas acknowledge in time, the publish still
+returns its version (the checkpoint is stored, and announced) and reports a
+shortfall: `on_unreplicated(ReplicationShortfall(...))` and the count
+`unreplicated_publishes`, which the trainer can turn into a metric. When the
+connection drops during WAIT, the publish committed but nobody knows where
+its checkpoint survives: it raises StoreUnavailable saying so.
+
 Pub/Sub only reaches subscribers connected at that moment; the stream keeps
 the announcements for one that was away (`announcements_since`). Both carry
 the JSON {"model_name": ..., "version": ...}.
@@ -35,15 +53,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
-from shared.checkpoints.redis_client import StoreUnavailable, describe, read_timeout, unavailable_on_error
+from shared.checkpoints.redis_client import (
+    StoreUnavailable,
+    describe,
+    min_replicas_ack_from_env,
+    read_timeout,
+    replica_ack_timeout_ms_from_env,
+    unavailable_on_error,
+)
 from shared.nn import Model
 
 log = logging.getLogger("tandem.store")
@@ -68,6 +94,54 @@ class Announcement:
 
 
 @dataclass(frozen=True)
+class ReplicationShortfall:
+    """A publish that fewer replicas acknowledged (WAIT) than the store wants: stored, not yet safe."""
+
+    model_name: str
+    version: int
+    acked: int
+    wanted: int
+
+
+class _CommittedUnconfirmed(Exception):
+    """The connection dropped during the WAIT after a committed EXEC (no redis error: not retried)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _AcknowledgedPipeline(Pipeline):
+    """A transaction pipeline that, when `replicas` is set, sends WAIT right after a committed EXEC.
+
+    WAIT counts the replicas that have this connection's writes, so it must go
+    on the connection that sent the EXEC, before the pipeline hands that back
+    to the pool; hence this hook in redis-py's `_execute_transaction` (which
+    runs inside the pipeline's retry loop). Its errors are not redis errors:
+    that loop must not retry, as if the transaction had not committed.
+    """
+
+    replicas = 0
+    timeout_ms = 0
+    acked: int | None = None  # the last WAIT's answer; None: not asked
+
+    def _execute_transaction(self, connection, commands, raise_on_error) -> list:
+        replies = super()._execute_transaction(connection, commands, raise_on_error)
+        self.acked = None
+        if self.replicas:
+            try:
+                connection.send_command("WAIT", self.replicas, self.timeout_ms)
+                self.acked = int(connection.read_response())
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                connection.disconnect()
+                raise _CommittedUnconfirmed(error) from error
+            except redis.ResponseError as error:  # not allowed to this ACL user, or not a primary
+                log.warning("event=replica_wait_refused error=%r", str(error)[:200])
+                self.acked = 0
+        return replies
+
+
+@dataclass(frozen=True)
 class ModelKeys:
     counter: str
     latest: str
@@ -85,11 +159,40 @@ class CheckpointStore:
     it deletes older ones, never the one `latest` points to. `redis_client` answers
     bytes (decode_responses off, as `connect` makes it); redis-py types every reply
     `bytes | str`, hence the casts where replies are read.
+
+    `min_replicas_ack` and `replica_ack_timeout_ms` (default: REDIS_MIN_REPLICAS_ACK
+    and REDIS_REPLICA_ACK_TIMEOUT_MS) make each publish wait for replicas, see the
+    module docstring; `on_unreplicated` is called with each ReplicationShortfall
+    (default: a warning in the log).
     """
 
-    def __init__(self, redis_client: redis.Redis, retention: int = 5, prefix: str = DEFAULT_PREFIX):
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        retention: int = 5,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        min_replicas_ack: int | None = None,
+        replica_ack_timeout_ms: int | None = None,
+        on_unreplicated: Callable[[ReplicationShortfall], None] | None = None,
+    ):
         if retention < 1:
             raise ValueError(f"retention must keep at least 1 version, got {retention}")
+        self.min_replicas_ack = min_replicas_ack_from_env() if min_replicas_ack is None else min_replicas_ack
+        self.replica_ack_timeout_ms = (
+            replica_ack_timeout_ms_from_env() if replica_ack_timeout_ms is None else replica_ack_timeout_ms
+        )
+        if self.min_replicas_ack < 0:
+            raise ValueError(f"min_replicas_ack must be 0 or more, got {self.min_replicas_ack}")
+        timeout = read_timeout(redis_client)
+        if self.min_replicas_ack and not 0 < self.replica_ack_timeout_ms < (timeout or float("inf")) * 1000:
+            raise ValueError(
+                f"replica_ack_timeout_ms must be above 0 and below the client's read timeout "
+                f"({timeout} s), got {self.replica_ack_timeout_ms}"
+            )
+        self.on_unreplicated = on_unreplicated or _log_shortfall
+        self.unreplicated_publishes = 0  # publishes that fewer replicas acknowledged than wanted
+        self.last_replicas_acked: int | None = None  # the last publish's WAIT answer; None: no WAIT
         self.redis = redis_client
         self.retention = retention
         self.prefix = prefix
@@ -110,18 +213,40 @@ class CheckpointStore:
         `meta.version` is ignored: the store assigns it, and writes it into the checkpoint.
         If the connection drops after EXEC was sent, the publish starts over; had
         that EXEC committed, the same weights end up stored twice, as two versions.
+        With `min_replicas_ack`, a shortfall of replicas is reported (not raised),
+        and a connection that drops during WAIT is StoreUnavailable (module docstring).
         """
         keys = self.keys_for(meta.model_name)
-        with unavailable_on_error(self.redis), self.redis.pipeline() as pipe:
+        pipe = _AcknowledgedPipeline(self.redis.connection_pool, self.redis.response_callbacks, True, None)
+        pipe.replicas, pipe.timeout_ms = self.min_replicas_ack, self.replica_ack_timeout_ms
+        with unavailable_on_error(self.redis), pipe:
             for _ in range(MAX_PUBLISH_ATTEMPTS):
                 try:
-                    return self._publish_once(pipe, keys, model, meta)
+                    version = self._publish_once(pipe, keys, model, meta)
                 except redis.WatchError:
                     continue  # another publisher committed first, or the connection dropped
+                except _CommittedUnconfirmed as lost:
+                    raise StoreUnavailable(
+                        f"publishing {meta.model_name!r} to Redis at {describe(self.redis)}: committed, "
+                        f"then the connection dropped while waiting for {self.min_replicas_ack} "
+                        f"replica(s); the checkpoint may be lost in a failover: {lost.error}"
+                    ) from lost.error
+                self._check_replicas(meta.model_name, version, pipe.acked)
+                return version
         raise StoreUnavailable(
             f"publishing {meta.model_name!r} to Redis at {describe(self.redis)}: lost the race to "
             f"other publishers {MAX_PUBLISH_ATTEMPTS} times in a row"
         )
+
+    def _check_replicas(self, model_name: str, version: int, acked: int | None) -> None:
+        self.last_replicas_acked = acked
+        if acked is None or acked >= self.min_replicas_ack:
+            return
+        self.unreplicated_publishes += 1
+        try:
+            self.on_unreplicated(ReplicationShortfall(model_name, version, acked, self.min_replicas_ack))
+        except Exception:  # the publish is stored: a failing report must not fail it (and be retried)
+            log.exception("event=unreplicated_report_failed model=%s version=%d", model_name, version)
 
     def _publish_once(self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta) -> int:
         pipe.watch(keys.counter)
@@ -289,6 +414,16 @@ class CheckpointStore:
                 f"within {SUBSCRIBE_TIMEOUT} s (got {confirmation!r:.200})"
             )
         return pubsub
+
+
+def _log_shortfall(shortfall: ReplicationShortfall) -> None:
+    log.warning(
+        "event=checkpoint_unreplicated model=%s version=%d acked=%d wanted=%d",
+        shortfall.model_name,
+        shortfall.version,
+        shortfall.acked,
+        shortfall.wanted,
+    )
 
 
 def _version_numbers(fields: Iterable[bytes | str]) -> list[int]:

