@@ -30,7 +30,7 @@ from shared.embedded.redis_server import free_loopback_port
 from shared.nn.fit import evaluate
 from shared.nn.run import Hyperparameters, train
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
-from tests.helpers import scrape_metrics, wait_finished, wait_for_job, wait_until
+from tests.helpers import metric_value, scrape_metrics, wait_finished, wait_for_job, wait_until
 from tests.trainer_harness import (
     all_jobs,
     digits_arrays,
@@ -905,3 +905,17 @@ def test_a_slow_watcher_loses_only_old_step_events():
         "EpochDone",
     ]
     assert [e.step for e in received if isinstance(e, StepProgress)] == [8, 9, 10]
+
+
+def test_checkpoints_short_of_replicas_are_counted(start_trainer, monkeypatch):
+    """REDIS_MIN_REPLICAS_ACK=1 on a Redis without replicas: every publish is stored and counted."""
+    monkeypatch.setenv("REDIS_MIN_REPLICAS_ACK", "1")
+    monkeypatch.setenv("REDIS_REPLICA_ACK_TIMEOUT_MS", "20")
+    before = metric_value("tandem_trainer_checkpoints_unreplicated_total")
+    trainer = start_trainer()
+    job = trainer.stub.StartJob(mlp_job("unreplicated", epochs=2, every_epoch=True))
+    done = wait_finished(trainer.stub, job.job_id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    published = len(list_checkpoints(trainer.stub, "unreplicated"))
+    assert published >= 2
+    assert metric_value("tandem_trainer_checkpoints_unreplicated_total") - before == published

@@ -8,6 +8,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.checkpoints.store import ReplicationShortfall, log_shortfall
+
 STEPS = Counter("tandem_trainer_steps", "Training steps run, over all jobs")
 SAMPLES_PER_SECOND = Gauge(
     "tandem_trainer_samples_per_second", "Training throughput (samples/s) of the job that reported last"
@@ -20,6 +22,10 @@ PUBLISH_SECONDS = Histogram(
 PUBLISH_FAILURES = Counter(
     "tandem_trainer_checkpoint_publish_failures",
     "Checkpoint publish attempts that failed (Redis unavailable)",
+)
+UNREPLICATED = Counter(
+    "tandem_trainer_checkpoints_unreplicated",
+    "Published checkpoints that fewer replicas acknowledged than REDIS_MIN_REPLICAS_ACK asks for",
 )
 
 
@@ -47,3 +53,9 @@ def register_job_states(states: Callable[[], Iterable[str]]) -> JobStates:
 
 def unregister_job_states(collector: JobStates) -> None:
     REGISTRY.unregister(collector)
+
+
+def record_unreplicated(shortfall: ReplicationShortfall) -> None:
+    """A publish short of replicas: counted here, and logged as the store does by default."""
+    UNREPLICATED.inc()
+    log_shortfall(shortfall)

@@ -49,7 +49,9 @@ class TrainerServer(GrpcService):
     def __init__(self, config: TrainerConfig):
         self.config = config
         client = connect(config.redis_url)
-        self.store = CheckpointStore(client, retention=config.checkpoint_retention)
+        self.store = CheckpointStore(
+            client, retention=config.checkpoint_retention, on_unreplicated=metrics.record_unreplicated
+        )
         self.catalog = DatasetCatalog(
             client, config.data_dir, max_upload_bytes=config.max_upload_bytes, max_classes=config.max_classes
         )

@@ -190,7 +190,7 @@ class CheckpointStore:
                 f"replica_ack_timeout_ms must be above 0 and below the client's read timeout "
                 f"({timeout} s), got {self.replica_ack_timeout_ms}"
             )
-        self.on_unreplicated = on_unreplicated or _log_shortfall
+        self.on_unreplicated = on_unreplicated or log_shortfall
         self.unreplicated_publishes = 0  # publishes that fewer replicas acknowledged than wanted
         self.last_replicas_acked: int | None = None  # the last publish's WAIT answer; None: no WAIT
         self.redis = redis_client
@@ -416,7 +416,8 @@ class CheckpointStore:
         return pubsub
 
 
-def _log_shortfall(shortfall: ReplicationShortfall) -> None:
+def log_shortfall(shortfall: ReplicationShortfall) -> None:
+    """The default report of a ReplicationShortfall: a warning in the log."""
     log.warning(
         "event=checkpoint_unreplicated model=%s version=%d acked=%d wanted=%d",
         shortfall.model_name,
