@@ -31,7 +31,7 @@ import redis
 
 from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.checkpoints.redis_client import StoreUnavailable, connect, unavailable_on_error
-from shared.checkpoints.store import CheckpointStore
+from shared.checkpoints.store import CheckpointStore, ReplicationShortfall
 from shared.embedded.redis_server import EmbeddedRedis, ServerTLS
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.security.certs import CertificateAuthority
@@ -352,14 +352,15 @@ def test_the_trainer_user_may_wait_for_replicas(acl_redis, acl_passwords, caplog
     This Redis has no replica, so WAIT answers 0 at its timeout: the publish is reported
     unreplicated, not refused (a refusal is logged as replica_wait_refused).
     """
+    shortfalls: list[ReplicationShortfall] = []
     store = CheckpointStore(
         connect(as_user(acl_redis, "trainer", acl_passwords["trainer"])),
         min_replicas_ack=1,
         replica_ack_timeout_ms=50,
+        on_unreplicated=shortfalls.append,
     )
-    publish(store, seed=2)
-    assert store.last_replicas_acked == 0
-    assert store.unreplicated_publishes == 1
+    version, _ = publish(store, seed=2)
+    assert shortfalls == [ReplicationShortfall("digits", version, acked=0, wanted=1)]
     assert "replica_wait_refused" not in caplog.text
 
 

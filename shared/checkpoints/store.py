@@ -35,8 +35,8 @@ promotes the most up-to-date replica) without closing it: WAIT is no
 consensus, and a primary may die after acknowledging and before the others
 caught up. When fewer replicas acknowledge in time, the publish still
 returns its version (the checkpoint is stored, and announced) and reports a
-shortfall: `on_unreplicated(ReplicationShortfall(...))` and the count
-`unreplicated_publishes`, which the trainer can turn into a metric. When the
+shortfall: `on_unreplicated(ReplicationShortfall(...))`, which the trainer
+turns into a metric. When the
 connection drops during WAIT, the publish committed but nobody knows where
 its checkpoint survives: it raises StoreUnavailable saying so.
 
@@ -191,8 +191,6 @@ class CheckpointStore:
                 f"({timeout} s), got {self.replica_ack_timeout_ms}"
             )
         self.on_unreplicated = on_unreplicated or log_shortfall
-        self.unreplicated_publishes = 0  # publishes that fewer replicas acknowledged than wanted
-        self.last_replicas_acked: int | None = None  # the last publish's WAIT answer; None: no WAIT
         self.redis = redis_client
         self.retention = retention
         self.prefix = prefix
@@ -239,10 +237,8 @@ class CheckpointStore:
         )
 
     def _check_replicas(self, model_name: str, version: int, acked: int | None) -> None:
-        self.last_replicas_acked = acked
-        if acked is None or acked >= self.min_replicas_ack:
+        if acked is None or acked >= self.min_replicas_ack:  # None: no WAIT was asked
             return
-        self.unreplicated_publishes += 1
         try:
             self.on_unreplicated(ReplicationShortfall(model_name, version, acked, self.min_replicas_ack))
         except Exception:  # the publish is stored: a failing report must not fail it (and be retried)
