@@ -26,6 +26,7 @@ import safetensors
 import safetensors.numpy
 
 from shared.checkpoints.redis_client import unavailable_on_error
+from shared.checkpoints.store import Fence, FenceRejected
 from trainer_svc.jobs import JobRecord, JobState
 
 log = logging.getLogger("tandem.trainer.jobs")
@@ -41,6 +42,33 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return false
 """
 
+# The writes of a job's owner in the pool (docs/trainer-pool.md): made only while the job's
+# fence key holds the owner's token, checked in the same script. A fence key that is gone
+# (only a Redis that lost its data loses one: takers INCR it, nothing deletes it) is the
+# writer's again, as the job's record, gone with it, is only the writer's to save again.
+# KEYS: fence, job key, index, optimizer key; ARGV: token, record JSON, created_at, job id, finished.
+SAVE_FENCED = """
+local fence = redis.call('GET', KEYS[1])
+if fence and fence ~= ARGV[1] then return 0 end
+if not fence then redis.call('SET', KEYS[1], ARGV[1]) end  -- Redis lost its data: ours again
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+
+# KEYS: fence, optimizer key; ARGV: token, field, state blob, the field to keep besides.
+SAVE_OPTIMIZER_FENCED = """
+local fence = redis.call('GET', KEYS[1])
+if fence and fence ~= ARGV[1] then return 0 end
+if not fence then redis.call('SET', KEYS[1], ARGV[1]) end  -- Redis lost its data: ours again
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if f ~= ARGV[2] and f ~= ARGV[4] then redis.call('HDEL', KEYS[2], f) end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
 
 class JobRepository:
     """Job records and optimiser states in Redis.
@@ -53,6 +81,8 @@ class JobRepository:
         self._redis = client
         self._prefix = prefix
         self._claim_and_save = client.register_script(CLAIM_AND_SAVE)
+        self._save_fenced = client.register_script(SAVE_FENCED)
+        self._save_optimizer_fenced = client.register_script(SAVE_OPTIMIZER_FENCED)
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -64,7 +94,30 @@ class JobRepository:
     def _index(self) -> str:
         return f"{self._prefix}:jobs"
 
-    def save(self, record: JobRecord) -> None:
+    def save(self, record: JobRecord, fence: Fence | None = None) -> None:
+        """Save the record; with a `fence`, only while its token is current (else FenceRejected)."""
+        if fence is not None:
+            with unavailable_on_error(self._redis):
+                saved = self._save_fenced(
+                    keys=[
+                        fence.key,
+                        self._key(record.job_id),
+                        self._index,
+                        self._optimizer_key(record.job_id),
+                    ],
+                    args=[
+                        fence.token,
+                        record.to_json(),
+                        record.created_at,
+                        record.job_id,
+                        int(record.state.finished),
+                    ],
+                )
+            if not saved:
+                raise FenceRejected(
+                    f"job {record.job_id}: record refused, fencing token {fence.token} is stale"
+                )
+            return
         with unavailable_on_error(self._redis):
             pipe = self._redis.pipeline(transaction=True)
             pipe.set(self._key(record.job_id), record.to_json())
@@ -91,15 +144,32 @@ class JobRepository:
         return earlier.decode() if earlier else None
 
     def save_optimizer_state(
-        self, job_id: str, version: int, step: int, state: dict[str, np.ndarray], keep: tuple[int, int]
+        self,
+        job_id: str,
+        version: int,
+        step: int,
+        state: dict[str, np.ndarray],
+        keep: tuple[int, int],
+        fence: Fence | None = None,
     ) -> None:
         """Store the optimiser state that goes with checkpoint `version` (at `step`) of a job.
 
         Of the states stored before, only the one of checkpoint `keep` (version, step)
-        stays: the job's record may still name it.
+        stays: the job's record may still name it. With a `fence`, only while its token
+        is current (else FenceRejected, and nothing changes).
         """
         key, field = self._optimizer_key(job_id), _field(version, step)
         blob = safetensors.numpy.save(state)
+        if fence is not None:
+            with unavailable_on_error(self._redis):
+                saved = self._save_optimizer_fenced(
+                    keys=[fence.key, key], args=[fence.token, field, blob, _field(*keep)]
+                )
+            if not saved:
+                raise FenceRejected(
+                    f"job {job_id}: optimizer state refused, fencing token {fence.token} is stale"
+                )
+            return
         with unavailable_on_error(self._redis):
             fields = cast(list[bytes], self._redis.hkeys(key))
             stale = [f for f in fields if f.decode() not in (field, _field(*keep))]

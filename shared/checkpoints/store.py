@@ -86,6 +86,22 @@ class CheckpointNotFound(LookupError):
     """No such model, or no such version of it, in the store."""
 
 
+class FenceRejected(RuntimeError):
+    """A write refused because the writer's fencing token is no longer the current one.
+
+    Another writer took over (it incremented the fence key): nothing of the refused
+    write reached Redis. The trainer pool (docs/trainer-pool.md) calls it LeaseLost.
+    """
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A fencing token: a write is made only while `key` still holds `token`, in the same transaction."""
+
+    key: str
+    token: int
+
+
 @dataclass(frozen=True)
 class Announcement:
     stream_id: str | None  # None when it came over Pub/Sub, which has no ids
@@ -205,8 +221,13 @@ class CheckpointStore:
 
     # Publishing
 
-    def publish(self, model: Model, meta: CheckpointMeta) -> int:
+    def publish(self, model: Model, meta: CheckpointMeta, fence: Fence | None = None) -> int:
         """Store `model` as the next version of `meta.model_name`, make it `latest`; return the version.
+
+        With a `fence`, the publish commits only while the fence key holds its token (or
+        holds nothing: a Redis that lost its data; the token is set again with the publish):
+        the key is WATCHed with the counter and checked before MULTI, so a take-over
+        in between aborts the EXEC, and the retry raises FenceRejected (nothing written).
 
         `meta.version` is ignored: the store assigns it, and writes it into the checkpoint.
         If the connection drops after EXEC was sent, the publish starts over; had
@@ -220,7 +241,7 @@ class CheckpointStore:
         with unavailable_on_error(self.redis), pipe:
             for _ in range(MAX_PUBLISH_ATTEMPTS):
                 try:
-                    version = self._publish_once(pipe, keys, model, meta)
+                    version = self._publish_once(pipe, keys, model, meta, fence)
                 except redis.WatchError:
                     continue  # another publisher committed first, or the connection dropped
                 except _CommittedUnconfirmed as lost:
@@ -244,8 +265,22 @@ class CheckpointStore:
         except Exception:  # the publish is stored: a failing report must not fail it (and be retried)
             log.exception("event=unreplicated_report_failed model=%s version=%d", model_name, version)
 
-    def _publish_once(self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta) -> int:
-        pipe.watch(keys.counter)
+    def _publish_once(
+        self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta, fence: Fence | None
+    ) -> int:
+        if fence is None:
+            pipe.watch(keys.counter)
+        else:
+            pipe.watch(keys.counter, fence.key)
+            current = pipe.get(fence.key)
+            # No fence key: Redis lost its data (a fence key is never deleted), and the key is
+            # the writer's again, set with the publish. WATCH makes a take-over meanwhile abort it.
+            if current is not None and int(current) != fence.token:
+                pipe.reset()
+                raise FenceRejected(
+                    f"publishing {meta.model_name!r}: fencing token {fence.token} is stale "
+                    f"({fence.key} holds {current!r})"
+                )
         version = int(pipe.get(keys.counter) or 0) + 1
         stored = _version_numbers(pipe.hkeys(keys.versions))
         blob = checkpoint.encode(model, replace(meta, version=version))
@@ -254,6 +289,8 @@ class CheckpointStore:
         body = json.dumps({"model_name": meta.model_name, "version": version})
 
         pipe.multi()
+        if fence is not None:
+            pipe.set(fence.key, fence.token)
         pipe.set(keys.counter, version)
         pipe.set(keys.blob(version), blob)
         pipe.hset(keys.versions, str(version), json.dumps(listing))
