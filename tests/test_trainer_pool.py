@@ -1,6 +1,9 @@
 """Trainer replicas that share the work (docs/trainer-pool.md), against a real Redis.
 
+1. The queue is in Redis: two trainers on one Redis share it, and every job succeeds once.
 2. Leases and fencing: a writer whose token is stale is refused, and nothing changes in Redis.
+3. Take-over: a trainer process killed mid-job loses its lease; another trainer resumes the
+   job from its last checkpoint and optimiser state, and ends with an unbroken run's weights.
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ from shared.checkpoints import store as store_module
 from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.checkpoints.redis_client import connect
 from shared.checkpoints.store import CheckpointStore, FenceRejected
+from shared.data import load_dataset
+from shared.embedded.redis_server import free_loopback_port
 from shared.nn import build_model
 from shared.nn.presets import mlp
-from shared.nn.run import Hyperparameters
+from shared.nn.run import Hyperparameters, train
+from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from tests.helpers import wait_finished, wait_for_job, wait_until
+from tests.trainer_harness import get_job, log_tail, mlp_job, saved_record, slow_job, trainer_process
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
 from trainer_svc.pool import JobPool
@@ -26,6 +34,35 @@ POOL = {"lease_ms": 2_000, "lease_renew_ms": 500, "takeover_scan_ms": 500}  # qu
 def everything(client) -> dict[bytes, bytes | None]:
     """Every key in Redis with its serialised value: what a refused write must leave as it was."""
     return {key: client.dump(key) for key in sorted(client.keys("*"))}
+
+
+# ---------------------------------------------------------------- 1. the queue in Redis
+
+
+def test_two_trainers_share_one_queue_and_run_every_job_exactly_once(start_trainer, private_redis):
+    first, second = start_trainer(**POOL), start_trainer(**POOL)
+    # One slot each: two slow jobs can run at once only if each trainer takes one.
+    slow = [first.stub.StartJob(slow_job(f"slow-{i}")) for i in range(2)]
+    for job in slow:
+        wait_for_job(first.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
+    held = {t: set(t.manager._active) for t in (first, second)}
+    assert held[first] and held[second] and not held[first] & held[second]
+    # Cancel reaches the owner through Redis, whichever trainer is asked.
+    for job in slow:
+        second.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    for job in slow:
+        assert wait_finished(first.stub, job.job_id).state == pb.JOB_STATE_CANCELLED
+
+    quick = [(first, second)[i % 2].stub.StartJob(mlp_job(f"quick-{i}", epochs=1)) for i in range(6)]
+    for job in quick:
+        done = wait_finished(second.stub, job.job_id)  # Get answers for every job on every trainer
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.restarts == 0
+        assert get_job(first.stub, job.job_id).state == pb.JOB_STATE_SUCCEEDED
+        # Trained once: one final checkpoint, version 1, and nothing else.
+        assert [v["version"] for v in first.store.versions(done.model_name)] == [1]
+    assert first.client.zcard("tandem:queue") == 0
+    assert not first.client.keys("tandem:job:*:lease")
 
 
 # ---------------------------------------------------------------- 2. leases and fencing
@@ -121,3 +158,49 @@ def test_a_take_over_between_the_fence_check_and_exec_aborts_the_publish(pool_pa
     after = everything(client)
     assert after.pop(taken.fence.key.encode()) != before.pop(taken.fence.key.encode())
     assert after == before  # the EXEC was aborted: no version, no announcement
+
+
+# ---------------------------------------------------------------- 3. take-over
+
+
+def test_a_killed_trainers_job_is_taken_over_and_ends_with_an_unbroken_runs_weights(
+    start_trainer, private_redis, tmp_path
+):
+    log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
+    client = connect(private_redis.url)
+    store, jobs = CheckpointStore(client), JobRepository(client)
+    request = mlp_job("taken-over", epochs=2, batch_size=1, every_steps=300, optimizer="adam", seed=5)
+    settings = {
+        "TRAINER_LEASE_MS": "2000",
+        "TRAINER_LEASE_RENEW_MS": "500",
+        "TRAINER_TAKEOVER_SCAN_MS": "500",
+    }
+
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=settings) as (
+        process,
+        stub,
+    ):
+        job = stub.StartJob(request, timeout=10)
+        wait_until(
+            lambda: (saved_record(jobs, job.job_id).last_published_version or 0) >= 2,
+            "a record naming a second checkpoint",
+            timeout=60,
+        )
+        # Only now does the second trainer join: the job is the killed one's, not shared at random.
+        survivor = start_trainer(**POOL)
+        process.kill()  # no final checkpoint, no release: the lease must expire
+        process.wait(timeout=10)
+    record = saved_record(jobs, job.job_id)
+    assert record.state == JobState.RUNNING, log_tail(log_path)
+
+    done = wait_finished(survivor.stub, job.job_id, timeout=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.restarts == 1 and done.progress.step == 2 * DIGITS_TRAIN
+    assert [m.epoch for m in done.history] == [1, 2]
+    final = store.get("taken-over", done.last_published_version)
+    assert "optimizer_state_missing" not in log_path.read_text()
+    assert not client.exists(f"tandem:job:{job.job_id}:optimizer")
+    unbroken = train(final.model.spec, load_dataset("digits"), record.request.hyperparameters).model
+    for name, weights in unbroken.state_dict().items():
+        assert final.model.state_dict()[name].tobytes() == weights.tobytes(), name
+    client.close()

@@ -62,6 +62,10 @@ def trainer_config(redis_url: str, data_dir: Path, **settings) -> TrainerConfig:
             "max_classes": 10_000,
             "grpc_workers": 16,
             "job_limits": JobLimits(),
+            "lease_ms": 10_000,
+            "lease_renew_ms": 3_000,
+            "takeover_scan_ms": 5_000,
+            "queue_poll_ms": 20,
             **settings,
         }
     )
@@ -258,8 +262,18 @@ def upload(
 
 
 @contextmanager
-def trainer_process(redis_url: str, port: int, log_path: Path, data_dir: Path, metrics_port: int = 0):
-    """`python -m trainer_svc` configured by environment variables, serving once this yields."""
+def trainer_process(
+    redis_url: str,
+    port: int,
+    log_path: Path,
+    data_dir: Path,
+    metrics_port: int = 0,
+    extra_env: dict[str, str] | None = None,
+):
+    """`python -m trainer_svc` configured by environment variables, serving once this yields.
+
+    `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
+    """
     env = {
         name: value
         for name, value in os.environ.items()
@@ -272,6 +286,7 @@ def trainer_process(redis_url: str, port: int, log_path: Path, data_dir: Path, m
         TRAINER_GRACE_SECONDS=str(GRACE),
         TANDEM_DATA_DIR=str(data_dir),
         PYTHONUNBUFFERED="1",
+        **(extra_env or {}),
     )
     with open(log_path, "ab") as log:
         process = subprocess.Popen(

@@ -5,7 +5,8 @@ A `NewestOnly` hands what is submitted to `_handle` on a thread of its own;
 another waits replaces it. While `_handle` fails with StoreUnavailable, the
 item is retried with exponential backoff (a newer one, submitted meanwhile,
 is tried instead). With an `outage_limit`, a worker that could handle
-nothing for that long stops, with `error` set.
+nothing for that long stops, with `error` set; so does one whose `_handle`
+raises anything else (a write refused by its fence, trainer_svc.pool).
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class NewestOnly(Generic[T]):
                     if self._changed.wait_for(lambda: self._closing, timeout=delay):
                         return
                 continue
+            except Exception as error:  # noqa: BLE001  # not retried (a refused fence, a bug): stop
+                with self._changed:
+                    self._busy = False
+                    self.error = error
+                    self._changed.notify_all()
+                return
             outage_since = None
             backoff.reset()
             with self._changed:

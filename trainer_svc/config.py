@@ -32,9 +32,25 @@ class TrainerConfig:
     max_upload_bytes: int = field(default_factory=lambda: env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
     max_classes: int = field(default_factory=lambda: env("TRAINER_MAX_CLASSES", 10_000, int))
     grpc_workers: int = field(default_factory=lambda: env("TRAINER_GRPC_WORKERS", 32, int))
+    # The trainer pool (docs/trainer-pool.md): how long a job's lease lasts without renewal,
+    # how often it is renewed, how often jobs nobody holds are looked for, how often a free
+    # worker looks at the queue.
+    lease_ms: int = field(default_factory=lambda: env("TRAINER_LEASE_MS", 10_000, int))
+    lease_renew_ms: int = field(default_factory=lambda: env("TRAINER_LEASE_RENEW_MS", 3_000, int))
+    takeover_scan_ms: int = field(default_factory=lambda: env("TRAINER_TAKEOVER_SCAN_MS", 5_000, int))
+    queue_poll_ms: int = field(default_factory=lambda: env("TRAINER_QUEUE_POLL_MS", 100, int))
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
     # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.security.access).
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)
     # What one StartJob may ask for (TRAINER_MAX_SPEC_CHARACTERS ... TRAINER_MAX_STEPS).
     job_limits: JobLimits = field(default_factory=JobLimits.from_env)
+
+    def __post_init__(self):
+        if not 0 < self.lease_renew_ms * 2 <= self.lease_ms:
+            raise ValueError(
+                f"TRAINER_LEASE_RENEW_MS ({self.lease_renew_ms}) must be above 0 and at most half "
+                f"of TRAINER_LEASE_MS ({self.lease_ms}): a lease must survive a missed renewal"
+            )
+        if self.takeover_scan_ms <= 0 or self.queue_poll_ms <= 0:
+            raise ValueError("TRAINER_TAKEOVER_SCAN_MS and TRAINER_QUEUE_POLL_MS must be above 0")

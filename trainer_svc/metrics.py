@@ -28,6 +28,18 @@ UNREPLICATED = Counter(
     "Published checkpoints that fewer replicas acknowledged than REDIS_MIN_REPLICAS_ACK asks for",
 )
 
+JOBS_OWNED = Gauge("tandem_trainer_jobs_owned", "Jobs this trainer holds the lease of (trainer pool)")
+LEASES_RENEWED = Counter("tandem_trainer_leases_renewed", "Job leases this trainer renewed")
+LEASES_LOST = Counter(
+    "tandem_trainer_leases_lost", "Jobs this trainer stopped because another trainer took them over"
+)
+TAKEN_OVER = Counter(
+    "tandem_trainer_jobs_taken_over", "Jobs this trainer took that a trainer had held before"
+)
+ORPHANS_REQUEUED = Counter(
+    "tandem_trainer_orphans_requeued", "Unfinished jobs without an owner that this trainer queued again"
+)
+
 
 class JobStates(Collector):
     """`tandem_trainer_jobs{state=...}`, counted from the job records at scrape time."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.checkpoints.checkpoint import CheckpointMeta
 from shared.checkpoints.redis_client import StoreUnavailable
-from shared.checkpoints.store import CheckpointStore
+from shared.checkpoints.store import CheckpointStore, Fence
 from shared.nn import Model, build_model
 from trainer_svc.background import NewestOnly
 
@@ -52,15 +52,17 @@ class CheckpointPublisher(NewestOnly[Snapshot]):
         outage_limit: float = 60.0,
         backoff: tuple[float, float] = (0.2, 5.0),
         on_failure: Callable[[], None] = lambda: None,
+        fence: Fence | None = None,
     ):
         self._store = store
+        self._fence = fence  # the job owner's fencing token (trainer_svc.pool), if it has one
         self._on_published = on_published  # (version, snapshot, seconds it took); must not raise
         self._on_failure = on_failure  # each failed attempt, for metrics
         super().__init__("checkpoint-publisher", backoff=backoff, outage_limit=outage_limit)
 
     def _handle(self, item: Snapshot) -> None:
         started = time.monotonic()
-        version = self._store.publish(item.model, item.meta)
+        version = self._store.publish(item.model, item.meta, self._fence)
         self._on_published(version, item, time.monotonic() - started)
 
     def _failed(self, item: Snapshot, error: StoreUnavailable, retry_in: float) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from shared.checkpoints.backoff import Backoff
 from shared.checkpoints.redis_client import StoreUnavailable
+from shared.checkpoints.store import Fence
 from shared.nn.optim import Optimizer
 from shared.nn.run import Hyperparameters, prepare_optimizer
 from trainer_svc.background import NewestOnly
@@ -46,6 +47,9 @@ class RecordWriter:
         self.copies = 0
         self.saved_copy = 0
         self._save_lock = threading.Lock()
+        # The owner's fencing token once the job is taken from the pool (trainer_svc.pool): every
+        # write is refused (FenceRejected) once another trainer has taken the job over.
+        self.fence: Fence | None = None
 
     def copy(self, record: JobRecord) -> tuple[int, JobRecord]:
         """A numbered copy of the job's live `record`; the caller holds the job's lock."""
@@ -72,7 +76,7 @@ class RecordWriter:
         """
         with self._save_lock:
             if number > self.saved_copy:
-                self._repository.save(record)
+                self._repository.save(record, self.fence)
                 self.saved_copy = number
 
     def save_final(self, number: int, record: JobRecord, backoff: tuple[float, float] = (0.2, 5.0)) -> bool:
@@ -95,7 +99,9 @@ class RecordWriter:
     ) -> None:
         """Best effort, before the record names `version`: the state of checkpoint `keep` stays."""
         try:
-            self._repository.save_optimizer_state(self.job_id, version, step, state, keep=keep)
+            self._repository.save_optimizer_state(
+                self.job_id, version, step, state, keep=keep, fence=self.fence
+            )
         except StoreUnavailable as error:
             log.warning(
                 "event=optimizer_state_save_failed job=%s version=%d error=%r",

@@ -34,6 +34,7 @@ from trainer_svc.datasets import DatasetCatalog
 from trainer_svc.events import EventHub
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.manager import JobManager
+from trainer_svc.pool import JobPool
 from trainer_svc.request_validator import RequestValidator
 from trainer_svc.servicer import TrainerServicer
 from trainer_svc.training import JobRunner
@@ -61,10 +62,14 @@ class TrainerServer(GrpcService):
             RequestValidator(self.store, self.catalog, config.job_limits),
             JobRunner(self.store, self.catalog, events, outage_limit=config.publish_outage_seconds),
             events,
+            JobPool(client, lease_ms=config.lease_ms),
             max_concurrent_jobs=config.max_concurrent_jobs,
             max_restarts=config.max_restarts,
             resume_interrupted=config.resume_interrupted,
             outage_limit=config.publish_outage_seconds,
+            lease_renew_seconds=config.lease_renew_ms / 1000,
+            takeover_scan_seconds=config.takeover_scan_ms / 1000,
+            queue_poll_seconds=config.queue_poll_ms / 1000,
         )
         health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
         for service in HEALTH_SERVICES:  # known from the first call on; SERVING once started

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 
 from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.checkpoints.store import CheckpointStore
+from shared.checkpoints.store import CheckpointStore, FenceRejected
 from shared.nn import EpochEvent, StepEvent, StopTraining, TrainingDiverged
 from shared.nn.fit import check_finite_weights
 from shared.nn.optim import Optimizer
@@ -41,6 +41,8 @@ class ActiveJob:
         self.stop_as: JobState | None = None  # CANCELLED or INTERRUPTED once asked
         self.lock = threading.Lock()  # guards record and stop_as
         self.writer = writer
+        # In the trainer pool (trainer_svc.pool): set once another trainer took the job over.
+        self.lost = False
 
 
 class JobRunner:
@@ -53,9 +55,14 @@ class JobRunner:
         self._outage_limit = outage_limit  # seconds Redis may be away before a job fails
 
     def run(self, job: ActiveJob) -> JobState:
-        """Train `job`; the state it ends in. A failure ends it FAILED, with the error in its record."""
+        """Train `job`; the state it ends in. A failure ends it FAILED, with the error in its record.
+
+        FenceRejected (this trainer lost the job to another) is raised: nothing more may be written.
+        """
         try:
             return self._train(job)
+        except FenceRejected:
+            raise
         except TrainingDiverged as error:  # the caller's settings, not a bug: no traceback
             log.warning("event=job_diverged job=%s error=%r", job.record.job_id, str(error))
             with job.lock:
@@ -91,6 +98,7 @@ class JobRunner:
             lambda v, item, seconds: self._published(job, v, item, seconds),
             outage_limit=self._outage_limit,
             on_failure=metrics.PUBLISH_FAILURES.inc,
+            fence=job.writer.fence,
         )
         saver = RecordSaver(job.writer)
         callback = TrainingCallback(job, model, optimizer, publisher, saver, self._events, dataset.name)
@@ -168,6 +176,10 @@ class TrainingCallback:
             self._epoch(event)
         if self.publisher.error:
             raise self.publisher.error
+        if isinstance(self.saver.error, FenceRejected):
+            raise self.saver.error
+        if self.job.lost:
+            raise FenceRejected(f"job {self.job.record.job_id}: its lease was lost to another trainer")
         with self.job.lock:
             stop = self.job.stop_as
         # A stop at an epoch's last step waits for that epoch's end, a moment later: a run
