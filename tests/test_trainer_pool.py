@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,15 @@ from shared.nn.presets import mlp
 from shared.nn.run import Hyperparameters, train
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from tests.helpers import wait_finished, wait_for_job, wait_until
-from tests.trainer_harness import get_job, log_tail, mlp_job, saved_record, slow_job, trainer_process
+from tests.trainer_harness import (
+    get_job,
+    log_tail,
+    mlp_job,
+    saved_record,
+    slow_job,
+    terminate,
+    trainer_process,
+)
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
 from trainer_svc.pool import JobPool
@@ -204,3 +214,60 @@ def test_a_killed_trainers_job_is_taken_over_and_ends_with_an_unbroken_runs_weig
     for name, weights in unbroken.state_dict().items():
         assert final.model.state_dict()[name].tobytes() == weights.tobytes(), name
     client.close()
+
+
+def test_a_stalled_trainer_that_lost_its_job_writes_nothing_over_the_new_owner(
+    start_trainer, private_redis, tmp_path
+):
+    log_path, data_dir = tmp_path / "trainer.log", tmp_path / "data"
+    client = connect(private_redis.url)
+    store, jobs = CheckpointStore(client), JobRepository(client)
+    request = mlp_job("stalled", epochs=2, batch_size=1, every_steps=300, seed=5)
+    settings = {
+        "TRAINER_LEASE_MS": "2000",
+        "TRAINER_LEASE_RENEW_MS": "500",
+        "TRAINER_TAKEOVER_SCAN_MS": "500",
+    }
+
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=settings) as (
+        process,
+        stub,
+    ):
+        job = stub.StartJob(request, timeout=10)
+        wait_until(
+            lambda: (saved_record(jobs, job.job_id).last_published_version or 0) >= 1,
+            "a record naming a first checkpoint",
+            timeout=60,
+        )
+        survivor = start_trainer(**POOL)
+        process.send_signal(signal.SIGSTOP)  # stalled mid-job, holding the job as far as it knows
+        try:
+            done = wait_finished(survivor.stub, job.job_id, timeout=120)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+        assert done.restarts == 1
+        finished = saved_record(jobs, job.job_id)
+        versions = store.versions("stalled")
+        # Awake again, the stalled trainer's next renewal or write is refused: it drops the job.
+        wait_until(lambda: "event=job_lost" in log_path.read_text(), "the stalled trainer to drop it", 30)
+        assert saved_record(jobs, job.job_id) == finished
+        assert store.versions("stalled") == versions
+        terminate(process, log_path)
+    client.close()
+
+
+def test_a_trainer_that_stops_hands_its_job_to_another_at_once(start_trainer):
+    # A lease far longer than the test: the job can only move on if it is handed back.
+    leaving = start_trainer(**{**POOL, "lease_ms": 600_000})
+    staying = start_trainer(**{**POOL, "lease_ms": 600_000})
+    job = leaving.stub.StartJob(slow_job("handed-back", every_steps=500))
+    wait_for_job(leaving.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
+    owner, other = (leaving, staying) if job.job_id in leaving.manager._active else (staying, leaving)
+    owner.close()
+    resumed = wait_for_job(
+        other.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.restarts == 1, 30, "to resume"
+    )
+    assert resumed.last_published_version >= 1  # from the final checkpoint the first one made
+    other.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    assert wait_finished(other.stub, job.job_id).state == pb.JOB_STATE_CANCELLED
