@@ -364,10 +364,18 @@ class JobManager:
         for job_id in asked:
             job = held[job_id]
             with job.lock:
-                if job.stop_as is None and not job.record.state.finished:
-                    job.stop_as = JobState.CANCELLED
-                    if job.record.state == JobState.RUNNING:
-                        job.record.state = JobState.CANCELLING
+                if job.stop_as is not None or job.record.state.finished:
+                    continue
+                job.stop_as = JobState.CANCELLED
+                if job.record.state == JobState.RUNNING:
+                    job.record.state = JobState.CANCELLING
+                number, record = job.writer.copy(job.record)
+            try:  # saved as a local cancel saves it, so that GetJob says CANCELLING on every trainer
+                job.writer.save(number, record)
+            except FenceRejected:
+                self._lost(job)
+                continue
+            self.events.publish(job_id, JobSnapshot(record))
 
     def _renew_leases(self) -> None:
         for job in self._held():
