@@ -55,7 +55,7 @@ def test_two_trainers_share_one_queue_and_run_every_job_exactly_once(start_train
     slow = [first.stub.StartJob(slow_job(f"slow-{i}")) for i in range(2)]
     for job in slow:
         wait_for_job(first.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
-    held = {t: set(t.manager._active) for t in (first, second)}
+    held = {t: set(t.manager.held.ids()) for t in (first, second)}
     assert held[first] and held[second] and not held[first] & held[second]
     # Cancel reaches the owner through Redis, whichever trainer is asked.
     for job in slow:
@@ -263,7 +263,7 @@ def test_a_trainer_that_stops_hands_its_job_to_another_at_once(start_trainer):
     staying = start_trainer(**{**POOL, "lease_ms": 600_000})
     job = leaving.stub.StartJob(slow_job("handed-back", every_steps=500))
     wait_for_job(leaving.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
-    owner, other = (leaving, staying) if job.job_id in leaving.manager._active else (staying, leaving)
+    owner, other = (leaving, staying) if job.job_id in leaving.manager.held.ids() else (staying, leaving)
     owner.close()
     resumed = wait_for_job(
         other.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.restarts == 1, 30, "to resume"

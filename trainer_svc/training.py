@@ -39,7 +39,7 @@ class ActiveJob:
     def __init__(self, record: JobRecord, writer: RecordWriter):
         self.record = record
         self.stop_as: JobState | None = None  # CANCELLED or INTERRUPTED once asked
-        self.lock = threading.Lock()  # guards record and stop_as
+        self.lock = threading.Lock()  # guards record, stop_as and lost
         self.writer = writer
         # In the trainer pool (trainer_svc.pool): set once another trainer took the job over.
         self.lost = False
