@@ -1,6 +1,7 @@
 """Trainer replicas that share the work (docs/trainer-pool.md), against a real Redis.
 
-1. The queue is in Redis: two trainers on one Redis share it, and every job succeeds once.
+1. The queue is in Redis: trainers on one Redis share it, every job succeeds once, and a job
+   is watched from any trainer.
 2. Leases and fencing: a writer whose token is stale is refused, and nothing changes in Redis.
 3. Take-over: a trainer process killed mid-job loses its lease; another trainer resumes the
    job from its last checkpoint and optimiser state, and ends with an unbroken run's weights.
@@ -9,7 +10,9 @@
 from __future__ import annotations
 
 import signal
+import threading
 
+import grpc
 import numpy as np
 import pytest
 
@@ -26,13 +29,17 @@ from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from tests.helpers import wait_finished, wait_for_job, wait_until
 from tests.trainer_harness import (
     get_job,
+    kinds,
     log_tail,
     mlp_job,
     saved_record,
     slow_job,
     terminate,
     trainer_process,
+    watch,
 )
+from trainer_svc.event_log import STREAM_TTL_MS, JobEventLog, StreamSubscription
+from trainer_svc.events import CheckpointPublished, EpochDone, Event, JobFinished, JobSnapshot, StepProgress
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobRequest, JobState
 from trainer_svc.pool import JobPool
@@ -73,6 +80,62 @@ def test_two_trainers_share_one_queue_and_run_every_job_exactly_once(start_train
         assert [v["version"] for v in first.store.versions(done.model_name)] == [1]
     assert first.client.zcard("tandem:queue") == 0
     assert not first.client.keys("tandem:job:*:lease")
+
+
+def test_three_trainers_share_twelve_jobs_started_through_all_of_them(start_trainer):
+    trainers = [start_trainer(**POOL) for _ in range(3)]
+    jobs = [trainers[i % 3].stub.StartJob(mlp_job(f"shared-{i}", epochs=3)) for i in range(12)]
+    done = [wait_finished(trainers[(i + 1) % 3].stub, job.job_id, timeout=240) for i, job in enumerate(jobs)]
+    for job in done:
+        assert job.state == pb.JOB_STATE_SUCCEEDED and job.restarts == 0, job.error
+        assert [v["version"] for v in trainers[2].store.versions(job.model_name)] == [1]  # trained once
+    ran_on = {
+        t.manager.pool.owner: [j.job_id for j in done if j.trainer == t.manager.pool.owner] for t in trainers
+    }
+    assert all(ran_on.values()), f"work not spread over all three: {ran_on}"
+    assert sum(map(len, ran_on.values())) == 12
+
+
+def test_a_job_is_watched_from_a_trainer_that_does_not_hold_it(start_trainer):
+    owner = start_trainer(**POOL)
+    job = owner.stub.StartJob(mlp_job("watched", epochs=3, every_epoch=True, batch_size=8))
+    wait_for_job(owner.stub, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, 30, "to run")
+    other = start_trainer(**POOL)  # joins once the job is held: it holds nothing of it
+    assert job.job_id in owner.manager.held.ids()
+    events = watch(other.stub, job.job_id, timeout=120)
+    assert job.job_id not in other.manager.held.ids()
+    assert kinds(events)[0] == "snapshot" and kinds(events)[-1] == "finished"
+    assert events[-1].finished.state == pb.JOB_STATE_SUCCEEDED
+    epochs = [e.epoch.epoch for e in events if e.WhichOneof("event") == "epoch"]
+    assert epochs == sorted(epochs) and epochs[-1] == 3
+    published = [e.checkpoint.version for e in events if e.WhichOneof("event") == "checkpoint"]
+    assert published and published == sorted(published)
+    assert published[-1] == events[-1].finished.last_published_version
+    assert set(published) <= {v["version"] for v in owner.store.versions("watched")}
+
+
+def test_a_jobs_stream_gives_back_every_kind_of_event_and_skips_entries_it_cannot_read(pool_parts):
+    client, repository, _ = pool_parts
+    log = JobEventLog(client)
+    record = queued_record(repository, JobPool(client, lease_ms=1000))
+    sent: list[Event] = [
+        JobSnapshot(record),
+        StepProgress(1, 5, 10, 0.5, 0.75, 120.0),
+        EpochDone({"epoch": 1, "test_accuracy": 0.9, "step": 10}),
+        CheckpointPublished({"version": 3, "step": 10}),
+        JobFinished(record),
+    ]
+    start = log.last_id(record.job_id)
+    log.append([(record.job_id, sent[0])])
+    client.xadd(log.key(record.job_id), {"kind": "pickle", "data": "cos\nsystem\n"})  # never evaluated
+    client.xadd(log.key(record.job_id), {"data": "{}"})
+    log.append([(record.job_id, event) for event in sent[1:]])
+    seen = []
+    follower = StreamSubscription(log, record.job_id, start, on_close=lambda: None)
+    while (event := follower.next(timeout=0.1)) is not None:
+        seen.append(event)
+    assert seen == sent
+    assert 0 < client.pttl(log.key(record.job_id)) <= STREAM_TTL_MS
 
 
 # ---------------------------------------------------------------- 2. leases and fencing
@@ -240,6 +303,12 @@ def test_a_stalled_trainer_that_lost_its_job_writes_nothing_over_the_new_owner(
             timeout=60,
         )
         survivor = start_trainer(**POOL)
+        # A watch on the owner, and one on the survivor, which follows the job through Redis.
+        on_owner = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=180)
+        assert next(on_owner).WhichOneof("event") == "snapshot"
+        on_survivor: list[pb.JobEvent] = []
+        follower = threading.Thread(target=lambda: on_survivor.extend(watch(survivor.stub, job.job_id, 180)))
+        follower.start()
         process.send_signal(signal.SIGSTOP)  # stalled mid-job, holding the job as far as it knows
         try:
             done = wait_finished(survivor.stub, job.job_id, timeout=120)
@@ -247,6 +316,16 @@ def test_a_stalled_trainer_that_lost_its_job_writes_nothing_over_the_new_owner(
             process.send_signal(signal.SIGCONT)
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
         assert done.restarts == 1
+        follower.join(timeout=60)
+        # The survivor's watch went on through the take-over to the end the new owner made.
+        assert on_survivor[-1].WhichOneof("event") == "finished", kinds(on_survivor)
+        assert on_survivor[-1].finished.state == pb.JOB_STATE_SUCCEEDED
+        # The stale owner's watch ends once it knows it lost the job: UNAVAILABLE, watch again.
+        with pytest.raises(grpc.RpcError) as moved:
+            for _ in on_owner:
+                pass
+        assert moved.value.code() == grpc.StatusCode.UNAVAILABLE, moved.value.details()
+        assert "another trainer holds the job now; watch it again" in moved.value.details()
         finished = saved_record(jobs, job.job_id)
         versions = store.versions("stalled")
         # Awake again, the stalled trainer's next renewal or write is refused: it drops the job.

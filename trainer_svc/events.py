@@ -5,12 +5,19 @@ loses its oldest step events rather than slowing training down (the
 others, a few per epoch, are always kept), and a watcher that goes away
 costs nothing once it unsubscribes. When a job ends, its watchers are told
 so after the last event.
+
+In a pool of trainers the hub's `relay` (event_log.EventRelay) also copies
+each event into the job's Redis stream, which WatchJob on the other
+trainers reads. A watcher here of a job another trainer takes over (this
+one stalled and lost its lease) is told `JobMoved`: it watches again, and
+is answered from the stream.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trainer_svc.jobs import JobRecord
@@ -48,7 +55,16 @@ class JobFinished:
     record: JobRecord
 
 
-Event = StepProgress | EpochDone | CheckpointPublished | JobSnapshot | JobFinished
+@dataclass(frozen=True)
+class JobMoved:
+    """Another trainer holds the job now: this trainer's watchers hear no more of it."""
+
+
+class WatchMoved(RuntimeError):
+    """A watch that must start again (UNAVAILABLE: a client retries it), since the job moved."""
+
+
+Event = StepProgress | EpochDone | CheckpointPublished | JobSnapshot | JobFinished | JobMoved
 
 
 class Subscription:
@@ -61,7 +77,7 @@ class Subscription:
         self._steps = 0  # how many of the buffered events are StepProgress
         self._ready = threading.Condition()
 
-    def _push(self, event: Event) -> None:
+    def push(self, event: Event) -> None:
         with self._ready:
             if isinstance(event, StepProgress):
                 if self._steps >= self._capacity:
@@ -92,9 +108,11 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, relay: Callable[[str, Event], None] | None = None):
         self._capacity = capacity
+        self._relay = relay
         self._watchers: dict[str, set[Subscription]] = {}
+        self._followers: Counter[str] = Counter()  # watches fed from the job's stream instead
         self._lock = threading.Lock()
 
     def subscribe(self, job_id: str) -> Subscription:
@@ -104,14 +122,36 @@ class EventHub:
         return subscription
 
     def publish(self, job_id: str, event: Event) -> None:
+        """Tell the job's watchers here, and (with a relay) those on every other trainer."""
+        self.tell_watchers(job_id, event)
+        if self._relay is not None:
+            self._relay(job_id, event)
+
+    def tell_watchers(self, job_id: str, event: Event) -> None:
+        """Tell the job's watchers on this trainer only."""
         with self._lock:
             watchers = list(self._watchers.get(job_id, ()))
         for subscription in watchers:
-            subscription._push(event)
+            subscription.push(event)
+
+    def count_follower(self, job_id: str) -> Callable[[], None]:
+        """Count a watch of the job that reads its stream (event_log.StreamSubscription) among its
+        watchers here; the watch calls what this returns when it closes."""
+        with self._lock:
+            self._followers[job_id] += 1
+
+        def closed() -> None:
+            with self._lock:
+                self._followers[job_id] -= 1
+                if not self._followers[job_id]:
+                    del self._followers[job_id]
+
+        return closed
 
     def watcher_count(self, job_id: str) -> int:
+        """The open watches of the job on this trainer, of either kind."""
         with self._lock:
-            return len(self._watchers.get(job_id, ()))
+            return len(self._watchers.get(job_id, ())) + self._followers[job_id]
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import time
 from shared.checkpoints.redis_client import StoreUnavailable
 from shared.checkpoints.store import FenceRejected
 from trainer_svc import metrics
-from trainer_svc.events import EventHub, JobFinished, JobSnapshot
+from trainer_svc.events import EventHub, JobFinished, JobMoved, JobSnapshot
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.jobs import JobRecord, JobState
 from trainer_svc.pool import JobPool, Taken
@@ -58,6 +58,7 @@ class HeldJobs:
             return None
         if taken.taken_over:
             metrics.TAKEN_OVER.inc()
+        record.trainer = self._pool.owner  # saved with the record's next change
         writer = RecordWriter(self._repository, record.job_id, outage_limit=self._outage_limit)
         writer.fence = taken.fence
         job = ActiveJob(record, writer)
@@ -129,6 +130,7 @@ class HeldJobs:
         metrics.LEASES_LOST.inc()
         log.warning("event=job_lost job=%s owner=%s", job.record.job_id, self._pool.owner)
         self.forget(job)
+        self._events.tell_watchers(job.record.job_id, JobMoved())
 
     def forget(self, job: ActiveJob) -> None:
         """Stop holding the job here, its lease untouched (one that could not start expires)."""

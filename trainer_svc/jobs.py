@@ -116,6 +116,8 @@ class JobRecord:
     # The identity that started it (shared.security.auth); "" with auth off, and in records made
     # before owners.
     owner: str = ""
+    # The trainer replica (trainer_svc.pool.replica_id) that holds, or last held, the job.
+    trainer: str = ""
 
     @classmethod
     def new(cls, request: JobRequest, owner: str = "") -> JobRecord:

@@ -17,6 +17,7 @@ import time
 
 from shared.checkpoints.store import FenceRejected
 from shared.security.auth import Caller, NotPermitted
+from trainer_svc.event_log import JobEventLog, StreamSubscription
 from trainer_svc.events import EventHub, JobFinished, JobSnapshot, Subscription
 from trainer_svc.held_jobs import HeldJobs
 from trainer_svc.job_repository import JobRepository
@@ -60,6 +61,7 @@ class JobManager:
         runner: JobRunner,
         events: EventHub,
         pool: JobPool,
+        event_log: JobEventLog,
         *,
         max_concurrent_jobs: int,
         max_restarts: int,
@@ -70,7 +72,7 @@ class JobManager:
         queue_poll_seconds: float = 0.1,
     ):
         self._repository, self._validator = repository, validator
-        self.events, self.pool = events, pool
+        self.events, self.pool, self._event_log = events, pool, event_log
         self.held = HeldJobs(repository, pool, events, outage_limit=outage_limit)
         self._workers = JobWorkers(
             pool,
@@ -215,8 +217,19 @@ class JobManager:
             self.held.lost(job)
             return self._record(job.record.job_id)
 
-    def watch(self, job_id: str, caller: Caller) -> tuple[JobRecord, Subscription]:
-        """The current record of a job `caller` may see, and a subscription to what happens next."""
+    def watch(self, job_id: str, caller: Caller) -> tuple[JobRecord, Subscription | StreamSubscription]:
+        """The current record of a job `caller` may see, and a subscription to what happens next.
+
+        A job held here is followed here; one held by another trainer (or queued) through
+        its Redis stream, from the entry before its record was read: an event in between
+        is heard (again), none is missed.
+        """
+        if self.held.get(job_id) is None and is_job_id(job_id):
+            after = self._event_log.last_id(job_id)
+            record = self.get(job_id, caller)
+            if not record.state.finished:
+                closed = self.events.count_follower(job_id)
+                return record, StreamSubscription(self._event_log, job_id, after, closed)
         subscription = self.events.subscribe(job_id)
         try:
             record = self.get(job_id, caller)
@@ -224,5 +237,5 @@ class JobManager:
             subscription.close()
             raise
         if record.state.finished:
-            self.events.publish(job_id, JobFinished(record))
+            subscription.push(JobFinished(record))
         return record, subscription

@@ -31,6 +31,7 @@ from shared.security.tls import listen
 from trainer_svc import metrics
 from trainer_svc.config import TrainerConfig
 from trainer_svc.datasets import DatasetCatalog
+from trainer_svc.event_log import EventRelay, JobEventLog
 from trainer_svc.events import EventHub
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.manager import JobManager
@@ -56,13 +57,16 @@ class TrainerServer(GrpcService):
         self.catalog = DatasetCatalog(
             client, config.data_dir, max_upload_bytes=config.max_upload_bytes, max_classes=config.max_classes
         )
-        events = EventHub()
+        event_log = JobEventLog(client)
+        self._relay = EventRelay(event_log)
+        events = EventHub(relay=self._relay)
         self.manager = JobManager(
             JobRepository(client),
             RequestValidator(self.store, self.catalog, config.job_limits),
             JobRunner(self.store, self.catalog, events, outage_limit=config.publish_outage_seconds),
             events,
             JobPool(client, lease_ms=config.lease_ms),
+            event_log,
             max_concurrent_jobs=config.max_concurrent_jobs,
             max_restarts=config.max_restarts,
             resume_interrupted=config.resume_interrupted,
@@ -108,6 +112,7 @@ class TrainerServer(GrpcService):
     def _drain(self, grace: float) -> None:
         """Take no new jobs; let running ones stop at a step boundary with a final checkpoint."""
         self.manager.shutdown(grace)
+        self._relay.close(timeout=2.0)  # the jobs' last events, for watchers on other trainers
 
     def _close(self) -> None:
         if self._job_states:

@@ -6,8 +6,9 @@ Status codes: a stored checkpoint that fails verification (CheckpointError)
 -> INVALID_ARGUMENT; LookupError (unknown job, preset, dataset, model or
 version) -> NOT_FOUND; an existing upload -> ALREADY_EXISTS; an upload over
 the size limit -> RESOURCE_EXHAUSTED; another caller's job or dataset (NotPermitted) ->
-PERMISSION_DENIED; Redis unreachable or the trainer shutting down ->
-UNAVAILABLE. Messages come from the domain and name the field.
+PERMISSION_DENIED; Redis unreachable, the trainer shutting down, or a
+watched job moving to another trainer (watch again) -> UNAVAILABLE.
+Messages come from the domain and name the field.
 
 Each call passes its caller (shared.security.auth.current_caller(), set by the access
 interceptor) to the domain, which decides whose jobs and datasets it reaches.
@@ -30,7 +31,15 @@ from shared.rpc.stubs import tandem_trainer_pb2 as pb
 from shared.rpc.stubs import tandem_trainer_pb2_grpc
 from shared.security.auth import NotPermitted, current_caller
 from trainer_svc.datasets import ArrayHeader, DatasetCatalog, DatasetSummary
-from trainer_svc.events import CheckpointPublished, EpochDone, JobFinished, JobSnapshot, StepProgress
+from trainer_svc.events import (
+    CheckpointPublished,
+    EpochDone,
+    JobFinished,
+    JobMoved,
+    JobSnapshot,
+    StepProgress,
+    WatchMoved,
+)
 from trainer_svc.jobs import JobRecord, JobState, JobSubmission
 from trainer_svc.manager import JobManager, NotAccepting
 
@@ -47,6 +56,7 @@ STATUS_BY_ERROR = [  # the first match wins
     (NotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (NotAccepting, grpc.StatusCode.UNAVAILABLE),
+    (WatchMoved, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -134,6 +144,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
         spec_json=spec_to_json(request.spec),
         history=history,
         stop_reason=record.stop_reason,
+        trainer=record.trainer,
     )
 
 
@@ -177,6 +188,10 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
                 event = subscription.next(timeout=WATCH_POLL_SECONDS)
                 if event is None:
                     continue
+                if isinstance(event, JobMoved):
+                    raise WatchMoved(
+                        f"job_id {record.job_id!r}: another trainer holds the job now; watch it again"
+                    )
                 yield self._event_from(record.job_id, event)
                 if isinstance(event, JobFinished):
                     return

@@ -45,6 +45,7 @@ USERS = {
         "+hget +hset +hdel +hgetall +hkeys +hmget +hstrlen "
         "+sadd +smembers +zadd +zrevrange +xadd +publish "
         "+zrange +zrem +incr +pexpire "  # the trainer pool's queue, fences and leases (trainer_svc.pool)
+        "+xread +xrevrange "  # watching a job another trainer holds (trainer_svc.event_log)
         "+multi +exec +watch +unwatch "  # the publish, job and upload transactions
         "+evalsha +script|load "  # job_repository's and the pool's scripts (loaded on NOSCRIPT)
         "+wait"  # a publish waits for replicas (REDIS_MIN_REPLICAS_ACK); WAIT reads no key

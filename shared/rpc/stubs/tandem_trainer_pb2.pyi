@@ -338,6 +338,7 @@ class Job(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    TRAINER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Assigned by the trainer; opaque to clients."""
     model_name: _builtins.str
@@ -356,6 +357,10 @@ class Job(_message.Message):
     stop_reason: _builtins.str
     """How training ended: "completed", "early_stopping" or "stopped"
     (cancelled); empty while it runs.
+    """
+    trainer: _builtins.str
+    """The trainer replica that holds (or last held) the job: its host, pid
+    and a random part, as in its leases; empty until a trainer takes it.
     """
     @_builtins.property
     def request(self) -> Global___StartJobRequest:
@@ -410,10 +415,11 @@ class Job(_message.Message):
         spec_json: _builtins.str = ...,
         history: _abc.Iterable[Global___EpochMetrics] | None = ...,
         stop_reason: _builtins.str = ...,
+        trainer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "last_metrics", b"last_metrics", "progress", b"progress", "request", b"request", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "history", b"history", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "last_metrics", b"last_metrics", "last_published_version", b"last_published_version", "model_name", b"model_name", "progress", b"progress", "request", b"request", "restarts", b"restarts", "spec_json", b"spec_json", "started_at", b"started_at", "state", b"state", "stop_reason", b"stop_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "history", b"history", "hyperparameters", b"hyperparameters", "job_id", b"job_id", "last_metrics", b"last_metrics", "last_published_version", b"last_published_version", "model_name", b"model_name", "progress", b"progress", "request", b"request", "restarts", b"restarts", "spec_json", b"spec_json", "started_at", b"started_at", "state", b"state", "stop_reason", b"stop_reason", "trainer", b"trainer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
