@@ -46,3 +46,9 @@ def test_serving_is_measured_against_the_in_process_forward(private_redis):
     breakdown = results["breakdown"]
     assert {r["batch"] for r in breakdown} == {1, 256}
     assert all(r["us"] > 0 for r in breakdown)
+
+
+def test_the_pools_throughput_is_measured_on_trainer_processes(private_redis, tmp_path):
+    from bench import pool_speed
+
+    assert pool_speed.jobs_per_hour(private_redis.url, tmp_path, 2, "smoke", epochs=1) > 0

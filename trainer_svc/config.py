@@ -37,7 +37,7 @@ class TrainerConfig:
     # worker looks at the queue.
     lease_ms: int = field(default_factory=lambda: env("TRAINER_LEASE_MS", 10_000, int))
     lease_renew_ms: int = field(default_factory=lambda: env("TRAINER_LEASE_RENEW_MS", 3_000, int))
-    takeover_scan_ms: int = field(default_factory=lambda: env("TRAINER_TAKEOVER_SCAN_MS", 5_000, int))
+    takeover_scan_ms: int = field(default_factory=lambda: env("TRAINER_TAKEOVER_SCAN_MS", 3_000, int))
     queue_poll_ms: int = field(default_factory=lambda: env("TRAINER_QUEUE_POLL_MS", 100, int))
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)

@@ -53,16 +53,21 @@ class CheckpointPublisher(NewestOnly[Snapshot]):
         backoff: tuple[float, float] = (0.2, 5.0),
         on_failure: Callable[[], None] = lambda: None,
         fence: Fence | None = None,
+        last_version: int = 0,
     ):
         self._store = store
         self._fence = fence  # the job owner's fencing token (trainer_svc.pool), if it has one
+        # The job's latest version: each publish is numbered above it, even by a Redis that
+        # lost it (CheckpointStore.publish's `after`), so the job's versions only go up.
+        self._last_version = last_version
         self._on_published = on_published  # (version, snapshot, seconds it took); must not raise
         self._on_failure = on_failure  # each failed attempt, for metrics
         super().__init__("checkpoint-publisher", backoff=backoff, outage_limit=outage_limit)
 
     def _handle(self, item: Snapshot) -> None:
         started = time.monotonic()
-        version = self._store.publish(item.model, item.meta, self._fence)
+        version = self._store.publish(item.model, item.meta, self._fence, after=self._last_version)
+        self._last_version = version
         self._on_published(version, item, time.monotonic() - started)
 
     def _failed(self, item: Snapshot, error: StoreUnavailable, retry_in: float) -> None:

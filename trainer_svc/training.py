@@ -99,6 +99,7 @@ class JobRunner:
             outage_limit=self._outage_limit,
             on_failure=metrics.PUBLISH_FAILURES.inc,
             fence=job.writer.fence,
+            last_version=job.record.last_published_version,
         )
         saver = RecordSaver(job.writer)
         callback = TrainingCallback(job, model, optimizer, publisher, saver, self._events, dataset.name)
@@ -132,8 +133,8 @@ class JobRunner:
         if not finished:
             job.writer.save_optimizer_state(version, meta.step, item.optimizer_state, keep=previous)
         with job.lock:
-            # The publisher publishes one snapshot at a time, in order, so this version is the
-            # job's latest even when it is lower: a Redis that lost its data counts from 1 again.
+            # The publisher publishes one snapshot at a time, in order, each above the last
+            # (even on a Redis that lost its data): this version is the job's latest.
             job.record.last_published_version, job.record.last_published_step = version, meta.step
             number, record = job.writer.copy(job.record)
         job.writer.save(number, record)

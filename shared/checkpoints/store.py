@@ -221,8 +221,16 @@ class CheckpointStore:
 
     # Publishing
 
-    def publish(self, model: Model, meta: CheckpointMeta, fence: Fence | None = None) -> int:
+    def publish(
+        self, model: Model, meta: CheckpointMeta, fence: Fence | None = None, *, after: int = 0
+    ) -> int:
         """Store `model` as the next version of `meta.model_name`, make it `latest`; return the version.
+
+        The version is above `after` too: a publisher that was given version N passes
+        after=N, so that a Redis that lost N does not give its number out again. It can
+        lose it in a failover to a replica that had not received it (a publish short of
+        replicas, below) or in a restart without persistence; a version number must only
+        ever name one checkpoint, since inference replicas and clients hold on to it.
 
         With a `fence`, the publish commits only while the fence key holds its token (or
         holds nothing: a Redis that lost its data; the token is set again with the publish):
@@ -241,7 +249,7 @@ class CheckpointStore:
         with unavailable_on_error(self.redis), pipe:
             for _ in range(MAX_PUBLISH_ATTEMPTS):
                 try:
-                    version = self._publish_once(pipe, keys, model, meta, fence)
+                    version = self._publish_once(pipe, keys, model, meta, fence, after)
                 except redis.WatchError:
                     continue  # another publisher committed first, or the connection dropped
                 except _CommittedUnconfirmed as lost:
@@ -266,7 +274,7 @@ class CheckpointStore:
             log.exception("event=unreplicated_report_failed model=%s version=%d", model_name, version)
 
     def _publish_once(
-        self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta, fence: Fence | None
+        self, pipe, keys: ModelKeys, model: Model, meta: CheckpointMeta, fence: Fence | None, after: int
     ) -> int:
         if fence is None:
             pipe.watch(keys.counter)
@@ -281,7 +289,7 @@ class CheckpointStore:
                     f"publishing {meta.model_name!r}: fencing token {fence.token} is stale "
                     f"({fence.key} holds {current!r})"
                 )
-        version = int(pipe.get(keys.counter) or 0) + 1
+        version = max(int(pipe.get(keys.counter) or 0), after) + 1
         stored = _version_numbers(pipe.hkeys(keys.versions))
         blob = checkpoint.encode(model, replace(meta, version=version))
         listing = {**asdict(checkpoint.read_meta(blob)), "size_bytes": len(blob)}
