@@ -7,13 +7,14 @@ go to stdout and to bench/results/<name>.json.
 
 import argparse
 
-from bench import accuracy, security_speed, serve_speed, store_speed, train_speed
+from bench import accuracy, pool_speed, security_speed, serve_speed, store_speed, train_speed
 
 BENCHMARKS = {  # name -> function that runs it
     "speed": train_speed.run,
     "store": store_speed.run,
     "serve": serve_speed.run,
     "security": security_speed.run,  # TLS, mutual TLS and the token check, per request
+    "pool": pool_speed.run,  # the trainer pool: jobs/hour of 1 trainer vs 3, take-over after SIGKILL
     "accuracy": accuracy.run,
 }
 
