@@ -184,11 +184,11 @@ class JobManager:
         if taken is not None:  # it was queued: it ends here, never started
             job = self.held.hold(taken)
             return self._cancel_here(job) if job else self._record(job_id)
-        # Held by another trainer (whose lease keeper looks for this), or by none yet (its
-        # taker sees it before training).
+        # Held by another trainer (whose lease keeper looks for this), or by none yet (taken from
+        # the queue a moment ago, or never queued: its taker sees the request before training).
         self.pool.request_cancel(job_id)
-        if record.state == JobState.RUNNING:
-            record.state = JobState.CANCELLING
+        if record.state in (JobState.QUEUED, JobState.RUNNING):
+            record.state = JobState.CANCELLING  # asked, not yet done: as a local cancel answers
         return record
 
     def _cancel_here(self, job: ActiveJob) -> JobRecord:
