@@ -15,15 +15,23 @@ so a service that is broken into reads no other's secrets:
     trainer/   server.crt, server.key, redis.password   (owned by --service-uid)
     infer/     server.crt, server.key, redis.password   (owned by --service-uid)
     redis/     server.crt, server.key, users.acl        (readable by group --redis-gid)
+               replication.password                     the data nodes' `masterauth`
+    sentinel/  server.crt, server.key, redis.password   (readable by group --redis-gid)
     clients/   admin.token, predict.token               the host's credentials (root's)
 
 Server certificates name their service, `localhost` and `127.0.0.1` (the
 published ports are reached there, and the health checks run inside the
-containers). Redis's ACL file holds hashes of the two users' passwords
-(shared.security.redis_acl). Secrets are written readable by their owner only. Redis
+containers). Redis's names both data nodes of the Redis that fails over
+(docker-compose.ha.yml: `redis` and `redis-replica`, the names the Sentinels
+report to clients); the Sentinels' (they talk TLS to the data nodes and to
+each other) names `sentinel-1` to `sentinel-3`. A certificate that lacks a name it
+should have (one made before a name was added here) is made anew. Redis's
+ACL file holds hashes of the users' passwords (shared.security.redis_acl):
+the two services', the replicas' (`replication`) and the Sentinels'
+(`sentinel`). Secrets are written readable by their owner only. Redis
 images run as users of their own (999 in redis:7, Debian's `redis` in a
-stand-in), so Redis's folder goes to a group instead, which the compose
-file gives the Redis container (`group_add`), whatever its user.
+stand-in), so Redis's and the Sentinels' folders go to a group instead,
+which the compose file gives those containers (`group_add`), whatever their user.
 """
 
 from __future__ import annotations
@@ -34,12 +42,28 @@ import secrets
 import sys
 from pathlib import Path
 
+from cryptography import x509
+
 from shared.security import auth
 from shared.security.certs import CertificateAuthority, write_private
 from shared.security.redis_acl import acl_file_text
 
 CA_DAYS = 3650  # the CA and what it signs; renew by deleting files
-SERVERS = ("trainer", "infer", "redis")
+# Each server's folder -> the host names its certificate names (beside localhost and 127.0.0.1).
+SERVERS = {
+    "trainer": ("trainer",),
+    "infer": ("infer",),
+    "redis": ("redis", "redis-replica"),  # the data nodes of docker-compose.ha.yml too
+    "sentinel": ("sentinel-1", "sentinel-2", "sentinel-3"),
+}
+LOCAL_NAMES = ("localhost", "127.0.0.1")
+# Redis ACL users whose password lives in the folder of the Redis process that logs in as it.
+REDIS_PASSWORDS = {
+    "trainer": "trainer/redis.password",
+    "infer": "infer/redis.password",
+    "replication": "redis/replication.password",
+    "sentinel": "sentinel/redis.password",
+}
 CLIENT_TOKENS = {"admin": [auth.ADMIN], "predict": [auth.PREDICT]}
 
 
@@ -64,14 +88,18 @@ def make_secrets(root: Path, service_uid: int, redis_gid: int) -> list[str]:
     if absent(root / "public" / "ca.crt"):
         ca.write(root / "public" / "ca.crt")
 
-    for server in SERVERS:
+    for server, names in SERVERS.items():
         stem = root / server / "server"
-        if absent(stem.with_suffix(".crt"), stem.with_suffix(".key")):
-            ca.issue(server, hosts=(server, "localhost", "127.0.0.1")).write(stem)
+        hosts = (*names, *LOCAL_NAMES)
+        cert, key = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        if absent(cert, key) or _renamed(cert, hosts):
+            if str(cert.relative_to(root)) not in made:
+                made.extend(str(path.relative_to(root)) for path in (cert, key))
+            ca.issue(server, hosts=hosts).write(stem)
 
     passwords = {}
-    for user in ("trainer", "infer"):
-        path = root / user / "redis.password"
+    for user, relative in REDIS_PASSWORDS.items():
+        path = root / relative
         if absent(path):
             write_private(path, secrets.token_urlsafe(32).encode())
         passwords[user] = path.read_text()
@@ -89,8 +117,21 @@ def make_secrets(root: Path, service_uid: int, redis_gid: int) -> list[str]:
 
     for service in ("trainer", "infer"):
         _own(root / service, uid=service_uid, gid=service_uid, group_reads=False)
-    _own(root / "redis", uid=0, gid=redis_gid, group_reads=True)
+    for redis_process in ("redis", "sentinel"):
+        _own(root / redis_process, uid=0, gid=redis_gid, group_reads=True)
     return made
+
+
+def _renamed(cert_path: Path, hosts: tuple[str, ...]) -> bool:
+    """Whether the certificate lacks one of `hosts` (or cannot be read): then it is made anew."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return True
+    named = {str(name) for name in names.get_values_for_type(x509.DNSName)}
+    named |= {str(address) for address in names.get_values_for_type(x509.IPAddress)}
+    return not set(hosts) <= named
 
 
 def _own(folder: Path, uid: int, gid: int, group_reads: bool) -> None:

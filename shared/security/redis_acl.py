@@ -18,6 +18,15 @@ The users:
 - `default` keeps its rights behind a password no one knows (see `acl_file_text`):
   a client without a user and password gets nothing.
 
+Two more users exist only when their passwords are given, for the Redis that fails
+over (docker-compose.ha.yml, docs/ha-compose.md):
+- `replication`: what a replica runs on its primary (`masteruser`/`masterauth`):
+  PSYNC, REPLCONF and PING, no keys;
+- `sentinel`: what a Redis Sentinel runs on the data nodes (`sentinel auth-user`/
+  `auth-pass`) to watch them and fail over: INFO, ROLE, PING, REPLICAOF and
+  CONFIG REWRITE (in MULTI/EXEC), CLIENT SETNAME/KILL, SCRIPT KILL, and
+  PUBLISH/SUBSCRIBE on the sentinels' `__sentinel__:*` channels; no keys.
+
 The command lists are those the services' real flows run (tests/test_redis_security.py
 runs a trainer job and an inference server with these users and finds no
 denied command in Redis's ACL LOG); a new Redis command in the code needs adding here.
@@ -55,6 +64,16 @@ USERS = {
         "+ping +get +hgetall +hkeys +smembers +subscribe"
     ),
 }
+# The users of a Redis that fails over (primary, replicas, Sentinels): in the file only when
+# their passwords are given. As Redis's replication and Sentinel documentation lists them.
+OPTIONAL_USERS = {
+    "replication": "+psync +replconf +ping",
+    "sentinel": (
+        "&__sentinel__:* "
+        "+ping +info +role +multi +exec +slaveof +replicaof +config|rewrite "
+        "+client|setname +client|kill +script|kill +publish +subscribe"
+    ),
+}
 
 
 def password_hash(password: str) -> str:
@@ -62,9 +81,14 @@ def password_hash(password: str) -> str:
 
 
 def acl_file_text(passwords: dict[str, str]) -> str:
-    """The ACL file for `passwords` (user -> password, one for each of USERS)."""
-    if set(passwords) != set(USERS):
-        raise ValueError(f"need a password for each of {sorted(USERS)}, got {sorted(passwords)}")
+    """The ACL file for `passwords` (user -> password): one for each of USERS, and for any
+    of OPTIONAL_USERS that should exist."""
+    if not set(USERS) <= set(passwords) <= set(USERS) | set(OPTIONAL_USERS):
+        raise ValueError(
+            f"need a password for each of {sorted(USERS)} (and may have one for "
+            f"{', '.join(sorted(OPTIONAL_USERS))}), got {sorted(passwords)}"
+        )
+    rules = {**USERS, **OPTIONAL_USERS}
     # `default` cannot simply be off: Redis (7.x, before redis/redis#14545) replays the append-only
     # file as the default user and re-checks ACLs at each EXEC, so with `default` off every
     # MULTI/EXEC (every checkpoint publish) is dropped when Redis restarts: silent data loss. So
@@ -73,8 +97,9 @@ def acl_file_text(passwords: dict[str, str]) -> str:
     unusable = secrets.token_urlsafe(32)
     lines = [f"user default reset resetchannels on #{password_hash(unusable)} ~* &* +@all"]
     lines += [
-        f"user {user} reset resetchannels on #{password_hash(passwords[user])} {USERS[user]}"
-        for user in USERS
+        f"user {user} reset resetchannels on #{password_hash(passwords[user])} {rules[user]}"
+        for user in rules
+        if user in passwords
     ]
     return "\n".join(lines) + "\n"
 
@@ -93,20 +118,23 @@ def write_acl_file(path: Path, password_files: dict[str, Path]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for user in USERS:
+    for user in (*USERS, *OPTIONAL_USERS):
         parser.add_argument(
             f"--{user}-password-file",
             type=Path,
-            required=True,
-            help=f"a file holding the {user} user's password",
+            required=user in USERS,
+            help=f"a file holding the {user} user's password"
+            + ("" if user in USERS else " (the user exists only with one)"),
         )
     parser.add_argument("--out", type=Path, required=True, help="where to write the ACL file")
     args = parser.parse_args(argv)
     try:
-        write_acl_file(args.out, {user: getattr(args, f"{user}_password_file") for user in USERS})
+        files = {user: getattr(args, f"{user}_password_file") for user in (*USERS, *OPTIONAL_USERS)}
+        users = [user for user, file in files.items() if file is not None]
+        write_acl_file(args.out, {user: files[user] for user in users})
     except (OSError, ValueError) as error:
         parser.exit(2, f"redis_acl: {error}\n")
-    print(f"redis_acl: wrote {args.out} (users: default locked, {', '.join(USERS)})")
+    print(f"redis_acl: wrote {args.out} (users: default locked, {', '.join(users)})")
     return 0
 
 
