@@ -1,9 +1,11 @@
 """The compose tier: docker-compose.yml on a real Docker engine, driven from this machine.
 
-One stack per session (`stack`): base images prepared if missing
-(scripts/prepare_offline_images.sh), images built once, `up --wait`, and
-`down -v --remove-orphans` at the end: after a failure, after Ctrl-C
-(pytest tears session fixtures down on KeyboardInterrupt; SIGTERM and SIGHUP
+Base images prepared if missing (scripts/prepare_offline_images.sh) and
+images built once per session (`images`); one stack of docker-compose.yml per
+session (`stack`), and one of docker-compose.yml with docker-compose.ha.yml
+for the HA tests' module (`ha_stack`, its own project). Each is `up --wait`,
+and `down -v --remove-orphans` at its fixture's end: after a failure, after
+Ctrl-C (pytest tears fixtures down on KeyboardInterrupt; SIGTERM and SIGHUP
 are turned into one), and from atexit if anything got past that.
 
 Without an engine (or without Compose v2, or without the Docker SDK) every
@@ -19,7 +21,7 @@ import contextlib
 import functools
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -31,7 +33,8 @@ _MESSAGE = pytest.StashKey[str]()
 
 @dataclass
 class _Session:
-    stack: Stack | None = None  # the session's stack while it exists, for logs and clean-up
+    stacks: list[Stack] = field(default_factory=list)  # every stack made, for logs and timings
+    build_timings: dict[str, float] = field(default_factory=dict)
 
 
 _session = _Session()
@@ -74,25 +77,26 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if message := config.stash.get(_MESSAGE, None):
         _loud(terminalreporter, message)
-    current = _session.stack
-    if current is not None and current.timings:
-        timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in current.timings.items())
-        terminalreporter.write_sep("-", f"compose tier ({current.project}): {timings}")
+    if _session.build_timings:
+        timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in _session.build_timings.items())
+        terminalreporter.write_sep("-", f"compose tier images: {timings}")
+    for current in _session.stacks:
+        if current.timings:
+            timings = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in current.timings.items())
+            terminalreporter.write_sep("-", f"compose tier ({current.project}): {timings}")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    current = _session.stack
-    if (
-        report.failed
-        and current is not None
-        and current.started
-        and not current.removed
-        and item.get_closest_marker("compose")
-    ):
-        report.sections.append((f"compose logs ({current.project}, last lines per service)", current.logs()))
+    if not (report.failed and item.get_closest_marker("compose")):
+        return
+    for current in _session.stacks:
+        if current.started and not current.removed:
+            report.sections.append(
+                (f"compose logs ({current.project}, last lines per service)", current.logs())
+            )
 
 
 class _Teardown:
@@ -137,18 +141,34 @@ class _Teardown:
                 signal.signal(signum, self.previous.get(signum, handler))
 
 
-@pytest.fixture(scope="session")
-def stack():
+def _require_engine() -> Engine:
     if not engine().ok:
         if REQUIRE_DOCKER:
             pytest.fail(f"REQUIRE_DOCKER=1 but {engine().problem}", pytrace=False)
         pytest.skip(f"COMPOSE TIER SKIPPED: {engine().problem}")
-    current = _session.stack = Stack(engine())
+    return engine()
+
+
+@pytest.fixture(scope="session")
+def images() -> None:
+    """Base images prepared if missing, and the stacks' images built: once per session."""
+    builder = Stack(_require_engine())
+    try:
+        builder.prepare_base_images()
+        builder.build()
+    except (StackError, OSError) as error:
+        raise StackError(f"building the images: {error}") from None
+    finally:
+        builder.discard()
+        _session.build_timings.update(builder.timings)
+
+
+def _running(current: Stack):
+    """`current` up and healthy while the caller uses it; always taken down afterwards."""
+    _session.stacks.append(current)
     teardown = _Teardown(current)
     try:
         try:
-            current.prepare_base_images()
-            current.build()
             current.up()
             current.wait_healthy()
         except (StackError, OSError) as error:
@@ -159,10 +179,24 @@ def stack():
         teardown.run()
 
 
+@pytest.fixture(scope="session")
+def stack(images):
+    yield from _running(Stack(_require_engine()))
+
+
+@pytest.fixture(scope="module")
+def ha_stack(images):
+    """docker-compose.yml with docker-compose.ha.yml: three trainers, a Redis that fails over.
+
+    Module-scoped: it is down before another module's stack comes up (the machine is small).
+    """
+    yield from _running(Stack.ha(_require_engine()))
+
+
 @pytest.fixture
 def healthy_stack(stack) -> Stack:
     """The stack with every container running and healthy (an earlier test may have stopped one)."""
-    for service in ("redis", "trainer", "infer"):
+    for service in stack.services:
         for container in stack.containers(service):
             if container.status in ("exited", "created"):
                 container.start()

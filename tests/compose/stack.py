@@ -1,7 +1,8 @@
 """The compose stack under test: finding an engine and Compose v2, and driving one stack.
 
-`Stack` runs docker-compose.yml under a project name of its own
-(`tandem-test-<random>`), with a secrets folder of its own (made by the
+`Stack` runs docker-compose.yml (or `Stack.ha`: with docker-compose.ha.yml on top, the
+trainer replicas and the Redis that fails over) under a project name of its own
+(`tandem-test-<random>`, `tandem-ha-test-<random>`), with a secrets folder of its own (made by the
 stack's `secrets` service on `up`: certificates, Redis users, tokens) and
 every host port ephemeral, so that it runs beside any other stack; it finds the published
 ports through the Docker SDK, controls containers through the SDK, and
@@ -28,12 +29,38 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+HA_COMPOSE_FILE = REPO / "docker-compose.ha.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 PREPARE_SCRIPT = REPO / "scripts" / "prepare_offline_images.sh"
 
 TRAINER_PORT, TRAINER_METRICS_PORT = 50051, 9101
 INFER_PORT, INFER_METRICS_PORT = 50052, 9102
 INFER_REPLICAS = 2
+HA_TRAINER_REPLICAS = 3
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+SENTINEL_PORT = 26379
+REDIS_MASTER_NAME = "tandem"
+# The services of each stack and their container counts (what `wait_healthy` waits for).
+SERVICES = {"redis": 1, "trainer": 1, "infer": INFER_REPLICAS}
+HA_SERVICES = {
+    "redis": 1,
+    "redis-replica": 1,
+    **dict.fromkeys(SENTINELS, 1),
+    "trainer": HA_TRAINER_REPLICAS,
+    "infer": INFER_REPLICAS,
+}
+# The HA stack's settings: a trainer's lease lapses 3 s after its last renewal and the
+# orphan scan runs every second, so that a take-over takes seconds; retention keeps every
+# version, so that the tests can check that none went missing.
+HA_SETTINGS = {
+    "TRAINER_REPLICAS": str(HA_TRAINER_REPLICAS),
+    "TRAINER_LEASE_MS": "3000",
+    "TRAINER_LEASE_RENEW_MS": "1000",
+    "TRAINER_TAKEOVER_SCAN_MS": "1000",
+    "TANDEM_CHECKPOINT_RETENTION": "1000",
+    "REDIS_SENTINEL_DOWN_AFTER_MS": "1500",
+    "REDIS_SENTINEL_FAILOVER_TIMEOUT_MS": "10000",
+}
 
 # Bounds, in seconds.
 ENGINE_PING_TIMEOUT = 5
@@ -129,13 +156,25 @@ def find_engine() -> Engine:
 
 
 class Stack:
-    def __init__(self, engine: Engine, project: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        project: str | None = None,
+        *,
+        files: tuple[Path, ...] = (COMPOSE_FILE,),
+        services: dict[str, int] | None = None,
+        settings: dict[str, str] | None = None,
+    ):
+        """`files`: the compose files, merged in order; `services`: what runs (service ->
+        container count); `settings`: environment variables for the compose file."""
         assert engine.client is not None, f"a stack needs an engine: {engine.problem}"
         self.docker: docker.DockerClient = engine.client
         self.compose_command = engine.compose
         self.project = project or f"tandem-test-{secrets.token_hex(4)}"
+        self.files = files
+        self.services = dict(SERVICES if services is None else services)
         self.secrets_dir = Path(tempfile.mkdtemp(prefix=f"{self.project}-secrets-"))
-        self.env = self._environment()
+        self.env = {**self._environment(), **(settings or {})}
         self.timings: dict[str, float] = {}
         self.started = False  # `up` was run: `down` has something to remove
         self.removed = False
@@ -161,6 +200,17 @@ class Stack:
         )
         return env
 
+    @classmethod
+    def ha(cls, engine: Engine) -> Stack:
+        """docker-compose.yml with docker-compose.ha.yml on top, under a project of its own."""
+        return cls(
+            engine,
+            f"tandem-ha-test-{secrets.token_hex(4)}",
+            files=(COMPOSE_FILE, HA_COMPOSE_FILE),
+            services=HA_SERVICES,
+            settings=HA_SETTINGS,
+        )
+
     # ------------------------------------------------------------ compose commands
 
     def compose(self, *args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
@@ -171,8 +221,7 @@ class Stack:
             self.project,
             "--project-directory",
             str(REPO),
-            "--file",
-            str(COMPOSE_FILE),
+            *(argument for file in self.files for argument in ("--file", str(file))),
             "--env-file",
             str(ENV_EXAMPLE),
             *args,
@@ -258,6 +307,11 @@ class Stack:
         self.removed = True
         self.timings["down"] = time.monotonic() - started
 
+    def discard(self) -> None:
+        """Forget a stack that was never started (one that only built images): its secrets folder."""
+        assert not self.started or self.removed, f"{self.project} is up: take it down instead"
+        shutil.rmtree(self.secrets_dir, ignore_errors=True)
+
     def logs(self, tail: int = 150) -> str:
         try:
             result = self.compose(
@@ -319,8 +373,8 @@ class Stack:
         assert binding["HostIp"] == "127.0.0.1", f"{container.name}: {port} is published on {binding}"
         return f"127.0.0.1:{binding['HostPort']}"
 
-    def trainer_address(self) -> str:
-        return self.published(self.container("trainer"), TRAINER_PORT)
+    def trainer_address(self, replica: int = 1) -> str:
+        return self.published(self.container("trainer", replica), TRAINER_PORT)
 
     def infer_addresses(self) -> list[str]:
         return [self.published(c, INFER_PORT) for c in self.containers("infer", all=False)]
@@ -330,7 +384,7 @@ class Stack:
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> None:
         """Until every container of the stack runs and Docker reports it healthy (bounded)."""
-        expected = {"redis": 1, "trainer": 1, "infer": INFER_REPLICAS}
+        expected = self.services
         deadline = time.monotonic() + timeout
         while True:
             states = {}
