@@ -49,14 +49,11 @@ HA_SERVICES = {
     "trainer": HA_TRAINER_REPLICAS,
     "infer": INFER_REPLICAS,
 }
-# The HA stack's settings: a trainer's lease lapses 3 s after its last renewal and the
-# orphan scan runs every second, so that a take-over takes seconds; retention keeps every
-# version, so that the tests can check that none went missing.
+# The HA stack's settings: the trainers' lease settings are the defaults (a 10 s lease,
+# renewed every 3 s, orphan scans every 3 s), which a Redis failover must not make a job change
+# hands under; retention keeps every version, so that the tests can check that none went missing.
 HA_SETTINGS = {
     "TRAINER_REPLICAS": str(HA_TRAINER_REPLICAS),
-    "TRAINER_LEASE_MS": "3000",
-    "TRAINER_LEASE_RENEW_MS": "1000",
-    "TRAINER_TAKEOVER_SCAN_MS": "1000",
     "TANDEM_CHECKPOINT_RETENTION": "1000",
     "REDIS_SENTINEL_DOWN_AFTER_MS": "1500",
     "REDIS_SENTINEL_FAILOVER_TIMEOUT_MS": "10000",
