@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 
@@ -38,6 +39,7 @@ from tests.trainer_harness import (
     trainer_process,
     watch,
 )
+from trainer_svc.config import TrainerConfig
 from trainer_svc.event_log import STREAM_TTL_MS, JobEventLog, StreamSubscription
 from trainer_svc.events import CheckpointPublished, EpochDone, Event, JobFinished, JobSnapshot, StepProgress
 from trainer_svc.job_repository import JobRepository
@@ -46,6 +48,7 @@ from trainer_svc.pool import JobPool
 
 DIGITS_TRAIN = 1618  # the built-in digits' training split
 POOL = {"lease_ms": 2_000, "lease_renew_ms": 500, "takeover_scan_ms": 500}  # quick take-overs
+POOL_ENV = {f"TRAINER_{name.upper()}": str(value) for name, value in POOL.items()}  # the same, for a process
 
 
 def everything(client) -> dict[bytes, bytes | None]:
@@ -145,6 +148,26 @@ def test_a_jobs_stream_gives_back_every_kind_of_event_and_skips_entries_it_canno
         seen.append(event)
     assert seen == sent
     assert 0 < client.pttl(log.key(record.job_id)) <= STREAM_TTL_MS
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"TRAINER_LEASE_MS": "4000", "TRAINER_LEASE_RENEW_MS": "2001"}, "TRAINER_LEASE_RENEW_MS (2001)"),
+        ({"TRAINER_LEASE_RENEW_MS": "0"}, "TRAINER_LEASE_RENEW_MS (0)"),
+        ({"TRAINER_LEASE_MS": "-1"}, "TRAINER_LEASE_RENEW_MS"),
+        ({"TRAINER_TAKEOVER_SCAN_MS": "0"}, "TRAINER_TAKEOVER_SCAN_MS"),
+        ({"TRAINER_QUEUE_POLL_MS": "-5"}, "TRAINER_QUEUE_POLL_MS"),
+        ({"TRAINER_LEASE_MS": "ten seconds"}, "TRAINER_LEASE_MS='ten seconds'"),
+    ],
+)
+def test_pool_timing_that_cannot_work_stops_the_trainer_at_start_naming_the_setting(
+    monkeypatch, settings, named
+):
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        TrainerConfig()
 
 
 # ---------------------------------------------------------------- 2. leases and fencing
@@ -252,13 +275,8 @@ def test_a_killed_trainers_job_is_taken_over_and_ends_with_an_unbroken_runs_weig
     client = connect(private_redis.url)
     store, jobs = CheckpointStore(client), JobRepository(client)
     request = mlp_job("taken-over", epochs=2, batch_size=1, every_steps=300, optimizer="adam", seed=5)
-    settings = {
-        "TRAINER_LEASE_MS": "2000",
-        "TRAINER_LEASE_RENEW_MS": "500",
-        "TRAINER_TAKEOVER_SCAN_MS": "500",
-    }
 
-    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=settings) as (
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=POOL_ENV) as (
         process,
         stub,
     ):
@@ -295,13 +313,8 @@ def test_a_stalled_trainer_that_lost_its_job_writes_nothing_over_the_new_owner(
     client = connect(private_redis.url)
     store, jobs = CheckpointStore(client), JobRepository(client)
     request = mlp_job("stalled", epochs=2, batch_size=1, every_steps=300, seed=5)
-    settings = {
-        "TRAINER_LEASE_MS": "2000",
-        "TRAINER_LEASE_RENEW_MS": "500",
-        "TRAINER_TAKEOVER_SCAN_MS": "500",
-    }
 
-    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=settings) as (
+    with trainer_process(private_redis.url, free_loopback_port(), log_path, data_dir, extra_env=POOL_ENV) as (
         process,
         stub,
     ):

@@ -113,9 +113,8 @@ class HeldJobs:
     def release(self, job: ActiveJob, *, requeue: bool) -> None:
         """Give a held job up (back to the queue if `requeue`) and forget it here."""
         fence = job.writer.fence
+        assert fence is not None  # set by `hold`: every held job was taken from the pool
         self.forget(job)
-        if fence is None:
-            return
         try:
             self._pool.release(job.record, fence, requeue=requeue)
         except StoreUnavailable as error:  # the lease expires; an orphan scan queues the job again

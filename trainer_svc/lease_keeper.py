@@ -70,11 +70,8 @@ class LeaseKeeper:
                 next_scan = time.monotonic() + self._scan_every
                 self.requeue_orphans()
 
-    def _leased(self) -> list[ActiveJob]:
-        return [job for job in self._held.all() if job.writer.fence is not None]
-
     def poll_cancels(self) -> None:
-        held = {job.record.job_id: job for job in self._leased()}
+        held = {job.record.job_id: job for job in self._held.all()}
         try:
             asked = self._pool.cancels_requested(list(held))
         except StoreUnavailable:
@@ -87,9 +84,9 @@ class LeaseKeeper:
             self._on_cancel(job)
 
     def renew_leases(self) -> None:
-        for job in self._leased():
+        for job in self._held.all():
             fence = job.writer.fence
-            assert fence is not None  # _leased has only jobs taken from the pool
+            assert fence is not None  # HeldJobs holds only jobs taken from the pool, each under its token
             try:
                 kept = self._pool.renew(job.record.job_id, fence)
             except StoreUnavailable as error:  # tried again next time; the fence keeps it safe

@@ -220,22 +220,30 @@ class JobManager:
     def watch(self, job_id: str, caller: Caller) -> tuple[JobRecord, Subscription | StreamSubscription]:
         """The current record of a job `caller` may see, and a subscription to what happens next.
 
-        A job held here is followed here; one held by another trainer (or queued) through
-        its Redis stream, from the entry before its record was read: an event in between
-        is heard (again), none is missed.
+        Either subscription starts before the record is read, so that an event in between is
+        heard (again), never missed: a job held here is followed here; one held by another
+        trainer (or queued) through its Redis stream, from the entry before the record.
         """
-        if self.held.get(job_id) is None and is_job_id(job_id):
-            after = self._event_log.last_id(job_id)
+        if is_job_id(job_id) and self.held.get(job_id) is None:
+            after = self._event_log.last_id(job_id)  # the id is checked: it becomes part of a key
             record = self.get(job_id, caller)
-            if not record.state.finished:
-                closed = self.events.count_follower(job_id)
-                return record, StreamSubscription(self._event_log, job_id, after, closed)
+            if record.state.finished:
+                return record, self._finished(record)
+            return record, StreamSubscription(
+                self._event_log, job_id, after, self.events.count_follower(job_id)
+            )
         subscription = self.events.subscribe(job_id)
         try:
-            record = self.get(job_id, caller)
+            record = self.get(job_id, caller)  # JobNotFound for an id that is not one
         except (JobNotFound, NotPermitted):
             subscription.close()
             raise
-        if record.state.finished:
+        if record.state.finished:  # ended as the watch began
             subscription.push(JobFinished(record))
         return record, subscription
+
+    def _finished(self, record: JobRecord) -> Subscription:
+        """A subscription that has only the job's end to tell."""
+        subscription = self.events.subscribe(record.job_id)
+        subscription.push(JobFinished(record))
+        return subscription

@@ -205,6 +205,32 @@ class PredictLoop:
         self._thread.join(timeout=CALL_TIMEOUT + 5)
 
 
+def redis_cli(stack: Stack, node: str, user: str, *command: str) -> str:
+    """A command on data node `node` (its service name) as ACL user `user`, over TLS.
+
+    The `sentinel` user's password is in the Sentinels' folder; the services' in their own.
+    """
+    folder = "sentinel" if user == "sentinel" else user
+    password = (stack.secrets_dir / folder / "redis.password").read_text()
+    _, output = stack.container(node).exec_run(
+        [
+            "redis-cli",
+            "--tls",
+            "--cacert",
+            "/run/tandem/public/ca.crt",
+            "-h",
+            "localhost",
+            "--user",
+            user,
+            "--pass",
+            password,
+            "--no-auth-warning",
+            *command,
+        ]
+    )
+    return output.decode(errors="replace").strip()
+
+
 def connect_trainer(stack: Stack, replica: int = 1) -> TrainerClient:
     """A client of the stack's trainer (its `replica`-th, with several), once it answers."""
     address = stack.trainer_address(replica)

@@ -37,6 +37,7 @@ from tests.compose.clients import (
     connect_trainer,
     deadline_loop,
     digits,
+    redis_cli,
     wait_until_serving,
 )
 from tests.compose.stack import REDIS_MASTER_NAME, SENTINEL_PORT, SENTINELS, Stack
@@ -74,32 +75,6 @@ def agreed_primary(stack: Stack) -> str | None:
     """The data node every Sentinel names as the primary, if they agree."""
     answers = {sentinel_says(stack, sentinel) for sentinel in SENTINELS}
     return answers.pop() if len(answers) == 1 and None not in answers else None
-
-
-def redis_cli(stack: Stack, node: str, user: str, *command: str) -> str:
-    """A command on data node `node` (its service name) as ACL user `user`, over TLS.
-
-    The `sentinel` user's password is in the Sentinels' folder; the services' in their own.
-    """
-    folder = "sentinel" if user == "sentinel" else user
-    password = (stack.secrets_dir / folder / "redis.password").read_text()
-    _, output = stack.container(node).exec_run(
-        [
-            "redis-cli",
-            "--tls",
-            "--cacert",
-            "/run/tandem/public/ca.crt",
-            "-h",
-            "localhost",
-            "--user",
-            user,
-            "--pass",
-            password,
-            "--no-auth-warning",
-            *command,
-        ]
-    )
-    return output.decode(errors="replace").strip()
 
 
 def replication(stack: Stack, node: str) -> dict[str, str]:

@@ -38,6 +38,7 @@ from tests.compose.clients import (
     crash,
     deadline_loop,
     digits,
+    redis_cli,
     requests_served,
     wait_until_serving,
 )
@@ -425,27 +426,7 @@ def test_its_redis_refuses_writes_from_the_inference_user(healthy_stack, small_m
     redis = healthy_stack.container("redis")
     key = f"tandem:model:{small_model.model_name}:latest"
 
-    def redis_cli(user: str, *command: str) -> str:
-        password = (healthy_stack.secrets_dir / user / "redis.password").read_text()
-        _, output = redis.exec_run(
-            [
-                "redis-cli",
-                "--tls",
-                "--cacert",
-                "/run/tandem/public/ca.crt",
-                "-h",
-                "localhost",
-                "--user",
-                user,
-                "--pass",
-                password,
-                "--no-auth-warning",
-                *command,
-            ]
-        )
-        return output.decode(errors="replace").strip()
-
-    latest = redis_cli("infer", "GET", key)
+    latest = redis_cli(healthy_stack, "redis", "infer", "GET", key)
     assert latest == str(small_model.last_published_version)
     for command in (
         ("SET", key, "999"),
@@ -453,8 +434,8 @@ def test_its_redis_refuses_writes_from_the_inference_user(healthy_stack, small_m
         ("PUBLISH", "tandem:announcements", "{}"),
         ("KEYS", "tandem:job:*"),
     ):
-        assert "NOPERM" in redis_cli("infer", *command), command
-    assert redis_cli("infer", "GET", key) == latest
+        assert "NOPERM" in redis_cli(healthy_stack, "redis", "infer", *command), command
+    assert redis_cli(healthy_stack, "redis", "infer", "GET", key) == latest
     assert (
         "NOAUTH"
         in redis.exec_run(
