@@ -1,10 +1,12 @@
-"""The compose tier: docker-compose.yml on a real Docker engine, driven from this machine.
+"""The compose tier: docker-compose.yml on a real Docker engine, driven from this machine;
+and the swarm tier: deploy/swarm/tandem-stack.yml on a single-node Swarm of that engine.
 
 Base images prepared if missing (scripts/prepare_offline_images.sh) and
-images built once per session (`images`); one stack of docker-compose.yml per
-session (`stack`), and one of docker-compose.yml with docker-compose.ha.yml
-for the HA tests' module (`ha_stack`, its own project). Each is `up --wait`,
-and `down -v --remove-orphans` at its fixture's end: after a failure, after
+images built once per session (`images`); one stack of docker-compose.yml for
+test_stack.py (`stack`), one of docker-compose.yml with docker-compose.ha.yml
+for the HA tests' module (`ha_stack`, its own project), and one swarm stack for
+the swarm tests' module (`swarm_stack`, tests/compose/swarm.py). Each is up and healthy
+before its tests, and removed at its fixture's end: after a failure, after
 Ctrl-C (pytest tears fixtures down on KeyboardInterrupt; SIGTERM and SIGHUP
 are turned into one), and from atexit if anything got past that.
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.compose.stack import Engine, Stack, StackError, find_engine
+from tests.compose.swarm import SwarmStack
 
 REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER", "").lower() in ("1", "true", "yes")
 _MESSAGE = pytest.StashKey[str]()
@@ -179,8 +182,9 @@ def _running(current: Stack):
         teardown.run()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(images):
+    """docker-compose.yml. Module-scoped like the others: one stack at a time runs (the machine is small)."""
     yield from _running(Stack(_require_engine()))
 
 
@@ -191,6 +195,15 @@ def ha_stack(images):
     Module-scoped: it is down before another module's stack comes up (the machine is small).
     """
     yield from _running(Stack.ha(_require_engine()))
+
+
+@pytest.fixture(scope="module")
+def swarm_stack(images):
+    """deploy/swarm/tandem-stack.yml on a single-node Swarm, with a driver container inside it.
+
+    Module-scoped, like `ha_stack`.
+    """
+    yield from _running(SwarmStack(_require_engine()))
 
 
 @pytest.fixture

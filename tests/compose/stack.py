@@ -223,6 +223,11 @@ class Stack:
             str(ENV_EXAMPLE),
             *args,
         ]
+        return self.run(command, timeout=timeout, check=check)
+
+    def run(self, command: list[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+        """`command` with the stack's environment, in a session of its own (a Ctrl-C reaches
+        pytest, not it); StackError if it fails, unless `check` is false."""
         result = subprocess.run(
             command,
             env=self.env,
@@ -234,7 +239,7 @@ class Stack:
         )
         if check and result.returncode != 0:
             raise StackError(
-                f"`{' '.join(command[len(self.compose_command) :])}` failed "
+                f"`{' '.join(command)}` failed "
                 f"({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
             )
         return result
