@@ -1,0 +1,361 @@
+"""deploy/k8s, offline: every overlay renders (kubectl kustomize), validates strictly against
+Kubernetes' schemas (kubernetes-validate, for 1.30 and the newest version it knows), and keeps
+the invariants the README promises: probes, resources and a locked-down securityContext on
+every container, only environment variables the services read, the Dockerfile's two images,
+a headless inference Service.
+
+No cluster is involved (none can run here): what a running cluster would do with the manifests
+is not checked. Without kubectl the test is skipped, or fails under CI=true or
+REQUIRE_KUBECTL=1. Without kubernetes-validate (the dev extra; not yet in
+requirements/dev.lock) it is skipped, or fails under REQUIRE_KUBECTL=1.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "deploy" / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+OLDEST_VERSION = "1.30"
+# Which source trees each service's container runs (docker/healthcheck.py: the probes).
+SOURCES = {
+    "trainer": ("trainer_svc", "shared", "docker/healthcheck.py"),
+    "infer": ("infer_svc", "shared", "docker/healthcheck.py"),
+}
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+STRICT = os.environ.get("REQUIRE_KUBECTL") == "1"
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (the dev extra)")
+try:
+    import kubernetes_validate
+except ImportError:  # pragma: no cover - depends on the environment
+    if STRICT:
+        raise
+    pytest.skip(
+        "kubernetes-validate is not installed (.venv/bin/pip install kubernetes-validate); "
+        "REQUIRE_KUBECTL=1 makes this a failure",
+        allow_module_level=True,
+    )
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    reason = "kubectl is not on PATH: deploy/k8s cannot be rendered (kubectl kustomize)"
+    if STRICT or os.environ.get("CI") == "true":
+        pytest.fail(reason + " (CI=true or REQUIRE_KUBECTL=1)")
+    pytest.skip(reason + "; CI=true or REQUIRE_KUBECTL=1 makes this a failure")
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[dict, ...]:
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"kubectl kustomize {overlay}: {done.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def rendered(overlay: str) -> list[dict]:
+    kubectl()  # skips or fails before the cached render
+    return list(_render(overlay))
+
+
+def of_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def containers(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(workload/container, container) for every container and init container."""
+    for o in objects:
+        if o["kind"] in WORKLOADS:
+            spec = o["spec"]["template"]["spec"]
+            for c in (*spec.get("initContainers", ()), *spec["containers"]):
+                yield f"{o['kind']}/{o['metadata']['name']}/{c['name']}", c
+
+
+def pod_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    for o in objects:
+        if o["kind"] in WORKLOADS:
+            yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]
+
+
+# ---------------------------------------------------------------- the schemas
+
+
+@pytest.mark.parametrize("version", [OLDEST_VERSION, kubernetes_validate.latest_version()])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_validates_strictly(overlay, version):
+    objects = rendered(overlay)
+    assert objects, f"{overlay} renders nothing"
+    failures = []
+    for o in objects:
+        try:
+            kubernetes_validate.validate(o, version, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as error:
+            failures.append(f"{o['kind']}/{o['metadata']['name']}: {error}")
+    assert not failures, "\n".join(failures)
+    print(f"{overlay}: {len(objects)} objects valid (strict) for Kubernetes {version}")
+
+
+# ---------------------------------------------------------------- every container
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_probes_resources_and_a_locked_down_security_context(overlay):
+    problems = []
+    for name, c in containers(rendered(overlay)):
+        for probe in ("livenessProbe", "readinessProbe"):
+            if probe not in c:
+                problems.append(f"{name}: no {probe}")
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                if resource not in c.get("resources", {}).get(kind, {}):
+                    problems.append(f"{name}: no {kind}.{resource}")
+        context = c.get("securityContext", {})
+        wanted = {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        problems += [
+            f"{name}: securityContext.{key} is {context.get(key)!r}, not {value!r}"
+            for key, value in wanted.items()
+            if context.get(key) != value
+        ]
+    for name, spec in pod_specs(rendered(overlay)):
+        # Service links would put TRAINER_PORT=tcp://..., INFER_PORT=... and the like in
+        # the services' environment, beside the settings they read.
+        if spec.get("enableServiceLinks") is not False:
+            problems.append(f"{name}: enableServiceLinks is not false")
+        if spec.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"{name}: the pod's securityContext lacks runAsNonRoot")
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------- settings the services read
+
+ENV_READERS = {"env", "getenv", "get"}  # shared.env.env, os.getenv, os.environ.get
+
+
+def _is_env_read(call: ast.Call) -> bool:
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id == "env"
+    if isinstance(func, ast.Attribute) and func.attr in ENV_READERS:
+        owner = func.value
+        return (isinstance(owner, ast.Attribute) and owner.attr == "environ") or (
+            isinstance(owner, ast.Name) and owner.id == "os" and func.attr == "getenv"
+        )
+    return False
+
+
+def _strings_of(node: ast.AST | None) -> list[str] | None:
+    """The str values of a literal str or a dict literal of str values; None if neither."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.Dict):
+        values = [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+        return values if len(values) == len(node.values) else None
+    return None
+
+
+class _EnvReads(ast.NodeVisitor):
+    """The variable names a module reads, resolving a name given through a constant: a
+    module-level str (DATA_DIR = "X"), a dict of them subscripted (NAMES[key]), a loop
+    or comprehension variable over such a dict's .items() or .values(), or a name unpacked
+    from a dict of tuples subscripted (variable, default = CHECKS[key]: its str members)."""
+
+    def __init__(self, tree: ast.Module, where: str):
+        self.where, self.names, self.unresolved = where, set[str](), list[str]()
+        self.constants: dict[str, list[str]] = {}
+        for node in ast.walk(tree):  # assignments anywhere: module constants and local dicts
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, values = node.targets[0], _strings_of(node.value)
+                if isinstance(target, ast.Name) and values is not None:
+                    self.constants[target.id] = values
+        self.loop_vars: dict[str, list[str]] = {}
+        tables = {
+            node.targets[0].id: node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Dict)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.comprehension | ast.For):
+                self._bind(node.target, node.iter)
+            elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple):
+                source = node.value
+                if isinstance(source, ast.Subscript) and isinstance(source.value, ast.Name):
+                    self._unpack(node.targets[0], tables.get(source.value.id))
+        self.visit(tree)
+
+    def _bind(self, target: ast.AST, iterable: ast.AST) -> None:
+        if not (isinstance(iterable, ast.Call) and isinstance(iterable.func, ast.Attribute)):
+            return
+        source = iterable.func.value
+        if not (isinstance(source, ast.Name) and source.id in self.constants):
+            return
+        if iterable.func.attr == "items" and isinstance(target, ast.Tuple) and len(target.elts) == 2:
+            value = target.elts[1]
+            if isinstance(value, ast.Name):
+                self.loop_vars[value.id] = self.constants[source.id]
+        elif iterable.func.attr == "values" and isinstance(target, ast.Name):
+            self.loop_vars[target.id] = self.constants[source.id]
+
+    def _unpack(self, target: ast.Tuple, table: ast.Dict | None) -> None:
+        rows = [row for row in (table.values if table else ()) if isinstance(row, ast.Tuple)]
+        for position, element in enumerate(target.elts):
+            cells = [row.elts[position] for row in rows if len(row.elts) > position]
+            found = [c.value for c in cells if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+            if isinstance(element, ast.Name) and found:
+                self.loop_vars[element.id] = found
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if _is_env_read(node) and node.args:
+            self._read(node.args[0], node.lineno)
+        self.generic_visit(node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> None:  # os.environ["X"]
+        if isinstance(node.value, ast.Attribute) and node.value.attr == "environ":
+            self._read(node.slice, node.lineno)
+        self.generic_visit(node)
+
+    def _read(self, arg: ast.AST, line: int) -> None:
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            self.names.add(arg.value)
+        elif isinstance(arg, ast.Name) and arg.id in self.loop_vars:
+            self.names |= set(self.loop_vars[arg.id])
+        elif isinstance(arg, ast.Name) and arg.id in self.constants:
+            self.names |= set(self.constants[arg.id])
+        elif (
+            isinstance(arg, ast.Subscript)
+            and isinstance(arg.value, ast.Name)
+            and arg.value.id in self.constants
+        ):
+            self.names |= set(self.constants[arg.value.id])
+        elif self.where == "shared/env.py" and isinstance(arg, ast.Name) and arg.id == "name":
+            pass  # shared.env.env itself: os.environ.get(name), its callers are the reads
+        else:
+            self.unresolved.append(f"{self.where}:{line}: {ast.unparse(arg)}")
+
+
+@functools.cache
+def variables_read(service: str) -> frozenset[str]:
+    names: set[str] = set()
+    unresolved: list[str] = []
+    for root in SOURCES[service]:
+        path = REPO / root
+        files = [path] if path.is_file() else sorted(path.rglob("*.py"))
+        for file in files:
+            if "stubs" in file.relative_to(REPO).parts:
+                continue
+            reads = _EnvReads(ast.parse(file.read_text(), str(file)), str(file.relative_to(REPO)))
+            names |= reads.names
+            unresolved += reads.unresolved
+    # A read this scan cannot follow would let a manifest set a name nothing reads, unseen.
+    assert not unresolved, "environment reads the scan cannot resolve:\n" + "\n".join(unresolved)
+    return frozenset(names)
+
+
+def test_the_scan_finds_the_settings_read_through_constants():
+    trainer, infer = variables_read("trainer"), variables_read("infer")
+    assert {"TRAINER_MAX_JOB_MEMORY_BYTES", "TANDEM_DATA_DIR", "REDIS_TLS_CA", "TRAINER_LEASE_MS"} <= trainer
+    assert {"INFER_MODELS", "REDIS_PASSWORD_FILE", "TANDEM_TLS_CA", "TANDEM_TOKENS_FILE"} <= infer
+    assert "TRAINER_LEASE_MS" not in infer and "INFER_MODELS" not in trainer
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_variable_set_on_the_services_is_one_they_read(overlay):
+    deployments = of_kind(rendered(overlay), "Deployment")
+    assert set(deployments) >= set(SOURCES)
+    problems = []
+    for service in SOURCES:
+        for c in deployments[service]["spec"]["template"]["spec"]["containers"]:
+            assert "envFrom" not in c, f"{service}: envFrom hides the names it sets"
+            unknown = {e["name"] for e in c.get("env", ())} - variables_read(service)
+            problems += [f"{service}/{c['name']}: {name} is read by nothing" for name in sorted(unknown)]
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------- images, services, probes
+
+
+def dockerfile_images() -> set[str]:
+    """tandem-<target> for each final target the Dockerfile builds (FROM runtime AS ...)."""
+    targets = re.findall(r"^FROM\s+runtime\s+AS\s+(\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    return {f"tandem-{target}" for target in targets}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_images_are_the_two_the_dockerfile_builds_with_a_tag(overlay):
+    assert dockerfile_images() == {"tandem-trainer", "tandem-infer"}
+    used = {}
+    for name, c in containers(rendered(overlay)):
+        image, _, tag = c["image"].rpartition(":")
+        assert image and tag and tag != "latest", f"{name}: {c['image']} has no pinned tag"
+        used[name] = image.rsplit("/", 1)[-1]
+    ours = {image for image in used.values() if image.startswith("tandem")}
+    assert ours == dockerfile_images(), used
+    assert used["Deployment/trainer/trainer"] == "tandem-trainer"
+    assert used["Deployment/infer/infer"] == "tandem-infer"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_is_headless_autoscaled_and_both_services_have_disruption_budgets(overlay):
+    objects = rendered(overlay)
+    services = of_kind(objects, "Service")
+    assert services["infer"]["spec"]["clusterIP"] == "None"  # clients balance HTTP/2 streams
+    hpa = of_kind(objects, "HorizontalPodAutoscaler")["infer"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "infer"}
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    assert budgets["trainer"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "trainer"}
+    assert budgets["infer"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "infer"}
+    assert all(o["metadata"].get("namespace") == "tandem" for o in objects if o["kind"] != "Namespace"), (
+        "every object lives in the namespace tandem"
+    )
+    assert not of_kind(objects, "Secret"), "secret values are never committed: only referenced by name"
+
+
+def test_the_overlays_size_the_trainer_pool():
+    assert of_kind(rendered("dev"), "Deployment")["trainer"]["spec"]["replicas"] == 1
+    assert of_kind(rendered("production"), "Deployment")["trainer"]["spec"]["replicas"] == 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ask_the_images_health_check_and_metrics_are_announced(overlay):
+    deployments = of_kind(rendered(overlay), "Deployment")
+    ports = {"trainer": "9101", "infer": "9102"}
+    for service, port in ports.items():
+        template = deployments[service]["spec"]["template"]
+        assert template["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": port,
+            "prometheus.io/path": "/metrics",
+        }
+        (c,) = template["spec"]["containers"]
+        assert int(port) in {p["containerPort"] for p in c["ports"]}
+        check = ["python", "/opt/tandem/healthcheck.py", service]
+        assert c["livenessProbe"]["exec"]["command"] == check
+        assert c["readinessProbe"]["exec"]["command"] == [*check, "--ready"]
