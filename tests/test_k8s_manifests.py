@@ -6,8 +6,7 @@ a headless inference Service.
 
 No cluster is involved (none can run here): what a running cluster would do with the manifests
 is not checked. Without kubectl the test is skipped, or fails under CI=true or
-REQUIRE_KUBECTL=1. Without kubernetes-validate (the dev extra; not yet in
-requirements/dev.lock) it is skipped, or fails under REQUIRE_KUBECTL=1.
+REQUIRE_KUBECTL=1. kubernetes-validate (and PyYAML with it) is in the dev lock.
 """
 
 from __future__ import annotations
@@ -21,7 +20,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -34,18 +35,6 @@ SOURCES = {
 }
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 STRICT = os.environ.get("REQUIRE_KUBECTL") == "1"
-
-yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (the dev extra)")
-try:
-    import kubernetes_validate
-except ImportError:  # pragma: no cover - depends on the environment
-    if STRICT:
-        raise
-    pytest.skip(
-        "kubernetes-validate is not installed (.venv/bin/pip install kubernetes-validate); "
-        "REQUIRE_KUBECTL=1 makes this a failure",
-        allow_module_level=True,
-    )
 
 
 def kubectl() -> str:
