@@ -2,10 +2,6 @@
 
     python /opt/tandem/healthcheck.py trainer   # healthy = SERVING (tandem.v1.Trainer)
     python /opt/tandem/healthcheck.py infer     # healthy = the server answers (live)
-    python /opt/tandem/healthcheck.py infer --ready   # ready = SERVING (tandem.v1.Inference)
-
-`--ready` (the Kubernetes readiness probe, deploy/k8s) demands SERVING on the
-service's own name: for inference that is once its models serve.
 
 The port comes from the service's own setting (TRAINER_LISTEN / INFER_LISTEN),
 so a changed listen address needs no other change. The inference service is
@@ -38,8 +34,6 @@ CHECKS = {
     "trainer": ("TRAINER_LISTEN", "0.0.0.0:50051", "tandem.v1.Trainer", True),
     "infer": ("INFER_LISTEN", "0.0.0.0:50052", "", False),
 }
-# `--ready`: SERVING required on this name (infer: once every INFER_MODELS model serves, or any).
-READY_SERVICES = {"trainer": "tandem.v1.Trainer", "infer": "tandem.v1.Inference"}
 TIMEOUT = 4.0
 
 
@@ -64,12 +58,10 @@ def client_tls() -> ClientTLS | None:
 
 
 def main() -> int:
-    if not 2 <= len(sys.argv) <= 3 or sys.argv[1] not in CHECKS or sys.argv[2:] not in ([], ["--ready"]):
-        print(f"usage: healthcheck.py {'|'.join(CHECKS)} [--ready]", file=sys.stderr)
+    if len(sys.argv) != 2 or sys.argv[1] not in CHECKS:
+        print(f"usage: healthcheck.py {'|'.join(CHECKS)}", file=sys.stderr)
         return 2
     variable, default, service, require_serving = CHECKS[sys.argv[1]]
-    if sys.argv[2:] == ["--ready"]:
-        service, require_serving = READY_SERVICES[sys.argv[1]], True
     address = target(os.environ.get(variable) or default)
     try:
         tls = client_tls()

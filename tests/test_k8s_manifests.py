@@ -1,8 +1,9 @@
 """deploy/k8s, offline: every overlay renders (kubectl kustomize), validates strictly against
 Kubernetes' schemas (kubernetes-validate, for 1.30 and the newest version it knows), and keeps
 the invariants the README promises: probes, resources and a locked-down securityContext on
-every container, only environment variables the services read, the Dockerfile's two images,
-a headless inference Service.
+every container, the kubelet's gRPC probes on the services' health listeners, only
+environment variables the services read, the Dockerfile's two images, a headless inference
+Service.
 
 No cluster is involved (none can run here): what a running cluster would do with the manifests
 is not checked. Without kubectl the test is skipped, or fails under CI=true or
@@ -12,6 +13,7 @@ REQUIRE_KUBECTL=1. kubernetes-validate (and PyYAML with it) is in the dev lock.
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import os
 import re
@@ -24,15 +26,20 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infer_svc import server as infer_server
+from shared.rpc.health import LIVENESS
+from shared.rpc.health_listener import listen_address
+from trainer_svc import server as trainer_server
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 OLDEST_VERSION = "1.30"
-# Which source trees each service's container runs (docker/healthcheck.py: the probes).
-SOURCES = {
-    "trainer": ("trainer_svc", "shared", "docker/healthcheck.py"),
-    "infer": ("infer_svc", "shared", "docker/healthcheck.py"),
-}
+# Which source trees each service's container runs (the kubelet's gRPC probes run nothing in it).
+SOURCES = {"trainer": ("trainer_svc", "shared"), "infer": ("infer_svc", "shared")}
+# What the probes ask: the listener each service opens for them, and the health entries.
+HEALTH_LISTEN = {"trainer": "TRAINER_HEALTH_LISTEN", "infer": "INFER_HEALTH_LISTEN"}
+READY_SERVICE = {"trainer": trainer_server.SERVICE_NAME, "infer": infer_server.SERVICE_NAME}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 STRICT = os.environ.get("REQUIRE_KUBECTL") == "1"
 
@@ -100,6 +107,24 @@ def test_every_overlay_validates_strictly(overlay, version):
             failures.append(f"{o['kind']}/{o['metadata']['name']}: {error}")
     assert not failures, "\n".join(failures)
     print(f"{overlay}: {len(objects)} objects valid (strict) for Kubernetes {version}")
+
+
+def test_the_validation_is_strict_and_knows_both_versions():
+    """What the test above relies on: an unknown field, or a known one misspelt, is refused."""
+    versions = (OLDEST_VERSION, kubernetes_validate.latest_version())
+    (trainer,) = [
+        o for o in rendered("production") if o["kind"] == "Deployment" and o["metadata"]["name"] == "trainer"
+    ]
+    for version in versions:
+        kubernetes_validate.validate(trainer, version, strict=True)
+        for path in (("livenessProbe", "grpc", "servce"), ("resources", "limit")):
+            broken = copy.deepcopy(trainer)
+            target = broken["spec"]["template"]["spec"]["containers"][0]
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = "x"
+            with pytest.raises(kubernetes_validate.ValidationError):
+                kubernetes_validate.validate(broken, version, strict=True)
 
 
 # ---------------------------------------------------------------- every container
@@ -332,8 +357,44 @@ def test_the_overlays_size_the_trainer_pool():
     assert of_kind(rendered("production"), "Deployment")["trainer"]["spec"]["replicas"] == 3
 
 
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", ())}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_ask_the_images_health_check_and_metrics_are_announced(overlay):
+def test_the_services_probes_are_the_kubelets_grpc_probes_on_their_health_listener(overlay):
+    objects = rendered(overlay)
+    deployments = of_kind(objects, "Deployment")
+    for service, setting in HEALTH_LISTEN.items():
+        (c,) = deployments[service]["spec"]["template"]["spec"]["containers"]
+        listen = env_of(c).get(setting)
+        assert listen, f"{service}: {setting} is not set: the probes would find no listener"
+        host, _, port = listen_address(listen).rpartition(":")  # the service's own check of it
+        assert host == "0.0.0.0", f"{service}: {setting}={listen}: the kubelet probes the pod's IP"
+        wanted = {
+            "startupProbe": LIVENESS,
+            "livenessProbe": LIVENESS,  # SERVING with no model yet: a fresh cluster is not restarted
+            "readinessProbe": READY_SERVICE[service],
+        }
+        for probe, health_service in wanted.items():
+            assert set(c[probe]) & {"exec", "httpGet", "tcpSocket"} == set(), f"{service}: {probe}"
+            assert c[probe]["grpc"] == {"port": int(port), "service": health_service}, f"{service}: {probe}"
+        assert int(port) in {p["containerPort"] for p in c["ports"]}
+        # Kept to the pod: no Service carries it, no NetworkPolicy opens it (the kubelet's
+        # probes come from the node, which NetworkPolicies do not stop: deploy/k8s/README.md).
+        service_ports = {p["port"] for p in of_kind(objects, "Service")[service]["spec"]["ports"]}
+        assert int(port) not in service_ports
+        opened = {
+            p.get("port")
+            for policy in of_kind(objects, "NetworkPolicy").values()
+            for rule in policy["spec"].get("ingress", ())
+            for p in rule.get("ports", ())
+        }
+        assert int(port) not in opened
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_are_announced(overlay):
     deployments = of_kind(rendered(overlay), "Deployment")
     ports = {"trainer": "9101", "infer": "9102"}
     for service, port in ports.items():
@@ -345,6 +406,3 @@ def test_probes_ask_the_images_health_check_and_metrics_are_announced(overlay):
         }
         (c,) = template["spec"]["containers"]
         assert int(port) in {p["containerPort"] for p in c["ports"]}
-        check = ["python", "/opt/tandem/healthcheck.py", service]
-        assert c["livenessProbe"]["exec"]["command"] == check
-        assert c["readinessProbe"]["exec"]["command"] == [*check, "--ready"]
