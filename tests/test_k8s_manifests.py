@@ -29,6 +29,7 @@ import yaml
 from infer_svc import server as infer_server
 from shared.rpc.health import LIVENESS
 from shared.rpc.health_listener import listen_address
+from shared.security.deploy_secrets import SERVERS as CERTIFICATE_NAMES
 from trainer_svc import server as trainer_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -406,3 +407,35 @@ def test_metrics_are_announced(overlay):
         }
         (c,) = template["spec"]["containers"]
         assert int(port) in {p["containerPort"] for p in c["ports"]}
+
+
+# ---------------------------------------------------------------- Redis's names
+
+
+def redis_url_hosts(container: dict) -> set[str]:
+    """The hosts of a rediss+sentinel://HOST:PORT,HOST:PORT/... REDIS_URL."""
+    url = env_of(container)["REDIS_URL"]
+    addresses = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    return {address.rpartition(":")[0] for address in addresses.split(",")}
+
+
+def test_the_in_cluster_redis_names_are_the_ones_its_certificates_hold():
+    """Pods, the Services that name them, what the Sentinels announce and what REDIS_URL
+    lists are the names shared.security.deploy_secrets puts in the certificates (compose's)."""
+    for overlay in [o for o in OVERLAYS if of_kind(rendered(o), "StatefulSet")]:
+        objects = rendered(overlay)
+        sentinels = of_kind(objects, "StatefulSet")["sentinel"]["spec"]
+        start = sentinels.get("ordinals", {}).get("start", 0)
+        pods = {f"sentinel-{n}" for n in range(start, start + sentinels["replicas"])}
+        assert pods == set(CERTIFICATE_NAMES["sentinel"]), overlay
+        (sentinel,) = sentinels["template"]["spec"]["containers"]
+        assert "sentinel announce-ip $HOSTNAME\n" in sentinel["command"][-1]  # its pod name
+        services = of_kind(objects, "Service")
+        data_nodes = {"redis": "redis-0", "redis-replica": "redis-1"}
+        assert set(data_nodes) == set(CERTIFICATE_NAMES["redis"])
+        for name, pod in {**{p: p for p in pods}, **data_nodes}.items():
+            assert services[name]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == pod
+            assert services[name]["spec"]["clusterIP"] == "None"
+        for service in SOURCES:
+            (c,) = of_kind(objects, "Deployment")[service]["spec"]["template"]["spec"]["containers"]
+            assert redis_url_hosts(c) == pods, f"{overlay}: {service}'s REDIS_URL"
