@@ -92,6 +92,16 @@ def pod_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
             yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]
 
 
+def service_container(objects: list[dict], service: str) -> dict:
+    """The one container of the Deployment `service` (trainer, infer)."""
+    (container,) = of_kind(objects, "Deployment")[service]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", ())}
+
+
 # ---------------------------------------------------------------- the schemas
 
 
@@ -356,18 +366,56 @@ def test_inference_is_headless_autoscaled_and_both_services_have_disruption_budg
 def test_the_overlays_size_the_trainer_pool():
     assert of_kind(rendered("dev"), "Deployment")["trainer"]["spec"]["replicas"] == 1
     assert of_kind(rendered("production"), "Deployment")["trainer"]["spec"]["replicas"] == 3
+    assert of_kind(rendered("external-redis"), "Deployment")["trainer"]["spec"]["replicas"] == 3
 
 
-def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value", "") for e in container.get("env", ())}
+FILE_SETTINGS = re.compile(r"_(FILE|CA|CERT|KEY)$")  # settings whose value is a file's path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_file_a_setting_names_is_in_a_mounted_secret(overlay):
+    problems = []
+    for name, spec in pod_specs(rendered(overlay)):
+        secrets = {v["name"] for v in spec.get("volumes", ()) if "secret" in v}
+        for c in spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", ())}
+            for variable, path in env_of(c).items():
+                if not FILE_SETTINGS.search(variable):
+                    continue
+                folder = str(Path(path).parent)
+                if mounts.get(folder) not in secrets:
+                    problems.append(
+                        f"{name}/{c['name']}: {variable}={path}: no Secret is mounted at {folder}"
+                    )
+    assert not problems, "\n".join(problems)
+
+
+def test_the_external_redis_overlay_runs_no_redis_and_points_both_services_at_one_tls_address():
+    objects = rendered("external-redis")
+    ours = ("redis", "sentinel")
+    left = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in objects
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/name") in ours
+        or (o["kind"] == "NetworkPolicy" and o["metadata"]["name"] in ours)
+    ]
+    assert not left and not of_kind(objects, "StatefulSet"), left
+    urls = set()
+    for service in SOURCES:
+        settings = env_of(service_container(objects, service))
+        urls.add(settings["REDIS_URL"])
+        assert settings["REDIS_TLS_CA"] == "/run/tandem/redis-ca/ca.crt"  # the provider's CA
+        assert settings["REDIS_USERNAME"] == service  # the ACL users of shared.security.redis_acl
+    (url,) = urls  # one Redis for both
+    assert url.startswith("rediss://"), url  # TLS, no Sentinel
+    assert env_of(service_container(objects, "trainer"))["REDIS_MIN_REPLICAS_ACK"] == "0"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_services_probes_are_the_kubelets_grpc_probes_on_their_health_listener(overlay):
     objects = rendered(overlay)
-    deployments = of_kind(objects, "Deployment")
     for service, setting in HEALTH_LISTEN.items():
-        (c,) = deployments[service]["spec"]["template"]["spec"]["containers"]
+        c = service_container(objects, service)
         listen = env_of(c).get(setting)
         assert listen, f"{service}: {setting} is not set: the probes would find no listener"
         host, _, port = listen_address(listen).rpartition(":")  # the service's own check of it
@@ -437,5 +485,6 @@ def test_the_in_cluster_redis_names_are_the_ones_its_certificates_hold():
             assert services[name]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == pod
             assert services[name]["spec"]["clusterIP"] == "None"
         for service in SOURCES:
-            (c,) = of_kind(objects, "Deployment")[service]["spec"]["template"]["spec"]["containers"]
-            assert redis_url_hosts(c) == pods, f"{overlay}: {service}'s REDIS_URL"
+            assert redis_url_hosts(service_container(objects, service)) == pods, (
+                f"{overlay}: {service}'s REDIS_URL"
+            )
