@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from shared.checkpoints.checkpoint import check_model_name
 from shared.env import env
+from shared.rpc.health import LIVENESS
+from shared.rpc.health_listener import check_own_port, listen_address, port_of
 from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
 
@@ -47,7 +49,22 @@ class InferConfig:
     metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))  # 0 = off
     metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
+    # grpc.health.v1 alone, in plaintext, for probes that cannot do TLS (Kubernetes'); None = none.
+    health_listen: str | None = field(
+        default_factory=lambda: env("INFER_HEALTH_LISTEN", None, listen_address)
+    )
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
     # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.security.access).
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)
+
+    def __post_init__(self):
+        if LIVENESS in self.models:  # a model's health entry has its name: this one is taken
+            raise ValueError(
+                f"INFER_MODELS: {LIVENESS!r} is the process's own health entry; rename the model"
+            )
+        check_own_port(
+            "INFER_HEALTH_LISTEN",
+            self.health_listen,
+            {"INFER_LISTEN": port_of(self.listen), "INFER_METRICS_PORT": self.metrics_port},
+        )

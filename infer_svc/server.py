@@ -8,12 +8,15 @@ SIGTERM. Stopping is shared.rpc.server.GrpcService's; what is the inference
 server's own is closing the batcher, the version source and the registry
 once the gRPC server has stopped.
 
-Liveness and readiness: the server answers as soon as it starts; it is
-ready (grpc.health.v1 SERVING for "" and the service names, ServerReady
-true) once every configured model serves (Triton's strict readiness), or,
-with none configured, once a first model serves; NOT_SERVING again from the
+Liveness and readiness: the server answers as soon as it starts, and is
+live ("liveness" SERVING, shared.rpc.health.LIVENESS); it is ready
+(grpc.health.v1 SERVING for "" and the service names, ServerReady true)
+once every configured model serves (Triton's strict readiness), or, with
+none configured, once a first model serves; NOT_SERVING again from the
 start of a shutdown. Each model also has a health entry under its own name,
-SERVING once a version of it serves.
+SERVING once a version of it serves. With INFER_HEALTH_LISTEN the same
+statuses are served in plaintext on a port of their own, for probes
+(shared.rpc.health_listener).
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ class InferenceServer(GrpcService):
             config.max_message_bytes,
             interceptors=[AccessInterceptor(config.auth, "inference")],
         )
-        super().__init__("infer", server, health, config.grace_seconds)
+        super().__init__(
+            "infer", server, health, config.grace_seconds, config.health_listen, "INFER_HEALTH_LISTEN"
+        )
         self.registry = Registry(
             self.store,
             models=config.models,
@@ -99,15 +104,16 @@ class InferenceServer(GrpcService):
 
     def start(self) -> InferenceServer:
         self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
-        self.server.start()
+        self._serve()
         self.registry.load_configured()
         self.source.start()
         log.info(
-            "event=infer_started listen=%s port=%d models=%s metrics_port=%d",
+            "event=infer_started listen=%s port=%d models=%s metrics_port=%d health_port=%s",
             self.config.listen,
             self.port,
             ",".join(self.config.models) or "any",
             self.config.metrics_port,
+            self.health_listener.port if self.health_listener else "none",
         )
         return self
 

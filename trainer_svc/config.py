@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.env import env
+from shared.rpc.health_listener import check_own_port, listen_address, port_of
 from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
 from trainer_svc.limits import JobLimits
@@ -32,6 +33,10 @@ class TrainerConfig:
     max_upload_bytes: int = field(default_factory=lambda: env("TRAINER_MAX_UPLOAD_BYTES", 512 * 2**20, int))
     max_classes: int = field(default_factory=lambda: env("TRAINER_MAX_CLASSES", 10_000, int))
     grpc_workers: int = field(default_factory=lambda: env("TRAINER_GRPC_WORKERS", 32, int))
+    # grpc.health.v1 alone, in plaintext, for probes that cannot do TLS (Kubernetes'); None = none.
+    health_listen: str | None = field(
+        default_factory=lambda: env("TRAINER_HEALTH_LISTEN", None, listen_address)
+    )
     # The trainer pool (docs/trainer-pool.md): how long a job's lease lasts without renewal,
     # how often it is renewed, how often jobs nobody holds are looked for, how often a free
     # worker looks at the queue.
@@ -54,3 +59,8 @@ class TrainerConfig:
             )
         if self.takeover_scan_ms <= 0 or self.queue_poll_ms <= 0:
             raise ValueError("TRAINER_TAKEOVER_SCAN_MS and TRAINER_QUEUE_POLL_MS must be above 0")
+        check_own_port(
+            "TRAINER_HEALTH_LISTEN",
+            self.health_listen,
+            {"TRAINER_LISTEN": port_of(self.listen), "TRAINER_METRICS_PORT": self.metrics_port},
+        )

@@ -5,6 +5,11 @@ request validator, job runner, job manager, servicer) from one TrainerConfig,
 so that tests start a real server in-process and `python -m trainer_svc`
 runs the same thing until SIGTERM. Stopping is shared.rpc.server.GrpcService's;
 what is the trainer's own is letting running jobs checkpoint first.
+
+Health: "liveness" (shared.rpc.health.LIVENESS), "" and tandem.v1.Trainer are
+SERVING from start until a shutdown begins; with TRAINER_HEALTH_LISTEN they
+are served in plaintext on a port of their own too, for probes
+(shared.rpc.health_listener).
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ class TrainerServer(GrpcService):
         server = grpc_server(
             config.grpc_workers, MAX_MESSAGE_BYTES, interceptors=[AccessInterceptor(config.auth, "trainer")]
         )
-        super().__init__("trainer", server, health, config.grace_seconds)
+        super().__init__(
+            "trainer", server, health, config.grace_seconds, config.health_listen, "TRAINER_HEALTH_LISTEN"
+        )
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(
             TrainerServicer(self.manager, self.store, self.catalog), server
         )
@@ -98,14 +105,15 @@ class TrainerServer(GrpcService):
             self._job_states = metrics.register_job_states(
                 lambda: (r.state.value for r in self.manager.list(UNRESTRICTED))
             )
-        self.server.start()
+        self._serve()
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "event=trainer_started listen=%s port=%d metrics_port=%d",
+            "event=trainer_started listen=%s port=%d metrics_port=%d health_port=%s",
             self.config.listen,
             self.port,
             self.config.metrics_port,
+            self.health_listener.port if self.health_listener else "none",
         )
         return self
 

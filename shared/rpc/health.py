@@ -11,6 +11,17 @@ the polling thread.
 Each open Watch holds one of the server's worker threads, so at most
 `max_watchers` are open at once (`HealthServicer.for_workers`: a quarter of
 the workers); one more is refused with RESOURCE_EXHAUSTED.
+
+A process may serve its statuses on a second server too (the plaintext
+listener for probes, shared.rpc.health_listener): `serving_elsewhere` gives
+that server a servicer of its own that answers from the same statuses, so
+the two never disagree, and counts its own watches against its own threads,
+so watches on one server cannot take the other's.
+
+`LIVENESS` is the entry a liveness probe asks for: GrpcService sets it
+SERVING once the process serves, and only a shutdown ends that. "" and the
+service names mean ready, which an inference server is not until its models
+serve: a liveness probe on those would restart a fresh deployment for ever.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ WORKERS_PER_WATCHER = 4
 # watch gives its thread and its slot back within this many seconds.
 CLIENT_CHECK_SECONDS = 0.5
 SHOWN_NAME = 200  # characters of an unknown service's name quoted back
+LIVENESS = "liveness"  # SERVING while the process is up and not shutting down
 
 
 class UnknownService(LookupError):
@@ -44,41 +56,60 @@ STATUS_BY_ERROR = [
 ]
 
 
+class _Statuses:
+    """What every servicer of one process answers: statuses by service name, and whether a
+    graceful shutdown has begun. `changed` guards both (and each servicer's watch count) and
+    is notified on every change."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.by_service: dict[str, Status] = {}
+        self.shutting_down = False
+
+
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Serving statuses by service name ("" = the server as a whole), for Check and Watch."""
 
-    def __init__(self, max_watchers: int, limit_variable: str):
+    def __init__(self, max_watchers: int, limit_variable: str, statuses: _Statuses | None = None):
         self._max_watchers = max_watchers
         self._limit_variable = limit_variable  # what sets max_watchers, for the refusal's message
-        self._changed = threading.Condition()  # guards the three below; notified on every change
-        self._statuses: dict[str, Status] = {}
-        self._watchers = 0
-        self._shutting_down = False
+        self._shared = statuses or _Statuses()
+        self._changed = self._shared.changed
+        self._watchers = 0  # this servicer's open watches, under self._changed
 
     @classmethod
-    def for_workers(cls, workers: int, workers_variable: str) -> HealthServicer:
+    def for_workers(
+        cls, workers: int, workers_variable: str, statuses: _Statuses | None = None
+    ) -> HealthServicer:
         """For a server on `workers` threads (set by `workers_variable`): watches take a quarter at most."""
-        return cls(max(1, workers // WORKERS_PER_WATCHER), f"{workers_variable} / {WORKERS_PER_WATCHER}")
+        limit = max(1, workers // WORKERS_PER_WATCHER)
+        return cls(limit, f"{workers_variable} / {WORKERS_PER_WATCHER}", statuses)
+
+    def serving_elsewhere(self, workers: int, workers_variable: str) -> HealthServicer:
+        """A servicer for another server of this process, on `workers` threads: the same
+        statuses (a change shows on both), watch places of its own (a quarter of its workers)."""
+        return self.for_workers(workers, workers_variable, self._shared)
 
     def set(self, service: str, status: Status) -> None:
         """Set `service`'s status; ignored once a graceful shutdown has begun."""
         with self._changed:
-            if not self._shutting_down:
-                self._statuses[service] = status
+            if not self._shared.shutting_down:
+                self._shared.by_service[service] = status
                 self._changed.notify_all()
 
     def enter_graceful_shutdown(self) -> None:
-        """Every status NOT_SERVING for good; open watches get it and end."""
+        """Every status NOT_SERVING for good; open watches get it and end (on every server)."""
         with self._changed:
-            self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
-            self._shutting_down = True
+            statuses = self._shared.by_service
+            statuses.update(dict.fromkeys(statuses, health_pb2.HealthCheckResponse.NOT_SERVING))
+            self._shared.shutting_down = True
             self._changed.notify_all()
 
     @translate_errors(STATUS_BY_ERROR)
     def Check(self, request, context):
         with self._changed:
-            status = self._statuses.get(request.service)
-            known = sorted(self._statuses)
+            status = self._shared.by_service.get(request.service)
+            known = sorted(self._shared.by_service)
         if status is None:
             # At most SHOWN_NAME characters of the name: the message travels in the trailers,
             # which a long name would take beyond the client's metadata limit.
@@ -101,7 +132,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     self._changed.wait_for(
                         partial(self._has_news, request.service, sent), timeout=CLIENT_CHECK_SECONDS
                     )
-                    status, ending = self._status(request.service), self._shutting_down
+                    status, ending = self._status(request.service), self._shared.shutting_down
                 if status != sent:
                     yield health_pb2.HealthCheckResponse(status=status)
                     sent = status
@@ -122,8 +153,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def _has_news(self, service: str, sent: Status | None) -> bool:
         """Under the lock: whether a Watch of `service` that last sent `sent` has more to say."""
-        return self._status(service) != sent or self._shutting_down
+        return self._status(service) != sent or self._shared.shutting_down
 
     def _status(self, service: str) -> Status:
         """Under the lock: `service`'s status, SERVICE_UNKNOWN if it has none."""
-        return self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return self._shared.by_service.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
-from shared.rpc.health import HealthServicer
+from shared.rpc.health import LIVENESS, HealthServicer
+from shared.rpc.health_listener import HealthListener
 from shared.rpc.request_guard import UnparsableRequests
 
 
@@ -66,16 +67,37 @@ class GrpcService:
     """A service process's gRPC server and health, stopped gracefully, once (what run_until_signalled runs).
 
     A subclass builds its parts, hands its `server` and `health` over here, serves metrics
-    through `metrics_http` if it likes, and says what else is its own to stop: `_drain`
-    before the server stops (the trainer's running jobs), `_close` once it has stopped.
+    through `metrics_http` if it likes, starts serving with `_serve`, and says what else is
+    its own to stop: `_drain` before the server stops (the trainer's running jobs), `_close`
+    once it has stopped. With `health_listen` (HOST:PORT, set by `health_setting`) the health
+    statuses are served in plaintext there too (shared.rpc.health_listener), for probes.
     """
 
-    def __init__(self, name: str, server: grpc.Server, health: HealthServicer, grace_seconds: float):
+    def __init__(
+        self,
+        name: str,
+        server: grpc.Server,
+        health: HealthServicer,
+        grace_seconds: float,
+        health_listen: str | None = None,
+        health_setting: str = "",
+    ):
         self.server, self.health = server, health
+        health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)  # known from the first call on
+        self.health_listener = (
+            HealthListener(health_listen, health_setting, health) if health_listen else None
+        )
         self.metrics_http: MetricsEndpoint | None = None
         self._name, self._grace_seconds = name, grace_seconds  # name: "trainer" logs event=trainer_...
         self._log = logging.getLogger(f"tandem.{name}")
         self._stopped = threading.Event()
+
+    def _serve(self) -> None:
+        """Start the gRPC server and the health listener: from now on the process is live."""
+        self.server.start()
+        if self.health_listener:
+            self.health_listener.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking work (health NOT_SERVING), drain, give calls in flight until `grace` seconds
@@ -89,6 +111,8 @@ class GrpcService:
         self._log.info("event=%s_stopping grace=%.1fs", self._name, grace)
         self._drain(grace)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.health_listener:  # NOT_SERVING there until now: probes saw the stop begin
+            self.health_listener.stop()
         self._close()
         if self.metrics_http:
             self.metrics_http.close()
