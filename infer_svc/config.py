@@ -46,6 +46,12 @@ class InferConfig:
     max_rows: int = field(default_factory=lambda: env("INFER_MAX_ROWS", 4096, int))  # per request
     max_message_bytes: int = field(default_factory=lambda: env("INFER_MAX_MESSAGE_BYTES", 16 * 2**20, int))
     grace_seconds: float = field(default_factory=lambda: env("INFER_GRACE_SECONDS", 10.0, float))
+    # A connection older than this is closed (GOAWAY; its calls in flight get grace_seconds):
+    # the client connects again and looks the service's name up anew, so that replicas added
+    # since (a scale-out behind `dns:///`) get their share of the calls. 0 = never, gRPC's default.
+    max_connection_age_seconds: float = field(
+        default_factory=lambda: env("INFER_MAX_CONNECTION_AGE_SECONDS", 0.0, float)
+    )
     metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))  # 0 = off
     metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
@@ -59,6 +65,11 @@ class InferConfig:
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)
 
     def __post_init__(self):
+        if not 0 <= self.max_connection_age_seconds < float("inf"):
+            raise ValueError(
+                f"INFER_MAX_CONNECTION_AGE_SECONDS={self.max_connection_age_seconds!r}: expected "
+                "0 (connections are never closed for their age) or a number of seconds above 0"
+            )
         if LIVENESS in self.models:  # a model's health entry has its name: this one is taken
             raise ValueError(
                 f"INFER_MODELS: {LIVENESS!r} is the process's own health entry; rename the model"

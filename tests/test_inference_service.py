@@ -8,6 +8,7 @@ gRPC deadlines. The Open Inference Protocol side is in test_kserve.py.
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -82,11 +83,28 @@ def test_settings_come_from_the_environment(monkeypatch):
         ("INFER_PINNED", "digits=0", "not MODEL=VERSION"),
         ("INFER_MODELS", "a b", "model_name must be"),
         ("INFER_MAX_ROWS", "many", "INFER_MAX_ROWS='many'"),
+        ("INFER_MAX_CONNECTION_AGE_SECONDS", "-1", "INFER_MAX_CONNECTION_AGE_SECONDS=-1.0: expected 0"),
+        ("INFER_MAX_CONNECTION_AGE_SECONDS", "inf", "INFER_MAX_CONNECTION_AGE_SECONDS=inf: expected 0"),
+        ("INFER_MAX_CONNECTION_AGE_SECONDS", "nan", "INFER_MAX_CONNECTION_AGE_SECONDS=nan: expected 0"),
     ]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=message):
             InferConfig()
         monkeypatch.delenv(name)
+
+
+def test_a_connection_past_its_max_age_is_closed_and_the_next_call_reconnects(checkpoints, start_inference):
+    """What lets a scale-out behind `dns:///` get traffic: the server closes old connections
+    (GOAWAY), the client's channel goes IDLE, and its next call connects (and resolves) again."""
+    publish(checkpoints, seed=0)
+    inference = start_inference(max_connection_age_seconds=0.5)
+    states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+    inference.channel.subscribe(states.put)
+    assert inference.served_version() == 1  # connects: READY
+    for wanted in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE):  # in this order
+        while states.get(timeout=DEADLINE) != wanted:  # bounded: queue.Empty fails the test
+            pass
+    assert inference.served_version() == 1  # a new connection answers
 
 
 # ---------------------------------------------------------------- answers

@@ -32,21 +32,33 @@ class Service(Protocol):
 
 
 def grpc_server(
-    workers: int, max_message_bytes: int, interceptors: Sequence[grpc.ServerInterceptor] = ()
+    workers: int,
+    max_message_bytes: int,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_connection_age: tuple[float, float] | None = None,
 ) -> grpc.Server:
     """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
 
     `interceptors` see every call first (the access check, shared.security.access); then
     shared.rpc.request_guard answers a request that does not parse (INVALID_ARGUMENT).
+    `max_connection_age`: (seconds, grace seconds): a connection that old is sent GOAWAY, and
+    closed once its calls in flight have ended or the grace is over; None: never.
     """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if max_connection_age is not None:
+        age, grace = max_connection_age
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(age * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(grace * 1000)),
+        ]
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=(*interceptors, UnparsableRequests()),
         maximum_concurrent_rpcs=workers * 4,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
+        options=options,
     )
 
 
