@@ -17,13 +17,13 @@ from typing import Any, Protocol, cast
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.client import TrainerClient
 from shared.data import load_dataset
 from shared.rpc.convert import to_tensor
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc, tandem_trainer_pb2
+from tests.compose.metrics_text import predicts_answered
 from tests.compose.stack import Stack
 
 TRAIN_TIMEOUT = 240.0  # one job, start to end
@@ -249,15 +249,7 @@ def wait_until_serving(replica: Inference, model: str, version: int, sample: np.
 def requests_served(stack: Stack, container, model: str) -> float:
     """The replica's count of answered Predict requests for `model` (its Prometheus metrics)."""
     with urllib.request.urlopen(stack.infer_metrics_url(container), timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "tandem_infer_requests_total"
-        and sample.labels.get("model") == model
-        and sample.labels.get("method") == "Predict"
-    )
+        return predicts_answered(response.read().decode(), model)
 
 
 def crash(container, process: str) -> None:

@@ -20,14 +20,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from shared.security.deploy_secrets import make_secrets
 from tests.compose.stack import REPO, Engine, Stack, StackError
 
 STACK_FILE = REPO / "deploy" / "swarm" / "tandem-stack.yml"
-CLIENT_SCRIPT = Path(__file__).with_name("swarm_client.py")
+CLIENT = ["python", "-m", "tests.compose.swarm_client"]  # run in /opt/tandem-tests, where tests/ is
 STACK_LABEL = "com.docker.stack.namespace"
 SERVICE_LABEL = "com.docker.swarm.service.name"
 GATEWAY_NETWORK = "docker_gwbridge"  # what `swarm init` connects a node's containers to the outside by
@@ -46,14 +45,16 @@ SETTINGS = {
     "TRAINER_REPLICAS": str(REPLICAS["trainer"]),
     "HEALTHCHECK_INTERVAL": "2s",  # health reached quickly (each check is a Python process)
     "TANDEM_CHECKPOINT_RETENTION": "1000",
+    "INFER_MAX_CONNECTION_AGE_SECONDS": "5",  # clients find new tasks within seconds
 }
+
+UPDATE_ENDED = ("completed", "paused", "rollback_completed", "rollback_paused")  # Swarm's final states
 
 # Bounds, in seconds.
 DEPLOY_TIMEOUT = 60  # `docker stack deploy` itself
 CONVERGE_TIMEOUT = 180  # every task running and healthy
 UPDATE_TIMEOUT = 300  # a rolling update of three tasks, each health-gated
 REMOVE_TIMEOUT = 120
-CLIENT_TIMEOUT = 60  # one swarm_client.py command that is not a stream
 
 
 class SwarmStack(Stack):
@@ -116,6 +117,7 @@ class SwarmStack(Stack):
             detach=True,
             init=True,
             user="0:0",  # reads the host's tokens (root's files)
+            working_dir="/opt/tandem-tests",  # where `python -m tests.compose.swarm_client` runs
             network=f"{self.project}_clients",
             labels={STACK_LABEL: self.project},
             environment={
@@ -125,7 +127,7 @@ class SwarmStack(Stack):
             volumes={
                 str(self.secrets_dir / "public"): {"bind": "/run/tandem/public", "mode": "ro"},
                 str(self.secrets_dir / "clients"): {"bind": "/run/tandem/clients", "mode": "ro"},
-                str(CLIENT_SCRIPT): {"bind": "/opt/swarm_client.py", "mode": "ro"},
+                str(REPO / "tests"): {"bind": "/opt/tandem-tests/tests", "mode": "ro"},
             },
         )
         self.timings["deploy"] = time.monotonic() - started
@@ -283,23 +285,30 @@ class SwarmStack(Stack):
         self.services[service] = replicas
         self.wait_converged()
 
-    def update_image(self, service: str, image: str) -> None:
-        """A rolling update to `image` (update_config of the stack file); returns once it has ended."""
+    def update_image(self, service: str, image: str) -> str:
+        """A rolling update to `image` (update_config of the stack file), until it has ended; its
+        final state: "completed", or "rollback_completed" when Swarm rolled it back."""
+        name = self.service_name(service)
+        previous = self.docker.services.get(name).attrs.get("UpdateStatus", {}).get("StartedAt")
         self.run_docker(
-            "service",
-            "update",
-            "--quiet",
-            "--no-resolve-image",
-            "--image",
-            image,
-            self.service_name(service),
-            timeout=UPDATE_TIMEOUT,
+            "service", "update", "--detach", "--no-resolve-image", "--image", image, name, timeout=60
         )
+        deadline = time.monotonic() + UPDATE_TIMEOUT
+        while True:
+            status = self.docker.services.get(name).attrs.get("UpdateStatus", {})
+            if status.get("StartedAt") != previous and status.get("State") in UPDATE_ENDED:
+                return status["State"]
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{name}: the update to {image} did not end within {UPDATE_TIMEOUT} s: {status}"
+                )
+            time.sleep(0.5)
 
-    def tag_new_image(self, base: str, tag: str) -> str:
-        """A new image on top of `base` (one label more), as a release would be: its name."""
+    def tag_new_image(self, base: str, tag: str, *instructions: str) -> str:
+        """A new image on top of `base` (a label, and `instructions` for its Dockerfile), as a
+        release would be: its name."""
         name = f"{base.rpartition(':')[0] or base}:{tag}"
-        dockerfile = f"FROM {base}\nLABEL org.tandem.test.release={tag}\n"
+        dockerfile = "\n".join([f"FROM {base}", f"LABEL org.tandem.test.release={tag}", *instructions, ""])
         subprocess.run(
             ["docker", "build", "--quiet", "--tag", name, "-"],
             input=dockerfile,
@@ -326,9 +335,7 @@ class SwarmStack(Stack):
     def client(self, command: str, *args: str) -> Any:
         """A swarm_client.py command in the driver container; its JSON answer."""
         assert self.driver is not None, "the stack is not up"
-        code, (out, err) = self.driver.exec_run(
-            ["python", "/opt/swarm_client.py", command, *args], demux=True
-        )
+        code, (out, err) = self.driver.exec_run([*CLIENT, command, *args], demux=True)
         out, err = (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
         if code != 0:
             raise StackError(f"swarm_client.py {command} {' '.join(args)} failed ({code}):\n{err[-3000:]}")
@@ -353,7 +360,7 @@ class ClientStream:
         self.other_output: list[str] = []  # stderr: gRPC's own logging, a traceback
         self.ended = False
         self._condition = threading.Condition()
-        argv = ["python", "/opt/swarm_client.py", command, self.stop_file, *args]
+        argv = [*CLIENT, command, self.stop_file, *args]
         exec_id = driver.client.api.exec_create(driver.id, argv)
         self._output = driver.client.api.exec_start(exec_id, stream=True, demux=True)
         self._thread = threading.Thread(target=self._read, name=f"swarm-{command}", daemon=True)

@@ -1,4 +1,4 @@
-"""A client of a Swarm stack, run inside it: `docker exec DRIVER python swarm_client.py COMMAND ...`.
+"""A client of a Swarm stack, run inside it: `docker exec DRIVER python -m tests.compose.swarm_client ...`.
 
 The swarm tier's tests cannot reach the stack from this machine (nothing is published:
 see deploy/swarm/tandem-stack.yml), so they run this script in a container on the stack's
@@ -9,6 +9,8 @@ the container is given (TANDEM_TLS_CA, TANDEM_TOKEN_FILE), and prints JSON on st
     start MODEL EPOCHS           StartJob on digits-cnn; {"job_id": ...}
     replicas MODEL               Predict once on every address `infer` resolves to
     resolves NAME                the addresses NAME resolves to here ([] if none)
+    served MODEL                 each inference task's count of answered Predicts of MODEL
+                                 (its Prometheus metrics), by address
     follow STOP_FILE JOB_ID      GetJob every 0.2 s; a line each time the record's state,
                                  trainer, restarts or last version changes, until it ends
     loop STOP_FILE MODEL         Predict in a loop through `dns:///infer:50052` with
@@ -17,7 +19,8 @@ the container is given (TANDEM_TLS_CA, TANDEM_TOKEN_FILE), and prints JSON on st
 
 The two streams end when STOP_FILE exists, at the latest after MAX_LOOP_SECONDS.
 
-Standalone (no import from tests/): the container has the trainer image's packages only.
+The container has the trainer image's packages and tests/ (mounted read-only), of which this
+imports only metrics_text.py: nothing that needs the dev dependencies.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -37,8 +41,9 @@ from shared.data import load_dataset
 from shared.rpc.convert import to_tensor
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc, tandem_trainer_pb2
+from tests.compose.metrics_text import predicts_answered
 
-TRAINER, INFER, INFER_PORT = "trainer:50051", "infer", 50052
+TRAINER, INFER, INFER_PORT, INFER_METRICS_PORT = "trainer:50051", "infer", 50052, 9102
 CALL_TIMEOUT = 10.0
 LOOP_INTERVAL = 0.02
 FOLLOW_INTERVAL = 0.2
@@ -110,6 +115,15 @@ def resolves(name: str) -> list[str]:
         return []
 
 
+def served(model: str) -> dict[str, float]:
+    counts = {}
+    for address in resolves(INFER):
+        url = f"http://{address}:{INFER_METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=CALL_TIMEOUT) as response:
+            counts[address] = predicts_answered(response.read().decode(), model)
+    return counts
+
+
 def replicas(model: str) -> list[dict]:
     """One Predict on each task of `infer`, addressed by IP, the certificate checked for `infer`."""
     connection, request = Connection.from_env(), pb.PredictRequest(model_name=model, inputs=sample())
@@ -150,7 +164,12 @@ def loop(stop_file: str, model: str) -> None:
 
 
 STREAMS: dict[str, Callable[..., None]] = {"loop": loop, "follow": follow}
-COMMANDS: dict[str, Callable[..., object]] = {"start": start, "replicas": replicas, "resolves": resolves}
+COMMANDS: dict[str, Callable[..., object]] = {
+    "start": start,
+    "replicas": replicas,
+    "resolves": resolves,
+    "served": served,
+}
 
 
 def main(command: str, *args: str) -> None:

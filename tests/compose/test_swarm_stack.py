@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.compose.stack import REPO, find_engine
-from tests.compose.swarm import GATEWAY_NETWORK, STACK_LABEL, ClientStream, SwarmStack
+from tests.compose.swarm import GATEWAY_NETWORK, SETTINGS, STACK_LABEL, ClientStream, SwarmStack
 
 pytestmark = pytest.mark.compose
 
@@ -161,22 +161,49 @@ def test_a_rolling_update_of_inference_fails_no_request_after_one_retry(
     stack = swarm_stack
     base = stack.env.get("TANDEM_INFER_IMAGE", "tandem-infer:latest")
     release = stack.tag_new_image(base, f"{stack.project}-2")
-    with client_loop(stack) as loop:
-        started = time.time()
-        stack.update_image("infer", release)
-        ended = time.time()
-        stack.wait_converged()
-    service = stack.docker.services.get(stack.service_name("infer"))
-    assert service.attrs["UpdateStatus"]["State"] == "completed", service.attrs["UpdateStatus"]
-    images = {task["Spec"]["ContainerSpec"]["Image"] for task in stack.healthy_tasks("infer")}
-    assert images == {release}
-    counts = outcomes(loop, started, ended)
-    print(f"\nrolling update of 3 inference tasks to {release} in {ended - started:.1f} s: {counts}")
-    assert counts["requests"] >= 50, counts
-    assert counts["failed_after_retry"] == 0, errors_of(loop)
-    record_property("rolling_update_s", round(ended - started, 1))
+    state, counts, seconds = updated_under_a_client_loop(stack, release)
+    assert state == "completed"
+    assert images_of(stack, "infer") == {release}
+    print(f"\nrolling update of 3 inference tasks to {release} in {seconds:.1f} s: {counts}")
+    record_property("rolling_update_s", round(seconds, 1))
     for name, count in counts.items():
         record_property(f"rolling_update_{name}", count)
+
+
+def test_a_release_that_cannot_start_is_rolled_back_under_a_client_loop(
+    swarm_stack, trained, record_property
+):
+    """A release whose inference refuses its settings at start (a malformed address in a setting
+    the stack does not set, so the image's own value counts): its first new task exits, Swarm
+    rolls the service back, and the old tasks serve throughout."""
+    stack = swarm_stack
+    (current,) = images_of(stack, "infer")
+    broken = stack.tag_new_image(current, f"{stack.project}-broken", "ENV INFER_HEALTH_LISTEN=nowhere")
+    state, counts, seconds = updated_under_a_client_loop(stack, broken)
+    assert state == "rollback_completed"
+    assert images_of(stack, "infer") == {current}
+    print(f"\na release that cannot start was rolled back in {seconds:.1f} s: {counts}")
+    record_property("rollback_s", round(seconds, 1))
+    record_property("rollback_failed_first", counts["failed_first"])
+
+
+def updated_under_a_client_loop(stack: SwarmStack, image: str) -> tuple[str, dict[str, int], float]:
+    """A rolling update of inference to `image` under a client loop that must see no failure
+    after its retry: the update's final state, the loop's outcomes meanwhile, its seconds."""
+    with client_loop(stack) as loop:
+        started = time.time()
+        state = stack.update_image("infer", image)
+        ended = time.time()
+        stack.wait_converged()
+    counts = outcomes(loop, started, ended)
+    assert counts["requests"] >= 50, counts
+    assert counts["failed_after_retry"] == 0, errors_of(loop)
+    return state, counts, ended - started
+
+
+def images_of(stack: SwarmStack, service: str) -> set[str]:
+    """The images the service's healthy tasks run."""
+    return {task["Spec"]["ContainerSpec"]["Image"] for task in stack.healthy_tasks(service)}
 
 
 def test_a_killed_inference_task_is_rescheduled(swarm_stack, trained, record_property):
@@ -201,24 +228,25 @@ def test_a_killed_trainer_tasks_job_is_taken_over(swarm_stack, trained, record_p
     job_id = stack.client("start", f"{MODEL}-takeover", "15")["job_id"]
     follow = stack.stream("follow", job_id)
     try:
-        before = follow.wait_for(
-            lambda line: line.get("state") == "RUNNING" and line["last_published_version"] >= 2,
-            "a second checkpoint",
-            TRAIN_TIMEOUT,
-        )
-        owner = before["trainer"]
-        (victim,) = [
-            c
-            for c in stack.containers("trainer", all=False)
-            if c.attrs["Config"]["Hostname"] == owner.split(":")[0]
-        ]
-        killed = time.time()
-        victim.kill()
-        resumed = follow.wait_for(
-            lambda line: line["t"] > killed and line.get("state") == "RUNNING" and line["restarts"] == 1,
-            "the job running again",
-            TAKEOVER_TIMEOUT,
-        )
+        with client_loop(stack) as loop:
+            before = follow.wait_for(
+                lambda line: line.get("state") == "RUNNING" and line["last_published_version"] >= 2,
+                "a second checkpoint",
+                TRAIN_TIMEOUT,
+            )
+            owner = before["trainer"]
+            (victim,) = [
+                c
+                for c in stack.containers("trainer", all=False)
+                if c.attrs["Config"]["Hostname"] == owner.split(":")[0]
+            ]
+            killed = time.time()
+            victim.kill()
+            resumed = follow.wait_for(
+                lambda line: line["t"] > killed and line.get("state") == "RUNNING" and line["restarts"] == 1,
+                "the job running again",
+                TAKEOVER_TIMEOUT,
+            )
         final = follow.wait_for(
             lambda line: line.get("state") in ("SUCCEEDED", "FAILED"), "its end", TRAIN_TIMEOUT
         )
@@ -227,15 +255,21 @@ def test_a_killed_trainer_tasks_job_is_taken_over(swarm_stack, trained, record_p
     assert resumed["trainer"] != owner and resumed["trainer"].split(":")[0] != owner.split(":")[0]
     assert final["state"] == "SUCCEEDED" and final["restarts"] == 1, final
     assert final["last_published_version"] > before["last_published_version"]
+    counts = outcomes(loop, killed, resumed["t"])
+    assert counts["failed_after_retry"] == 0, errors_of(loop)
     stack.wait_converged()  # Swarm replaced the killed trainer task
     seconds = resumed["t"] - killed
-    print(f"\nthe killed trainer task {victim.name}'s job ran on {resumed['trainer']} after {seconds:.1f} s")
+    print(
+        f"\nthe killed trainer task {victim.name}'s job ran on {resumed['trainer']} after {seconds:.1f} s; "
+        f"predictions meanwhile: {counts}"
+    )
     record_property("trainer_takeover_s", round(seconds, 1))
 
 
 def test_scaling_inference_3_5_2_under_a_client_loop(swarm_stack, trained, record_property):
     stack = swarm_stack
     version = trained
+    spread = {}  # replicas -> seconds until the loop reached every task
     with client_loop(stack) as loop:
         started = time.time()
         for replicas in (5, 2):
@@ -243,8 +277,28 @@ def test_scaling_inference_3_5_2_under_a_client_loop(swarm_stack, trained, recor
             answers = stack.client("replicas", MODEL)
             assert {answer["address"] for answer in answers} == stack.task_addresses("infer")
             assert [answer.get("version") for answer in answers] == [version] * replicas, answers
+            spread[replicas] = wait_until_every_task_serves_the_loop(stack)
         ended = time.time()
     counts = outcomes(loop, started, ended)
-    print(f"\ninference scaled 3 -> 5 -> 2 in {ended - started:.1f} s: {counts}")
+    print(
+        f"\ninference scaled 3 -> 5 -> 2 in {ended - started:.1f} s: {counts}; the loop reached "
+        f"all 5 tasks within {spread[5]:.1f} s, both of 2 within {spread[2]:.1f} s (connections "
+        f"closed at {SETTINGS['INFER_MAX_CONNECTION_AGE_SECONDS']} s)"
+    )
     assert counts["failed_after_retry"] == 0, errors_of(loop)
     record_property("scale_failed_first", counts["failed_first"])
+    record_property("scale_out_spread_s", round(spread[5], 1))
+
+
+def wait_until_every_task_serves_the_loop(stack: SwarmStack) -> float:
+    """Until each inference task has answered more of the loop's calls than it had now: the
+    client found the new tasks (INFER_MAX_CONNECTION_AGE_SECONDS makes it resolve again)."""
+    before = stack.client("served", MODEL)
+    started = time.monotonic()
+    deadline = started + 3 * float(SETTINGS["INFER_MAX_CONNECTION_AGE_SECONDS"]) + 30
+    while time.monotonic() < deadline:
+        now = stack.client("served", MODEL)
+        if now.keys() == before.keys() and all(now[a] > before[a] for a in now):
+            return time.monotonic() - started
+        time.sleep(1)
+    pytest.fail(f"the client loop did not reach every task within the bound: {before} -> {now}")
