@@ -64,7 +64,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from shared.env import env, read_secret_file
 
@@ -250,6 +250,28 @@ def _sentinel_host(text: str, form: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """A connection to the primary, which asks the Sentinels where it is on every connect.
+
+    redis-py's own asks only when the pool first connects it; a command's retry after a
+    dropped or silent connection reconnects to the address it had (redis/redis-py#3874).
+    After a failover whose old primary vanished without resetting its connections (a
+    container gone), every retry would wait on the old address, and the command fail,
+    however soon the replica was promoted.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _SentinelSSLConnection(
+    _SentinelConnection, SSLConnection
+):  # as redis-py's SentinelManagedSSLConnection
+    pass
+
+
 class _Sentinels(Sentinel):
     """redis-py's Sentinel, remembering the address it was made from (for `describe`).
 
@@ -285,7 +307,8 @@ def _connect_via_sentinels(
         },
     )
     client_for = sentinels.slave_for if readonly else sentinels.master_for
-    return client_for(address.master_name, db=address.db, ssl=address.tls, **settings)
+    connection_class = _SentinelSSLConnection if address.tls else _SentinelConnection
+    return client_for(address.master_name, db=address.db, connection_class=connection_class, **settings)
 
 
 def _existing_file(path: str) -> str:
