@@ -4,6 +4,7 @@ primary killed -9 in the middle of a series of publishes, against real processes
 
 Run with -s to see the measured failover gap and the publish latency with and without WAIT."""
 
+import itertools
 import os
 import signal
 import statistics
@@ -14,7 +15,8 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
+from redis.connection import SSLConnection
+from redis.sentinel import SentinelConnectionPool, SentinelManagedConnection
 
 from shared.checkpoints.redis_client import (
     SentinelAddress,
@@ -26,7 +28,10 @@ from shared.checkpoints.redis_client import (
 )
 from shared.checkpoints.store import CheckpointStore, ReplicationShortfall
 from shared.embedded.redis_ha import EmbeddedRedisHA
+from shared.nn.run import Hyperparameters
 from tests.test_store import NAME, meta, small_model
+from trainer_svc.jobs import JobRecord, JobRequest
+from trainer_svc.pool import JobPool, connect_pool
 
 PASSWORD = "s3cret p@ss:/word"
 FAILOVER_DEADLINE = 30.0  # seconds: the whole series of publishes around the kill must end by then
@@ -56,7 +61,10 @@ def test_a_sentinel_address_names_the_sentinels_the_master_and_the_database():
 
     client = connect(url)
     assert isinstance(client.connection_pool, SentinelConnectionPool)
-    assert issubclass(client.connection_pool.connection_class, SentinelManagedSSLConnection)
+    connection_class = client.connection_pool.connection_class
+    assert issubclass(connection_class, SentinelManagedConnection) and issubclass(
+        connection_class, SSLConnection
+    )
     assert client.connection_pool.connection_kwargs["password"] == PASSWORD
     assert describe(client) == "rediss+sentinel://s1:26379,s2:26379/tandem/0"
     assert describe(connect(url, readonly=True)) == "rediss+sentinel://s1:26379,s2:26379/tandem/0 (replicas)"
@@ -305,3 +313,38 @@ def test_with_every_sentinel_gone_the_client_fails_within_its_retries_naming_the
         client.get("k")
     assert time.monotonic() - started < 10
     assert str(unavailable.value).startswith(f"Redis at {url}/0 unavailable after 3 attempts")
+
+
+def test_a_lease_is_renewed_in_time_through_a_primary_that_stops_answering(ha):
+    """The primary stopped, not killed (SIGSTOP): its connections stay open and never answer, as
+    a container that is gone looks to its clients. The pool's client gives up on it within half
+    a renewal interval, so renewals carry on on the promoted replica and the lease never lapses."""
+    lease_ms, renew_seconds = 8_000, 1.0  # the failover (about 2.5 s) well inside the lease
+    client = connect_pool(ha.url, renew_seconds)
+    pool = JobPool(client, lease_ms=lease_ms, owner="keeper")
+    request = JobRequest(model_name=NAME, dataset="digits", spec={}, hyperparameters=Hyperparameters())
+    record = JobRecord.new(request)  # the pool reads only its id
+    pool.enqueue(record)
+    taken = pool.take()
+    assert taken is not None and taken.job_id == record.job_id
+    stopped = ha.primary()
+    renewed_at = [time.monotonic()]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + FAILOVER_DEADLINE
+        while time.monotonic() < deadline and len(renewed_at) < 8:  # a few renewals past the failover
+            time.sleep(renew_seconds)  # the keeper's pace, not a synchronisation
+            assert pool.renew(record.job_id, taken.fence), "another owner holds the lease"
+            renewed_at.append(time.monotonic())
+        promoted = ha.wait_for_new_primary(old_port=stopped.port)
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(renewed_at)]
+    print(
+        f"\nrenewals through a stopped primary: longest gap {max(gaps):.2f} s (lease {lease_ms / 1000:.0f} s)"
+    )
+    assert max(gaps) < lease_ms / 1000, gaps
+    assert promoted.port != stopped.port
+    owner = connect(f"redis://127.0.0.1:{promoted.port}/0").get(pool.lease_key(record.job_id))
+    assert owner == b"keeper"
+    client.close()

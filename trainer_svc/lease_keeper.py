@@ -62,10 +62,10 @@ class LeaseKeeper:
         now = time.monotonic()
         next_renewal, next_scan = now + self._renew_every, now + self._scan_every
         while not self._stopped.wait(min(CANCEL_POLL_SECONDS, self._renew_every)):
-            self.poll_cancels()
-            if time.monotonic() >= next_renewal:
+            if time.monotonic() >= next_renewal:  # first: a cancel poll waiting on Redis must not delay it
                 next_renewal = time.monotonic() + self._renew_every
                 self.renew_leases()
+            self.poll_cancels()
             if self._scans and time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + self._scan_every
                 self.requeue_orphans()

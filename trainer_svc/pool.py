@@ -25,7 +25,7 @@ from typing import cast
 
 import redis
 
-from shared.checkpoints.redis_client import unavailable_on_error
+from shared.checkpoints.redis_client import DEFAULT_TIMEOUT, connect, unavailable_on_error
 from shared.checkpoints.store import Fence, FenceRejected
 from trainer_svc.jobs import JobRecord
 
@@ -93,6 +93,18 @@ class Taken:
     job_id: str
     fence: Fence
     taken_over: bool  # the job was held by a trainer before (a take-over or a resumption)
+
+
+def connect_pool(url: str | None, renew_seconds: float) -> redis.Redis:
+    """The pool's own Redis client, which gives up on a silent server within half a renewal.
+
+    A primary that dies without resetting its connections (a container that is gone, a host
+    that lost its network) leaves a renewal waiting for its reply. With the store's timeout
+    (10 s, a whole default lease) the lease would run out before the client even tried the
+    promoted replica; with half a renewal interval, the retry (which asks the Sentinels
+    again) renews on the new primary while the lease still holds (lease >= 2 renewals).
+    """
+    return connect(url, timeout=min(DEFAULT_TIMEOUT, renew_seconds / 2))
 
 
 def replica_id() -> str:

@@ -40,7 +40,7 @@ from trainer_svc.event_log import EventRelay, JobEventLog
 from trainer_svc.events import EventHub
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.manager import JobManager
-from trainer_svc.pool import JobPool
+from trainer_svc.pool import JobPool, connect_pool
 from trainer_svc.request_validator import RequestValidator
 from trainer_svc.servicer import TrainerServicer
 from trainer_svc.training import JobRunner
@@ -70,7 +70,7 @@ class TrainerServer(GrpcService):
             RequestValidator(self.store, self.catalog, config.job_limits),
             JobRunner(self.store, self.catalog, events, outage_limit=config.publish_outage_seconds),
             events,
-            JobPool(client, lease_ms=config.lease_ms),
+            JobPool(connect_pool(config.redis_url, config.lease_renew_ms / 1000), lease_ms=config.lease_ms),
             event_log,
             max_concurrent_jobs=config.max_concurrent_jobs,
             max_restarts=config.max_restarts,
