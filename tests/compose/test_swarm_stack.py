@@ -34,6 +34,14 @@ TRAIN_TIMEOUT = 300.0
 TAKEOVER_TIMEOUT = 60.0  # the lease (10 s) + an orphan scan (3 s), with room for a loaded machine
 LOOP_WARMUP = 20  # answers the client loop has before a fault
 INTERRUPT_TIMEOUT = 300.0  # the interrupted run: build check, deploy under way, SIGINT, removal
+# Runs its arguments with SIGINT handled as a terminal's Ctrl-C is: a background job of a
+# non-interactive shell (CI's `setsid make test &`) starts with SIGINT ignored, and a Python
+# started so never turns it into KeyboardInterrupt.
+WITH_CTRL_C = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def outcomes(loop: ClientStream, start: float, end: float) -> dict[str, int]:
@@ -85,15 +93,19 @@ def test_ctrl_c_while_the_stack_deploys_leaves_nothing_behind(images):
     assert engine is not None
     swarm_before = engine.info()["Swarm"]["LocalNodeState"]
     gateway_before = bool(engine.networks.list(names=[GATEWAY_NETWORK]))
+    test = f"{Path(__file__).relative_to(REPO)}::test_the_stack_trains_and_every_inference_replica_serves"
     run = subprocess.Popen(
         [
+            sys.executable,
+            "-c",
+            WITH_CTRL_C,
             sys.executable,
             "-m",
             "pytest",
             "-q",
             "-p",
             "no:cacheprovider",
-            f"{Path(__file__).relative_to(REPO)}::test_the_stack_trains_and_every_inference_replica_serves",
+            test,
         ],
         cwd=REPO,
         env={**os.environ, "REQUIRE_DOCKER": "1"},
