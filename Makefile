@@ -18,8 +18,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# The compose tier alone (also part of `make test`): docker-compose.yml on a real Docker
-# engine. Skipped loudly without one; REQUIRE_DOCKER=1 makes a missing engine fail.
+# The compose tier alone (also part of `make test`): docker-compose.yml, the HA set and the
+# Swarm stack (deploy/swarm/) on a real Docker engine. Skipped loudly without one;
+# REQUIRE_DOCKER=1 makes a missing engine fail.
 test-compose: $(STAMP)
 	$(PY) -m pytest -q tests/compose
 

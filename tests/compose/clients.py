@@ -269,5 +269,7 @@ def crash(container, process: str) -> None:
         "        os.kill(int(pid), signal.SIGKILL)\n"
         "        print('killed', pid)\n"
     )
-    exit_code, output = container.exec_run(["python", "-c", script])
-    assert exit_code == 0 and b"killed" in output, output.decode(errors="replace")
+    _, output = container.exec_run(["python", "-c", script])
+    # Not its exit status: once the service's process is gone the container stops, and this
+    # script may be killed with it before it exits.
+    assert b"killed" in output, output.decode(errors="replace")
