@@ -61,7 +61,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.connection import SSLConnection, UnixDomainSocketConnection
+from redis.connection import Encoder, PythonRespSerializer, SSLConnection, UnixDomainSocketConnection
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
@@ -72,6 +72,11 @@ DEFAULT_RETRIES = 6
 DEFAULT_TIMEOUT = 10.0  # seconds, for connecting and for each reply
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed
 BACKOFF = ExponentialBackoff(base=0.05, cap=2.0)  # waits base * 2**failure
+# Replies are parsed by hiredis (redis[hiredis]: a 19 MB GET 100 ms -> 31 ms here), but requests
+# are packed by redis-py's own serializer: with hiredis installed redis-py packs them with
+# hiredis too, which copies a large value into one buffer (a 19 MB SET 10 ms -> 55 ms here),
+# where its own sends a large value as a separate chunk, uncopied.
+REQUEST_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS to the data nodes
 DEFAULT_SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT = 2.0  # seconds, for each sentinel asked; the next one is asked when it fails
@@ -160,6 +165,7 @@ def connect(
         "password": _password_from_env(),
         **_tls_settings_from_env(scheme),
         "decode_responses": False,
+        "command_packer": REQUEST_PACKER,
         "driver_info": None,
         "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         "retry": TransientErrorRetry(BACKOFF, retries),
