@@ -8,8 +8,11 @@ from shared.checkpoints.checkpoint import check_model_name
 from shared.env import env
 from shared.rpc.health import LIVENESS
 from shared.rpc.health_listener import check_own_port, listen_address, port_of
+from shared.rpc.server import GRPC_MAX_MILLISECONDS
 from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
+
+MIN_CONNECTION_AGE_SECONDS, MAX_CONNECTION_AGE_SECONDS = 1.0, GRPC_MAX_MILLISECONDS // 1000
 
 
 def model_list(raw: str) -> tuple[str, ...]:
@@ -65,10 +68,14 @@ class InferConfig:
     auth: AccessSettings = field(default_factory=AccessSettings.from_env)
 
     def __post_init__(self):
-        if not 0 <= self.max_connection_age_seconds < float("inf"):
+        age = self.max_connection_age_seconds
+        if not (age == 0 or MIN_CONNECTION_AGE_SECONDS <= age <= MAX_CONNECTION_AGE_SECONDS):
+            # Below a second, clients would spend their time reconnecting; above the maximum,
+            # gRPC cannot take it (its option is a C int of milliseconds).
             raise ValueError(
-                f"INFER_MAX_CONNECTION_AGE_SECONDS={self.max_connection_age_seconds!r}: expected "
-                "0 (connections are never closed for their age) or a number of seconds above 0"
+                f"INFER_MAX_CONNECTION_AGE_SECONDS={age!r}: expected 0 (connections are never "
+                f"closed for their age) or {MIN_CONNECTION_AGE_SECONDS:g} to "
+                f"{MAX_CONNECTION_AGE_SECONDS} seconds"
             )
         if LIVENESS in self.models:  # a model's health entry has its name: this one is taken
             raise ValueError(

@@ -72,9 +72,8 @@ class InferenceServer(GrpcService):
             config.grpc_workers,
             config.max_message_bytes,
             interceptors=[AccessInterceptor(config.auth, "inference")],
-            max_connection_age=(config.max_connection_age_seconds, config.grace_seconds)
-            if config.max_connection_age_seconds
-            else None,
+            max_connection_age=config.max_connection_age_seconds,
+            max_connection_age_grace=config.grace_seconds,
         )
         super().__init__(
             "infer", server, health, config.grace_seconds, config.health_listen, "INFER_HEALTH_LISTEN"

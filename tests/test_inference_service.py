@@ -86,6 +86,8 @@ def test_settings_come_from_the_environment(monkeypatch):
         ("INFER_MAX_CONNECTION_AGE_SECONDS", "-1", "INFER_MAX_CONNECTION_AGE_SECONDS=-1.0: expected 0"),
         ("INFER_MAX_CONNECTION_AGE_SECONDS", "inf", "INFER_MAX_CONNECTION_AGE_SECONDS=inf: expected 0"),
         ("INFER_MAX_CONNECTION_AGE_SECONDS", "nan", "INFER_MAX_CONNECTION_AGE_SECONDS=nan: expected 0"),
+        ("INFER_MAX_CONNECTION_AGE_SECONDS", "0.001", "=0.001: expected 0 .* or 1 to 2147483 seconds"),
+        ("INFER_MAX_CONNECTION_AGE_SECONDS", "3e6", "=3000000.0: expected 0 .* or 1 to 2147483 seconds"),
     ]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=message):
@@ -97,7 +99,7 @@ def test_a_connection_past_its_max_age_is_closed_and_the_next_call_reconnects(ch
     """What lets a scale-out behind `dns:///` get traffic: the server closes old connections
     (GOAWAY), the client's channel goes IDLE, and its next call connects (and resolves) again."""
     publish(checkpoints, seed=0)
-    inference = start_inference(max_connection_age_seconds=0.5)
+    inference = start_inference(max_connection_age_seconds=1.0)
     states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
     inference.channel.subscribe(states.put)
     assert inference.served_version() == 1  # connects: READY

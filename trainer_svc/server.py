@@ -56,6 +56,8 @@ class TrainerServer(GrpcService):
     def __init__(self, config: TrainerConfig):
         self.config = config
         client = connect(config.redis_url)
+        pool_client = connect_pool(config.redis_url, config.lease_renew_ms / 1000)
+        self._redis_clients = (client, pool_client)
         self.store = CheckpointStore(
             client, retention=config.checkpoint_retention, on_unreplicated=metrics.record_unreplicated
         )
@@ -70,7 +72,7 @@ class TrainerServer(GrpcService):
             RequestValidator(self.store, self.catalog, config.job_limits),
             JobRunner(self.store, self.catalog, events, outage_limit=config.publish_outage_seconds),
             events,
-            JobPool(connect_pool(config.redis_url, config.lease_renew_ms / 1000), lease_ms=config.lease_ms),
+            JobPool(pool_client, lease_ms=config.lease_ms),
             event_log,
             max_concurrent_jobs=config.max_concurrent_jobs,
             max_restarts=config.max_restarts,
@@ -125,6 +127,8 @@ class TrainerServer(GrpcService):
     def _close(self) -> None:
         if self._job_states:
             metrics.unregister_job_states(self._job_states)
+        for client in self._redis_clients:  # the jobs have stopped: nothing uses them any more
+            client.close()
 
 
 def main() -> None:

@@ -271,6 +271,15 @@ class _SentinelConnection(SentinelManagedConnection):
             self.host, self.port = self.connection_pool.get_master_address()
         return super().connect_check_health(check_health, retry_socket_connect)
 
+    def _connect_retry(self):
+        """redis-py's first connect, which would ask the Sentinels before the call above asks again."""
+        if self._sock is None and self.connection_pool.is_master:
+            self.connect_check_health(
+                check_health=self.connection_pool.check_connection, retry_socket_connect=False
+            )
+        else:
+            super()._connect_retry()
+
 
 class _SentinelSSLConnection(
     _SentinelConnection, SSLConnection

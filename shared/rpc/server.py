@@ -31,28 +31,32 @@ class Service(Protocol):
     def wait(self) -> None: ...
 
 
+GRPC_MAX_MILLISECONDS = 2**31 - 1  # gRPC's time options are C ints: about 24.8 days
+
+
 def grpc_server(
     workers: int,
     max_message_bytes: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-    max_connection_age: tuple[float, float] | None = None,
+    max_connection_age: float = 0.0,
+    max_connection_age_grace: float = 0.0,
 ) -> grpc.Server:
     """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
 
     `interceptors` see every call first (the access check, shared.security.access); then
     shared.rpc.request_guard answers a request that does not parse (INVALID_ARGUMENT).
-    `max_connection_age`: (seconds, grace seconds): a connection that old is sent GOAWAY, and
-    closed once its calls in flight have ended or the grace is over; None: never.
+    `max_connection_age` (seconds; 0 = never): a connection that old is sent GOAWAY, and
+    closed once its calls in flight have ended or `max_connection_age_grace` is over.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    if max_connection_age is not None:
-        age, grace = max_connection_age
+    if max_connection_age:
+        grace_ms = min(max(0, round(max_connection_age_grace * 1000)), GRPC_MAX_MILLISECONDS)
         options += [
-            ("grpc.max_connection_age_ms", max(1, round(age * 1000))),
-            ("grpc.max_connection_age_grace_ms", round(grace * 1000)),
+            ("grpc.max_connection_age_ms", round(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", grace_ms),
         ]
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
