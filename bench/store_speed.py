@@ -1,10 +1,14 @@
 """Checkpoint publish and load through the Redis store, against plain SET/GET of the same bytes.
 
 The peer is what any store must pay at least: moving the checkpoint's
-bytes to Redis and back. Our extra work on top is encoding (safetensors
-and the SHA-256), the transaction's bookkeeping and announcements, and on
-load the checksum and architecture verification. Aim: at most 1.3x the
-plain round trip. Runs against an embedded Redis on a unix socket (or
+bytes to Redis and back, with the same client (hiredis parsing replies,
+redis-py's packer sending large values uncopied). Our extra work on top is,
+on publish, the finite check and checksum (one pass each over the tensors,
+which are sent from the model's arrays, uncopied), the transaction's
+bookkeeping and announcements; on load, reading `latest`, the layout, the
+checksum, the finite check and building the model (its weights are views
+into the reply). Aims: publish at most 1.5x the plain SET, load at most
+1.2x the plain GET. Runs against an embedded Redis on a unix socket (or
 REDIS_URL when set).
 """
 
@@ -28,7 +32,7 @@ from shared.checkpoints.store import CheckpointStore
 from shared.nn import Model, build_model
 from shared.nn.presets import get_preset
 
-AIM = 1.3
+AIMS = {"publish": 1.5, "load": 1.2}  # at most this many times the plain SET / GET
 # (label, hidden widths of an mlp on 28x28 inputs): about 1 MB and about 20 MB of float32 weights.
 SIZES = [("~1 MB", (256, 128, 100)), ("~20 MB", (2048, 1536))]
 
@@ -51,21 +55,20 @@ def run() -> None:
             blob = checkpoint.encode(model, meta)
             store.publish(model, meta)
             medians = _medians(store, client, model, meta, blob, timing)
-            publish_ratio = medians["publish"] / medians["set"]
-            load_ratio = medians["load"] / medians["get"]
-            for what, ours, peer, ratio in (
-                ("publish", "publish", "set", publish_ratio),
-                ("load", "load", "get", load_ratio),
-            ):
+            ratios = {
+                "publish": medians["publish"] / medians["set"],
+                "load": medians["load"] / medians["get"],
+            }
+            for what, peer in (("publish", "set"), ("load", "get")):
                 rows.append(
                     [
                         label,
                         f"{len(blob) / 1e6:.1f}",
                         what,
-                        f"{medians[ours] * 1e3:.2f}",
+                        f"{medians[what] * 1e3:.2f}",
                         f"{medians[peer] * 1e3:.2f}",
-                        f"{ratio:.2f}",
-                        "pass" if ratio <= AIM else "MISS",
+                        f"{ratios[what]:.2f}",
+                        f"<= {AIMS[what]}x: " + ("pass" if ratios[what] <= AIMS[what] else "MISS"),
                     ]
                 )
             results.append(
@@ -74,16 +77,14 @@ def run() -> None:
                     "bytes": len(blob),
                     "hidden": list(hidden),
                     "ms": {k: v * 1e3 for k, v in medians.items()},
-                    "publish_ratio": publish_ratio,
-                    "load_ratio": load_ratio,
+                    "publish_ratio": ratios["publish"],
+                    "load_ratio": ratios["load"],
                 }
             )
         client.delete(*client.keys("bench:*"))
     print()
-    print_table(
-        ["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio", f"aim <= {AIM}x"], rows
-    )
-    print(f"\nwrote {write_json('store', {'facts': facts, 'results': results})}")
+    print_table(["checkpoint", "MB", "operation", "ours ms", "plain SET/GET ms", "ratio", "aim"], rows)
+    print(f"\nwrote {write_json('store', {'facts': facts, 'aims': AIMS, 'results': results})}")
 
 
 def _medians(

@@ -3,10 +3,14 @@
 import time
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 from redis.connection import SSLConnection
 
 from shared.checkpoints.redis_client import (
+    PACKER_BUFFER_CUTOFF,
+    REQUEST_PACKER,
+    Pieces,
     StoreUnavailable,
     connect,
     describe,
@@ -16,6 +20,26 @@ from shared.checkpoints.redis_client import (
 from shared.embedded.redis_server import EmbeddedRedis
 
 PASSWORD = "s3cret p@ss:/word"
+
+
+def test_pieces_are_stored_as_one_value_and_large_ones_sent_uncopied(private_redis):
+    large = np.arange(10_000, dtype=np.float32)  # 40 kB, over the packer's cutoff
+    small = np.arange(3, dtype=np.float64)
+    pieces = Pieces([b"head", large.data, small.data, b""])
+    client = connect(private_redis.url)
+    client.execute_command("SET", "plain", Pieces([b"one piece"]))
+    with client.pipeline(transaction=True) as pipe:  # as a publish sends them: inside MULTI/EXEC
+        pipe.execute_command("SET", "k", pieces)
+        pipe.execute()
+    assert client.get("k") == b"head" + large.tobytes() + small.tobytes()
+    assert client.get("plain") == b"one piece"
+    chunks = REQUEST_PACKER.pack("SET", "k", pieces)
+    [sent] = [chunk for chunk in chunks if isinstance(chunk, memoryview)]
+    assert len(sent) > PACKER_BUFFER_CUTOFF and np.shares_memory(np.frombuffer(sent, np.uint8), large)
+    assert b"".join(chunks) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%s\r\n" % (
+        pieces.nbytes,
+        b"head" + large.tobytes() + small.tobytes(),
+    )
 
 
 def test_the_address_comes_from_redis_url(monkeypatch):

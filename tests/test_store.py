@@ -14,7 +14,7 @@ from shared.checkpoints.redis_client import StoreUnavailable, connect
 from shared.checkpoints.store import Announcement, CheckpointNotFound, CheckpointStore, parse_announcement
 from shared.nn import build_model
 from shared.nn.presets import get_preset
-from tests.test_checkpoint_format import rewrite
+from tests.test_checkpoint_format import FORMAT_1_FIXTURE, rewrite
 from tests.test_spec import SMALL_CNN
 
 NAME = "digits-cnn"
@@ -69,7 +69,7 @@ def test_versions_lists_each_versions_metadata_oldest_first(store):
     assert [(v["version"], v["step"]) for v in listing] == [(1, 10), (2, 20), (3, 30)]
     blob = store.get_blob(NAME, 2)
     assert listing[1]["size_bytes"] == len(blob)
-    assert listing[1]["sha256"] == read_meta(blob).sha256
+    assert listing[1]["xxh3_128"] == read_meta(blob).xxh3_128 and listing[1]["sha256"] == ""
     assert listing[1]["metrics"] == {"test_accuracy": 0.5} and listing[1]["spec"]["layers"]
     assert store.versions("never-published") == []
 
@@ -84,6 +84,17 @@ def test_a_listing_skips_entries_no_publish_wrote_and_a_garbage_latest_is_refuse
     redis_client.set(keys.latest, b"one")
     with pytest.raises(CheckpointError, match="latest pointer"):
         store.latest_version(NAME)
+
+
+def test_a_format_1_checkpoint_stored_by_an_older_build_is_still_served(store, redis_client):
+    redis_client.set(store.keys_for("format-one").blob(3), FORMAT_1_FIXTURE.read_bytes())
+    loaded = store.get("format-one", 3)
+    assert loaded.meta.version == 3 and len(loaded.meta.sha256) == 64
+
+
+def test_the_store_needs_a_client_that_sends_pieces(redis_url):
+    with pytest.raises(ValueError, match=r"client made by redis_client\.connect"):
+        CheckpointStore(redis.Redis.from_url(redis_url))
 
 
 def test_unknown_models_and_versions_are_not_found(store):
@@ -108,7 +119,7 @@ def flip_a_weight_byte(blob, _other):
 
 
 def claim_a_wrong_checksum(blob, _other):
-    return rewrite(blob, meta_change=lambda fields: fields.update(sha256="0" * 64))
+    return rewrite(blob, meta_change=lambda fields: fields.update(xxh3_128="0" * 32))
 
 
 def put_another_version_there(_blob, other):

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,50 @@ DEFAULT_RETRIES = 6
 DEFAULT_TIMEOUT = 10.0  # seconds, for connecting and for each reply
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed
 BACKOFF = ExponentialBackoff(base=0.05, cap=2.0)  # waits base * 2**failure
-# Replies are parsed by hiredis (redis[hiredis]: a 19 MB GET 100 ms -> 31 ms here), but requests
-# are packed by redis-py's own serializer: with hiredis installed redis-py packs them with
-# hiredis too, which copies a large value into one buffer (a 19 MB SET 10 ms -> 55 ms here),
-# where its own sends a large value as a separate chunk, uncopied.
-REQUEST_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+PACKER_BUFFER_CUTOFF = 6000  # bytes: larger values are sent as chunks of their own (redis-py's figure)
+
+
+class Pieces:
+    """A value that Redis stores as the concatenation of `buffers`, sent without joining them.
+
+    The request packer of a client made by `connect` writes each buffer to the
+    socket as it is: a checkpoint's tensors go from the model's arrays to Redis
+    uncopied (shared.checkpoints.checkpoint.encode_parts). Small buffers are
+    copied into the command's own (fewer system calls).
+    """
+
+    def __init__(self, buffers: Iterable[bytes | memoryview]):
+        self.buffers = tuple(memoryview(buffer).cast("B") for buffer in buffers)
+        self.nbytes = sum(len(buffer) for buffer in self.buffers)
+
+
+class _RequestPacker(PythonRespSerializer):
+    """redis-py's own request serializer, which also packs `Pieces`.
+
+    Replies are parsed by hiredis (redis[hiredis]: a 19 MB GET 100 ms -> 31 ms here), but
+    requests by redis-py's serializer: with hiredis installed redis-py packs them with hiredis
+    too, which copies a large value into one buffer (a 19 MB SET 10 ms -> 55 ms here), where
+    its own sends a large value as a separate chunk, uncopied.
+    """
+
+    def pack(self, *args):
+        if not any(isinstance(arg, Pieces) for arg in args):
+            return super().pack(*args)
+        # RESP, as the serializer writes it: *<count> then $<length> and the bytes per argument.
+        command = (*self.encode(args[0]).split(), *args[1:])  # "CONFIG GET" is two arguments
+        chunks: list[bytes | memoryview] = [b"*%d\r\n" % len(command)]
+        for arg in command:
+            if isinstance(arg, Pieces):
+                chunks.append(b"$%d\r\n" % arg.nbytes)
+                chunks += (bytes(b) if len(b) < self._buffer_cutoff else b for b in arg.buffers)
+                chunks.append(b"\r\n")
+            else:
+                value = self.encode(arg)
+                chunks.append(b"$%d\r\n%s\r\n" % (len(value), value))
+        return chunks  # the connection joins the small chunks and sends large ones as they are
+
+
+REQUEST_PACKER = _RequestPacker(PACKER_BUFFER_CUTOFF, Encoder("utf-8", "strict", False).encode)
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS to the data nodes
 DEFAULT_SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT = 2.0  # seconds, for each sentinel asked; the next one is asked when it fails
@@ -396,6 +436,11 @@ def min_replicas_ack_from_env() -> int:
 def replica_ack_timeout_ms_from_env() -> int:
     """REDIS_REPLICA_ACK_TIMEOUT_MS: how long a publish waits for them, in milliseconds."""
     return env("REDIS_REPLICA_ACK_TIMEOUT_MS", DEFAULT_REPLICA_ACK_TIMEOUT_MS, _positive)
+
+
+def packs_pieces(client: redis.Redis) -> bool:
+    """Whether the client packs requests with REQUEST_PACKER (made by `connect`), which sends `Pieces`."""
+    return client.connection_pool.connection_kwargs.get("command_packer") is REQUEST_PACKER
 
 
 def read_timeout(client: redis.Redis) -> float | None:

@@ -22,6 +22,13 @@ handed out in commit order, without gaps or duplicates, `latest` is always
 the newest version, and a publisher that dies before EXEC leaves nothing
 behind: Redis drops a transaction whose connection closes.
 
+The blob is one SET in that transaction. Its value goes out in pieces, the
+header and then each tensor straight from the model's arrays (no joined
+copy: `checkpoint.encode_parts`, `redis_client.Pieces`), but on the wire
+it is one value of the length the SET announces: Redis queues the command
+only once all of it has arrived, so a publisher that dies while sending it
+leaves nothing behind either.
+
 How an acknowledged publish survives a failover: Redis replicates
 asynchronously, so EXEC returns once the primary has the checkpoint, before
 any replica does. Should the primary die then, Sentinel promotes a replica
@@ -54,7 +61,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import redis
@@ -63,9 +70,11 @@ from redis.client import Pipeline
 from shared.checkpoints import checkpoint
 from shared.checkpoints.checkpoint import Checkpoint, CheckpointError, CheckpointMeta, check_model_name
 from shared.checkpoints.redis_client import (
+    Pieces,
     StoreUnavailable,
     describe,
     min_replicas_ack_from_env,
+    packs_pieces,
     read_timeout,
     replica_ack_timeout_ms_from_env,
     unavailable_on_error,
@@ -172,9 +181,10 @@ class CheckpointStore:
     """Checkpoints of any number of models in one Redis, under `prefix`.
 
     `retention` is how many of each model's newest versions a publish keeps;
-    it deletes older ones, never the one `latest` points to. `redis_client` answers
-    bytes (decode_responses off, as `connect` makes it); redis-py types every reply
-    `bytes | str`, hence the casts where replies are read.
+    it deletes older ones, never the one `latest` points to. `redis_client` is made by
+    `connect`: it answers bytes (decode_responses off; redis-py types every reply
+    `bytes | str`, hence the casts where replies are read), and sends a checkpoint's
+    tensors from the model's arrays, uncopied (`Pieces`).
 
     `min_replicas_ack` and `replica_ack_timeout_ms` (default: REDIS_MIN_REPLICAS_ACK
     and REDIS_REPLICA_ACK_TIMEOUT_MS) make each publish wait for replicas, see the
@@ -194,6 +204,10 @@ class CheckpointStore:
     ):
         if retention < 1:
             raise ValueError(f"retention must keep at least 1 version, got {retention}")
+        if not packs_pieces(redis_client):
+            raise ValueError(
+                "the checkpoint store needs a client made by redis_client.connect (it sends Pieces)"
+            )
         self.min_replicas_ack = min_replicas_ack_from_env() if min_replicas_ack is None else min_replicas_ack
         self.replica_ack_timeout_ms = (
             replica_ack_timeout_ms_from_env() if replica_ack_timeout_ms is None else replica_ack_timeout_ms
@@ -291,8 +305,8 @@ class CheckpointStore:
                 )
         version = max(int(pipe.get(keys.counter) or 0), after) + 1
         stored = _version_numbers(pipe.hkeys(keys.versions))
-        blob = checkpoint.encode(model, replace(meta, version=version))
-        listing = {**asdict(checkpoint.read_meta(blob)), "size_bytes": len(blob)}
+        encoded = checkpoint.encode_parts(model, replace(meta, version=version))
+        listing = {**checkpoint.meta_fields(encoded.meta), "size_bytes": encoded.size}
         expired = stored[: max(0, len(stored) + 1 - self.retention)]  # the new version stays
         body = json.dumps({"model_name": meta.model_name, "version": version})
 
@@ -300,7 +314,7 @@ class CheckpointStore:
         if fence is not None:
             pipe.set(fence.key, fence.token)
         pipe.set(keys.counter, version)
-        pipe.set(keys.blob(version), blob)
+        pipe.set(keys.blob(version), Pieces(encoded.parts))  # the tensors sent from the model's arrays
         pipe.hset(keys.versions, str(version), json.dumps(listing))
         pipe.set(keys.latest, version)
         pipe.sadd(self.models_key, meta.model_name)

@@ -76,8 +76,14 @@ class Model:
             for name, array in layer.grads.items()
         }
 
-    def load_state_dict(self, weights: dict[str, np.ndarray]) -> Model:
-        """Take parameters from `weights`, which must match this architecture exactly."""
+    def load_state_dict(self, weights: dict[str, np.ndarray], *, copy: bool = True) -> Model:
+        """Take parameters from `weights`, which must match this architecture exactly.
+
+        They are copied, unless `copy=False`: then arrays already of the model's dtype
+        are taken as they are, shared with the caller (a decoded checkpoint's read-only
+        views into its blob, which serving only reads; training writes its parameters
+        in place, so a model to train gets copies).
+        """
         expected = self.param_shapes()
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
@@ -91,10 +97,10 @@ class Model:
                     f"weights do not match the architecture: {name} has shape "
                     f"{tuple(weights[name].shape)}, the spec needs {tuple(shape)}"
                 )
+        take = np.array if copy else np.asarray  # asarray copies only to change the dtype
         for i, layer in enumerate(self.layers):
             layer.params = {
-                name: np.array(weights[f"layers.{i}.{name}"], dtype=self.dtype)
-                for name in layer.param_shapes()
+                name: take(weights[f"layers.{i}.{name}"], dtype=self.dtype) for name in layer.param_shapes()
             }
         return self
 
