@@ -246,7 +246,7 @@ def test_a_take_over_between_the_fence_check_and_exec_aborts_the_publish(pool_pa
     taken = pool.take()
     assert taken is not None
     model = build_model(SPEC).initialise(0)
-    encode = store_module.checkpoint.encode
+    encode = store_module.checkpoint.encode_parts
     takeovers: list[int] = []
 
     def encode_while_taken_over(*args, **kwargs):
@@ -255,7 +255,7 @@ def test_a_take_over_between_the_fence_check_and_exec_aborts_the_publish(pool_pa
             takeovers.append(client.incr(taken.fence.key))
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(store_module.checkpoint, "encode", encode_while_taken_over)
+    monkeypatch.setattr(store_module.checkpoint, "encode_parts", encode_while_taken_over)
     before = everything(client)
     with pytest.raises(FenceRejected):
         store.publish(model, checkpoint_meta(model), taken.fence)
