@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.checkpoints.checkpoint import check_model_name
-from shared.env import env
+from shared.env import env, usable_cores
 from shared.rpc.health import LIVENESS
 from shared.rpc.health_listener import check_own_port, listen_address, port_of
 from shared.rpc.server import GRPC_MAX_MILLISECONDS
@@ -13,6 +13,14 @@ from shared.security.access import AccessSettings
 from shared.security.tls import ServerTLS
 
 MIN_CONNECTION_AGE_SECONDS, MAX_CONNECTION_AGE_SECONDS = 1.0, GRPC_MAX_MILLISECONDS // 1000
+MAX_WORKERS = 256
+
+
+def worker_count(raw: str) -> int:
+    """ "4" -> 4: a number of worker processes, from 1 to MAX_WORKERS."""
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_WORKERS:
+        raise ValueError(f"expected a number of worker processes from 1 to {MAX_WORKERS}")
+    return int(raw)
 
 
 def model_list(raw: str) -> tuple[str, ...]:
@@ -58,6 +66,8 @@ class InferConfig:
     metrics_port: int = field(default_factory=lambda: env("INFER_METRICS_PORT", 9102, int))  # 0 = off
     metrics_address: str = field(default_factory=lambda: env("INFER_METRICS_ADDRESS", "127.0.0.1"))
     grpc_workers: int = field(default_factory=lambda: env("INFER_GRPC_WORKERS", 32, int))
+    # Server processes sharing the port (infer_svc.workers); None = one per usable core.
+    workers: int | None = field(default_factory=lambda: env("INFER_WORKERS", None, worker_count))
     # grpc.health.v1 alone, in plaintext, for probes that cannot do TLS (Kubernetes'); None = none.
     health_listen: str | None = field(
         default_factory=lambda: env("INFER_HEALTH_LISTEN", None, listen_address)
@@ -77,6 +87,11 @@ class InferConfig:
                 f"closed for their age) or {MIN_CONNECTION_AGE_SECONDS:g} to "
                 f"{MAX_CONNECTION_AGE_SECONDS} seconds"
             )
+        if (self.workers or 1) > 1 and port_of(self.listen) is None:
+            raise ValueError(
+                f"INFER_WORKERS={self.workers}: worker processes share a TCP port, and "
+                f"INFER_LISTEN={self.listen!r} has none; set INFER_WORKERS=1 or listen on HOST:PORT"
+            )
         if LIVENESS in self.models:  # a model's health entry has its name: this one is taken
             raise ValueError(
                 f"INFER_MODELS: {LIVENESS!r} is the process's own health entry; rename the model"
@@ -86,3 +101,11 @@ class InferConfig:
             self.health_listen,
             {"INFER_LISTEN": port_of(self.listen), "INFER_METRICS_PORT": self.metrics_port},
         )
+
+    @property
+    def worker_processes(self) -> int:
+        """How many server processes to run: INFER_WORKERS, else one per usable core (one on a
+        unix socket, which processes cannot share)."""
+        if self.workers:
+            return self.workers
+        return usable_cores() if port_of(self.listen) is not None else 1

@@ -30,7 +30,13 @@ REQUEST_SECONDS = Histogram(
     ["method"],
     buckets=SECONDS,
 )
-PENDING = Gauge("tandem_infer_pending_requests", "Inference requests being answered (queued or computing)")
+# With INFER_WORKERS, each gauge is the workers' values combined (prometheus-client's
+# multiprocess mode): pending requests add up; a model's version is the newest any worker serves.
+PENDING = Gauge(
+    "tandem_infer_pending_requests",
+    "Inference requests being answered (queued or computing)",
+    multiprocess_mode="livesum",
+)
 QUEUE_SECONDS = Histogram(
     "tandem_infer_queue_seconds",
     "How long the oldest request of a forward pass waited in the batching queue",
@@ -45,7 +51,9 @@ BATCH_ROWS = Histogram(
 BATCH_REQUESTS = Histogram(
     "tandem_infer_batch_requests", "Requests merged into one forward pass", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
-MODEL_VERSION = Gauge("tandem_infer_model_version", "The version each model serves", ["model"])
+MODEL_VERSION = Gauge(
+    "tandem_infer_model_version", "The version each model serves", ["model"], multiprocess_mode="livemax"
+)
 LOADS = Counter(
     "tandem_infer_model_loads",
     "Model versions loaded, verified and warmed up (first loads, reloads, versions asked for by number)",
@@ -62,6 +70,7 @@ FAILED_VERSION = Gauge(
     "The newest version of each model that failed verification; above "
     "tandem_infer_model_version, the model serves an older version than its newest",
     ["model"],
+    multiprocess_mode="max",
 )
 _newest_failed: dict[str, int] = {}  # FAILED_VERSION's values, to keep the newest of concurrent failures
 _newest_failed_lock = threading.Lock()

@@ -17,6 +17,10 @@ start of a shutdown. Each model also has a health entry under its own name,
 SERVING once a version of it serves. With INFER_HEALTH_LISTEN the same
 statuses are served in plaintext on a port of their own, for probes
 (shared.rpc.health_listener).
+
+`python -m infer_svc` (infer_svc.__main__) runs INFER_WORKERS such servers
+(default: one per usable core) as processes sharing the ports, under a
+supervisor that serves their metrics (infer_svc.workers).
 """
 
 from __future__ import annotations
@@ -37,14 +41,7 @@ from infer_svc.source import VersionSource
 from shared.checkpoints.redis_client import connect
 from shared.checkpoints.store import CheckpointStore
 from shared.rpc.health import HealthServicer
-from shared.rpc.server import (
-    GrpcService,
-    MetricsEndpoint,
-    configure_logging,
-    enable_reflection,
-    grpc_server,
-    run_until_signalled,
-)
+from shared.rpc.server import GrpcService, MetricsEndpoint, enable_reflection, grpc_server
 from shared.rpc.stubs import (
     grpc_service_pb2,
     grpc_service_pb2_grpc,
@@ -62,7 +59,10 @@ HEALTH_SERVICES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)  # "" = the server as 
 
 
 class InferenceServer(GrpcService):
-    def __init__(self, config: InferConfig):
+    """One server process. `shares_ports`: it is one of INFER_WORKERS processes listening on the
+    same ports (infer_svc.workers)."""
+
+    def __init__(self, config: InferConfig, shares_ports: bool = False):
         self.config = config
         self.store = CheckpointStore(connect(config.redis_url))
         health = HealthServicer.for_workers(config.grpc_workers, "INFER_GRPC_WORKERS")
@@ -74,9 +74,16 @@ class InferenceServer(GrpcService):
             interceptors=[AccessInterceptor(config.auth, "inference")],
             max_connection_age=config.max_connection_age_seconds,
             max_connection_age_grace=config.grace_seconds,
+            shares_port=shares_ports,
         )
         super().__init__(
-            "infer", server, health, config.grace_seconds, config.health_listen, "INFER_HEALTH_LISTEN"
+            "infer",
+            server,
+            health,
+            config.grace_seconds,
+            config.health_listen,
+            "INFER_HEALTH_LISTEN",
+            shares_ports,
         )
         self.registry = Registry(
             self.store,
@@ -130,8 +137,3 @@ class InferenceServer(GrpcService):
         if self.registry.ready:  # the last configured model to serve makes the server ready
             for service in HEALTH_SERVICES:
                 self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-
-
-def main() -> None:
-    configure_logging()
-    run_until_signalled(InferenceServer(InferConfig()).start())

@@ -1,8 +1,9 @@
-"""Settings of the service processes: environment variables (documented in the README), and the
-secret files they name."""
+"""Settings of the service processes: environment variables (documented in the README), the
+secret files they name, and the cores a default may count on."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -38,3 +39,16 @@ def read_secret_file(path: Path, what: str) -> str:
     if not secret:
         raise ValueError(f"{what}: the file is empty")
     return secret
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity), capped by its cgroup's CPU quota
+    (a container's --cpus, a pod's CPU limit), rounded up: what INFER_WORKERS defaults to."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    return cores

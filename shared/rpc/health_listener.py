@@ -77,7 +77,7 @@ def check_own_port(setting: str, address: str | None, others: dict[str, int | No
 class HealthListener:
     """`health`'s statuses over plaintext grpc.health.v1 at `address`, bound now, served from `start`."""
 
-    def __init__(self, address: str, setting: str, health: HealthServicer):
+    def __init__(self, address: str, setting: str, health: HealthServicer, shares_port: bool = False):
         self.address = address
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="grpc-health"),
@@ -87,8 +87,9 @@ class HealthListener:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # gRPC binds with SO_REUSEPORT by default: a port another server of this host
                 # holds the same way (the main server, say) would be shared without an error,
-                # and half of its connections would come here. Refused instead.
-                ("grpc.so_reuseport", 0),
+                # and half of its connections would come here. Refused instead, unless the
+                # other holders are this program's own workers (infer_svc.workers).
+                ("grpc.so_reuseport", int(shares_port)),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(

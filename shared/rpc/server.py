@@ -16,7 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from shared.rpc.health import LIVENESS, HealthServicer
 from shared.rpc.health_listener import HealthListener
@@ -40,6 +40,7 @@ def grpc_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_connection_age: float = 0.0,
     max_connection_age_grace: float = 0.0,
+    shares_port: bool = False,
 ) -> grpc.Server:
     """A gRPC server on `workers` threads; calls beyond 4 per thread are refused (RESOURCE_EXHAUSTED).
 
@@ -47,10 +48,15 @@ def grpc_server(
     shared.rpc.request_guard answers a request that does not parse (INVALID_ARGUMENT).
     `max_connection_age` (seconds; 0 = never): a connection that old is sent GOAWAY, and
     closed once its calls in flight have ended or `max_connection_age_grace` is over.
+    `shares_port`: other processes of this program listen on the same port (SO_REUSEPORT,
+    infer_svc.workers); otherwise a port that another server holds is refused at bind.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # gRPC binds with SO_REUSEPORT unless told not to: a second server started on a port
+        # already served would share it without an error, and take half of its connections.
+        ("grpc.so_reuseport", int(shares_port)),
     ]
     if max_connection_age:
         grace_ms = min(max(0, round(max_connection_age_grace * 1000)), GRPC_MAX_MILLISECONDS)
@@ -67,10 +73,13 @@ def grpc_server(
 
 
 class MetricsEndpoint:
-    """Prometheus metrics over HTTP (`/metrics`) on `address:port`; port 0 means none."""
+    """Prometheus metrics over HTTP (`/metrics`) on `address:port`; port 0 means none.
 
-    def __init__(self, port: int, address: str):
-        self._http = start_http_server(port, addr=address)[0] if port else None
+    `registry`: what to serve, by default this process's metrics (infer_svc.workers serves
+    its workers' instead)."""
+
+    def __init__(self, port: int, address: str, registry: CollectorRegistry = REGISTRY):
+        self._http = start_http_server(port, addr=address, registry=registry)[0] if port else None
 
     def close(self) -> None:
         """Stop serving and free the port (for a server started after this one)."""
@@ -97,11 +106,12 @@ class GrpcService:
         grace_seconds: float,
         health_listen: str | None = None,
         health_setting: str = "",
+        shares_ports: bool = False,
     ):
         self.server, self.health = server, health
         health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)  # known from the first call on
         self.health_listener = (
-            HealthListener(health_listen, health_setting, health) if health_listen else None
+            HealthListener(health_listen, health_setting, health, shares_ports) if health_listen else None
         )
         self.metrics_http: MetricsEndpoint | None = None
         self._name, self._grace_seconds = name, grace_seconds  # name: "trainer" logs event=trainer_...
