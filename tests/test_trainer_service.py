@@ -96,6 +96,7 @@ def test_a_digits_cnn_job_reaches_97_percent_and_publishes_its_checkpoints(train
 
     checkpoint = trainer.store.get("digits-cnn", done.last_published_version)
     assert checkpoint.meta.step == done.progress.step
+    assert (final.xxh3_128, final.sha256) == (checkpoint.meta.xxh3_128, "")  # format 2's checksum
     assert checkpoint.model.spec == json.loads(done.spec_json)
     _, accuracy = evaluate(checkpoint.model, digits.x_test, digits.y_test)
     assert accuracy >= 0.97

@@ -125,6 +125,7 @@ def checkpoint_info(meta: dict, latest: bool = False) -> tandem_common_pb2.Check
         dataset=meta.get("dataset", ""),
         created_at=timestamp(created),
         sha256=meta.get("sha256", ""),
+        xxh3_128=meta.get("xxh3_128", ""),
         size_bytes=meta.get("size_bytes", 0),
         latest=latest,
         dtype=meta.get("dtype", ""),

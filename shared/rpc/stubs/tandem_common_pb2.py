@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem_common.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbf\x02\n\x0e\x43heckpointInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.tandem.v1.CheckpointInfo.MetricsEntry\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06latest\x18\n \x01(\x08\x12\r\n\x05\x64type\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem_common.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd1\x02\n\x0e\x43heckpointInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.tandem.v1.CheckpointInfo.MetricsEntry\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06latest\x18\n \x01(\x08\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x10\n\x08xxh3_128\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=67
   _globals['_TENSOR']._serialized_end=119
   _globals['_CHECKPOINTINFO']._serialized_start=122
-  _globals['_CHECKPOINTINFO']._serialized_end=441
-  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_start=395
-  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_end=441
+  _globals['_CHECKPOINTINFO']._serialized_end=459
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_start=413
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_end=459
 # @@protoc_insertion_point(module_scope)

@@ -106,6 +106,7 @@ class CheckpointInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     LATEST_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    XXH3_128_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The model the checkpoint belongs to (1-64 of [A-Za-z0-9_.-])."""
     version: _builtins.int
@@ -119,8 +120,9 @@ class CheckpointInfo(_message.Message):
     dataset: _builtins.str
     """The name of the dataset the model was trained on."""
     sha256: _builtins.str
-    """SHA-256 (hex) of the weights, as recorded in and verified against the
-    checkpoint (shared.checkpoints.checkpoint.weights_sha256).
+    """The checksum of the weights, as recorded in and verified against the
+    checkpoint (shared.checkpoints.checkpoint): one of the two is set.
+    SHA-256 (hex) for a checkpoint of format 1.
     """
     size_bytes: _builtins.int
     """Size of the encoded checkpoint (safetensors blob) in bytes."""
@@ -128,6 +130,10 @@ class CheckpointInfo(_message.Message):
     """True for the version the model's `latest` pointer names."""
     dtype: _builtins.str
     """The weights' dtype: "float32" or "float64"."""
+    xxh3_128: _builtins.str
+    """XXH3-128 (hex) for a checkpoint of format 2, which every checkpoint
+    written now is.
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The latest metrics of these weights, by the names the training loop
@@ -154,10 +160,11 @@ class CheckpointInfo(_message.Message):
         size_bytes: _builtins.int = ...,
         latest: _builtins.bool = ...,
         dtype: _builtins.str = ...,
+        xxh3_128: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dataset", b"dataset", "dtype", b"dtype", "epoch", b"epoch", "latest", b"latest", "metrics", b"metrics", "model_name", b"model_name", "sha256", b"sha256", "size_bytes", b"size_bytes", "step", b"step", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dataset", b"dataset", "dtype", b"dtype", "epoch", b"epoch", "latest", b"latest", "metrics", b"metrics", "model_name", b"model_name", "sha256", b"sha256", "size_bytes", b"size_bytes", "step", b"step", "version", b"version", "xxh3_128", b"xxh3_128"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
