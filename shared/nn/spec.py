@@ -18,6 +18,7 @@ README documents every layer type and option.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 
@@ -31,10 +32,14 @@ from shared.nn.model import Model
 SPEC_KEYS = {"input_shape", "layers"}
 
 
-def _layer_options(cls) -> tuple[set[str], set[str]]:
-    """(all option names, required option names) from the layer's constructor."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, input_shape
-    return ({p.name for p in params}, {p.name for p in params if p.default is inspect.Parameter.empty})
+@functools.cache  # per layer class: inspect.signature took most of a small model's build (and load)
+def _layer_options(kind: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(all option names, required option names) from the constructor of layer type `kind`."""
+    params = list(inspect.signature(LAYER_TYPES[kind].__init__).parameters.values())[2:]  # self, input_shape
+    return (
+        frozenset(p.name for p in params),
+        frozenset(p.name for p in params if p.default is inspect.Parameter.empty),
+    )
 
 
 def _check_input_shape(value) -> tuple[int, ...]:
@@ -86,7 +91,7 @@ def _build_layer(index: int, entry, input_shape: tuple[int, ...]):
         raise SpecError(f"{where}: unknown layer type; known types are {sorted(LAYER_TYPES)}")
     cls = LAYER_TYPES[kind]
     options = {k: v for k, v in entry.items() if k != "type"}
-    allowed, required = _layer_options(cls)
+    allowed, required = _layer_options(kind)
     unknown, missing = set(options) - allowed, required - set(options)
     if unknown:
         raise SpecError(f"{where}: unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
