@@ -13,11 +13,10 @@ MLServer's adaptive batching on.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.service_process import ServiceProcess, free_port, poll_until, service_process
+from bench.service_process import ServiceProcess, free_port, poll_until
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv-mlserver"
@@ -65,10 +64,9 @@ def _write_repository(folder: Path, setting: Setting, model: str, checkpoint: Pa
     (folder / model / "model-settings.json").write_text(json.dumps(model_settings))
 
 
-@contextmanager
-def mlserver(setting: Setting, model: str, checkpoint: Path, work_dir: Path):
-    """MLServer with `setting`, serving `checkpoint` as `model`, until the block ends; yields
-    (its gRPC address, its ServiceProcess)."""
+def mlserver(setting: Setting, model: str, checkpoint: Path, work_dir: Path) -> tuple[str, ServiceProcess]:
+    """MLServer with `setting`, serving `checkpoint` as `model`, started (its ServiceProcess
+    waits for it to serve the model); its gRPC address and its process."""
     import tritonclient.grpc as triton
 
     name = f"mlserver-w{setting.parallel_workers}-{'batching' if setting.batching else 'plain'}"
@@ -97,5 +95,4 @@ def mlserver(setting: Setting, model: str, checkpoint: Path, work_dir: Path):
             client.close()
 
     argv = [str(VENV / "bin" / "mlserver"), "start", str(folder)]
-    with service_process(name, argv, env, work_dir, wait_ready, cwd=folder) as service:
-        yield address, service
+    return address, ServiceProcess(name, argv, env, work_dir, wait_ready, cwd=folder)

@@ -38,8 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -62,7 +61,7 @@ from bench.common import (
     write_json,
 )
 from bench.load_clients import CallSpec, ClientPool, Load
-from bench.service_process import ServiceProcess, free_port, service_process
+from bench.service_process import ServiceProcess, free_port
 from bench.serving_model import (
     CALL_TIMEOUT,
     INPUT_SHAPE,
@@ -133,10 +132,18 @@ def rss_mlp(seed: int) -> Model:
 
 @dataclass
 class Server:
+    """One of our servers under test, started; stopped at the end of its `with` block."""
+
     name: str
     address: str
     metrics_port: int
     process: ServiceProcess
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stop()
 
 
 def server_environment(
@@ -173,7 +180,6 @@ def wait_serving(address: str, service: ServiceProcess, seconds: float) -> None:
     raise RuntimeError("the health stream ended before SERVING")
 
 
-@contextmanager
 def tandem_server(
     name: str,
     redis_url: str,
@@ -182,17 +188,21 @@ def tandem_server(
     model: str = MODEL_NAME,
     workers: int = 0,
     batching: bool = True,
-) -> Iterator[Server]:
+) -> Server:
     """`python -m infer_svc` serving `model`, with `workers` processes (0: the deployed default,
-    the usable cores), until the block ends."""
+    the usable cores), started; `ready` waits for it."""
     port, metrics_port = free_port(), free_port()
     env = server_environment(redis_url, port, metrics_port, model, workers or usable_cores(), batching)
     address = f"127.0.0.1:{port}"
     argv = [sys.executable, "-m", "infer_svc"]
-    with service_process(
-        name, argv, env, log_dir, partial(wait_serving, address), READY_SECONDS, cwd=REPO
-    ) as process:
-        yield Server(name, address, metrics_port, process)
+    process = ServiceProcess(name, argv, env, log_dir, partial(wait_serving, address), cwd=REPO)
+    return Server(name, address, metrics_port, process)
+
+
+def ready(*processes: ServiceProcess) -> None:
+    """Wait for each (started together, so their starts overlap)."""
+    for process in processes:
+        process.wait_ready(READY_SECONDS)
 
 
 # What the servers' metrics say about where time goes: sums and counts of each series.
@@ -298,6 +308,7 @@ def serving(redis_url: str, settings: Settings, pool: ClientPool, servable: Serv
         default = stack.enter_context(tandem_server("infer-default", redis_url, log_dir))
         single = stack.enter_context(tandem_server("infer-1-worker", redis_url, log_dir, workers=1))
         plain = stack.enter_context(tandem_server("infer-no-batching", redis_url, log_dir, batching=False))
+        ready(default.process, single.process, plain.process)
         loads = Loads(pool, settings.timing.warmup_calls, stack)
         x256 = batch(256)
         servable.probabilities(x256)
@@ -389,6 +400,7 @@ def memory_over_reloads(redis_url: str, store: CheckpointStore, settings: Settin
         tandem_server("infer-rss", redis_url, log_dir, model=RSS_MODEL) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
+        ready(server.process)
         stub = tandem_inference_pb2_grpc.InferenceStub(channel)
         stub.Predict(request, timeout=CALL_TIMEOUT)
         rss = {0: server.process.rss_bytes()}
@@ -405,43 +417,48 @@ def memory_over_reloads(redis_url: str, store: CheckpointStore, settings: Settin
 def versus_mlserver(
     server: Server, store: CheckpointStore, pool: ClientPool, settings: Settings, work_dir: Path
 ) -> dict:
-    """Ours at its defaults against each MLServer setting, interleaved case by case, with the
-    same tritonclient load; each setting's answers checked against ours first."""
+    """Ours at its defaults against every MLServer setting at once (all running, each case's
+    contenders interleaved), with the same tritonclient load; each setting's answers checked
+    against ours first."""
     import tritonclient.grpc as triton
 
     version = store.latest_version(MODEL_NAME) or 0
     checkpoint = store.get(MODEL_NAME, version)
     path = work_dir / "bench-serve.safetensors"
     save(path, checkpoint.model, replace(checkpoint.meta, version=version))
-    results: dict[str, dict] = {}
     with ExitStack() as stack:
-        loads = Loads(pool, settings.timing.warmup_calls, stack)
-        ours = {
-            case: loads.add(CallSpec("kserve", server.address, MODEL_NAME, batch(case[0])), case[1])
-            for case in PEER_CASES
-        }
+        peers = {}
         for setting in mlserver_peer.SETTINGS:
-            with ExitStack() as theirs_stack:
-                address, _ = theirs_stack.enter_context(
-                    mlserver_peer.mlserver(setting, MODEL_NAME, path, work_dir)
-                )
-                difference = answers_differ(triton, server.address, address)
-                theirs_loads = Loads(pool, settings.timing.warmup_calls, theirs_stack)
-                cases = {}
-                for rows, clients in PEER_CASES:
-                    spec = CallSpec("kserve", address, MODEL_NAME, batch(rows))
-                    contenders = [
-                        Contender("ours", partial(pool.run, ours[(rows, clients)])),
-                        theirs_loads.contender("theirs", spec, clients),
-                    ]
-                    interleave(contenders, settings.peer_timing)
-                    cases[f"{rows}x{clients}"] = {c.name: c.summary() for c in contenders}
-                results[setting.name] = {
-                    "default": setting.is_default,
-                    "max_abs_difference": difference,
-                    "cases": cases,
-                }
-    return results
+            address, process = mlserver_peer.mlserver(setting, MODEL_NAME, path, work_dir)
+            peers[setting] = (address, stack.enter_context(process))
+        ready(*(process for _, process in peers.values()))
+        about = {
+            setting.name: {
+                "default": setting.is_default,
+                "max_abs_difference": answers_differ(triton, server.address, address),
+                "ready_seconds": process.ready_seconds,
+            }
+            for setting, (address, process) in peers.items()
+        }
+        cases = {}
+        for rows, clients in PEER_CASES:
+            x = batch(rows)
+            with ExitStack() as case_stack:  # the case's connections closed after it
+                loads = Loads(pool, settings.timing.warmup_calls, case_stack)
+                contenders = [
+                    loads.contender("ours", CallSpec("kserve", server.address, MODEL_NAME, x), clients)
+                ]
+                contenders += [
+                    loads.contender(setting.name, CallSpec("kserve", address, MODEL_NAME, x), clients)
+                    for setting, (address, _) in peers.items()
+                ]
+                interleave(contenders, settings.peer_timing)
+            ours, *theirs = (c.summary() for c in contenders)
+            cases[f"{rows}x{clients}"] = {
+                "ours": ours,
+                "theirs": {c.name: summary for c, summary in zip(contenders[1:], theirs, strict=True)},
+            }
+    return {"settings": about, "cases": cases}
 
 
 def answers_differ(triton, ours: str, theirs: str) -> float:
@@ -475,12 +492,24 @@ def measure(redis_url: str, settings: Settings, with_mlserver: bool | None = Non
     ):
         work_dir = Path(work)
         servable = Servable.load(store, MODEL_NAME, store.latest_version(MODEL_NAME) or 1)
-        results: dict = {"contenders": serving(redis_url, settings, pool, servable, work_dir)}
+        results: dict = {}
+        took = results["seconds"] = {}  # each part's wall time, to keep the run's length in check
+        started = time.perf_counter()
+
+        def done(part: str) -> None:
+            took[part] = round(time.perf_counter() - started - sum(took.values()), 1)
+
+        results["contenders"] = serving(redis_url, settings, pool, servable, work_dir)
+        done("contenders")
         with tandem_server("infer-default", redis_url, work_dir) as server:
+            ready(server.process)
             results["reload"] = reload_latency(server, store, pool, settings)
+            done("reload")
             if with_mlserver:
                 results["mlserver"] = versus_mlserver(server, store, pool, settings, work_dir)
+                done("mlserver")
         results["memory"] = memory_over_reloads(redis_url, store, settings, work_dir)
+        done("memory")
     return results
 
 
@@ -644,27 +673,24 @@ def memory_rows(memory: dict) -> list[dict]:
 
 
 def mlserver_rows(peer: dict | None) -> list[dict]:
-    """Per case: ours against MLServer's best setting (the one with the lowest ours / theirs,
-    each setting timed interleaved with ours), with ours / MLServer's default setting beside."""
+    """Per case: ours against MLServer's best setting (its highest samples/s, timed in the same
+    rounds as ours), with ours / MLServer's default setting beside."""
     if peer is None:
         return []
-    default = next(name for name, setting in peer.items() if setting["default"])
+    default = next(name for name, about in peer["settings"].items() if about["default"])
     rows = []
     for rows_in, clients in PEER_CASES:
-        figures = {name: setting["cases"][f"{rows_in}x{clients}"] for name, setting in peer.items()}
-        ratios = {
-            name: f["ours"]["samples_per_s"] / f["theirs"]["samples_per_s"] for name, f in figures.items()
-        }
-        best = min(ratios, key=ratios.__getitem__)
+        case = peer["cases"][f"{rows_in}x{clients}"]
+        ours, theirs = case["ours"], case["theirs"]
+        best = max(theirs, key=lambda name: theirs[name]["samples_per_s"])
         rows.append(
             times_peer(
                 f"vs MLServer {mlserver_peer.VERSION}: batch {rows_in}, {clients} client(s)",
-                figures[best]["ours"],
-                figures[best]["theirs"],
+                ours,
+                theirs[best],
                 best,
                 AIM_VS_MLSERVER,
-                ratio_vs_default=ratios[default],
-                ratio_by_setting=ratios,
+                ratio_vs_default=ours["samples_per_s"] / theirs[default]["samples_per_s"],
             )
         )
     return rows
@@ -737,21 +763,23 @@ def print_where_time_goes(contenders: dict) -> None:
 
 
 def print_mlserver(peer: dict) -> None:
-    """Ours / MLServer for each case and setting (each setting timed interleaved with ours)."""
-    names = list(peer)
+    """Samples/s of ours and of each MLServer setting, case by case (timed in the same rounds)."""
+    names = list(peer["settings"])
     table = []
     for rows, clients in PEER_CASES:
-        cells = [f"batch {rows}, {clients} client(s)"]
+        case = peer["cases"][f"{rows}x{clients}"]
+        ours = case["ours"]["samples_per_s"]
+        cells = [f"batch {rows}, {clients} client(s)", f"{ours:,.0f}/s"]
         for name in names:
-            case = peer[name]["cases"][f"{rows}x{clients}"]
-            ours, theirs = case["ours"]["samples_per_s"], case["theirs"]["samples_per_s"]
-            cells.append(f"{ours / theirs:.2f}x ({theirs:,.0f}/s)")
+            theirs = case["theirs"][name]["samples_per_s"]
+            cells.append(f"{theirs:,.0f}/s ({ours / theirs:.2f}x)")
         table.append(cells)
-    print("Ours / MLServer by setting, samples/s (MLServer's own in brackets):")
+    print("Samples/s of ours and of MLServer by setting (ours / theirs in brackets):")
     headers = [
-        name.removeprefix("MLServer ") + (" (default)" if peer[name]["default"] else "") for name in names
+        name.removeprefix("MLServer ") + (" (default)" if peer["settings"][name]["default"] else "")
+        for name in names
     ]
-    print_table(["case", *headers], table)
+    print_table(["case", "ours", *headers], table)
 
 
 def run() -> None:

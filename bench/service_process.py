@@ -15,8 +15,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 STOP_SECONDS = 15.0  # after SIGTERM, before SIGKILL
@@ -52,16 +50,61 @@ def rss_bytes(pid: int) -> int:
     return total + sum(rss_bytes(child) for child in _children(pid))
 
 
-@dataclass
 class ServiceProcess:
-    name: str
-    process: subprocess.Popen
-    log: Path
-    ready_seconds: float = 0.0  # from the start to answering
+    """`argv` run with the environment `env` (only it), from its start to `stop` (or the end of
+    its `with` block); `wait_ready` waits for it to answer, with `ready(service, seconds)`,
+    which returns once the server answers or raises within `seconds`.
+
+    Starting several before waiting for any lets their starts overlap. Stopping is
+    SIGTERM (a graceful shutdown, as a deployment's), then SIGKILL if it has not exited
+    after STOP_SECONDS; the process leads its own process group, so that the SIGKILL
+    also reaches its worker processes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_dir: Path,
+        ready: Callable[[ServiceProcess, float], None],
+        cwd: Path | None = None,
+    ):
+        self.name, self.ready = name, ready
+        self.log = log_dir / f"{name}.log"
+        with self.log.open("wb") as output:
+            self.process = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started = time.monotonic()
+        self.ready_seconds: float | None = None  # from the start to answering
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def wait_ready(self, seconds: float) -> ServiceProcess:
+        try:
+            self.ready(self, seconds)
+        except Exception as error:
+            raise RuntimeError(
+                f"{self.name} did not become ready within {seconds:g} s (exit status "
+                f"{self.process.poll()}): {error}\n--- its log ---\n{self.log_tail()}"
+            ) from error
+        self.ready_seconds = time.monotonic() - self.started
+        return self
 
     def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
@@ -69,49 +112,14 @@ class ServiceProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-
-@contextmanager
-def service_process(
-    name: str,
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    log_dir: Path,
-    wait_ready: Callable[[ServiceProcess, float], None],
-    ready_seconds: float = 60.0,
-    cwd: Path | None = None,
-):
-    """Run `argv` with the environment `env` (only it) until the block ends; yields a ServiceProcess.
-
-    `wait_ready(service, seconds)` must return once the server answers, or raise
-    within `seconds`. Stopping is SIGTERM (a graceful shutdown, as a deployment's),
-    then SIGKILL if it has not exited after STOP_SECONDS; the process leads its own
-    process group, so that the SIGKILL also reaches its worker processes.
-    """
-    log = log_dir / f"{name}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = ServiceProcess(name, process, log)
-    try:
-        started = time.monotonic()
-        try:
-            wait_ready(service, ready_seconds)
-        except Exception as error:
-            raise RuntimeError(
-                f"{name} did not become ready within {ready_seconds:g} s "
-                f"(exit status {process.poll()}): {error}\n--- its log ---\n{service.log_tail()}"
-            ) from error
-        service.ready_seconds = time.monotonic() - started
-        yield service
-    finally:
-        stop(process)
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=STOP_SECONDS)
 
 
 def poll_until(ready: Callable[[], bool], seconds: float, what: str, interval: float = 0.05) -> None:
@@ -121,13 +129,3 @@ def poll_until(ready: Callable[[], bool], seconds: float, what: str, interval: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {seconds:g} s")
         time.sleep(interval)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_SECONDS)
