@@ -106,12 +106,17 @@ class Settings:
     reload_publishes: int  # under load, and as many idle
     rss_after: tuple[int, ...]  # reload counts at which RSS is read
     peer_timing: Timing  # for each MLServer setting, of each case
-    client_processes: int = 2  # enough for 32 callers, few enough to leave the server its cores
+    # Measured against main's one-process server at load 5.6: 32 callers from 1, 2 or 4 processes
+    # gave the same Predict throughput (392, 415, 442/s: the server is the bottleneck) and fewer
+    # health checks the more processes (1,401, 1,042, 977/s: they take cores from the server).
+    # Two leave the clients headroom against a server of several worker processes.
+    client_processes: int = 2
 
 
-# The full run takes about 5 minutes, 9 with MLServer; the quick one about a minute.
+# The full run takes about 2.5 minutes, 6 with MLServer (whose six settings start in about
+# 20 s); the quick one about 30 s, 90 s with MLServer (load averages of 3 to 7 on 2 cores).
 SETTINGS = {
-    "full": Settings(Timing(7, 1.0, 5), 50, (10, 100, 1000), peer_timing=Timing(3, 0.8, 5)),
+    "full": Settings(Timing(7, 1.0, 5), 50, (10, 100, 1000), peer_timing=Timing(5, 0.6, 5)),
     "quick": Settings(Timing(2, 0.3, 2), 6, (2, 5, 10), peer_timing=Timing(1, 0.3, 2)),
 }
 
