@@ -110,7 +110,8 @@ class _WorkerLoad:
 
         def loop(index: int, call: Callable[[], object]) -> None:
             mine = latencies[index]
-            now = start_at
+            time.sleep(max(0.0, start_at - time.monotonic()))  # the agreed start, on the shared clock
+            now = time.monotonic()
             try:
                 while now < deadline and not stop.value:
                     call()
@@ -122,7 +123,6 @@ class _WorkerLoad:
             ends[index] = now
 
         threads = [threading.Thread(target=loop, args=(i, call)) for i, (call, _) in enumerate(self.calls)]
-        time.sleep(max(0.0, start_at - time.monotonic()))  # the agreed start, on the shared clock
         for thread in threads:
             thread.start()
         for thread in threads:

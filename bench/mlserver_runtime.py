@@ -10,6 +10,8 @@ so the comparison times the servers, not two models.
 
 from __future__ import annotations
 
+# mlserver is installed in .venv-mlserver only: not found where mypy runs (and the ignore is
+# unused where it is installed).
 from mlserver import MLModel  # type: ignore[import-not-found, unused-ignore]
 from mlserver.codecs import NumpyCodec  # type: ignore[import-not-found, unused-ignore]
 from mlserver.types import InferenceRequest, InferenceResponse  # type: ignore[import-not-found, unused-ignore]
