@@ -534,7 +534,8 @@ def row(
     ok: bool | None,
     **details,
 ) -> dict:
-    """One row of the report; `ok` None: a figure reported without an aim."""
+    """One row of the report: `ours` and `peer` are what the aim judges (a latency row's p99,
+    with its p50s in the details); `ok` None: a figure reported without an aim."""
     return {
         "row": name,
         "ours": ours,
@@ -604,7 +605,7 @@ def rows_from(results: dict) -> list[dict]:
     floor, single = c["floor"], c["b1 x1"]
     rows = [
         row(
-            "empty gRPC call (health Check), 1 client: p99 (transport floor)",
+            "empty gRPC call (health Check), 1 client: p50 / p99 (transport floor)",
             floor["p99_ms"],
             None,
             "",
@@ -614,7 +615,7 @@ def rows_from(results: dict) -> list[dict]:
             p50_ms=floor["p50_ms"],
         ),
         row(
-            "Predict batch 1, 1 client: p99",
+            "Predict batch 1, 1 client: p50 / p99",
             single["p99_ms"],
             floor["p99_ms"],
             "empty gRPC call, same client",
@@ -632,7 +633,7 @@ def rows_from(results: dict) -> list[dict]:
     loaded, idle, missed = (results["reload"][key] for key in ("loaded", "idle", "missed"))
     rows.append(
         row(
-            "reload, publish -> first answer, 8 clients loading: p99",
+            "reload, publish -> first answer, 8 clients loading: p50 / p99",
             loaded["p99_ms"],
             idle["p99_ms"],
             "same server, no load",
@@ -707,12 +708,13 @@ def mlserver_rows(peer: dict | None) -> list[dict]:
 # ---- the report -----------------------------------------------------------------------
 
 
-def _figure(value: float | None, unit: str) -> str:
+def _figure(value: float | None, unit: str, p50: float | None = None) -> str:
+    """A row's figure; a latency's p99 with its p50 before it ("p50 / p99 ms")."""
     if value is None:
         return "-"
     if unit == "samples/s":
         return f"{value:,.0f}/s"
-    return f"{value:,.2f} {unit}"
+    return f"{p50:,.2f} / {value:,.2f} {unit}" if p50 is not None else f"{value:,.2f} {unit}"
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -721,8 +723,8 @@ def print_rows(rows: list[dict]) -> None:
         [
             [
                 r["row"],
-                _figure(r["ours"], r["unit"]),
-                _figure(r["peer"], r["unit"]),
+                _figure(r["ours"], r["unit"], r.get("p50_ms") if r["unit"] == "ms" else None),
+                _figure(r["peer"], r["unit"], r.get("peer_p50_ms") if r["unit"] == "ms" else None),
                 f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
                 r["aim"],
                 r["mark"],
@@ -752,6 +754,9 @@ def print_where_time_goes(contenders: dict) -> None:
                     w["queue_ms_per_pass"],
                 ]
             )
+    # The same forward pass in this process (one BLAS thread), beside the servers' compute.
+    forward = contenders["forward 256"]["mean_ms"]
+    table.append(["forward 256 in the bench", None, forward, None, None, 1.0, 256, forward, None])
     print_table(
         [
             "load",

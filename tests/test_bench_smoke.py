@@ -40,13 +40,13 @@ def test_every_serving_row_gets_its_figures(private_redis):
         results = serve_speed.measure(private_redis.url, tiny, with_mlserver=False)
     rows = serve_speed.rows_from(results)
     assert [r["row"] for r in rows] == [
-        "empty gRPC call (health Check), 1 client: p99 (transport floor)",
-        "Predict batch 1, 1 client: p99",
+        "empty gRPC call (health Check), 1 client: p50 / p99 (transport floor)",
+        "Predict batch 1, 1 client: p50 / p99",
         "Predict batch 1, 32 clients",
         "dynamic batching gain, 32 single-sample clients",
         "Predict batch 256, 1 client vs in-process forward",
         "Predict batch 256, 8 clients vs in-process forward",
-        "reload, publish -> first answer, 8 clients loading: p99",
+        "reload, publish -> first answer, 8 clients loading: p50 / p99",
         "server RSS after 1 reloads",
         "server RSS after 2 reloads",
         "server RSS after 3 reloads",
