@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+MLSERVER_VENV  := .venv-mlserver
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
 
 .PHONY: demo test test-slow test-compose compose-images bench venv clean lint
 
@@ -39,7 +41,8 @@ lint: $(STAMP)
 	echo "$(VENV)/bin/mypy"; $(VENV)/bin/mypy || status=1; \
 	exit $$status
 
-bench: $(STAMP) $(VENV)/.bench-installed
+# The serving benchmark also times Seldon MLServer (its rows are skipped without it).
+bench: $(STAMP) $(VENV)/.bench-installed $(MLSERVER_STAMP)
 	$(PY) -m bench
 
 venv: $(STAMP)
@@ -54,6 +57,17 @@ $(STAMP): pyproject.toml requirements/dev.lock
 
 $(VENV)/.bench-installed: requirements/bench.txt $(STAMP)
 	$(PY) -m pip install -q -r requirements/bench.txt
+	touch $@
+
+# MLServer in a virtual environment of its own, so that its pins never touch the project's
+# grpcio and protobuf; the project goes in without its dependencies, for
+# bench/mlserver_runtime.py to serve a checkpoint through Tandem's forward pass.
+$(MLSERVER_STAMP): requirements/bench-mlserver.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "the MLServer peer needs $(PYTHON) on PATH"; exit 1; }
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/python -m pip install -q -r requirements/bench-mlserver.txt
+	$(MLSERVER_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 clean:

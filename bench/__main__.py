@@ -12,7 +12,7 @@ from bench import accuracy, pool_speed, security_speed, serve_speed, store_speed
 BENCHMARKS = {  # name -> function that runs it
     "speed": train_speed.run,
     "store": store_speed.run,
-    "serve": serve_speed.run,
+    "serve": serve_speed.run,  # the service as deployed vs 1 worker, no batching, the forward, MLServer
     "security": security_speed.run,  # TLS, mutual TLS and the token check, per request
     "pool": pool_speed.run,  # the trainer pool: jobs/hour of 1 trainer vs 3, take-over after SIGKILL
     "accuracy": accuracy.run,

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -121,6 +121,47 @@ def interleaved_medians(contenders: Mapping[Name, Callable[[], object]], timing:
         for name in names if round_index % 2 == 0 else reversed(names):
             samples[name].append(seconds_per_call(contenders[name], calls[name]))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+@dataclass
+class Block:
+    """One timed block of a contender: rows answered, wall seconds, and each call's latency (s)."""
+
+    rows: int
+    seconds: float
+    latencies: np.ndarray
+
+
+@dataclass
+class Contender:
+    """Something timed in blocks (of many calls, or of concurrent clients): `run(seconds)`
+    times one block. Summaries: throughput the median over blocks, latencies percentiles
+    over every call of every block."""
+
+    name: str
+    run: Callable[[float], Block]
+    blocks: list[Block] = field(default_factory=list)
+
+    def time_block(self, seconds: float) -> None:
+        self.blocks.append(self.run(seconds))
+
+    def summary(self) -> dict:
+        latencies = np.concatenate([b.latencies for b in self.blocks]) * 1e3
+        return {
+            "samples_per_s": statistics.median(b.rows / b.seconds for b in self.blocks),
+            "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)),
+            "mean_ms": float(latencies.mean()),
+            "calls": len(latencies),
+        }
+
+
+def interleave(contenders: list[Contender], timing: Timing) -> None:
+    """Each round, one block of every contender; the order reverses every round (as in
+    `interleaved_medians`)."""
+    for round_index in range(timing.rounds):
+        for contender in contenders if round_index % 2 == 0 else reversed(contenders):
+            contender.time_block(timing.block_seconds)
 
 
 # ---- machine facts ----------------------------------------------------------

@@ -24,19 +24,21 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import Timing, print_facts, print_table, quick_mode, redis_session, write_json
-from bench.serve_speed import (
-    CALL_TIMEOUT,
+from bench.common import (
     Block,
     Contender,
-    clients_block,
+    Timing,
     interleave,
-    published_model,
-    request_for,
-    server_config,
+    print_facts,
+    print_table,
+    quick_mode,
+    redis_session,
+    write_json,
 )
+from bench.serving_model import CALL_TIMEOUT, clients_block, published_model, request_for, server_config
 from infer_svc.server import InferenceServer
 from shared.client import Connection
 from shared.rpc.stubs import tandem_inference_pb2_grpc
@@ -98,7 +100,7 @@ def new_connection_block(address: str, connection: Connection, seconds: float) -
             health_pb2_grpc.HealthStub(channel).Check(request, timeout=CALL_TIMEOUT)
         latencies.append(time.perf_counter() - now)
         now = time.perf_counter()
-    return Block(len(latencies), now - start, latencies)
+    return Block(len(latencies), now - start, np.array(latencies))
 
 
 def measure(redis_url: str, timing: Timing) -> list[dict]:

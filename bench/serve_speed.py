@@ -1,526 +1,841 @@
-"""Serving speed: the inference service's Predict against the model's own forward pass.
+"""Serving speed: the inference service as deployed, each figure against a peer timed in the same run.
 
-Everything runs in this process: an embedded Redis (or REDIS_URL), two
-inference servers on 127.0.0.1 (dynamic batching on, as deployed, and off)
-serving the digits CNN, and the clients, as threads. Each client thread has
-a channel (one HTTP/2 connection) of its own, as separate client processes
-would; it sends one prebuilt PredictRequest through the generated stub, so
-the clients do no numpy encoding or decoding of their own. Clients and
-servers share the GIL and the machine's cores: the figures are what the
-server does with that competition, a lower bound for a server on its own.
+The servers under test are processes of their own (`python -m infer_svc`,
+bench.service_process) on an embedded Redis (or REDIS_URL), with the deployed
+settings except where a row says otherwise; the load comes from client processes
+of their own (bench.load_clients), so that neither side's GIL is the other's.
+The model is the digits CNN (float32). The rows (issue 15):
 
-1. Throughput (samples/s) and latency (p50, p99 per request) of Predict at
-   batch 1, 32 and 256 with 1, 8 and 32 concurrent clients, on the server
-   with batching on, against `Servable.probabilities` (the same forward and
-   softmax the server runs) called in this process on the same batch. Each
-   round times one block of every contender, in alternating order
-   (bench.common's interleaving); throughputs are medians over the rounds,
-   latencies are percentiles over every request of every round.
-2. The gain from dynamic batching: 32 concurrent single-sample clients
-   against the server with batching on and the one with it off, interleaved.
-3. Reload latency: from CheckpointStore.publish returning to the first
-   Predict answered by the new version, by a client polling Predict at
-   batch 1 (so within one Predict's time); p50 over the publishes.
-4. Where one request's time goes, at batch 1 and 256: each step of the
-   server path timed alone (protobuf decode, from_tensor, the predictor's
-   checks, forward and softmax, the servicer's response and metrics, the
-   batcher's handoff, protobuf encode), the whole servicer called without
-   gRPC, an empty gRPC call (a health check), and Predict round trips.
+- Predict at batch 1, one client: p50 / p99, against the transport's floor: an
+  empty gRPC call (grpc.health.v1 Check) from the same client process.
+- Predict at batch 1, 32 clients: samples/s against the same server with one
+  worker process (INFER_WORKERS=1), and against INFER_BATCHING=false (the gain
+  from dynamic batching).
+- Predict at batch 256, 1 and 8 clients: samples/s against the model's forward
+  pass and softmax (`Servable.probabilities`) in this process, one thread.
+- Reload: from CheckpointStore.publish returning to the first Predict answered by
+  the new version (a poller of its own in this process, calling Predict at batch
+  1), while 8 clients load the server, against the same with no load.
+- Against Seldon MLServer 1.7.1 (bench.mlserver_peer, when installed): the same
+  checkpoint through the same forward pass, the same tritonclient load (KServe v2
+  ModelInfer, raw FP32) at batch 1, 32 and 256 with 1 and 8 clients; ours at its
+  defaults against each of six MLServer settings, each interleaved with ours.
+- Memory: the server's RSS (its worker processes included) after 10, 100 and 1000
+  reloads of a ~1.3 MB MLP, each waited until served: flat if old versions go.
 
-Aims: at batch 256, at least 0.8x the in-process forward's throughput;
-a single sample at concurrency 1 within 5 ms at p99; reload p50 within 50 ms.
+Contenders of one measurement are timed in rounds, one block each per round, in
+an order that reverses every round, so that the machine's noise (it is shared)
+hits each alike; throughputs are medians over the rounds, latencies percentiles
+over every call. Where time goes comes from the servers' own Prometheus metrics
+(handler time, forward passes, their rows and time, queue wait), scraped around
+each block and set beside the clients' round trips.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import threading
+import sys
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from bench import mlserver_peer
 from bench.common import (
+    Block,
+    Contender,
     Timing,
-    interleaved_medians,
+    interleave,
     print_facts,
     print_table,
     quick_mode,
     redis_session,
     write_json,
 )
-from infer_svc.batching import Batcher
-from infer_svc.config import InferConfig
+from bench.load_clients import CallSpec, ClientPool, Load
+from bench.service_process import ServiceProcess, free_port
+from bench.serving_model import (
+    CALL_TIMEOUT,
+    INPUT_SHAPE,
+    MAX_QUEUE_ROWS,
+    MODEL_NAME,
+    NUM_CLASSES,
+    batch,
+    digits_cnn,
+    meta_for,
+    published_model,
+    request_for,
+)
 from infer_svc.servable import Servable
-from infer_svc.server import InferenceServer
-from infer_svc.servicer import InferenceServicer
-from shared.checkpoints.checkpoint import CheckpointMeta
-from shared.checkpoints.redis_client import connect
+from shared.checkpoints.checkpoint import save
 from shared.checkpoints.store import CheckpointStore
-from shared.dtypes import MODEL_DTYPES
 from shared.nn import Model, build_model
-from shared.nn.presets import get_preset
-from shared.rpc.convert import from_tensor, to_tensor
+from shared.nn.presets import mlp
 from shared.rpc.stubs import tandem_inference_pb2 as pb
 from shared.rpc.stubs import tandem_inference_pb2_grpc
 
-MODEL_NAME = "bench-serve"
-INPUT_SHAPE, NUM_CLASSES = (1, 8, 8), 10  # the digits CNN's
-BATCHES = (1, 32, 256)
-CONCURRENCY = (1, 8, 32)
-GAIN_CLIENTS = 32  # single-sample clients for the batching gain
-CALL_TIMEOUT = 30.0
+REPO = Path(__file__).resolve().parent.parent
+RSS_MODEL = "bench-rss"
+RSS_HIDDEN = (1024, 256)  # 330k float32 weights, ~1.3 MB: a version held too many shows in RSS
+MANY_CLIENTS = 32
+READY_SECONDS = 60.0  # for a server to answer SERVING
 RELOAD_TIMEOUT = 10.0  # seconds a publish has to be served
+RELOAD_CHUNK = 10  # publishes per stretch of load (then as many idle)
 
-AIM_RATIO_256 = 0.8  # Predict throughput / in-process forward, at batch 256
-AIM_P99_SINGLE_MS = 5.0  # batch 1, one client
-AIM_RELOAD_P50_MS = 50.0
+AIM_P99_SINGLE_MS = 1.0
+AIM_WORKERS_GAIN = 3.0  # 32 clients: default workers / one worker
+AIM_BATCHING_GAIN = 2.0
+AIM_FORWARD_RATIO = {1: 0.9, 8: 1.5}  # batch 256: clients -> Predict / in-process forward
+AIM_RELOAD_P99_MS = 50.0
+AIM_VS_MLSERVER = 1.5
+AIM_RSS_GROWTH = 1.10  # RSS after 100 and 1000 reloads / after 10: "flat"
+PEER_CASES = tuple((rows, clients) for rows in (1, 32, 256) for clients in (1, 8))
 
 
 @dataclass(frozen=True)
 class Settings:
-    timing: Timing  # rounds and block length (warmup_calls: untimed calls per client)
-    publishes: int  # for the reload latency
-    breakdown: Timing  # for the steps of the server path
+    timing: Timing  # warmup_calls: untimed calls per caller
+    reload_publishes: int  # under load, and as many idle
+    rss_after: tuple[int, ...]  # reload counts at which RSS is read
+    peer_timing: Timing  # for each MLServer setting, of each case
+    # Measured against main's one-process server at load 5.6: 32 callers from 1, 2 or 4 processes
+    # gave the same Predict throughput (392, 415, 442/s: the server is the bottleneck) and fewer
+    # health checks the more processes (1,401, 1,042, 977/s: they take cores from the server).
+    # Two leave the clients headroom against a server of several worker processes.
+    client_processes: int = 2
 
 
-# The full run takes about 2 minutes, the quick one about 20 s.
+# The full run takes about 2.5 minutes, 6 with MLServer (whose six settings start in about
+# 20 s); the quick one about 30 s, 90 s with MLServer (load averages of 3 to 7 on 2 cores).
 SETTINGS = {
-    "full": Settings(
-        Timing(rounds=7, block_seconds=0.8, warmup_calls=5),
-        publishes=20,
-        breakdown=Timing(rounds=5, block_seconds=0.15, warmup_calls=20),
-    ),
-    "quick": Settings(
-        Timing(rounds=3, block_seconds=0.25, warmup_calls=2),
-        publishes=8,
-        breakdown=Timing(rounds=3, block_seconds=0.04, warmup_calls=5),
-    ),
+    "full": Settings(Timing(7, 1.0, 5), 50, (10, 100, 1000), peer_timing=Timing(5, 0.6, 5)),
+    "quick": Settings(Timing(2, 0.3, 2), 6, (2, 5, 10), peer_timing=Timing(1, 0.3, 2)),
 }
 
 
-def server_config(redis_url: str, batching: bool) -> InferConfig:
-    """The deployed defaults, every one explicit (INFER_* variables change nothing), except the
-    queue: 32 clients with 256 rows each may wait at once, beyond the default 4096 rows."""
-    return InferConfig(
-        redis_url=redis_url,
-        listen="127.0.0.1:0",
-        models=(MODEL_NAME,),
-        pinned={},
-        poll_seconds=2.0,
-        batching=batching,
-        max_batch_size=64,
-        max_queue_delay_ms=0.0,
-        max_queue_rows=max(CONCURRENCY) * max(BATCHES),
-        max_rows=4096,
-        max_message_bytes=16 * 2**20,
-        grace_seconds=1.0,
-        metrics_port=0,
-        metrics_address="127.0.0.1",
-        grpc_workers=32,
-    )
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
 
 
-def digits_cnn(seed: int) -> Model:
-    return build_model(get_preset("digits-cnn").spec(INPUT_SHAPE, NUM_CLASSES)).initialise(seed)
+# ---- models -------------------------------------------------------------------
 
 
-def publish(store: CheckpointStore, model: Model) -> int:
-    return store.publish(model, CheckpointMeta(MODEL_NAME, model.spec, "float32", dataset="digits"))
+def rss_mlp(seed: int) -> Model:
+    return build_model(mlp(INPUT_SHAPE, NUM_CLASSES, RSS_HIDDEN)).initialise(seed)
 
 
-def batch(rows: int) -> np.ndarray:
-    return np.random.default_rng(rows).standard_normal((rows, *INPUT_SHAPE)).astype(np.float32)
-
-
-# ---- timing blocks ------------------------------------------------------------
+# ---- the servers under test ------------------------------------------------------
 
 
 @dataclass
-class Block:
-    """One timed block of a contender: rows answered, wall time, and each call's latency."""
-
-    rows: int
-    seconds: float
-    latencies: list[float]
-
-
-@dataclass
-class Contender:
-    """Something timed in blocks: `run(seconds)` times one block."""
+class Server:
+    """One of our servers under test, started; stopped at the end of its `with` block."""
 
     name: str
-    run: Callable[[float], Block]
-    blocks: list[Block] = field(default_factory=list)
+    address: str
+    metrics_port: int
+    process: ServiceProcess
 
-    def summary(self) -> dict:
-        latencies = np.concatenate([b.latencies for b in self.blocks]) * 1e3
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stop()
+
+
+def server_environment(
+    redis_url: str, port: int, metrics_port: int, model: str, workers: int, batching: bool
+):
+    """The environment of `python -m infer_svc`: this one's without INFER_* and TANDEM_*
+    (so the deployed defaults apply), and the settings the bench sets."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("INFER_", "TANDEM_"))}
+    return {
+        **inherited,
+        "PYTHONPATH": str(REPO),  # this tree's infer_svc and shared
+        "REDIS_URL": redis_url,
+        "INFER_LISTEN": f"127.0.0.1:{port}",
+        "INFER_MODELS": model,
+        "INFER_METRICS_PORT": str(metrics_port),  # where time goes
+        "INFER_WORKERS": str(workers),
+        "INFER_BATCHING": "true" if batching else "false",
+        "INFER_MAX_QUEUE_ROWS": str(MAX_QUEUE_ROWS),
+        "INFER_GRACE_SECONDS": "1",
+    }
+
+
+def wait_serving(address: str, service: ServiceProcess, seconds: float) -> None:
+    """Return once the server's health for "" is SERVING (every model loaded); its Watch
+    stream tells each change, so nothing polls."""
+    with grpc.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=seconds, wait_for_ready=True
+        )
+        for answer in watch:
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                return
+    raise RuntimeError("the health stream ended before SERVING")
+
+
+def tandem_server(
+    name: str,
+    redis_url: str,
+    log_dir: Path,
+    *,
+    model: str = MODEL_NAME,
+    workers: int = 0,
+    batching: bool = True,
+) -> Server:
+    """`python -m infer_svc` serving `model`, with `workers` processes (0: the deployed default,
+    the usable cores), started; `ready` waits for it."""
+    port, metrics_port = free_port(), free_port()
+    env = server_environment(redis_url, port, metrics_port, model, workers or usable_cores(), batching)
+    address = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "infer_svc"]
+    process = ServiceProcess(name, argv, env, log_dir, partial(wait_serving, address), cwd=REPO)
+    return Server(name, address, metrics_port, process)
+
+
+def ready(*processes: ServiceProcess) -> None:
+    """Wait for each (started together, so their starts overlap)."""
+    for process in processes:
+        process.wait_ready(READY_SECONDS)
+
+
+# What the servers' metrics say about where time goes: sums and counts of each series.
+METRICS = (
+    "tandem_infer_request_seconds_sum",
+    "tandem_infer_request_seconds_count",
+    "tandem_infer_queue_seconds_sum",
+    "tandem_infer_compute_seconds_sum",
+    "tandem_infer_compute_seconds_count",
+    "tandem_infer_batch_rows_sum",
+    "tandem_infer_batch_requests_sum",
+)
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's METRICS, summed over their labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    values = dict.fromkeys(METRICS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in METRICS:
+                values[sample.name] += sample.value
+    return values
+
+
+# ---- contenders, timed in interleaved rounds ------------------------------------------
+
+
+@dataclass
+class ServerContender(Contender):
+    """A contender against one of our servers: its metrics are scraped around each block and
+    their changes added up, to tell where a request's time goes."""
+
+    metrics_port: int = 0
+    server_side: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
+
+    def time_block(self, seconds: float) -> None:
+        before = scrape(self.metrics_port)
+        super().time_block(seconds)
+        for name, value in scrape(self.metrics_port).items():
+            self.server_side[name] += value - before[name]
+
+    def where_time_goes(self) -> dict | None:
+        """Per request: the round trip, the server's handler, and the forward passes behind it."""
+        s = self.server_side
+        requests, passes = s["tandem_infer_request_seconds_count"], s["tandem_infer_compute_seconds_count"]
+        if not requests or not passes:
+            return None
+        summary = self.summary()
+        round_trip = summary["mean_ms"]
+        handler = s["tandem_infer_request_seconds_sum"] / requests * 1e3
         return {
-            "samples_per_s": statistics.median(b.rows / b.seconds for b in self.blocks),
-            "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)),
-            "calls": len(latencies),
+            # Below 1: the metrics endpoint sees only some of the calls (one worker process's).
+            "share_seen": requests / summary["calls"],
+            "round_trip_ms": round_trip,
+            "handler_ms": handler,
+            "outside_handler_ms": round_trip - handler,
+            "queue_ms_per_pass": s["tandem_infer_queue_seconds_sum"] / passes * 1e3,
+            "compute_ms_per_pass": s["tandem_infer_compute_seconds_sum"] / passes * 1e3,
+            "rows_per_pass": s["tandem_infer_batch_rows_sum"] / passes,
+            "requests_per_pass": s["tandem_infer_batch_requests_sum"] / passes,
         }
 
 
 def in_process_block(servable: Servable, x: np.ndarray, seconds: float) -> Block:
-    """Call the servable's forward and softmax in a loop for about `seconds`."""
+    """The servable's forward and softmax in a loop, in this process, for about `seconds`."""
     latencies = []
     start = now = time.perf_counter()
-    deadline = start + seconds
-    while now < deadline:
+    while now < start + seconds:
         servable.probabilities(x)
         latencies.append(time.perf_counter() - now)
         now = time.perf_counter()
-    return Block(len(latencies) * len(x), now - start, latencies)
+    return Block(len(latencies) * len(x), now - start, np.array(latencies))
 
 
-def clients_block(stubs: list, request: pb.PredictRequest, rows: int, seconds: float) -> Block:
-    """Each stub's thread calls Predict in a loop for about `seconds`, all starting together."""
-    latencies: list[list[float]] = [[] for _ in stubs]
-    finished = [0.0] * len(stubs)
-    clock = {}
-    errors: list[BaseException] = []
+class Loads:
+    """The bench's loads on one ClientPool, as contenders; removed (connections closed) at the end."""
 
-    def start_all():
-        clock["start"] = time.perf_counter()
-        clock["deadline"] = clock["start"] + seconds
+    def __init__(self, pool: ClientPool, warmup_calls: int, stack: ExitStack):
+        self.pool, self.warmup_calls, self.stack = pool, warmup_calls, stack
 
-    barrier = threading.Barrier(len(stubs), action=start_all)
+    def add(self, spec: CallSpec, callers: int) -> Load:
+        load = self.pool.add(spec, callers, self.warmup_calls)
+        self.stack.callback(self.pool.remove, load)
+        return load
 
-    def client(index: int, stub) -> None:
-        mine = latencies[index]
-        barrier.wait()
-        now, deadline = clock["start"], clock["deadline"]
-        try:
-            while now < deadline:
-                stub.Predict(request, timeout=CALL_TIMEOUT)
-                done = time.perf_counter()
-                mine.append(done - now)
-                now = done
-        except grpc.RpcError as error:
-            errors.append(error)
-        finished[index] = now
-
-    threads = [threading.Thread(target=client, args=(i, stub)) for i, stub in enumerate(stubs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
-    calls = sum(map(len, latencies))
-    return Block(calls * rows, max(finished) - clock["start"], [t for ts in latencies for t in ts])
+    def contender(self, name: str, spec: CallSpec, callers: int, server: Server | None = None) -> Contender:
+        """The load as a contender; against `server`, one that scrapes its metrics."""
+        run = partial(self.pool.run, self.add(spec, callers))
+        return (
+            ServerContender(name, run, metrics_port=server.metrics_port) if server else Contender(name, run)
+        )
 
 
-def interleave(contenders: list[Contender], timing: Timing) -> None:
-    """Each round, one block of every contender; the order reverses every round."""
-    for round_index in range(timing.rounds):
-        for contender in contenders if round_index % 2 == 0 else reversed(contenders):
-            contender.blocks.append(contender.run(timing.block_seconds))
+# ---- the measurements -----------------------------------------------------------------
 
 
-class Clients:
-    """`count` channels to one server, each with its stub, connected and warmed up."""
-
-    def __init__(self, address: str, count: int, request: pb.PredictRequest, warmup_calls: int):
-        self.channels = [grpc.insecure_channel(address) for _ in range(count)]
-        self.stubs = [tandem_inference_pb2_grpc.InferenceStub(c) for c in self.channels]
-        for stub in self.stubs:
-            for _ in range(warmup_calls):
-                stub.Predict(request, timeout=CALL_TIMEOUT)
-
-    def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+def predict(server: Server, rows: int) -> CallSpec:
+    return CallSpec("predict", server.address, MODEL_NAME, batch(rows))
 
 
-# ---- the measurements ---------------------------------------------------------
-
-
-def request_for(rows: int) -> pb.PredictRequest:
-    return pb.PredictRequest(model_name=MODEL_NAME, inputs=to_tensor(batch(rows)))
-
-
-def throughput(address: str, servable: Servable, timing: Timing, stack: ExitStack) -> list[dict]:
-    """Predict at each batch and concurrency against the in-process forward, interleaved."""
-    contenders: list[Contender] = []
-    cases: list[tuple[int, int | None]] = []  # (rows, clients); no clients: the in-process forward
-    for rows in BATCHES:
-        x, request = batch(rows), request_for(rows)
-        servable.probabilities(x)
-        contenders.append(Contender(f"in-process {rows}", partial(in_process_block, servable, x)))
-        cases.append((rows, None))
-        for count in CONCURRENCY:
-            clients = Clients(address, count, request, timing.warmup_calls)
-            stack.callback(clients.close)
-            contenders.append(
-                Contender(f"predict {rows} x {count}", partial(clients_block, clients.stubs, request, rows))
-            )
-            cases.append((rows, count))
-    interleave(contenders, timing)
-    results: list[dict] = []
-    forward: dict[int, dict] = {}  # rows -> the in-process forward's summary
-    for (rows, callers), contender in zip(cases, contenders, strict=True):
-        summary = contender.summary()
-        if callers is None:
-            forward[rows] = summary
-            results.append(
-                {"batch": rows, "clients": None, "what": "in-process forward", **summary, "ratio": None}
-            )
-        else:
-            results.append(
-                {
-                    "batch": rows,
-                    "clients": callers,
-                    "what": "Predict",
-                    **summary,
-                    "ratio": summary["samples_per_s"] / forward[rows]["samples_per_s"],
-                }
-            )
-    return results
-
-
-def batching_gain(on_address: str, off_address: str, timing: Timing, stack: ExitStack) -> dict:
-    """GAIN_CLIENTS single-sample clients against batching on and off, interleaved."""
-    request = request_for(1)
-    contenders = []
-    for label, address in (("batching on", on_address), ("batching off", off_address)):
-        clients = Clients(address, GAIN_CLIENTS, request, timing.warmup_calls)
-        stack.callback(clients.close)
-        contenders.append(Contender(label, partial(clients_block, clients.stubs, request, 1)))
-    interleave(contenders, timing)
-    on, off = (contender.summary() for contender in contenders)
-    return {"on": on, "off": off, "gain": on["samples_per_s"] / off["samples_per_s"]}
-
-
-def reload_latency(address: str, store: CheckpointStore, publishes: int) -> dict:
-    """Seconds from publish returning to the first Predict answered by the new version."""
-    models = [digits_cnn(seed) for seed in range(100, 100 + publishes)]  # built before timing
-    request = request_for(1)
-    latencies, calls, missed = [], [], 0
-    with grpc.insecure_channel(address) as channel:
-        stub = tandem_inference_pb2_grpc.InferenceStub(channel)
-        stub.Predict(request, timeout=CALL_TIMEOUT)
-        for model in models:
-            version = publish(store, model)
-            published = time.perf_counter()
-            polls = 0
-            while True:
-                answer = stub.Predict(request, timeout=CALL_TIMEOUT)
-                polls += 1
-                elapsed = time.perf_counter() - published
-                if answer.version == version:
-                    latencies.append(elapsed)
-                    calls.append(polls)
-                    break
-                if elapsed > RELOAD_TIMEOUT:
-                    missed += 1
-                    break
-    ms = np.array(latencies) * 1e3
+def serving(redis_url: str, settings: Settings, pool: ClientPool, servable: Servable, log_dir: Path) -> dict:
+    """Every Predict contender and its peer servers, interleaved; the contenders' summaries."""
+    with ExitStack() as stack:
+        default = stack.enter_context(tandem_server("infer-default", redis_url, log_dir))
+        single = stack.enter_context(tandem_server("infer-1-worker", redis_url, log_dir, workers=1))
+        plain = stack.enter_context(tandem_server("infer-no-batching", redis_url, log_dir, batching=False))
+        ready(default.process, single.process, plain.process)
+        loads = Loads(pool, settings.timing.warmup_calls, stack)
+        x256 = batch(256)
+        servable.probabilities(x256)
+        contenders = [
+            loads.contender("floor", CallSpec("health", default.address), 1),
+            loads.contender("b1 x1", predict(default, 1), 1, default),
+            loads.contender("b1 x32", predict(default, 1), MANY_CLIENTS, default),
+            loads.contender("b1 x32 one worker", predict(single, 1), MANY_CLIENTS, single),
+            loads.contender("b1 x32 no batching", predict(plain, 1), MANY_CLIENTS, plain),
+            loads.contender("b256 x1", predict(default, 256), 1, default),
+            loads.contender("b256 x8", predict(default, 256), 8, default),
+            Contender("forward 256", partial(in_process_block, servable, x256)),
+        ]
+        interleave(contenders, settings.timing)
     return {
-        "publishes": publishes,
-        "missed": missed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "max_ms": float(ms.max()),
-        "min_ms": float(ms.min()),
-        "median_polls": float(np.median(calls)),
+        c.name: {
+            **c.summary(),
+            "where_time_goes": c.where_time_goes() if isinstance(c, ServerContender) else None,
+        }
+        for c in contenders
     }
 
 
-class _Precomputed:
-    """Stands for a servable in the batcher: answers at once, to time the handoff alone."""
+def first_answer(stub, request: pb.PredictRequest, version: int, published: float) -> float | None:
+    """Seconds from `published` to the first Predict answered by `version`; None past RELOAD_TIMEOUT."""
+    while True:
+        answer = stub.Predict(request, timeout=CALL_TIMEOUT)
+        elapsed = time.perf_counter() - published
+        if answer.version == version:
+            return elapsed
+        if elapsed > RELOAD_TIMEOUT:
+            return None
 
-    def __init__(self, probabilities: np.ndarray):
-        self._probabilities = probabilities
 
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        return self._probabilities
-
-
-def server_path_breakdown(on: InferenceServer, off: InferenceServer, timing: Timing) -> list[dict]:
-    """Microseconds per request of each step of the server path, timed alone, at each batch."""
-    servable = off.registry.get(MODEL_NAME)
-    servicer = InferenceServicer(off.predictor)  # batching off: no handoff, no wait
-    handoff = Batcher(enabled=True, max_delay=0.0)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for server in (on, off)]
-    on_stub, off_stub = (tandem_inference_pb2_grpc.InferenceStub(c) for c in channels)
-    health = health_pb2_grpc.HealthStub(channels[1])
-    empty_call = health_pb2.HealthCheckRequest(service="")
-
-    def medians_at(rows: int) -> dict[str, float]:
-        """Each step's median seconds for a request of `rows` rows."""
-        request = request_for(rows)
-        wire = request.SerializeToString()
-        inputs = from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES, field="inputs")
-        x = inputs.astype(np.float32)
-        probabilities = servable.probabilities(x)
-        response = servicer.Predict(request, None)
-        response_wire = response.SerializeToString()
-        precomputed = _Precomputed(probabilities)
-        return interleaved_medians(
-            {
-                "protobuf decode of the request": lambda: pb.PredictRequest.FromString(wire),
-                "from_tensor": lambda: from_tensor(request.inputs, allowed_dtypes=MODEL_DTYPES),
-                "Predictor.predict (checks, forward, softmax)": lambda: off.predictor.predict(
-                    MODEL_NAME, inputs
-                ),
-                "  of which Servable.probabilities (forward, softmax)": lambda: servable.probabilities(x),
-                "servicer Predict without gRPC (from_tensor, predict, response, metrics)": lambda: (
-                    servicer.Predict(request, None)
-                ),
-                # a lambda like the other steps, so that each timing carries the same call overhead
-                "protobuf encode of the response": lambda: response.SerializeToString(),  # noqa: PLW0108
-                "client: protobuf decode of the response": lambda: pb.PredictResponse.FromString(
-                    response_wire
-                ),
-                "batcher handoff alone (max delay 0, no compute)": lambda: handoff.run(precomputed, x),
-                "gRPC round trip of an empty call (health Check)": lambda: health.Check(
-                    empty_call, timeout=CALL_TIMEOUT
-                ),
-                "Predict round trip, batching off": lambda: off_stub.Predict(request, timeout=CALL_TIMEOUT),
-                "Predict round trip, batching on": lambda: on_stub.Predict(request, timeout=CALL_TIMEOUT),
-            },
-            timing,
-        )
-
-    rows_out: list[dict] = []
+def reload_latency(server: Server, store: CheckpointStore, pool: ClientPool, settings: Settings) -> dict:
+    """Publish -> first answer from the new version, in stretches with 8 clients loading the
+    server and stretches without, alternately."""
+    models = [digits_cnn(seed) for seed in (101, 102)]  # built before timing; alternate
+    request = request_for(1)
+    load = pool.add(predict(server, 1), 8, settings.timing.warmup_calls)
+    seconds: dict[str, list[float]] = {"loaded": [], "idle": []}
+    missed, loaded_calls = 0, 0
     try:
-        for rows in (1, 256):
-            rows_out.extend(
-                {"batch": rows, "part": part, "us": seconds * 1e6}
-                for part, seconds in medians_at(rows).items()
-            )
+        with grpc.insecure_channel(server.address) as channel:
+            stub = tandem_inference_pb2_grpc.InferenceStub(channel)
+            stub.Predict(request, timeout=CALL_TIMEOUT)
+            for start in range(0, settings.reload_publishes, RELOAD_CHUNK):
+                chunk = min(RELOAD_CHUNK, settings.reload_publishes - start)
+                for case in ("loaded", "idle"):
+                    if case == "loaded":
+                        start_at = pool.start(load, RELOAD_TIMEOUT * (chunk + 1))
+                        time.sleep(max(0.0, start_at - time.monotonic()))  # the load's agreed start
+                    for i in range(chunk):
+                        version = store.publish(models[i % 2], meta_for(MODEL_NAME, models[i % 2]))
+                        elapsed = first_answer(stub, request, version, time.perf_counter())
+                        if elapsed is None:
+                            missed += 1
+                        else:
+                            seconds[case].append(elapsed)
+                    if case == "loaded":
+                        pool.stop_early()
+                        loaded_calls += len(pool.collect(load, start_at).latencies)
     finally:
-        handoff.stop()
-        for channel in channels:
-            channel.close()
-    return rows_out
+        pool.remove(load)
 
-
-@contextmanager
-def published_model(redis_url: str):
-    """A checkpoint store on `redis_url` holding a version of MODEL_NAME; its keys deleted after."""
-    client = connect(redis_url)
-    store = CheckpointStore(client)
-    try:
-        publish(store, digits_cnn(0))
-        yield store
-    finally:
-        keys = store.keys_for(MODEL_NAME)
-        leftovers = list(client.scan_iter(match=f"{keys.model}:*"))
-        if leftovers:
-            client.delete(*leftovers)
-        client.srem(store.models_key, MODEL_NAME)
-        client.close()
-
-
-def measure(redis_url: str, settings: Settings) -> dict:
-    """Every measurement, against servers started on `redis_url` (a Redis of the bench's own)."""
-    with published_model(redis_url) as store, ExitStack() as stack:
-        servers = {}
-        for batching in (True, False):
-            server = InferenceServer(server_config(redis_url, batching)).start()
-            stack.callback(server.stop, 0)
-            servers[batching] = server
-        on, off = (f"127.0.0.1:{servers[b].port}" for b in (True, False))
-        servable = servers[True].registry.get(MODEL_NAME)
-        results = {
-            "throughput": throughput(on, servable, settings.timing, stack),
-            "batching": batching_gain(on, off, settings.timing, stack),
-            "breakdown": server_path_breakdown(servers[True], servers[False], settings.breakdown),
+    def percentiles(values: list[float]) -> dict:
+        ms = np.array(values) * 1e3
+        return {q: float(np.percentile(ms, n)) for q, n in (("p50_ms", 50), ("p99_ms", 99))} | {
+            "max_ms": float(ms.max()),
+            "publishes": len(values),
         }
-        servers[False].stop(0)  # so that it does not load each new version beside the other
-        results["reload"] = reload_latency(on, store, settings.publishes)
+
+    return {
+        "loaded": percentiles(seconds["loaded"]),
+        "idle": percentiles(seconds["idle"]),
+        "missed": missed,
+        "load_calls": loaded_calls,
+    }
+
+
+def memory_over_reloads(redis_url: str, store: CheckpointStore, settings: Settings, log_dir: Path) -> dict:
+    """The server's RSS at start and after each count of settings.rss_after reloads of the MLP,
+    each waited until served."""
+    models = [rss_mlp(seed) for seed in (1, 2)]
+    store.publish(models[0], meta_for(RSS_MODEL, models[0]))
+    request = request_for(1, RSS_MODEL)
+    missed = 0
+    with (
+        tandem_server("infer-rss", redis_url, log_dir, model=RSS_MODEL) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        ready(server.process)
+        stub = tandem_inference_pb2_grpc.InferenceStub(channel)
+        stub.Predict(request, timeout=CALL_TIMEOUT)
+        rss = {0: server.process.rss_bytes()}
+        for reloads in range(1, max(settings.rss_after) + 1):
+            model = models[reloads % 2]
+            version = store.publish(model, meta_for(RSS_MODEL, model))
+            if first_answer(stub, request, version, time.perf_counter()) is None:
+                missed += 1
+            if reloads in settings.rss_after:
+                rss[reloads] = server.process.rss_bytes()
+    return {"rss_mb": {n: b / 2**20 for n, b in rss.items()}, "missed": missed}
+
+
+def versus_mlserver(
+    server: Server, store: CheckpointStore, pool: ClientPool, settings: Settings, work_dir: Path
+) -> dict:
+    """Ours at its defaults against every MLServer setting at once (all running, each case's
+    contenders interleaved), with the same tritonclient load; each setting's answers checked
+    against ours first."""
+    import tritonclient.grpc as triton
+
+    version = store.latest_version(MODEL_NAME) or 0
+    checkpoint = store.get(MODEL_NAME, version)
+    path = work_dir / "bench-serve.safetensors"
+    save(path, checkpoint.model, replace(checkpoint.meta, version=version))
+    with ExitStack() as stack:
+        peers = {}
+        for setting in mlserver_peer.SETTINGS:
+            address, process = mlserver_peer.mlserver(setting, MODEL_NAME, path, work_dir)
+            peers[setting] = (address, stack.enter_context(process))
+        ready(*(process for _, process in peers.values()))
+        about = {
+            setting.name: {
+                "default": setting.is_default,
+                "max_abs_difference": answers_differ(triton, server.address, address),
+                "ready_seconds": process.ready_seconds,
+            }
+            for setting, (address, process) in peers.items()
+        }
+        cases = {}
+        for rows, clients in PEER_CASES:
+            x = batch(rows)
+            with ExitStack() as case_stack:  # the case's connections closed after it
+                loads = Loads(pool, settings.timing.warmup_calls, case_stack)
+                contenders = [
+                    loads.contender("ours", CallSpec("kserve", server.address, MODEL_NAME, x), clients)
+                ]
+                contenders += [
+                    loads.contender(setting.name, CallSpec("kserve", address, MODEL_NAME, x), clients)
+                    for setting, (address, _) in peers.items()
+                ]
+                interleave(contenders, settings.peer_timing)
+            ours, *theirs = (c.summary() for c in contenders)
+            cases[f"{rows}x{clients}"] = {
+                "ours": ours,
+                "theirs": {c.name: summary for c, summary in zip(contenders[1:], theirs, strict=True)},
+            }
+    return {"settings": about, "cases": cases}
+
+
+def answers_differ(triton, ours: str, theirs: str) -> float:
+    """The largest difference between our probabilities and MLServer's on one batch (0 expected:
+    one forward pass); refuses to time a peer that answers otherwise."""
+    x = batch(32)
+    answers = []
+    for address in (ours, theirs):
+        client = triton.InferenceServerClient(address)
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            answers.append(client.infer(MODEL_NAME, [tensor]).as_numpy("probabilities"))
+        finally:
+            client.close()
+    difference = float(np.abs(answers[0] - answers[1]).max())
+    if answers[0].shape != answers[1].shape or difference > 1e-6:
+        raise RuntimeError(f"MLServer answers differ from ours by {difference} on one batch")
+    return difference
+
+
+def measure(redis_url: str, settings: Settings, with_mlserver: bool | None = None) -> dict:
+    """Every measurement, against servers started on `redis_url` (a Redis of the bench's own).
+    `with_mlserver` None: when installed."""
+    if with_mlserver is None:
+        with_mlserver = mlserver_peer.installed()
+    with (
+        published_model(redis_url, RSS_MODEL) as store,
+        tempfile.TemporaryDirectory(prefix="bench-serve-") as work,
+        ClientPool(settings.client_processes) as pool,
+    ):
+        work_dir = Path(work)
+        servable = Servable.load(store, MODEL_NAME, store.latest_version(MODEL_NAME) or 1)
+        results: dict = {}
+        took = results["seconds"] = {}  # each part's wall time, to keep the run's length in check
+        started = time.perf_counter()
+
+        def done(part: str) -> None:
+            took[part] = round(time.perf_counter() - started - sum(took.values()), 1)
+
+        results["contenders"] = serving(redis_url, settings, pool, servable, work_dir)
+        done("contenders")
+        with tandem_server("infer-default", redis_url, work_dir) as server:
+            ready(server.process)
+            results["reload"] = reload_latency(server, store, pool, settings)
+            done("reload")
+            if with_mlserver:
+                results["mlserver"] = versus_mlserver(server, store, pool, settings, work_dir)
+                done("mlserver")
+        results["memory"] = memory_over_reloads(redis_url, store, settings, work_dir)
+        done("memory")
     return results
 
 
-# ---- the report ---------------------------------------------------------------
+# ---- the rows -------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "pass" if ok else "MISS"
+def row(
+    name: str,
+    ours: float,
+    peer: float | None,
+    peer_name: str,
+    unit: str,
+    aim: str,
+    ok: bool | None,
+    **details,
+) -> dict:
+    """One row of the report: `ours` and `peer` are what the aim judges (a latency row's p99,
+    with its p50s in the details); `ok` None: a figure reported without an aim."""
+    return {
+        "row": name,
+        "ours": ours,
+        "peer": peer,
+        "peer_name": peer_name,
+        "ratio": ours / peer if peer else None,
+        "aim": aim,
+        "mark": "info" if ok is None else ("pass" if ok else "MISS"),
+        "unit": unit,
+        **details,
+    }
+
+
+def times_peer(name: str, ours: dict, peer: dict, peer_name: str, aim: float, **details) -> dict:
+    """A throughput row: ours at least `aim` times the peer's samples/s."""
+    return row(
+        name,
+        ours["samples_per_s"],
+        peer["samples_per_s"],
+        peer_name,
+        "samples/s",
+        f">= {aim:g}x",
+        ours["samples_per_s"] >= aim * peer["samples_per_s"],
+        p50_ms=ours["p50_ms"],
+        peer_p50_ms=peer["p50_ms"],
+        **details,
+    )
+
+
+FORWARD = "Servable.probabilities in the bench, 1 thread"
+# name, our contender, the peer contender, what the peer is, aim: ours >= aim x peer.
+THROUGHPUT_ROWS = (
+    (
+        f"Predict batch 1, {MANY_CLIENTS} clients",
+        "b1 x32",
+        "b1 x32 one worker",
+        "same server, INFER_WORKERS=1",
+        AIM_WORKERS_GAIN,
+    ),
+    (
+        f"dynamic batching gain, {MANY_CLIENTS} single-sample clients",
+        "b1 x32",
+        "b1 x32 no batching",
+        "same server, INFER_BATCHING=false",
+        AIM_BATCHING_GAIN,
+    ),
+    (
+        "Predict batch 256, 1 client vs in-process forward",
+        "b256 x1",
+        "forward 256",
+        FORWARD,
+        AIM_FORWARD_RATIO[1],
+    ),
+    (
+        "Predict batch 256, 8 clients vs in-process forward",
+        "b256 x8",
+        "forward 256",
+        FORWARD,
+        AIM_FORWARD_RATIO[8],
+    ),
+)
+
+
+def rows_from(results: dict) -> list[dict]:
+    """The report's rows, each against its peer from the same run."""
+    c = results["contenders"]
+    floor, single = c["floor"], c["b1 x1"]
+    rows = [
+        row(
+            "empty gRPC call (health Check), 1 client: p50 / p99 (transport floor)",
+            floor["p99_ms"],
+            None,
+            "",
+            "ms",
+            "-",
+            None,
+            p50_ms=floor["p50_ms"],
+        ),
+        row(
+            "Predict batch 1, 1 client: p50 / p99",
+            single["p99_ms"],
+            floor["p99_ms"],
+            "empty gRPC call, same client",
+            "ms",
+            f"p99 <= {AIM_P99_SINGLE_MS:g} ms",
+            single["p99_ms"] <= AIM_P99_SINGLE_MS,
+            p50_ms=single["p50_ms"],
+            peer_p50_ms=floor["p50_ms"],
+        ),
+    ]
+    rows += [
+        times_peer(name, c[ours], c[peer], peer_name, aim)
+        for name, ours, peer, peer_name, aim in THROUGHPUT_ROWS
+    ]
+    loaded, idle, missed = (results["reload"][key] for key in ("loaded", "idle", "missed"))
+    rows.append(
+        row(
+            "reload, publish -> first answer, 8 clients loading: p50 / p99",
+            loaded["p99_ms"],
+            idle["p99_ms"],
+            "same server, no load",
+            "ms",
+            f"p99 <= {AIM_RELOAD_P99_MS:g} ms",
+            loaded["p99_ms"] <= AIM_RELOAD_P99_MS and not missed,
+            p50_ms=loaded["p50_ms"],
+            peer_p50_ms=idle["p50_ms"],
+            missed=missed,
+        )
+    )
+    rows += mlserver_rows(results.get("mlserver"))
+    return rows + memory_rows(results["memory"])
+
+
+def memory_rows(memory: dict) -> list[dict]:
+    """RSS after each count of reloads: the first against the RSS before any, the others
+    against the first (flat: within AIM_RSS_GROWTH)."""
+    rss = memory["rss_mb"]
+    first, *later = sorted(rss)[1:]
+    rows = [
+        row(
+            f"server RSS after {first} reloads",
+            rss[first],
+            rss[0],
+            "RSS before the first reload",
+            "MB",
+            "-",
+            None,
+        )
+    ]
+    for count in later:
+        ok = rss[count] <= AIM_RSS_GROWTH * rss[first] and not memory["missed"]
+        rows.append(
+            row(
+                f"server RSS after {count} reloads",
+                rss[count],
+                rss[first],
+                f"RSS after {first} reloads",
+                "MB",
+                f"<= {AIM_RSS_GROWTH:g}x (flat)",
+                ok,
+            )
+        )
+    return rows
+
+
+def mlserver_rows(peer: dict | None) -> list[dict]:
+    """Per case: ours against MLServer's best setting (its highest samples/s, timed in the same
+    rounds as ours), with ours / MLServer's default setting beside."""
+    if peer is None:
+        return []
+    default = next(name for name, about in peer["settings"].items() if about["default"])
+    rows = []
+    for rows_in, clients in PEER_CASES:
+        case = peer["cases"][f"{rows_in}x{clients}"]
+        ours, theirs = case["ours"], case["theirs"]
+        best = max(theirs, key=lambda name: theirs[name]["samples_per_s"])
+        rows.append(
+            times_peer(
+                f"vs MLServer {mlserver_peer.VERSION}: batch {rows_in}, {clients} client(s)",
+                ours,
+                theirs[best],
+                best,
+                AIM_VS_MLSERVER,
+                ratio_vs_default=ours["samples_per_s"] / theirs[default]["samples_per_s"],
+            )
+        )
+    return rows
+
+
+# ---- the report -----------------------------------------------------------------------
+
+
+def _figure(value: float | None, unit: str, p50: float | None = None) -> str:
+    """A row's figure; a latency's p99 with its p50 before it ("p50 / p99 ms")."""
+    if value is None:
+        return "-"
+    if unit == "samples/s":
+        return f"{value:,.0f}/s"
+    return f"{p50:,.2f} / {value:,.2f} {unit}" if p50 is not None else f"{value:,.2f} {unit}"
+
+
+def print_rows(rows: list[dict]) -> None:
+    print_table(
+        ["row", "ours", "peer", "ratio", "aim", "mark", "peer is"],
+        [
+            [
+                r["row"],
+                _figure(r["ours"], r["unit"], r.get("p50_ms") if r["unit"] == "ms" else None),
+                _figure(r["peer"], r["unit"], r.get("peer_p50_ms") if r["unit"] == "ms" else None),
+                f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
+                r["aim"],
+                r["mark"],
+                r["peer_name"] or "-",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def print_where_time_goes(contenders: dict) -> None:
+    print("Where a request's time goes (means per request; the server's metrics scraped around each block):")
+    table = []
+    for name, summary in contenders.items():
+        w = summary["where_time_goes"]
+        if w:
+            table.append(
+                [
+                    name,
+                    w["share_seen"],
+                    w["round_trip_ms"],
+                    w["handler_ms"],
+                    w["outside_handler_ms"],
+                    w["requests_per_pass"],
+                    w["rows_per_pass"],
+                    w["compute_ms_per_pass"],
+                    w["queue_ms_per_pass"],
+                ]
+            )
+    # The same forward pass in this process (one BLAS thread), beside the servers' compute.
+    forward = contenders["forward 256"]["mean_ms"]
+    table.append(["forward 256 in the bench", None, forward, None, None, 1.0, 256, forward, None])
+    print_table(
+        [
+            "load",
+            "calls seen",
+            "round trip ms",
+            "in handler ms",
+            "outside ms",
+            "requests/pass",
+            "rows/pass",
+            "compute ms/pass",
+            "queue ms/pass",
+        ],
+        table,
+    )
+    print(
+        "(calls seen: the server's count of requests / the clients'; in handler: Predict's servicer,\n"
+        " from receipt to answer: checks, queue and forward; outside: gRPC, protobuf and the\n"
+        " client's own time; queue: the oldest request's wait in a pass)\n"
+    )
+
+
+def print_mlserver(peer: dict) -> None:
+    """Samples/s of ours and of each MLServer setting, case by case (timed in the same rounds)."""
+    names = list(peer["settings"])
+    table = []
+    for rows, clients in PEER_CASES:
+        case = peer["cases"][f"{rows}x{clients}"]
+        ours = case["ours"]["samples_per_s"]
+        cells = [f"batch {rows}, {clients} client(s)", f"{ours:,.0f}/s"]
+        for name in names:
+            theirs = case["theirs"][name]["samples_per_s"]
+            cells.append(f"{theirs:,.0f}/s ({ours / theirs:.2f}x)")
+        table.append(cells)
+    print("Samples/s of ours and of MLServer by setting (ours / theirs in brackets):")
+    headers = [
+        name.removeprefix("MLServer ") + (" (default)" if peer["settings"][name]["default"] else "")
+        for name in names
+    ]
+    print_table(["case", "ours", *headers], table)
 
 
 def run() -> None:
     settings = SETTINGS["quick" if quick_mode() else "full"]
     started = time.perf_counter()
     with redis_session() as (url, facts):
-        config = server_config(url, True)
-        facts["server"] = (
-            f"digits-cnn float32; grpc_workers {config.grpc_workers}, "
-            f"max_batch_size {config.max_batch_size}, max_queue_delay_ms "
-            f"{config.max_queue_delay_ms:g}, max_queue_rows {config.max_queue_rows}"
+        facts["servers"] = (
+            f"python -m infer_svc subprocesses, deployed defaults, INFER_WORKERS={usable_cores()} "
+            f"(usable cores) unless the row says otherwise, INFER_MAX_QUEUE_ROWS={MAX_QUEUE_ROWS}"
         )
-        facts["clients"] = "threads in this process, one channel each, prebuilt requests"
+        facts["clients"] = (
+            f"{settings.client_processes} client processes (spawned), callers spread evenly, "
+            f"one channel and thread each, a prebuilt request"
+        )
         facts["timing"] = (
-            f"{settings.timing.rounds} rounds of {settings.timing.block_seconds} s "
-            f"blocks per contender, interleaved"
+            f"{settings.timing.rounds} rounds of {settings.timing.block_seconds} s blocks per contender, "
+            f"interleaved; MLServer: {settings.peer_timing.rounds} rounds of "
+            f"{settings.peer_timing.block_seconds} s per case and setting, each with ours"
         )
-        print_facts("Serving: Predict through gRPC vs the in-process forward (same model, same batch)", facts)
-        results = measure(url, settings)
+        peer = mlserver_peer.installed()
+        facts["mlserver"] = (
+            f"{mlserver_peer.VERSION} in {mlserver_peer.VENV}"
+            if peer
+            else f"not installed: those rows are skipped ({mlserver_peer.INSTALL_HINT})"
+        )
+        print_facts("Serving: the inference service as deployed, against peers timed in the same run", facts)
+        results = measure(url, settings, peer)
         facts["load_average_1min_after"] = round(os.getloadavg()[0], 2)
-
-    rows = []
-    for r in results["throughput"]:
-        aim = None
-        if r["batch"] == 256 and r["clients"] is not None:
-            aim = f"{verdict(r['ratio'] >= AIM_RATIO_256)} (>= {AIM_RATIO_256}x)"
-        if r["batch"] == 1 and r["clients"] == 1:
-            aim = f"{verdict(r['p99_ms'] <= AIM_P99_SINGLE_MS)} (p99 <= {AIM_P99_SINGLE_MS:g} ms)"
-        rows.append(
-            [
-                r["batch"],
-                r["clients"] or "-",
-                r["what"],
-                r["samples_per_s"],
-                f"{r['p50_ms']:.2f}",
-                f"{r['p99_ms']:.2f}",
-                f"{r['ratio']:.2f}" if r["ratio"] is not None else "-",
-                aim,
-            ]
+    rows = rows_from(results)
+    print_rows(rows)
+    print_where_time_goes(results["contenders"])
+    if peer:
+        print_mlserver(results["mlserver"])
+    else:
+        print(
+            f"MLServer is not installed, so its rows are skipped; to install it: "
+            f"{mlserver_peer.INSTALL_HINT}\n"
         )
-    print_table(["batch", "clients", "what", "samples/s", "p50 ms", "p99 ms", "x in-process", "aim"], rows)
-
-    gain = results["batching"]
-    print(f"Dynamic batching, {GAIN_CLIENTS} concurrent single-sample clients:")
-    print_table(
-        ["server", "samples/s", "p50 ms", "p99 ms"],
-        [
-            [label, gain[key]["samples_per_s"], f"{gain[key]['p50_ms']:.2f}", f"{gain[key]['p99_ms']:.2f}"]
-            for label, key in (("batching on", "on"), ("batching off", "off"))
-        ],
-    )
-    print(f"gain from batching: {gain['gain']:.2f}x the throughput\n")
-
-    reload = results["reload"]
-    print(
-        f"Reload: publish returning -> first Predict answered by the new version "
-        f"({reload['publishes']} publishes, {reload['missed']} not served within "
-        f"{RELOAD_TIMEOUT:g} s; median {reload['median_polls']:g} Predict calls per reload):"
-    )
-    print(
-        f"  p50 {reload['p50_ms']:.1f} ms  p90 {reload['p90_ms']:.1f} ms  "
-        f"min {reload['min_ms']:.1f} ms  max {reload['max_ms']:.1f} ms  "
-        f"aim p50 <= {AIM_RELOAD_P50_MS:g} ms: "
-        f"{verdict(reload['p50_ms'] <= AIM_RELOAD_P50_MS and not reload['missed'])}"
-    )
-
-    print("\nWhere one request's time goes (each step timed alone, median microseconds):")
-    parts = list(dict.fromkeys(r["part"] for r in results["breakdown"]))
-    by = {(r["part"], r["batch"]): r["us"] for r in results["breakdown"]}
-    print_table(
-        ["step", "batch 1 us", "batch 256 us"], [[part, by[(part, 1)], by[(part, 256)]] for part in parts]
-    )
     print(
         f"(took {time.perf_counter() - started:.0f} s; load average "
         f"{facts['load_average_1min']} before, {facts['load_average_1min_after']} after)"
     )
-    print(f"wrote {write_json('serve', {'facts': facts, **results})}")
+    print(f"wrote {write_json('serve', {'facts': facts, 'rows': rows, 'details': results})}")

@@ -29,23 +29,35 @@ def test_layer_breakdown_times_every_part():
     assert rows[-1]["total_ms"] > 0
 
 
-def test_serving_is_measured_against_the_in_process_forward(private_redis):
+def test_every_serving_row_gets_its_figures(private_redis):
     tiny = serve_speed.Settings(
-        timing=Timing(rounds=1, block_seconds=0.01, warmup_calls=1), publishes=2, breakdown=TINY
+        timing=Timing(rounds=1, block_seconds=0.05, warmup_calls=1),
+        reload_publishes=2,
+        rss_after=(1, 2, 3),
+        peer_timing=TINY,
     )
     with limited_threads(1):
-        results = serve_speed.measure(private_redis.url, tiny)
-    throughput = results["throughput"]
-    assert [(r["batch"], r["clients"]) for r in throughput] == [
-        (rows, clients) for rows in serve_speed.BATCHES for clients in (None, *serve_speed.CONCURRENCY)
+        results = serve_speed.measure(private_redis.url, tiny, with_mlserver=False)
+    rows = serve_speed.rows_from(results)
+    assert [r["row"] for r in rows] == [
+        "empty gRPC call (health Check), 1 client: p50 / p99 (transport floor)",
+        "Predict batch 1, 1 client: p50 / p99",
+        "Predict batch 1, 32 clients",
+        "dynamic batching gain, 32 single-sample clients",
+        "Predict batch 256, 1 client vs in-process forward",
+        "Predict batch 256, 8 clients vs in-process forward",
+        "reload, publish -> first answer, 8 clients loading: p50 / p99",
+        "server RSS after 1 reloads",
+        "server RSS after 2 reloads",
+        "server RSS after 3 reloads",
     ]
-    assert all(r["samples_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in throughput)
-    assert all((r["ratio"] is None) == (r["clients"] is None) for r in throughput)
-    assert results["batching"]["gain"] > 0
-    assert results["reload"]["missed"] == 0 and results["reload"]["p50_ms"] > 0
-    breakdown = results["breakdown"]
-    assert {r["batch"] for r in breakdown} == {1, 256}
-    assert all(r["us"] > 0 for r in breakdown)
+    for r in rows:
+        assert r["ours"] > 0, r
+        assert r["mark"] in ("pass", "MISS", "info"), r
+        assert (r["ratio"] is None) == (r["peer"] is None) and (r["peer"] is None or r["peer"] > 0), r
+    assert results["reload"]["missed"] == 0 and results["memory"]["missed"] == 0
+    breakdown = results["contenders"]["b1 x1"]["where_time_goes"]
+    assert breakdown["handler_ms"] > 0 and breakdown["rows_per_pass"] == 1
 
 
 def test_the_pools_throughput_is_measured_on_trainer_processes(private_redis, tmp_path):
