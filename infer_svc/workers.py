@@ -20,9 +20,6 @@ How, after grpc's multiprocessing example (examples/python/multiprocessing):
 - Metrics: each worker writes its samples to files in a directory of the
   supervisor's (prometheus-client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR),
   and the supervisor serves /metrics, adding them up across workers.
-- NumPy's BLAS gets the cores divided among the workers (unless
-  OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set): N workers each
-  running every core's worth of BLAS threads would fight over them.
 - A worker that dies after it started is started again; one that fails to
   start stops the replica (exit 1), as a misconfigured server does. SIGTERM
   or SIGINT is passed on to every worker, which stops gracefully, and the
@@ -50,13 +47,11 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from infer_svc.config import InferConfig
 from infer_svc.server import InferenceServer
-from shared.env import usable_cores
 from shared.rpc.server import MetricsEndpoint, configure_logging, run_until_signalled
 
 log = logging.getLogger("tandem.infer")
 START_TIMEOUT = 120.0  # seconds a worker has to bind its ports and load the configured models
 STOP_MARGIN = 10.0  # seconds beyond the grace period before a worker that has not stopped is killed
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def reserve_port(address: str) -> tuple[socket.socket, str]:
@@ -94,7 +89,6 @@ class Supervisor:
         """Start the workers, keep them running until SIGTERM/SIGINT, stop them; the exit status."""
         holders, config = self._reserve_ports()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir.name  # read by each worker's import
-        self._divide_blas_threads()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         try:
@@ -127,11 +121,6 @@ class Supervisor:
             health_holder, health_listen = reserve_port(health_listen)
             holders.append(health_holder)
         return holders, replace(self.config, listen=listen, health_listen=health_listen, metrics_port=0)
-
-    def _divide_blas_threads(self) -> None:
-        if not any(name in os.environ for name in BLAS_THREAD_VARIABLES):
-            threads = str(max(1, usable_cores() // self.count))
-            os.environ.update(dict.fromkeys(BLAS_THREAD_VARIABLES, threads))  # read at the workers' start
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
