@@ -195,6 +195,7 @@ def batch_last_copy(x):
         lambda: MaxPool2D((2, 7, 7), size=3, stride=2, padding="same"),
         lambda: AvgPool2D((2, 6, 6), size=2),
         lambda: ReLU((2, 6, 6)),
+        lambda: Flatten((2, 6, 6)),
     ],
     ids=lambda make: make().type_name,
 )
@@ -206,7 +207,8 @@ def test_window_layers_give_the_same_for_every_memory_layout(make):
     x = rng.standard_normal((4, *layer.input_shape))
     dout = rng.standard_normal((4, *layer.output_shape))
     results = []
-    for x_in, dout_in in itertools.product([x, batch_last_copy(x)], [dout, batch_last_copy(dout)]):
+    douts = [dout, batch_last_copy(dout)] if dout.ndim == 4 else [dout]
+    for x_in, dout_in in itertools.product([x, batch_last_copy(x)], douts):
         out = layer.forward(x_in)
         dx = layer.backward(dout_in)
         results.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
@@ -215,6 +217,13 @@ def test_window_layers_give_the_same_for_every_memory_layout(make):
         np.testing.assert_array_equal(dx, results[0][1])
         for name, grad in grads.items():
             np.testing.assert_array_equal(grad, results[0][2][name])
+
+
+def test_flatten_hands_the_gradient_back_in_the_layout_of_its_input():
+    layer = Flatten((2, 3, 3))
+    for x in (np.ones((4, 2, 3, 3)), batch_last_copy(np.ones((4, 2, 3, 3)))):
+        layer.forward(x)
+        assert layer.backward(np.ones((4, 18))).strides == x.strides
 
 
 def test_conv_training_buffers_follow_the_batch_size_and_inference_leaves_them_alone():

@@ -1,7 +1,10 @@
 """Layers: small objects with `forward` and `backward`.
 
 Conventions every layer keeps:
-- Batches are (N, features) for flat data and (N, C, H, W) for images.
+- Batches are (N, features) for flat data and (N, C, H, W) for images, in
+  any memory layout; the window layers pass images on batch-last in
+  memory, (C, H, W, N) (see `Conv2D`), and every layer keeps the layout
+  it is given.
 - A layer is built for one per-sample `input_shape` and knows its
   `output_shape` at once, so a whole model's shapes are checked before any
   data flows (see `shared.nn.spec`).
@@ -351,17 +354,30 @@ class AvgPool2D(_Pool2D):
 
 
 class Flatten(Layer):
+    """(N, ...) to (N, features); the gradient goes back in the memory layout the input had.
+
+    After a window layer that layout is batch-last, and the layers below
+    work elementwise between their gradient and what they kept: between
+    two layouts that runs far below speed (a (64, 64, 7, 7) multiply took
+    2.2 ms against 0.1 ms in one layout, and 0.1 ms for the copy made here).
+    """
+
     type_name = "flatten"
 
     def __init__(self, input_shape):
         super().__init__(input_shape)
         self.output_shape = (math.prod(self.input_shape),)  # Python ints: no overflow
+        self._axes: tuple[int, ...] | None = None  # the input's axes, outermost in memory first
 
     def forward(self, x, training=True):
+        if training:
+            self._axes = tuple(int(a) for a in np.argsort([-abs(s) for s in x.strides], kind="stable"))
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dout):
-        return dout.reshape(dout.shape[0], *self.input_shape)
+        axes = self._kept(self._axes)
+        batch = dout.reshape(dout.shape[0], *self.input_shape)
+        return np.ascontiguousarray(batch.transpose(axes)).transpose(np.argsort(axes))
 
 
 class Activation(Layer):
