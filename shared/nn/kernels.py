@@ -11,7 +11,7 @@ that skips it, a maximum it never enters).
 Images are indexed (n, c, h, w) or, for convolution, (c, n, h, w), in any
 memory layout: strided operations follow whatever strides they are given,
 and new arrays take the layout of the input they stand for (`*_like`,
-order "K"), so a batch that is channels-first in memory stays so.
+order "K"), so a batch held batch-last in memory stays so.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def window_max_backward(
     equals the window's maximum `out`: ties go to one input, as an argmax's would.
 
     Windows that do not overlap write each input once, straight from the
-    product (a masked `np.add(..., where=)` was 60x slower here: 35 ms
-    against 0.6 ms per tap at (64, 32, 14, 14)).
+    product: a masked `np.add(..., where=)` took 35 ms for the four taps of
+    a (64, 32, 28, 28) input, the product 0.6 ms a tap.
     """
     dx = np.zeros_like(x)
     routed = np.zeros_like(out, dtype=bool)  # outputs whose gradient has gone to an input

@@ -180,13 +180,15 @@ class Conv2D(_WindowLayer):
     the gradient coming back is batch-last too. In that layout, one kernel
     offset's slice of an image is a run of whole rows of samples (w * n
     values), so im2col and col2im copy long contiguous runs: a col2im of
-    (64, 32, 14, 14) took 11 ms with (c, n, h, w) memory, where the
-    runs are 14 values long.
+    (64, 32, 14, 14) took 3 ms batch-last, 11 ms with (c, n, h, w) memory,
+    where the runs are 14 values long.
 
     The columns are filled tap by tap from the unpadded input. In training
     they, and the backward's column gradient, live in buffers kept from
     step to step while the batch size stays (a training model is used by
-    one thread; inference allocates afresh, so it may run on many).
+    one thread; inference allocates afresh, so it may run on many). The
+    buffers hold what the last training forward saw: a second training
+    forward before the backward overwrites what that backward needs.
     """
 
     type_name = "conv2d"
