@@ -1,8 +1,9 @@
 """`python -m bench [name ...]`: run the named benchmarks, or all of them.
 
 Environment: BENCH_THREADS (default 1) sets the thread count for NumPy's
-BLAS and for torch; BENCH_QUICK=1 makes every benchmark shorter. Results
-go to stdout and to bench/results/<name>.json.
+BLAS and for torch (`speed` measures 1 and 2 threads unless it is set);
+BENCH_QUICK=1 makes every benchmark shorter. Results go to stdout and to
+bench/results/<name>.json.
 """
 
 import argparse

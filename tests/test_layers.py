@@ -1,9 +1,11 @@
 """Every layer against the numerical gradient (float64), a naive reference, and its contract."""
 
+import itertools
+
 import numpy as np
 import pytest
 
-from shared.nn import SpecError, eval_numerical_gradient_array, numerical_gradient, rel_error
+from shared.nn import SpecError, build_model, eval_numerical_gradient_array, numerical_gradient, rel_error
 from shared.nn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid, Tanh
 from shared.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
 
@@ -54,6 +56,8 @@ CONV_CASES = [
     ((2, 7, 6), dict(kernel_size=3, stride=1, padding="valid"), ((0, 0), (0, 0))),
     ((2, 7, 7), dict(kernel_size=3, stride=2, padding=1), ((1, 1), (1, 1))),
     ((3, 6, 7), dict(kernel_size=[2, 3], stride=[1, 2], padding=[0, 1]), ((0, 0), (1, 1))),
+    ((2, 5, 5), dict(kernel_size=3, stride=1, padding=2), ((2, 2), (2, 2))),  # windows of padding only
+    ((2, 7, 7), dict(kernel_size=2, stride=3, padding="valid"), ((0, 0), (0, 0))),  # inputs never read
 ]
 
 
@@ -82,6 +86,8 @@ POOL_CASES = [
     ((2, 7, 7), dict(size=3, stride=1, padding="same")),
     ((2, 5, 5), dict(size=2, stride=2, padding="same")),
     ((2, 6, 6), dict(size=3, stride=2, padding=1)),
+    ((2, 7, 7), dict(size=2, stride=3)),  # inputs in no window
+    ((2, 6, 5), dict(size=[3, 2], stride=[1, 2], padding="same")),  # overlapping rows only
 ]
 
 
@@ -173,6 +179,100 @@ def test_float32_stays_float32_and_upstream_gradient_is_untouched(make):
     assert dx.dtype == np.float32 and dx.shape == x.shape
     assert all(g.dtype == np.float32 for g in layer.grads.values())
     np.testing.assert_array_equal(upstream, kept)
+
+
+def batch_last_copy(x):
+    """The same batch, held (c, h, w, n) in memory as the layers pass images on."""
+    return np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Conv2D((2, 6, 6), filters=3, kernel_size=3, stride=1, padding="same"),
+        lambda: Conv2D((2, 7, 7), filters=3, kernel_size=3, stride=2, padding=1),
+        lambda: MaxPool2D((2, 6, 6), size=2),
+        lambda: MaxPool2D((2, 7, 7), size=3, stride=2, padding="same"),
+        lambda: AvgPool2D((2, 6, 6), size=2),
+        lambda: ReLU((2, 6, 6)),
+        lambda: Flatten((2, 6, 6)),
+    ],
+    ids=lambda make: make().type_name,
+)
+def test_window_layers_give_the_same_for_every_memory_layout(make):
+    """Forward and backward agree to the bit whether the batch and the incoming gradient
+    are NCHW or batch-last in memory, and in any mix of the two."""
+    layer = built(make())
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, *layer.input_shape))
+    dout = rng.standard_normal((4, *layer.output_shape))
+    results = []
+    douts = [dout, batch_last_copy(dout)] if dout.ndim == 4 else [dout]
+    for x_in, dout_in in itertools.product([x, batch_last_copy(x)], douts):
+        out = layer.forward(x_in)
+        dx = layer.backward(dout_in)
+        results.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
+    for out, dx, grads in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(grad, results[0][2][name])
+
+
+def test_flatten_hands_the_gradient_back_in_the_layout_of_its_input():
+    layer = Flatten((2, 3, 3))
+    for x in (np.ones((4, 2, 3, 3)), batch_last_copy(np.ones((4, 2, 3, 3)))):
+        layer.forward(x)
+        assert layer.backward(np.ones((4, 18))).strides == x.strides
+
+
+def test_conv_training_buffers_follow_the_batch_size_and_inference_leaves_them_alone():
+    """Training keeps im2col buffers from step to step; a batch of another size, or an
+    inference pass in between, must not change what a training step computes."""
+    layer = built(Conv2D((2, 6, 6), filters=3, kernel_size=3, stride=2, padding="same"))
+    rng = np.random.default_rng(10)
+    batches = [rng.standard_normal((n, 2, 6, 6)) for n in (3, 2, 3)]
+    douts = [rng.standard_normal((len(x), *layer.output_shape)) for x in batches]
+
+    def step(x, dout):
+        out = layer.forward(x)
+        return out, layer.backward(dout), layer.grads["W"].copy()
+
+    fresh = [step(x, dout) for x, dout in zip(batches, douts, strict=True)]
+    for (x, dout), expected in zip(zip(batches, douts, strict=True), fresh, strict=True):
+        out = layer.forward(x)
+        layer.forward(rng.standard_normal((5, 2, 6, 6)), training=False)
+        dx = layer.backward(dout)
+        np.testing.assert_array_equal(out, expected[0])
+        np.testing.assert_array_equal(dx, expected[1])
+        np.testing.assert_array_equal(layer.grads["W"], expected[2])
+        reference = naive_conv(x, layer.params["W"], layer.params["b"], (2, 2), ((0, 1), (0, 1)))
+        np.testing.assert_allclose(out, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_a_models_first_layer_skips_its_input_gradient_only():
+    """Model.backward stops at the first layer with parameters; the parameter gradients are
+    those of a backward through every layer, down to the input."""
+    spec = {
+        "input_shape": [1, 6, 6],
+        "layers": [
+            {"type": "conv2d", "filters": 2, "padding": "same"},
+            {"type": "relu"},
+            {"type": "flatten"},
+            {"type": "dense", "units": 3},
+        ],
+    }
+    model = build_model(spec, dtype=np.float64).initialise(0)
+    x = np.random.default_rng(11).standard_normal((4, 1, 6, 6))
+    model.train_step_gradients(x, np.array([0, 1, 2, 1]))
+    skipped = {k: v.copy() for k, v in model.gradients().items()}
+    grad = model.loss.backward()
+    for layer in reversed(model.layers):
+        grad = layer.backward(grad)
+    assert grad.shape == x.shape
+    assert model.gradients().keys() == skipped.keys()
+    for name, full in model.gradients().items():
+        np.testing.assert_array_equal(full, skipped[name])
 
 
 def test_inference_forward_keeps_nothing_for_backward():

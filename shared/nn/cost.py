@@ -8,13 +8,14 @@ is on Python ints: a hostile size cannot overflow.
 The memory estimate is an upper bound of the arrays one training step and
 one evaluation pass hold at the same time, not a measurement:
 
-- per parameter: the weights, their gradient, each optimiser slot, and the
-  copies a checkpoint publish makes (a snapshot of weights and optimiser
-  state, and the encoded blob);
+- per parameter: the weights, their gradient, each optimiser slot, the
+  optimiser's work array (as large as the largest parameter; counted as
+  one more copy of all of them), and the copies a checkpoint publish makes
+  (a snapshot of weights and optimiser state, and the encoded blob);
 - per sample of a training batch: every layer's input and output (each
   layer keeps what its backward needs, and backward makes gradients of the
-  same sizes) and, for a convolution, its im2col columns twice (forward
-  and backward);
+  same sizes) and, for a convolution, its im2col columns (with their row
+  of ones for the bias) twice: the forward's and the backward's buffers;
 - evaluation runs forward passes of up to EVAL_BATCH samples; it does not
   overlap a training step, so the larger of the two counts.
 """
@@ -38,8 +39,7 @@ def _columns(layer) -> int:
     """Elements of a convolution's im2col columns per sample (0 for other layers)."""
     if not isinstance(layer, Conv2D):
         return 0
-    kh, kw = layer.window.kernel
-    return layer.input_shape[0] * kh * kw * layer.window.out_h * layer.window.out_w
+    return (layer.rows + 1) * layer.window.out_h * layer.window.out_w
 
 
 def _per_sample(layer) -> int:
@@ -49,7 +49,7 @@ def _per_sample(layer) -> int:
 def training_memory_bytes(model: Model, batch_size: int, optimizer_slots: int) -> int:
     """Estimated peak bytes of training `model` at `batch_size` (see the module docstring)."""
     itemsize = np.dtype(model.dtype).itemsize
-    copies_per_parameter = 2 + optimizer_slots + (1 + optimizer_slots) + 1
+    copies_per_parameter = 2 + optimizer_slots + 1 + (1 + optimizer_slots) + 1
     parameters = parameter_count(model) * copies_per_parameter
     training = batch_size * sum(_per_sample(layer) for layer in model.layers)
     evaluating = EVAL_BATCH * max(

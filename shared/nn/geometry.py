@@ -56,6 +56,11 @@ class Window:
     def padded(self) -> bool:
         return any((self.pad_top, self.pad_bottom, self.pad_left, self.pad_right))
 
+    @property
+    def overlapping(self) -> bool:
+        """Whether neighbouring windows share inputs: a stride below the kernel size."""
+        return self.stride[0] < self.kernel[0] or self.stride[1] < self.kernel[1]
+
 
 def _pads(size: int, kernel: int, stride: int, padding) -> tuple[int, int]:
     if padding == "valid":
@@ -93,3 +98,55 @@ def make_window(in_hw: tuple[int, int], kernel, stride, padding) -> Window:
         out_h=(padded_h - kernel[0]) // stride[0] + 1,
         out_w=(padded_w - kernel[1]) // stride[1] + 1,
     )
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One kernel offset (i, j) of a window, clipped to the unpadded input.
+
+    Output position (oh, ow) sees input (oh * sh + i - pad_top, ow * sw + j - pad_left).
+    `inputs` are the rows and columns of the input that this offset reads,
+    `outputs` the output positions that read them; the other output
+    positions see padding. Kernels index the real input with these slices
+    instead of building a padded copy.
+    """
+
+    i: int
+    j: int
+    inputs: tuple[slice, slice]
+    outputs: tuple[slice, slice]
+    reads_every_input: bool
+    feeds_every_output: bool
+
+
+def _clip(offset: int, pad: int, stride: int, size: int, out: int) -> tuple[slice, slice, int]:
+    """(input slice, output slice, count) along one axis for kernel offset `offset`."""
+    first = max(0, -((offset - pad) // stride))  # smallest o with o * stride + offset - pad >= 0
+    count = max(0, min(out, (size - 1 + pad - offset) // stride + 1) - first)
+    start = first * stride + offset - pad
+    return (
+        slice(start, start + stride * (count - 1) + 1 if count else start, stride),
+        slice(first, first + count),
+        count,
+    )
+
+
+def window_taps(window: Window, in_hw: tuple[int, int]) -> tuple[Tap, ...]:
+    """Every kernel offset of `window` over an input plane of `in_hw`, row by row."""
+    (h, w), (kh, kw), (sh, sw) = in_hw, window.kernel, window.stride
+    taps = []
+    for i in range(kh):
+        rows_in, rows_out, n_rows = _clip(i, window.pad_top, sh, h, window.out_h)
+        for j in range(kw):
+            cols_in, cols_out, n_cols = _clip(j, window.pad_left, sw, w, window.out_w)
+            taps.append(
+                Tap(
+                    i,
+                    j,
+                    (rows_in, cols_in),
+                    (rows_out, cols_out),
+                    reads_every_input=(n_rows, n_cols) == (h, w) and (sh, sw) == (1, 1),
+                    feeds_every_output=(n_rows, n_cols) == (window.out_h, window.out_w),
+                )
+            )
+    return tuple(taps)

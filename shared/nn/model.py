@@ -120,10 +120,18 @@ class Model:
             out = layer.forward(out, training)
         return out
 
+    def first_with_parameters(self) -> int:
+        """The index of the first layer with parameters (0 if none has any): where backward stops."""
+        return next((i for i, layer in enumerate(self.layers) if layer.param_shapes()), 0)
+
     def backward(self, dlogits: np.ndarray) -> None:
+        """Fill every layer's `grads`. Backpropagation stops at the first layer with
+        parameters, which skips its input's gradient: no parameter depends on it."""
+        first = self.first_with_parameters()
         grad = dlogits
-        for layer in reversed(self.layers):
+        for layer in self.layers[:first:-1]:
             grad = layer.backward(grad)
+        self.layers[first].backward_parameters(grad)
 
     def train_step_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Forward, loss and backward on one batch; returns (loss, logits).

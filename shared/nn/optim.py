@@ -40,6 +40,7 @@ class Optimizer:
         self.lr = _positive("learning_rate", lr)
         self.weight_decay = _in_range("weight_decay", weight_decay, 0.0, 1.0)
         self.state: dict[str, dict[str, np.ndarray]] = {}  # parameter -> slot -> array
+        self._work: np.ndarray | None = None  # see _scratch; not state
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The state by name (the live arrays, not copies, like Model.state_dict).
@@ -92,6 +93,13 @@ class Optimizer:
     def _set_counters(self, counters: dict[str, int], stepped: bool) -> None:
         """Take checked counters (`stepped`: the per-parameter arrays are there)."""
 
+    def _scratch(self, like: np.ndarray) -> np.ndarray:
+        """A work array of `like`'s shape and dtype, one buffer reused for every parameter
+        and step: updates run in place, with no temporary arrays to allocate."""
+        if self._work is None or self._work.size < like.size or self._work.dtype != like.dtype:
+            self._work = np.empty(like.size, dtype=like.dtype)
+        return self._work[: like.size].reshape(like.shape)
+
     def _decayed(self, name: str, param: np.ndarray, grad: np.ndarray) -> np.ndarray:
         if self.weight_decay and name.endswith(".W"):
             return grad + self.weight_decay * param
@@ -121,15 +129,18 @@ class SGD(Optimizer):
         self.slots = ("momentum_buffer",) if self.momentum else ()
 
     def _update(self, name, param, grad):
+        step = np.multiply(grad, self.lr, out=self._scratch(param))  # lr * g
         if not self.momentum:
-            param -= self.lr * grad
+            param -= step
             return
         slot = self.state.setdefault(name, {"momentum_buffer": np.zeros_like(param)})
         velocity = slot["momentum_buffer"]
         velocity *= self.momentum
-        velocity -= self.lr * grad
+        velocity -= step
         if self.nesterov:
-            param += self.momentum * velocity - self.lr * grad
+            look_ahead = self.momentum * velocity
+            look_ahead -= step
+            param += look_ahead
         else:
             param += velocity
 
@@ -172,13 +183,20 @@ class Adam(Optimizer):
         slot = self.state.setdefault(
             name, {"exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
         )
-        m, v = slot["exp_avg"], slot["exp_avg_sq"]
+        m, v, work = slot["exp_avg"], slot["exp_avg_sq"], self._scratch(param)
         m *= self.beta1
-        m += (1 - self.beta1) * grad
+        m += np.multiply(grad, 1 - self.beta1, out=work)
         v *= self.beta2
-        v += (1 - self.beta2) * (grad * grad)
-        step_size = self.lr * np.sqrt(1 - self.beta2**self.steps) / (1 - self.beta1**self.steps)
-        param -= float(step_size) * m / (np.sqrt(v) + self.eps)
+        np.multiply(grad, grad, out=work)
+        work *= 1 - self.beta2
+        v += work
+        step_size = self.lr * math.sqrt(1 - self.beta2**self.steps) / (1 - self.beta1**self.steps)
+        # param -= step_size * m / (sqrt(v) + eps), as PyTorch orders it: m / denominator first.
+        np.sqrt(v, out=work)
+        work += self.eps
+        np.divide(m, work, out=work)
+        work *= step_size
+        param -= work
 
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
