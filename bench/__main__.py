@@ -3,12 +3,14 @@
 Environment: BENCH_THREADS (default 1) sets the thread count for NumPy's
 BLAS and for torch (`speed` measures 1 and 2 threads unless it is set);
 BENCH_QUICK=1 makes every benchmark shorter. Results go to stdout and to
-bench/results/<name>.json.
+bench/results/<name>.json; a run that includes speed, store or serve ends
+with the summary of every aim (bench.summary: bench/results/summary.md and
+summary.json).
 """
 
 import argparse
 
-from bench import accuracy, pool_speed, security_speed, serve_speed, store_speed, train_speed
+from bench import accuracy, pool_speed, security_speed, serve_speed, store_speed, summary, train_speed
 
 BENCHMARKS = {  # name -> function that runs it
     "speed": train_speed.run,
@@ -35,6 +37,8 @@ def main(argv=None) -> None:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     for name in names:
         BENCHMARKS[name]()
+    if set(names) & set(summary.SOURCES):
+        summary.run()
 
 
 if __name__ == "__main__":

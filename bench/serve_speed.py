@@ -61,6 +61,7 @@ from bench.common import (
     write_json,
 )
 from bench.load_clients import CallSpec, ClientPool, Load
+from bench.report import print_rows, row
 from bench.service_process import ServiceProcess, free_port
 from bench.serving_model import (
     CALL_TIMEOUT,
@@ -77,6 +78,7 @@ from bench.serving_model import (
 from infer_svc.servable import Servable
 from shared.checkpoints.checkpoint import save
 from shared.checkpoints.store import CheckpointStore
+from shared.env import usable_cores
 from shared.nn import Model, build_model
 from shared.nn.presets import mlp
 from shared.rpc.stubs import tandem_inference_pb2 as pb
@@ -119,10 +121,6 @@ SETTINGS = {
     "full": Settings(Timing(7, 1.0, 5), 50, (10, 100, 1000), peer_timing=Timing(5, 0.6, 5)),
     "quick": Settings(Timing(2, 0.3, 2), 6, (2, 5, 10), peer_timing=Timing(1, 0.3, 2)),
 }
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 # ---- models -------------------------------------------------------------------
@@ -524,31 +522,6 @@ def measure(redis_url: str, settings: Settings, with_mlserver: bool | None = Non
 # ---- the rows -------------------------------------------------------------------------
 
 
-def row(
-    name: str,
-    ours: float,
-    peer: float | None,
-    peer_name: str,
-    unit: str,
-    aim: str,
-    ok: bool | None,
-    **details,
-) -> dict:
-    """One row of the report: `ours` and `peer` are what the aim judges (a latency row's p99,
-    with its p50s in the details); `ok` None: a figure reported without an aim."""
-    return {
-        "row": name,
-        "ours": ours,
-        "peer": peer,
-        "peer_name": peer_name,
-        "ratio": ours / peer if peer else None,
-        "aim": aim,
-        "mark": "info" if ok is None else ("pass" if ok else "MISS"),
-        "unit": unit,
-        **details,
-    }
-
-
 def times_peer(name: str, ours: dict, peer: dict, peer_name: str, aim: float, **details) -> dict:
     """A throughput row: ours at least `aim` times the peer's samples/s."""
     return row(
@@ -706,33 +679,6 @@ def mlserver_rows(peer: dict | None) -> list[dict]:
 
 
 # ---- the report -----------------------------------------------------------------------
-
-
-def _figure(value: float | None, unit: str, p50: float | None = None) -> str:
-    """A row's figure; a latency's p99 with its p50 before it ("p50 / p99 ms")."""
-    if value is None:
-        return "-"
-    if unit == "samples/s":
-        return f"{value:,.0f}/s"
-    return f"{p50:,.2f} / {value:,.2f} {unit}" if p50 is not None else f"{value:,.2f} {unit}"
-
-
-def print_rows(rows: list[dict]) -> None:
-    print_table(
-        ["row", "ours", "peer", "ratio", "aim", "mark", "peer is"],
-        [
-            [
-                r["row"],
-                _figure(r["ours"], r["unit"], r.get("p50_ms") if r["unit"] == "ms" else None),
-                _figure(r["peer"], r["unit"], r.get("peer_p50_ms") if r["unit"] == "ms" else None),
-                f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
-                r["aim"],
-                r["mark"],
-                r["peer_name"] or "-",
-            ]
-            for r in rows
-        ],
-    )
 
 
 def print_where_time_goes(contenders: dict) -> None:

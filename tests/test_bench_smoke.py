@@ -1,10 +1,11 @@
 """Smoke tests of the training-speed benchmark (on a tiny config and without the torch peer)
-and of the serving benchmark (on a Redis of the test's own). They check that figures come
-out, never how fast."""
+and of the serving benchmark (on a Redis of the test's own), and of the summary. They check
+that figures come out, never how fast."""
 
+import json
 from dataclasses import replace
 
-from bench import serve_speed
+from bench import serve_speed, summary
 from bench.common import Timing, limited_threads
 from bench.train_speed import BREAKDOWN_CASE, CASES, layer_breakdown, measure_throughput
 
@@ -64,3 +65,20 @@ def test_the_pools_throughput_is_measured_on_trainer_processes(private_redis, tm
     from bench import pool_speed
 
     assert pool_speed.jobs_per_hour(private_redis.url, tmp_path, 2, "smoke", epochs=1) > 0
+
+
+def test_the_summary_gathers_every_row_and_names_what_did_not_run(tmp_path):
+    with limited_threads(1):
+        throughput = measure_throughput([replace(CASES[0], batch_size=4)], TINY, torch=None)
+    speed = {"machine": {"torch": "not installed"}, "throughput": [{"threads": 1, **r} for r in throughput]}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    (tmp_path / "store.json").write_text('{"results": "from an older bench"}')
+
+    gathered = summary.gather(tmp_path)
+
+    assert [r["row"] for r in gathered["rows"]] == [
+        f"training, 1 thread(s): {CASES[0].preset} (batch 4, {throughput[0]['optimizer']})"
+    ]
+    assert gathered["rows"][0]["ours"] > 0 and gathered["rows"][0]["mark"] == "info"  # no torch, no verdict
+    assert [m.split(" (")[0] for m in gathered["missing"]] == ["checkpoint store", "serving"]
+    assert "| training, 1 thread(s)" in summary.markdown(gathered)
