@@ -71,7 +71,7 @@ $(MLSERVER_STAMP): requirements/bench-mlserver.txt pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(MLSERVER_VENV) build *.egg-info
 
 # Regenerate the gRPC stubs in shared/rpc/stubs/ from proto/*.proto; commit the result
 # (tests/test_protos.py fails while they differ).

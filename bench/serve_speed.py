@@ -183,6 +183,20 @@ def wait_serving(address: str, service: ServiceProcess, seconds: float) -> None:
     raise RuntimeError("the health stream ended before SERVING")
 
 
+def wait_all_serving(
+    address: str, metrics_port: int, workers: int, service: ServiceProcess, seconds: float
+) -> None:
+    """`wait_serving`, then until every worker process has loaded the model: a health check
+    reaches one worker (the kernel picks one per connection), the metrics count them all."""
+    deadline = time.monotonic() + seconds
+    wait_serving(address, service, seconds)
+    loads = ("tandem_infer_model_loads_total",)
+    while scrape(metrics_port, loads)[loads[0]] < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{service.name}: not every one of {workers} workers loaded the model")
+        time.sleep(0.05)  # bounded by the deadline; the metrics have no stream to watch
+
+
 def tandem_server(
     name: str,
     redis_url: str,
@@ -195,10 +209,12 @@ def tandem_server(
     """`python -m infer_svc` serving `model`, with `workers` processes (0: the deployed default,
     the usable cores), started; `ready` waits for it."""
     port, metrics_port = free_port(), free_port()
-    env = server_environment(redis_url, port, metrics_port, model, workers or usable_cores(), batching)
+    workers = workers or usable_cores()
+    env = server_environment(redis_url, port, metrics_port, model, workers, batching)
     address = f"127.0.0.1:{port}"
     argv = [sys.executable, "-m", "infer_svc"]
-    process = ServiceProcess(name, argv, env, log_dir, partial(wait_serving, address), cwd=REPO)
+    wait = partial(wait_all_serving, address, metrics_port, workers)
+    process = ServiceProcess(name, argv, env, log_dir, wait, cwd=REPO)
     return Server(name, address, metrics_port, process)
 
 
@@ -220,14 +236,14 @@ METRICS = (
 )
 
 
-def scrape(metrics_port: int) -> dict[str, float]:
-    """The server's METRICS, summed over their labels."""
+def scrape(metrics_port: int, names: tuple[str, ...] = METRICS) -> dict[str, float]:
+    """The server's metrics `names`, each summed over its labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
         text = answer.read().decode()
-    values = dict.fromkeys(METRICS, 0.0)
+    values = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in METRICS:
+            if sample.name in names:
                 values[sample.name] += sample.value
     return values
 
