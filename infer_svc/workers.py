@@ -93,8 +93,8 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         try:
             if not self._start(range(self.count), config):
-                self._stop_all()
-                return 1
+                status = self._stop_all()
+                return status if self._stopping else 1  # stopped while starting: not a failure
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._metrics_dir.name)
             metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address, registry)
@@ -184,8 +184,8 @@ class Supervisor:
                         died.exitcode,
                     )
                     if not self._start([index], config):
-                        self._stop_all()
-                        return 1
+                        status = self._stop_all()
+                        return status if self._stopping else 1
         return self._stop_all()
 
     def _stop_all(self) -> int:
@@ -201,7 +201,9 @@ class Supervisor:
                 log.error("event=infer_worker_killed pid=%d: it did not stop in time", process.pid)
                 process.kill()
                 process.join()
-            status = status or (0 if process.exitcode == 0 else 1)
+            # A worker still starting when SIGTERM came ends by it, before it handles signals:
+            # stopped as it was asked to, which is clean too.
+            status = status or (0 if process.exitcode in (0, -signal.SIGTERM) else 1)
         log.info("event=infer_workers_stopped workers=%d", len(self._workers))
         return status
 
