@@ -11,6 +11,7 @@ for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
 from infer_svc.config import InferConfig  # noqa: E402 - after the BLAS setting above
+from infer_svc.malloc import keep_freed_memory_for_reuse  # noqa: E402
 from infer_svc.server import InferenceServer  # noqa: E402
 from infer_svc.workers import Supervisor  # noqa: E402
 from shared.rpc.server import configure_logging, run_until_signalled  # noqa: E402
@@ -18,11 +19,12 @@ from shared.rpc.server import configure_logging, run_until_signalled  # noqa: E4
 
 def main() -> None:
     configure_logging()
+    keep_freed_memory_for_reuse()  # a worker does it too: it is a process of its own
     config = InferConfig()
     if config.worker_processes > 1:
         raise SystemExit(Supervisor(config, config.worker_processes).run())
     run_until_signalled(InferenceServer(config).start())
 
 
-if __name__ == "__main__":  # not when a worker process (spawned) imports this module again
+if __name__ == "__main__":  # only as `python -m infer_svc`
     main()

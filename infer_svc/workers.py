@@ -46,6 +46,7 @@ from multiprocessing.connection import Connection, wait
 from prometheus_client import CollectorRegistry, multiprocess
 
 from infer_svc.config import InferConfig
+from infer_svc.malloc import keep_freed_memory_for_reuse
 from infer_svc.server import InferenceServer
 from shared.rpc.server import MetricsEndpoint, configure_logging, run_until_signalled
 
@@ -211,6 +212,7 @@ class Supervisor:
 def run_worker(index: int, listen: str, health_listen: str | None, started: Connection) -> None:
     """A worker's life: an InferenceServer on the shared ports, until SIGTERM."""
     configure_logging()
+    keep_freed_memory_for_reuse()
     stop_with_the_supervisor()
     config = replace(InferConfig(), listen=listen, health_listen=health_listen, metrics_port=0)
     server = InferenceServer(config, shares_ports=True).start()
