@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.service_process import ServiceProcess, free_port, poll_until
+from bench.service_process import ServiceProcess, poll_until
+from shared.embedded.redis_server import free_loopback_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv-mlserver"
@@ -71,7 +72,7 @@ def mlserver(setting: Setting, model: str, checkpoint: Path, work_dir: Path) -> 
 
     name = f"mlserver-w{setting.parallel_workers}-{'batching' if setting.batching else 'plain'}"
     folder = work_dir / name
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    ports = {name: free_loopback_port() for name in ("grpc_port", "http_port", "metrics_port")}
     _write_repository(folder, setting, model, checkpoint, ports)
     address = f"127.0.0.1:{ports['grpc_port']}"
     # bench.mlserver_runtime (and the `shared` it imports) from this tree, in the server

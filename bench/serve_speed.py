@@ -62,7 +62,7 @@ from bench.common import (
 )
 from bench.load_clients import CallSpec, ClientPool, Load
 from bench.report import print_rows, row
-from bench.service_process import ServiceProcess, free_port
+from bench.service_process import ServiceProcess
 from bench.serving_model import (
     CALL_TIMEOUT,
     INPUT_SHAPE,
@@ -78,6 +78,7 @@ from bench.serving_model import (
 from infer_svc.servable import Servable
 from shared.checkpoints.checkpoint import save
 from shared.checkpoints.store import CheckpointStore
+from shared.embedded.redis_server import free_loopback_port
 from shared.env import usable_cores
 from shared.nn import Model, build_model
 from shared.nn.presets import mlp
@@ -208,7 +209,7 @@ def tandem_server(
 ) -> Server:
     """`python -m infer_svc` serving `model`, with `workers` processes (0: the deployed default,
     the usable cores), started; `ready` waits for it."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_loopback_port(), free_loopback_port()
     workers = workers or usable_cores()
     env = server_environment(redis_url, port, metrics_port, model, workers, batching)
     address = f"127.0.0.1:{port}"

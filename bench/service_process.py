@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,14 +19,7 @@ from pathlib import Path
 STOP_SECONDS = 15.0  # after SIGTERM, before SIGKILL
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 at the time of asking."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
+def child_processes(pid: int) -> list[int]:
     """The pids of `pid`'s child processes (from /proc/<pid>/stat's parent field)."""
     children = []
     for entry in Path("/proc").iterdir():
@@ -47,7 +39,7 @@ def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             total += int(line.split()[1]) * 1024
-    return total + sum(rss_bytes(child) for child in _children(pid))
+    return total + sum(rss_bytes(child) for child in child_processes(pid))
 
 
 class ServiceProcess:

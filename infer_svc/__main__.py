@@ -22,7 +22,7 @@ def main() -> None:
     keep_freed_memory_for_reuse()  # a worker does it too: it is a process of its own
     config = InferConfig()
     if config.worker_processes > 1:
-        raise SystemExit(Supervisor(config, config.worker_processes).run())
+        raise SystemExit(Supervisor(config).run())
     run_until_signalled(InferenceServer(config).start())
 
 

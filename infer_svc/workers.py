@@ -76,10 +76,10 @@ def reserve_port(address: str) -> tuple[socket.socket, str]:
 
 
 class Supervisor:
-    """`count` worker processes serving `config` on shared ports, until a signal stops them."""
+    """`config.worker_processes` workers serving `config` on shared ports, until a signal stops them."""
 
-    def __init__(self, config: InferConfig, count: int):
-        self.config, self.count = config, count
+    def __init__(self, config: InferConfig):
+        self.config, self.count = config, config.worker_processes
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, multiprocessing.process.BaseProcess] = {}  # index -> process
         self._stopping = False
@@ -92,23 +92,25 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir.name  # read by each worker's import
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        metrics_http = None
         try:
-            if not self._start(range(self.count), config):
-                status = self._stop_all()
-                return status if self._stopping else 1  # stopped while starting: not a failure
+            # Bound before any worker starts: a port taken fails the start with nothing running.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._metrics_dir.name)
             metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address, registry)
+            if not self._start(range(self.count), config):
+                status = self._stop_all()
+                return status if self._stopping else 1  # stopped while starting: not a failure
             log.info(
                 "event=infer_workers_started workers=%d listen=%s metrics_port=%d",
                 self.count,
                 config.listen,
                 self.config.metrics_port,
             )
-            status = self._watch(config)
-            metrics_http.close()
-            return status
+            return self._watch(config)
         finally:
+            if metrics_http:
+                metrics_http.close()
             for holder in holders:
                 holder.close()
             self._metrics_dir.cleanup()

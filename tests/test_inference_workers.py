@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.service_process import child_processes
 from infer_svc.config import InferConfig
 from shared.embedded.redis_server import free_loopback_port
 from shared.rpc.convert import to_tensor
@@ -33,14 +35,12 @@ def worker_processes(pid: int) -> set[int]:
     """The pids of the worker processes the supervisor `pid` spawned (multiprocessing's
     spawn_main; not its resource tracker)."""
     found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child in child_processes(pid):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the state
-            command = (stat.parent / "cmdline").read_bytes()
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
         except OSError:  # the process ended while we looked
             continue
-        if parent == pid and b"spawn_main" in command:
-            found.add(int(stat.parent.name))
     return found
 
 
@@ -176,6 +176,26 @@ def test_workers_stop_when_their_supervisor_is_killed(replica):
         "the orphaned workers to stop (they would hold the port)",
         timeout=30,
     )
+
+
+def test_a_taken_metrics_port_stops_the_start_before_any_worker(private_redis, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        environment = {
+            **os.environ,
+            "REDIS_URL": private_redis.url,
+            "INFER_LISTEN": "127.0.0.1:0",
+            "INFER_METRICS_PORT": str(taken.getsockname()[1]),
+            "INFER_WORKERS": str(WORKERS),
+        }
+        ended = subprocess.run(
+            [sys.executable, "-m", "infer_svc"], env=environment, capture_output=True, timeout=60, check=False
+        )
+
+    assert ended.returncode != 0
+    assert b"Address already in use" in ended.stderr
+    assert b"event=infer_worker_started" not in ended.stderr
 
 
 @pytest.mark.parametrize("raw", ["0", "-1", "two", "257", "1.5"])
