@@ -252,10 +252,12 @@ def _read_header(blob: memoryview) -> tuple[CheckpointMeta, int, dict, int]:
     if len(blob) < 8:
         raise CheckpointError(f"checkpoint is truncated: {len(blob)} bytes, no header")
     (header_len,) = struct.unpack("<Q", blob[:8])
+    # A safetensors file opens with its header's length. One past the limit is some other
+    # kind of file (any text reads as quintillions of bytes): said so, not as a number.
     if header_len > MAX_HEADER_BYTES:
         raise CheckpointError(
-            f"not a Tandem checkpoint: its header claims {header_len:,} bytes, "
-            f"over the limit of {MAX_HEADER_BYTES:,}"
+            f"not a Tandem checkpoint (not a safetensors file: its header claims {header_len:,} bytes, "
+            f"over the limit of {MAX_HEADER_BYTES:,})"
         )
     if header_len > len(blob) - 8:
         raise CheckpointError(
