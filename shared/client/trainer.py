@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -114,27 +114,40 @@ class TrainerClient(ServiceClient):
         return list(response.datasets)
 
     def upload_dataset(
-        self, name: str, arrays: dict[str, np.ndarray], overwrite: bool = False, piece_bytes: int = 1 << 20
+        self,
+        name: str,
+        arrays: dict[str, np.ndarray],
+        overwrite: bool = False,
+        piece_bytes: int = 1 << 20,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> pb.DatasetInfo:
         """Upload arrays x_train, y_train, x_test, y_test (or x, y) as dataset `name`.
 
         Returns the dataset as the trainer loaded it; what is sent: `upload_chunks`.
+        `on_progress(sent, total)` is called with the arrays' bytes handed to gRPC so
+        far and in all: once before the first piece, then after each.
         """
         return self._trainer.UploadDataset(
-            upload_chunks(name, arrays, overwrite, piece_bytes), timeout=self.timeout
+            upload_chunks(name, arrays, overwrite, piece_bytes, on_progress), timeout=self.timeout
         )
 
 
 def upload_chunks(
-    name: str, arrays: dict[str, np.ndarray], overwrite: bool, piece_bytes: int
+    name: str,
+    arrays: dict[str, np.ndarray],
+    overwrite: bool,
+    piece_bytes: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[pb.UploadDatasetChunk]:
     """The UploadDataset stream: a header declaring each array's dtype, shape, byte count and
     SHA-256, then each array's bytes (row-major, little-endian) in pieces of at most `piece_bytes`.
 
     The arrays are converted at once (one the wire cannot carry raises here, before any
-    call); the pieces are cut as the stream is read.
+    call); the pieces are cut as the stream is read, and `on_progress(sent, total)` told
+    of each as gRPC takes it.
     """
     tensors = {array_name: to_tensor(array) for array_name, array in arrays.items()}
+    total = sum(len(tensor.data) for tensor in tensors.values())
     header = pb.UploadDatasetHeader(
         name=name,
         overwrite=overwrite,
@@ -149,15 +162,19 @@ def upload_chunks(
             for array_name, tensor in tensors.items()
         ],
     )
+    report = on_progress or (lambda sent, total: None)
 
     def chunks() -> Iterator[pb.UploadDatasetChunk]:
         yield pb.UploadDatasetChunk(header=header)
+        sent = 0
+        report(sent, total)
         for array_name, tensor in tensors.items():
             for offset in range(0, len(tensor.data), piece_bytes):
+                piece = tensor.data[offset : offset + piece_bytes]
                 yield pb.UploadDatasetChunk(
-                    piece=pb.DatasetArrayPiece(
-                        array=array_name, offset=offset, data=tensor.data[offset : offset + piece_bytes]
-                    )
+                    piece=pb.DatasetArrayPiece(array=array_name, offset=offset, data=piece)
                 )
+                sent += len(piece)
+                report(sent, total)
 
     return chunks()
