@@ -1,18 +1,23 @@
 """The trainer client (shared/client/trainer.py), `tandem jobs ...` and `make demo`, against a real
 trainer service on 127.0.0.1 over a real Redis (tests/conftest.py). The inference client
-and `tandem predict --server` are in test_inference_client.py.
+and `tandem predict --server` are in test_inference_client.py, `tandem jobs plot` in test_plot.py.
 
 Jobs are small (an mlp with 16 hidden units on digits) and every wait is on
 the trainer's own events: a watch ends when the job does.
 """
 
+import gzip
 import re
+import signal
+import struct
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from shared.cli import main
@@ -195,21 +200,65 @@ def test_an_unreachable_trainer_is_unavailable(capsys):
     assert f"no trainer answers at {address}" in err
 
 
-def test_plot_writes_a_png(jobs, trainer, model_name, tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: tandem[plot]")
+def test_a_mid_epoch_checkpoint_says_which_epoch_its_test_accuracy_is_from(jobs, model_name):
+    # 51 steps per epoch (1618 samples, batch 32): checkpoints at steps 40 (no epoch done
+    # yet), 80 (in epoch 2, with epoch 1's metrics) and the final one at 102.
+    code, out, _ = jobs(
+        "start", "--model-name", model_name, *SMALL_JOB, "--epochs", "2", "--batch-size", "32",
+        "--every-steps", "40", "--no-every-epoch", "--follow",
+    )  # fmt: skip
+    assert code == 0
+    published = re.findall(rf"^published {model_name} version \d+ \((.*)\)$", out, re.M)
+    assert published[0] == "epoch 1, step 40"
+    assert re.fullmatch(r"epoch 2, step 80, test accuracy \S+% at the end of epoch 1", published[1])
+    assert re.fullmatch(r"epoch 2, step 102, test accuracy \S+%", published[2])
+
+
+@pytest.mark.parametrize("command", ["watch", "start"])
+def test_ctrl_c_stops_the_watch_and_says_the_job_keeps_running(command, trainer, model_name):
     with TrainerClient(trainer) as client:
-        job = run_to_end(client, start_small_job(client, model_name))
-    image = tmp_path / "history.png"
-    code, out, _ = jobs("plot", job.job_id, "--out", str(image))
-    assert (code, out) == (0, f"wrote {image}\n")
-    assert image.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        if command == "watch":
+            job_id = start_small_job(client, model_name, epochs=10_000).job_id
+            argv = ["watch", job_id]
+        else:
+            argv = ["start", "--model-name", model_name, *SMALL_JOB, "--epochs", "10000", "--follow"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "jobs", *argv, "--trainer", trainer],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        watchdog = threading.Timer(60, process.kill)  # bounds the read if it never prints
+        watchdog.start()
+        try:
+            first = process.stdout.readline()  # `job ID: ...` or `started job ID (QUEUED)`
+            if command == "start":
+                job_id = re.fullmatch(r"started job (\w+) \(QUEUED\)\n", first)[1]  # type: ignore[index]
+                process.stdout.readline()  # its snapshot: the watch has begun
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            watchdog.cancel()
+            process.kill()
+        assert process.returncode == 130
+        assert err == (
+            f"tandem: stopped watching; job {job_id} keeps running on the trainer "
+            f"(`tandem jobs watch {job_id}` to follow it again, `tandem jobs cancel {job_id}` to stop it)\n"
+        )
+        assert job_state_name(client.get_job(job_id).state) in ("QUEUED", "RUNNING")
+        client.cancel(job_id)
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, capsys, tmp_path):
-    for module in ("matplotlib", "matplotlib.figure"):
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    monkeypatch.delitem(sys.modules, "shared.cli.plot", raising=False)  # imported afresh, and failing
     assert main(["jobs", "plot", "some-job", "--out", str(tmp_path / "plot.png")]) == 2
-    assert "pip install 'tandem[plot]'" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "tandem: error: `tandem jobs plot` needs matplotlib: pip install -e '.[plot]' in a checkout\n"
+    )
 
 
 # ---------------------------------------------------------------- the client
@@ -250,6 +299,98 @@ def test_an_uploaded_dataset_trains_exactly_as_the_original(trainer, model_name)
     assert [(m.train_loss, m.test_loss, m.test_accuracy) for m in copy.history] == [
         (m.train_loss, m.test_loss, m.test_accuracy) for m in original.history
     ]
+
+
+def idx_file(path: Path, array: np.ndarray) -> Path:
+    """`array` (uint8) as an IDX file: two zero bytes, type 0x08, the number of dimensions,
+    each dimension as a big-endian uint32, then the bytes; gzipped if `path` ends in .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def mnist_style_files(directory: Path) -> list[Path]:
+    """The four IDX files of a tiny dataset: 40 train and 10 test 6x5 images of 3 classes."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (40, 6, 5)),
+        "train-labels-idx1-ubyte.gz": np.arange(40) % 3,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 6, 5)),
+        "t10k-labels-idx1-ubyte": np.arange(10) % 3,
+    }
+    return [idx_file(directory / name, array) for name, array in arrays.items()]
+
+
+def test_upload_idx_files_then_list_them_and_train_on_them(jobs, model_name, tmp_path):
+    name = f"idx-{uuid.uuid4().hex[:8]}"
+    code, out, err = jobs("upload", name, *map(str, mnist_style_files(tmp_path)))
+    assert (code, err) == (0, "")
+    sent, header, row = out.splitlines()
+    assert sent == "sent 0.0 MiB"  # not a terminal: no bar, one line
+    assert header.split() == ["DATASET", "SOURCE", "SAMPLE", "SHAPE", "CLASSES", "TRAIN", "TEST"]
+    assert row.split() == [name, "upload", "[1,", "6,", "5]", "3", "40", "10"]
+
+    code, out, _ = jobs("datasets")
+    assert code == 0
+    assert re.search(r"^digits +builtin +\[1, 8, 8\] +10 +1618 +179$", out, re.M)
+    assert re.search(rf"^{name} +upload +\[1, 6, 5\] +3 +40 +10$", out, re.M)
+
+    start = ["--model-name", model_name, "--preset", "mlp", "--dataset", name, "--batch-size", "8"]
+    code, out, err = jobs("start", *start, "--epochs", "2", "--follow")
+    assert (code, err) == (0, "")
+    assert re.search(rf"^job \w+: {model_name} on {name}, 2 epochs", out, re.M)
+
+
+def test_upload_an_npz_file_and_its_directory_of_idx_files_with_overwrite(jobs, tmp_path):
+    name = f"npz-{uuid.uuid4().hex[:8]}"
+    digits = load_dataset("digits")
+    x, y = np.concatenate([digits.x_train, digits.x_test]), np.concatenate([digits.y_train, digits.y_test])
+    np.savez(tmp_path / "digits.npz", x=x, y=y)  # split 90/10 by the trainer
+    code, out, _ = jobs("upload", name, str(tmp_path / "digits.npz"))
+    assert code == 0
+    assert out.splitlines()[-1].split() == [name, "upload", "[1,", "8,", "8]", "10", "1618", "179"]
+
+    (tmp_path / "idx").mkdir()
+    mnist_style_files(tmp_path / "idx")
+    code, out, err = jobs("upload", name, str(tmp_path / "idx"))
+    assert (code, out) == (2, "")
+    assert err.startswith("tandem: error: ALREADY_EXISTS: ") and name in err
+    code, out, _ = jobs("upload", name, str(tmp_path / "idx"), "--overwrite")
+    assert code == 0 and out.splitlines()[-1].split()[-3:] == ["3", "40", "10"]
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (lambda d: mnist_style_files(d)[:3], "; missing: t10k-labels-idx1-ubyte"),
+        (lambda d: [*mnist_style_files(d)[:3], d / "labels.bin"], "; not one of them: {d}/labels.bin"),
+        (lambda d: [idx_file(d / "x.npz", np.zeros(3))], "x.npz: cannot load as .npz: "),
+        (lambda d: [d], "{d}: expected the IDX files train-images-idx3-ubyte, "),
+        (lambda d: [d / "absent.npz"], "absent.npz: No such file or directory"),
+    ],
+    ids=["missing", "unknown", "not-npz", "empty-directory", "absent"],
+)
+def test_upload_refuses_bad_files_before_any_call(files, message, capsys, tmp_path):
+    address = f"127.0.0.1:{free_loopback_port()}"  # nothing listens there: no call is made
+    code = main(["jobs", "upload", "bad", *map(str, files(tmp_path)), "--trainer", address])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err.startswith("tandem: error: ") and err.count("\n") == 1
+    assert message.format(d=tmp_path) in err
+
+
+def test_upload_dataset_reports_its_progress(trainer):
+    digits = load_dataset("digits")
+    arrays = {"x": digits.x_train, "y": digits.y_train}
+    total = digits.x_train.nbytes + digits.y_train.nbytes
+    told: list[tuple[int, int]] = []
+    with TrainerClient(trainer) as client:
+        name = f"progress-{uuid.uuid4().hex[:8]}"
+        client.upload_dataset(name, arrays, piece_bytes=100_000, on_progress=lambda *p: told.append(p))
+    sent = [s for s, _ in told]
+    assert {t for _, t in told} == {total}
+    assert sent[0] == 0 and sent[-1] == total and sent == sorted(sent) and len(sent) > 4
 
 
 def test_list_jobs_follows_the_pages(trainer, model_name):

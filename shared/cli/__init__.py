@@ -1,12 +1,18 @@
 """`tandem`: train models, evaluate them and query them from the command line.
 
-    tandem train --preset digits-cnn --epochs 5
+    tandem train --preset digits-cnn --epochs 5 --save-every 1
     tandem train --spec my_model.json --dataset fashion-mnist --data-dir ~/data
-    tandem evaluate runs/digits-cnn.safetensors --dataset digits
+    tandem evaluate runs/digits-cnn.safetensors
     tandem predict runs/digits-cnn.safetensors --dataset digits --limit 5
     tandem predict runs/digits-cnn.safetensors --npy samples.npy
     tandem datasets
     tandem presets
+    tandem --version
+
+`tandem train` writes runs/<name>.safetensors, or the first free of
+runs/<name>-2.safetensors, -3, ... (an --out that exists needs --force).
+evaluate and predict take the dataset the model file records unless given
+--dataset; the commands that train default to digits.
 
 predict through an inference service (`--server HOST:PORT`; without a
 value, $TANDEM_INFERENCE, else 127.0.0.1:50052):
@@ -22,6 +28,8 @@ $TANDEM_TRAINER, else 127.0.0.1:50051):
     tandem jobs watch JOB_ID
     tandem jobs cancel JOB_ID
     tandem jobs checkpoints digits
+    tandem jobs datasets
+    tandem jobs upload fashion ~/data/fashion-mnist/     # or a .npz file, or the four IDX files
     tandem jobs plot JOB_ID --out digits.png
 
 Both take TLS and a bearer token for a service that asks for them
@@ -32,17 +40,24 @@ argument, where `ps` would show it to every user of the machine.
 
 Bad input (an unknown preset or dataset, a spec that cannot work, a bad
 setting, a missing or corrupt file) is reported as `tandem: error: ...` on
-stderr with exit code 2, like a usage error, and without a traceback; so is
-a call a service refuses, as `tandem: error: STATUS: message`.
+stderr with exit code 2, like a usage error, and without a traceback, in the
+user's words (`--lr`, not `learning_rate`); so is a call a service refuses,
+as `tandem: error: STATUS: message`. A misspelt flag or command is reported
+by its command, with the closest match. Ctrl-C (exit code 130) says what it
+left: `tandem train` whether a model was saved, a watch that the job keeps
+running on the trainer.
 
 The commands, by module:
 
+    parser.py    the parser of each command: exact flags, misspellings told with a close match
     local.py     train, evaluate, datasets, presets: in this process, on files
     predict.py   predict, with a model file or a served model (models.py: the two kinds)
-    jobs.py      jobs start, list, watch, cancel, checkpoints, plot: on a trainer service
-    flags.py     the flags several commands share (data, architecture, hyperparameters, TLS, token)
+    jobs.py      jobs start, list, watch, cancel, checkpoints, datasets, upload, plot: on a trainer
+    uploads.py   the .npz or IDX files `jobs upload` sends
+    plot.py      `jobs plot`'s figure (needs matplotlib)
+    flags.py     the flags several commands share (dataset, architecture, hyperparameters, TLS, token)
     output.py    tables, local times and one-line texts
-    progress.py  the live training progress line (TerminalProgress)
+    progress.py  the live progress lines: training (TerminalProgress), an upload (UploadProgress)
     errors.py    errors as `tandem: error: ...`, and the exit codes
 
 May import anything in shared except shared.embedded; never trainer_svc or infer_svc.
@@ -51,9 +66,11 @@ May import anything in shared except shared.embedded; never trainer_svc or infer
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 
 from shared.cli import jobs, local, predict
 from shared.cli.errors import run_command
+from shared.cli.parser import TandemParser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tandem", description="Train, evaluate and query Tandem's NumPy models."
+    parser = TandemParser(prog="tandem", description="Train, evaluate and query Tandem's NumPy models.")
+    parser.add_argument(
+        "--version", action="version", version=f"tandem {installed_version()}", help="print the version"
     )
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        title="commands", required=True, metavar="COMMAND", help="`tandem COMMAND --help` for its flags"
+    )
     for add_command in (
         local.add_train,
         local.add_evaluate,
@@ -80,3 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add_command(commands)  # in this order in `tandem --help`
     return parser
+
+
+def installed_version() -> str:
+    """The version of the installed tandem package (pyproject.toml's, as pip installed it)."""
+    try:
+        return metadata.version("tandem")
+    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed: version unknown)"

@@ -1,8 +1,11 @@
 """The flags several `tandem` commands take, and what they turn into.
 
---data-dir; the architecture (--preset, --spec and its file, --hidden); the
-hyperparameters; TLS and the bearer token of a command that calls a service
-(and the Connection they make); the argument types they parse with.
+--dataset and --data-dir (and the dataset they name); the architecture
+(--preset, --spec and its file, --hidden); the hyperparameters; TLS and the
+bearer token of a command that calls a service (and the Connection they
+make); the argument types they parse with; and `in_flag_words`, which puts
+the flags into the messages of the code underneath, written for Python
+callers (`learning_rate must be > 0` -> `--lr must be > 0`).
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+
+import numpy as np
 
 from shared.client import Connection, read_token_file, token_from_env
+from shared.data import Dataset, DatasetNotFound, load_dataset
 from shared.env import env
 from shared.nn import OPTIMIZERS
 from shared.nn.fit import MONITORS
 from shared.nn.optim import LR_SCHEDULES
 from shared.nn.run import Hyperparameters
 from shared.security.tls import ClientTLS
+
+DEFAULT_DATASET = "digits"  # the built-in dataset: there is always one to train on
 
 # (flag, Hyperparameters field, type, help). A flag left out is None, which
 # keeps the preset's tuned setting, or else the Hyperparameters default.
@@ -46,6 +55,24 @@ HYPERPARAMETER_FLAGS = [
     ("--early-stopping-monitor", "early_stopping_monitor", str, f"one of: {', '.join(MONITORS)}"),
 ]
 METAVARS = {int: "N", float: "X", str: "NAME"}
+# The Python names of the code underneath, as the flags that set them.
+FLAGS_BY_NAME = {field: flag for flag, field, _, _ in HYPERPARAMETER_FLAGS} | {
+    "early_stopping.monitor": "--early-stopping-monitor",  # shared.nn.fit.EarlyStopping's checks
+    "data_dir": "--data-dir",
+}
+PYTHON_NAME = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS_BY_NAME)) + r")\b")
+
+
+def in_flag_words(error: Exception) -> str:
+    """The error's message with the Python names it uses replaced by their flags.
+
+    Only for the messages of settings the flags set (Hyperparameters, a dataset not
+    found): elsewhere a word like `dtype` may mean an array's, not --dtype.
+    """
+    return PYTHON_NAME.sub(lambda match: FLAGS_BY_NAME[match[1]], str(error))
+
+
+# ---------------------------------------------------------------- the dataset
 
 
 def data_dir_flag() -> argparse.ArgumentParser:
@@ -57,6 +84,37 @@ def data_dir_flag() -> argparse.ArgumentParser:
         help="where to look for datasets (default: $TANDEM_DATA_DIR, else /usr/share/datasets)",
     )
     return flags
+
+
+def add_dataset_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, where: str) -> None:
+    """--dataset, for a command that trains (`where`: whose datasets it names); default digits."""
+    parser.add_argument(
+        "--dataset", default=DEFAULT_DATASET, metavar="NAME", help=f"{where} (default: {DEFAULT_DATASET})"
+    )
+
+
+def add_model_dataset_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """--dataset, for a command that uses a trained model (`what` it does with the dataset);
+    by default the model's own, read with `model_dataset`."""
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help=f"{what} (default: the dataset the model file records it was trained on, "
+        f"else {DEFAULT_DATASET})",
+    )
+
+
+def model_dataset(given: str | None, recorded: str = "") -> str:
+    """The --dataset given, else the one a model records it was trained on, else digits."""
+    return given or recorded or DEFAULT_DATASET
+
+
+def read_dataset(name: str, data_dir: str | None, dtype: np.dtype | str) -> Dataset:
+    """Dataset `name` from the built-ins or --data-dir; a name not found is told in flags."""
+    try:
+        return load_dataset(name, data_dir, dtype=dtype)
+    except DatasetNotFound as error:
+        raise DatasetNotFound(in_flag_words(error)) from None
 
 
 def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +153,17 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
 def given_hyperparameters(args: argparse.Namespace) -> dict:
     """The hyperparameter flags by field name; None for those not given."""
     return {field: getattr(args, field) for _, field, _, _ in HYPERPARAMETER_FLAGS}
+
+
+def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
+    """The preset's settings (or the defaults) with the flags given on top; a bad one is told in flags."""
+    given = given_hyperparameters(args)
+    try:
+        if args.preset:
+            return Hyperparameters.for_preset(args.preset, **given)
+        return Hyperparameters(**{field: value for field, value in given.items() if value is not None})
+    except ValueError as error:
+        raise ValueError(in_flag_words(error)) from None
 
 
 def connection_flags() -> argparse.ArgumentParser:

@@ -5,27 +5,39 @@ list         the jobs, newest first
 watch        follow a job to its end: `watch_job`, which `make demo` shows too
 cancel       stop a job
 checkpoints  a model's published versions
-plot         a job's loss and accuracy per epoch, as an image (matplotlib: tandem[plot])
+datasets     the datasets the trainer has
+upload       send it a dataset: an .npz file or an MNIST-style set of IDX files (uploads.py)
+plot         a job's loss and accuracy per epoch, as an image (plot.py; needs matplotlib)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
-from shared.cli.errors import EXIT_JOB_UNSUCCESSFUL, report
+from shared.cli.errors import EXIT_INTERRUPTED, EXIT_JOB_UNSUCCESSFUL, report
 from shared.cli.flags import (
     add_architecture_flags,
+    add_dataset_flag,
     add_hyperparameter_flags,
     connection,
     connection_flags,
     given_hyperparameters,
+    hyperparameters,
     positive_int,
     read_spec_file,
 )
-from shared.cli.output import checkpoint_text, job_end_text, print_checkpoints, print_jobs
-from shared.cli.progress import TerminalProgress
+from shared.cli.output import (
+    checkpoint_text,
+    job_end_text,
+    print_checkpoints,
+    print_datasets,
+    print_jobs,
+)
+from shared.cli.progress import TerminalProgress, UploadProgress
+from shared.cli.uploads import read_dataset_files
 from shared.client import TrainerClient
 from shared.nn import EpochEvent, StepEvent
 from shared.rpc.convert import JOB_STATE_NAMES, job_state_name
@@ -38,7 +50,12 @@ def add_jobs(commands: argparse._SubParsersAction) -> None:
     """`tandem jobs` and its commands, each with the connection flags and --trainer."""
     jobs = commands.add_parser(
         "jobs", help="train on a trainer service: start, follow, list and cancel jobs"
-    ).add_subparsers(title="jobs commands", required=True, metavar="COMMAND")
+    ).add_subparsers(
+        title="jobs commands",
+        required=True,
+        metavar="COMMAND",
+        help="`tandem jobs COMMAND --help` for its flags",
+    )
     trainer = argparse.ArgumentParser(add_help=False, parents=[connection_flags()])
     trainer.add_argument(
         "--trainer",
@@ -52,22 +69,31 @@ def add_jobs(commands: argparse._SubParsersAction) -> None:
     watch = jobs.add_parser(
         "watch", parents=[trainer], help="follow a job to its end (exit code 0 if it SUCCEEDED, 1 if not)"
     )
-    watch.add_argument("job_id", metavar="JOB_ID")
+    add_job_id(watch, "the job to follow (`tandem jobs list` shows them)")
     watch.set_defaults(run=run_watch)
     cancel = jobs.add_parser("cancel", parents=[trainer], help="stop a job")
-    cancel.add_argument("job_id", metavar="JOB_ID")
+    add_job_id(cancel, "the job to stop")
     cancel.set_defaults(run=run_cancel)
     checkpoints = jobs.add_parser("checkpoints", parents=[trainer], help="list a model's published versions")
-    checkpoints.add_argument("model_name", metavar="MODEL_NAME")
+    checkpoints.add_argument(
+        "model_name", metavar="MODEL_NAME", help="the model (a job's --model-name) whose versions to list"
+    )
     checkpoints.set_defaults(run=run_checkpoints)
+    datasets = jobs.add_parser("datasets", parents=[trainer], help="list the datasets the trainer has")
+    datasets.set_defaults(run=run_datasets)
+    add_upload(jobs.add_parser("upload", parents=[trainer], help="send the trainer a dataset"))
     plot = jobs.add_parser(
         "plot",
         parents=[trainer],
-        help="plot a job's loss and accuracy per epoch (needs matplotlib: tandem[plot])",
+        help="plot a job's loss and accuracy per epoch (needs matplotlib)",
     )
-    plot.add_argument("job_id", metavar="JOB_ID")
+    add_job_id(plot, "the job whose finished epochs to plot")
     plot.add_argument("--out", required=True, metavar="FILE.png", help="the image to write")
     plot.set_defaults(run=run_plot)
+
+
+def add_job_id(parser: argparse.ArgumentParser, help_: str) -> None:
+    parser.add_argument("job_id", metavar="JOB_ID", help=help_)
 
 
 def trainer_client(args: argparse.Namespace) -> TrainerClient:
@@ -83,9 +109,7 @@ def add_start(parser: argparse.ArgumentParser) -> None:
         "--model-name", required=True, metavar="NAME", help="the name its checkpoints are published under"
     )
     add_architecture_flags(parser)
-    parser.add_argument(
-        "--dataset", required=True, metavar="NAME", help="a dataset the trainer has (see its ListDatasets)"
-    )
+    add_dataset_flag(parser, "a dataset the trainer has (see `tandem jobs datasets`)")
     add_hyperparameter_flags(parser)
     schedule = parser.add_argument_group(
         "checkpoints", "The final checkpoint is always published; these add intermediate ones."
@@ -116,6 +140,7 @@ def add_start(parser: argparse.ArgumentParser) -> None:
 
 
 def run_start(args: argparse.Namespace) -> int | None:
+    hyperparameters(args)  # checked here too, so that a bad setting is told by its flag, not its field
     with trainer_client(args) as trainer:
         job = trainer.start_job(
             args.model_name,
@@ -130,7 +155,7 @@ def run_start(args: argparse.Namespace) -> int | None:
         )
         print(f"started job {job.job_id} ({job_state_name(job.state)})")
         if args.follow:
-            return watch_exit_code(watch_job(trainer, job.job_id))
+            return follow(trainer, job.job_id)
     return None
 
 
@@ -162,7 +187,21 @@ def run_list(args: argparse.Namespace) -> None:
 
 def run_watch(args: argparse.Namespace) -> int:
     with trainer_client(args) as trainer:
-        return watch_exit_code(watch_job(trainer, args.job_id))
+        return follow(trainer, args.job_id)
+
+
+def follow(trainer: TrainerClient, job_id: str) -> int:
+    """Watch the job to its end: exit code 0 if it SUCCEEDED, else 1. Ctrl-C stops the
+    watch, not the job, and says so (130)."""
+    try:
+        return watch_exit_code(watch_job(trainer, job_id))
+    except KeyboardInterrupt:
+        print(
+            f"tandem: stopped watching; job {job_id} keeps running on the trainer "
+            f"(`tandem jobs watch {job_id}` to follow it again, `tandem jobs cancel {job_id}` to stop it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def run_cancel(args: argparse.Namespace) -> None:
@@ -174,6 +213,40 @@ def run_cancel(args: argparse.Namespace) -> None:
 def run_checkpoints(args: argparse.Namespace) -> None:
     with trainer_client(args) as trainer:
         print_checkpoints(trainer.list_checkpoints(args.model_name))
+
+
+# ---------------------------------------------------------------- datasets, upload
+
+
+def run_datasets(args: argparse.Namespace) -> None:
+    with trainer_client(args) as trainer:
+        print_datasets(trainer.list_datasets())
+
+
+def add_upload(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the name to train on it by (a job's --dataset)")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="an .npz file (arrays x_train, y_train, x_test, y_test, or x and y), or the four IDX "
+        "files of an MNIST-style dataset (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each may be .gz) or their directory",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an uploaded dataset of that name")
+    parser.set_defaults(run=run_upload)
+
+
+def run_upload(args: argparse.Namespace) -> None:
+    arrays = read_dataset_files(args.files)
+    progress = UploadProgress(args.name)
+    with trainer_client(args) as trainer:
+        try:
+            info = trainer.upload_dataset(args.name, arrays, overwrite=args.overwrite, on_progress=progress)
+        finally:
+            progress.close()
+    progress.finish()
+    print_datasets([info])
 
 
 def watch_job(
@@ -248,23 +321,13 @@ def epoch_event(epoch: pb.EpochMetrics) -> EpochEvent:
 
 def run_plot(args: argparse.Namespace) -> int | None:
     try:
-        from matplotlib.figure import Figure  # an optional extra
+        from shared.cli.plot import history_figure  # needs matplotlib, an optional extra
     except ImportError:
-        return report("`tandem jobs plot` needs matplotlib: pip install 'tandem[plot]'")
+        return report("`tandem jobs plot` needs matplotlib: pip install -e '.[plot]' in a checkout")
     with trainer_client(args) as trainer:
         job = trainer.get_job(args.job_id)
     if not job.history:
         raise ValueError(f"job {job.job_id} has no finished epoch to plot yet")
-    history = [metrics_dict(epoch) for epoch in job.history]
-    epochs = [metrics["epoch"] for metrics in history]
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    figure.suptitle(f"job {job.job_id}: {job.model_name} on {job.request.dataset}")
-    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
-        for split in ("train", "val", "test"):
-            if f"{split}_{metric}" in history[0]:
-                axes.plot(epochs, [m[f"{split}_{metric}"] for m in history], marker="o", label=split)
-        axes.set(title=metric, xlabel="epoch")
-        axes.legend()
-    figure.savefig(args.out)
+    history_figure(job, [metrics_dict(epoch) for epoch in job.history]).savefig(args.out)
     print(f"wrote {args.out}")
     return None

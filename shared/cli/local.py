@@ -6,23 +6,33 @@ Each `add_*` function adds its command to the parser; the command is its `run_*`
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.checkpoints.checkpoint import CheckpointMeta, check_model_name, save
+from shared.cli.errors import EXIT_INTERRUPTED
 from shared.cli.flags import (
     add_architecture_flags,
+    add_dataset_flag,
     add_hyperparameter_flags,
+    add_model_dataset_flag,
     data_dir_flag,
-    given_hyperparameters,
+    hyperparameters,
+    model_dataset,
+    positive_int,
+    read_dataset,
     read_spec_file,
 )
 from shared.cli.models import load_dataset_for, read_checkpoint
 from shared.cli.output import accuracy_text
 from shared.cli.progress import TerminalProgress
-from shared.data import Dataset, list_datasets, load_dataset
-from shared.nn import Model, SpecError, build_model, evaluate
+from shared.data import Dataset, list_datasets
+from shared.nn import EpochEvent, Model, SpecError, StepEvent, build_model, evaluate
 from shared.nn.presets import PRESETS, get_preset
-from shared.nn.run import Hyperparameters, train
+from shared.nn.run import fit_model, prepare_model
 
 # ---------------------------------------------------------------- tandem train
 
@@ -30,63 +40,127 @@ from shared.nn.run import Hyperparameters, train
 def add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", parents=[data_dir_flag()], help="train a model and save it")
     add_architecture_flags(parser)
-    parser.add_argument("--dataset", default="digits", metavar="NAME", help="default: digits")
+    add_dataset_flag(parser, "the dataset to train on (see `tandem datasets`)")
     parser.add_argument(
         "--name", help="the model's name (default: the preset's name or the spec file's stem)"
     )
     parser.add_argument(
-        "--out", metavar="PATH", help="checkpoint to write (default: runs/<name>.safetensors)"
+        "--out",
+        metavar="PATH",
+        help="checkpoint to write, refused if it exists unless --force (default: runs/<name>.safetensors, "
+        "or the first free of runs/<name>-2.safetensors, -3, ...: a run never overwrites another's)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite the --out file if it exists")
+    parser.add_argument(
+        "--save-every",
+        type=positive_int,
+        metavar="N",
+        help="also save the model every N epochs, so that an interrupted run keeps one "
+        "(default: save once, at the end)",
     )
     add_hyperparameter_flags(parser)
     parser.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: argparse.Namespace) -> int | None:
     hp = hyperparameters(args)
-    dataset = load_dataset(args.dataset, args.data_dir, dtype=hp.dtype)
+    dataset = read_dataset(args.dataset, args.data_dir, hp.dtype)
     spec = model_spec(args, dataset)
     name = check_model_name(args.name or args.preset or Path(args.spec).stem)
-    out = Path(args.out or f"runs/{name}.safetensors")
+    out = output_path(args.out, args.force, name)
     out.parent.mkdir(parents=True, exist_ok=True)  # before training, so a bad path fails fast
+    model = prepare_model(spec, dataset, hp)
 
-    progress = TerminalProgress(hp.epochs)
+    def checkpoint_meta(epoch: int, step: int, metrics: dict) -> CheckpointMeta:
+        return CheckpointMeta(
+            model_name=name,
+            spec=model.spec,
+            dtype=hp.dtype,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            dataset=dataset.name,
+            hyperparameters=hp.as_dict(),
+        )
+
+    def save_epoch(event: EpochEvent) -> None:
+        save_atomically(out, model, checkpoint_meta(event.epoch, event.step, event.metrics))
+
+    run = TrainingRun(hp.epochs, args.save_every, save_epoch)
     try:
-        trained = train(spec, dataset, hp, callback=progress)
+        history = fit_model(model, dataset, hp, callback=run)
+    except KeyboardInterrupt:
+        run.progress.close()
+        print(f"tandem: {run.interrupted_text(out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
-        progress.close()
-    history = trained.history
+        run.progress.close()
     last = history.epochs[-1]
     # Scored afresh: early stopping may have restored an earlier epoch's weights.
-    _, correct = score_test_split(trained.model, dataset)
+    _, correct = score_test_split(model, dataset)
     summary = f"final test accuracy {accuracy_text(correct, len(dataset.y_test))}"
     if history.stop_reason == "early_stopping":  # the CLI never stops training otherwise
         summary += (
             f"  (early stopping after epoch {last['epoch']}; kept the weights of epoch {history.best_epoch})"
         )
     print(summary)
-
-    save(
-        out,
-        trained.model,
-        CheckpointMeta(
-            model_name=name,
-            spec=trained.model.spec,
-            dtype=hp.dtype,
-            step=history.steps,
-            epoch=history.weights_epoch or 0,
-            metrics=history.weights_metrics,
-            dataset=dataset.name,
-            hyperparameters=hp.as_dict(),
-        ),
-    )
+    final = checkpoint_meta(history.weights_epoch or 0, history.steps, history.weights_metrics)
+    save_atomically(out, model, final)
     print(f"saved {out}")
+    return None
 
 
-def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
-    given = given_hyperparameters(args)
-    if args.preset:
-        return Hyperparameters.for_preset(args.preset, **given)
-    return Hyperparameters(**{field: value for field, value in given.items() if value is not None})
+class TrainingRun:
+    """The callback of `tandem train`'s run: the progress display, a save every `save_every`
+    epochs (None: none), and what an interrupted run has to say about both."""
+
+    def __init__(self, epochs: int, save_every: int | None, save: Callable[[EpochEvent], None]):
+        self.epochs, self.save_every, self.save = epochs, save_every, save
+        self.progress = TerminalProgress(epochs)
+        self.finished_epoch = 0
+        self.saved_epoch = 0
+
+    def __call__(self, event: StepEvent | EpochEvent) -> None:
+        self.progress(event)
+        if isinstance(event, EpochEvent):
+            self.finished_epoch = event.epoch
+            if self.save_every and event.epoch % self.save_every == 0:
+                self.save(event)
+                self.saved_epoch = event.epoch
+
+    def interrupted_text(self, out: Path) -> str:
+        """`interrupted in epoch 3 of 15; nothing saved (...)`, or where the last save is."""
+        text = f"interrupted in epoch {self.finished_epoch + 1} of {self.epochs}; "
+        if self.saved_epoch:
+            return text + f"the model of epoch {self.saved_epoch} is in {out}"
+        if self.save_every:
+            return text + "nothing saved yet"
+        return text + "nothing saved (--save-every N saves the model every N epochs)"
+
+
+def output_path(out: str | None, force: bool, name: str) -> Path:
+    """--out (refused if it exists, unless --force), else the first free default name."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} exists; give --force to overwrite it, or another --out")
+        return path
+    candidates = (
+        Path("runs") / (f"{name}.safetensors" if number == 1 else f"{name}-{number}.safetensors")
+        for number in itertools.count(1)
+    )
+    return next(path for path in candidates if not path.exists())
+
+
+def save_atomically(path: Path, model: Model, meta: CheckpointMeta) -> None:
+    """Write the checkpoint beside `path`, then rename it into place: a crash or a Ctrl-C
+    midway never leaves half a checkpoint at `path`, nor a reader a half-written one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save(partial, model, meta)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def model_spec(args: argparse.Namespace, dataset: Dataset) -> dict:
@@ -112,15 +186,16 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
         parents=[data_dir_flag()],
         help="a saved model's loss and accuracy on a dataset's test split",
     )
-    parser.add_argument("model", metavar="MODEL_FILE")
-    parser.add_argument("--dataset", required=True, metavar="NAME")
+    parser.add_argument("model", metavar="MODEL_FILE", help="a saved model (tandem train's output)")
+    add_model_dataset_flag(parser, "the dataset whose test split to score")
     parser.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.model)
-    dataset = load_dataset_for(checkpoint.model, args.dataset, args.data_dir, f"the model in {args.model}")
     meta = checkpoint.meta
+    name = model_dataset(args.dataset, meta.dataset)
+    dataset = load_dataset_for(checkpoint.model, name, args.data_dir, f"the model in {args.model}")
     print(
         f"model {meta.model_name}: epoch {meta.epoch}, step {meta.step}, "
         f"trained on {meta.dataset or 'an unnamed dataset'}"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from shared.checkpoints.checkpoint import Checkpoint, CheckpointError, load
+from shared.cli.flags import read_dataset
 from shared.client import InferenceClient
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset
 from shared.nn import Model
 
 SERVER_PREDICT_ROWS = 1024  # rows per Predict call (a server takes at most INFER_MAX_ROWS, 4096)
@@ -55,7 +56,7 @@ def load_dataset_for(model: Model | ServedModel, name: str, data_dir: str | None
 
     `model_text` names the model in errors: "the model in PATH", "model 'digits' at HOST:PORT".
     """
-    dataset = load_dataset(name, data_dir, dtype=model.dtype)
+    dataset = read_dataset(name, data_dir, model.dtype)
     if dataset.input_shape != model.input_shape:
         raise ValueError(
             f"dataset {name!r} has samples of shape {list(dataset.input_shape)}, "

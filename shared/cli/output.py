@@ -1,4 +1,5 @@
-"""What `tandem` prints about jobs, checkpoints and accuracy: tables, local times, one-line texts."""
+"""What `tandem` prints about jobs, checkpoints, datasets and accuracy: tables, local times,
+one-line texts."""
 
 from __future__ import annotations
 
@@ -57,16 +58,33 @@ def print_checkpoints(checkpoints: list[tandem_common_pb2.CheckpointInfo]) -> No
     )
 
 
+def print_datasets(datasets: list[pb.DatasetInfo]) -> None:
+    """A table of DatasetInfo messages, a row per dataset."""
+    print_table(
+        ["DATASET", "SOURCE", "SAMPLE SHAPE", "CLASSES", "TRAIN", "TEST"],
+        [[d.name, d.source, list(d.input_shape), d.num_classes, d.train_size, d.test_size] for d in datasets],
+    )
+
+
 def local_time(stamp: Timestamp) -> str:
     """A protobuf Timestamp in the local time zone, to the second."""
     return stamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def checkpoint_text(checkpoint: tandem_common_pb2.CheckpointInfo) -> str:
-    """`digits version 3 (epoch 3, step 153, test accuracy 97.77%)`."""
+    """`digits version 3 (epoch 3, step 153, test accuracy 97.77%)`.
+
+    A checkpoint taken mid-epoch (`--every-steps`) carries the metrics of the last
+    finished epoch, which are not of its weights: then the accuracy says its epoch,
+    `(epoch 3, step 140, test accuracy 97.21% at the end of epoch 2)`.
+    """
     details = [f"epoch {checkpoint.epoch}", f"step {checkpoint.step}"]
-    if "test_accuracy" in checkpoint.metrics:
-        details.append(f"test accuracy {checkpoint.metrics['test_accuracy']:.2%}")
+    metrics = checkpoint.metrics
+    if "test_accuracy" in metrics:
+        accuracy = f"test accuracy {metrics['test_accuracy']:.2%}"
+        if metrics.get("epoch", checkpoint.epoch) != checkpoint.epoch:
+            accuracy += f" at the end of epoch {int(metrics['epoch'])}"
+        details.append(accuracy)
     return f"{checkpoint.model_name} version {checkpoint.version} ({', '.join(details)})"
 
 
