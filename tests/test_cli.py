@@ -512,7 +512,9 @@ def test_help_documents_the_input_format_and_the_dataset_defaults(capsys):
         help_ = parser[command].format_help()
         assert re.search(r"default:\s+the\s+dataset\s+the\s+model\s+file\s+records", help_)
     for command in ("tandem train", "tandem jobs start"):
-        assert re.search(r"--dataset NAME .*\(default:\s+digits\)", parser[command].format_help(), re.S)
+        help_ = parser[command].format_help()
+        assert re.search(r"--dataset NAME .*\(default:\s+digits\)", help_, re.S)
+        assert re.search(r"README.md's\s+section\s+'The\s+model\s+spec'", help_)
 
 
 # ---------------------------------------------------------------- the console script

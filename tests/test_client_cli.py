@@ -355,7 +355,10 @@ def test_upload_an_npz_file_and_its_directory_of_idx_files_with_overwrite(jobs, 
     mnist_style_files(tmp_path / "idx")
     code, out, err = jobs("upload", name, str(tmp_path / "idx"))
     assert (code, out) == (2, "")
-    assert err.startswith("tandem: error: ALREADY_EXISTS: ") and name in err
+    assert err == (
+        f"tandem: error: ALREADY_EXISTS: the trainer has a dataset {name!r} already; "
+        "give --overwrite to replace it\n"
+    )
     code, out, _ = jobs("upload", name, str(tmp_path / "idx"), "--overwrite")
     assert code == 0 and out.splitlines()[-1].split()[-3:] == ["3", "40", "10"]
 

@@ -120,7 +120,11 @@ def read_dataset(name: str, data_dir: str | None, dtype: np.dtype | str) -> Data
 def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
     architecture = parser.add_mutually_exclusive_group(required=True)
     architecture.add_argument("--preset", metavar="NAME", help="a named architecture (see `tandem presets`)")
-    architecture.add_argument("--spec", metavar="FILE.json", help="a model spec (see shared/nn/spec.py)")
+    architecture.add_argument(
+        "--spec",
+        metavar="FILE.json",
+        help="a model spec: JSON, as README.md's section 'The model spec' describes",
+    )
     parser.add_argument(
         "--hidden", type=widths, metavar="W1,W2,...", help="hidden layer widths, instead of the preset's"
     )

@@ -17,6 +17,8 @@ import os
 import sys
 from collections.abc import Callable
 
+import grpc
+
 from shared.cli.errors import EXIT_INTERRUPTED, EXIT_JOB_UNSUCCESSFUL, report
 from shared.cli.flags import (
     add_architecture_flags,
@@ -243,6 +245,14 @@ def run_upload(args: argparse.Namespace) -> None:
     with trainer_client(args) as trainer:
         try:
             info = trainer.upload_dataset(args.name, arrays, overwrite=args.overwrite, on_progress=progress)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            # The trainer names the request's field (header.overwrite); the user knows the flag.
+            raise FileExistsError(
+                f"ALREADY_EXISTS: the trainer has a dataset {args.name!r} already; "
+                "give --overwrite to replace it"
+            ) from None
         finally:
             progress.close()
     progress.finish()
