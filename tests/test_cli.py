@@ -17,6 +17,7 @@ import pytest
 
 from shared.checkpoints.checkpoint import load
 from shared.cli import build_parser, main
+from shared.cli.local import TrainingRun
 from shared.cli.output import checkpoint_text
 from shared.cli.progress import TerminalProgress, UploadProgress
 from shared.data import load_dataset
@@ -240,6 +241,25 @@ def test_ctrl_c_with_save_every_says_where_the_last_save_is(tmp_path):
     assert Path(said[3]) == tmp_path / "mlp.safetensors"
     assert load(said[3]).meta.epoch == int(said[2])
     assert [p.name for p in tmp_path.iterdir()] == ["mlp.safetensors"]  # no partial file
+
+
+def test_an_interrupted_run_says_what_its_saves_left(capsys):
+    saved: list[EpochEvent] = []
+    run = TrainingRun(15, 5, saved.append)
+    out = Path("runs/x.safetensors")
+    for epoch in range(1, 7):
+        assert run.interrupted_text(out).startswith(f"interrupted in epoch {epoch} of 15; ")
+        if epoch <= 5:
+            assert run.interrupted_text(out).endswith(
+                "; nothing saved (the first save of --save-every was due after epoch 5)"
+            )
+        run(EpochEvent(epoch, 10 * epoch, {**EPOCH_METRICS, "epoch": epoch}))
+    assert [event.epoch for event in saved] == [5]
+    assert (
+        run.interrupted_text(out)
+        == "interrupted in epoch 7 of 15; the model of epoch 5 is in runs/x.safetensors"
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 6  # the epochs' lines
 
 
 # ---------------------------------------------------------------- predict

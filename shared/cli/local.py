@@ -89,12 +89,13 @@ def run_train(args: argparse.Namespace) -> int | None:
     run = TrainingRun(hp.epochs, args.save_every, save_epoch)
     try:
         history = fit_model(model, dataset, hp, callback=run)
-    except KeyboardInterrupt:
-        run.progress.close()
-        print(f"tandem: {run.interrupted_text(out)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C: said below, once the status line is cleared
+        history = None
     finally:
         run.progress.close()
+    if history is None:
+        print(f"tandem: {run.interrupted_text(out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     last = history.epochs[-1]
     # Scored afresh: early stopping may have restored an earlier epoch's weights.
     _, correct = score_test_split(model, dataset)
@@ -134,7 +135,9 @@ class TrainingRun:
         if self.saved_epoch:
             return text + f"the model of epoch {self.saved_epoch} is in {out}"
         if self.save_every:
-            return text + "nothing saved yet"
+            return (
+                text + f"nothing saved (the first save of --save-every was due after epoch {self.save_every})"
+            )
         return text + "nothing saved (--save-every N saves the model every N epochs)"
 
 
