@@ -372,6 +372,10 @@ def wrong_shape_npy(directory: Path) -> Path:
             "(data dir searched: {d}; pass --data-dir or set TANDEM_DATA_DIR)",
         ),
         (
+            lambda d, m: ["train", "--preset", "mlp", "--dataset", "tiny", "--data-dir", tiny_dataset_dir(d)],
+            "--batch-size must be between 1 and the 18 training samples, got 64",
+        ),
+        (
             lambda d, m: ["evaluate", REPO / "README.md"],
             "README.md: not a Tandem checkpoint (not a safetensors file: its header claims ",
         ),
@@ -421,6 +425,7 @@ def wrong_shape_npy(directory: Path) -> Path:
         "lr",
         "early-stopping",
         "data-dir",
+        "batch-size-over-samples",
         "not-a-checkpoint",
         "server-given-a-file",
         "model-file-given-an-address",

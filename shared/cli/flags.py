@@ -66,8 +66,9 @@ PYTHON_NAME = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS_BY_NAME)) + r")\
 def in_flag_words(error: Exception) -> str:
     """The error's message with the Python names it uses replaced by their flags.
 
-    Only for the messages of settings the flags set (Hyperparameters, a dataset not
-    found): elsewhere a word like `dtype` may mean an array's, not --dtype.
+    Only for the messages of settings the flags set (Hyperparameters, the training
+    loop's checks of them, a dataset not found): elsewhere a word like `dtype` may
+    mean an array's, not --dtype.
     """
     return PYTHON_NAME.sub(lambda match: FLAGS_BY_NAME[match[1]], str(error))
 

@@ -21,6 +21,7 @@ from shared.cli.flags import (
     add_model_dataset_flag,
     data_dir_flag,
     hyperparameters,
+    in_flag_words,
     model_dataset,
     positive_int,
     read_dataset,
@@ -91,6 +92,8 @@ def run_train(args: argparse.Namespace) -> int | None:
         history = fit_model(model, dataset, hp, callback=run)
     except KeyboardInterrupt:  # Ctrl-C: said below, once the status line is cleared
         history = None
+    except ValueError as error:  # a setting that does not fit the data (batch_size > samples)
+        raise ValueError(in_flag_words(error)) from None
     finally:
         run.progress.close()
     if history is None:
