@@ -364,6 +364,22 @@ def wrong_shape_npy(directory: Path) -> Path:
         (lambda d, m: ["train", "--preset", "mlp", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (lambda d, m: ["train", "--preset", "mlp", "--lr", "0"], "--lr must be > 0 and at most 100.0"),
         (
+            # Checked before any call: nothing listens at port 9 (discard) of 127.0.0.1.
+            lambda d, m: [
+                "jobs",
+                "start",
+                "--model-name",
+                "m",
+                "--preset",
+                "mlp",
+                "--lr",
+                "0",
+                "--trainer",
+                "127.0.0.1:9",
+            ],
+            "--lr must be > 0 and at most 100.0",
+        ),
+        (
             lambda d, m: ["train", "--preset", "mlp", "--early-stopping-patience", "2"],
             "--early-stopping-patience needs --validation-split > 0",
         ),
@@ -423,6 +439,7 @@ def wrong_shape_npy(directory: Path) -> Path:
         "dataset",
         "batch-size",
         "lr",
+        "jobs-start-lr",
         "early-stopping",
         "data-dir",
         "batch-size-over-samples",
