@@ -51,7 +51,7 @@ DEFAULT_TRAINER = "127.0.0.1:50051"  # where `python -m trainer_svc` listens by 
 def add_jobs(commands: argparse._SubParsersAction) -> None:
     """`tandem jobs` and its commands, each with the connection flags and --trainer."""
     jobs = commands.add_parser(
-        "jobs", help="train on a trainer service: start, follow, list and cancel jobs"
+        "jobs", help="train on a trainer service: its jobs, their checkpoints, its datasets"
     ).add_subparsers(
         title="jobs commands",
         required=True,
@@ -226,7 +226,9 @@ def run_datasets(args: argparse.Namespace) -> None:
 
 
 def add_upload(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", metavar="NAME", help="the name to train on it by (a job's --dataset)")
+    parser.add_argument(
+        "name", metavar="NAME", help="the dataset's name on the trainer (what a job's --dataset gives)"
+    )
     parser.add_argument(
         "files",
         nargs="+",
