@@ -1,4 +1,4 @@
-"""Tests for ONNX export (shared.export.onnx).
+"""Tests for ONNX export (shared.export.onnx) and `tandem export` (shared.cli.export).
 
 Every exported model runs in the real onnxruntime (CPUExecutionProvider) on
 batches of 1, 7 and 64 rows, and must answer as the NumPy model does:
@@ -6,9 +6,11 @@ probabilities within 1e-5 of Model.predict_proba, the same classes wherever
 the two most probable classes are more than 1e-6 apart.
 """
 
+import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +18,8 @@ import onnxruntime
 import pytest
 
 from shared.checkpoints.checkpoint import CheckpointMeta, load, save
+from shared.cli.errors import run_command
+from shared.cli.export import add_export
 from shared.export.onnx import (
     DEFAULT_OPSET,
     EXPORTERS,
@@ -359,3 +363,156 @@ def test_without_onnx_the_import_says_how_to_install_it(monkeypatch):
     monkeypatch.delitem(sys.modules, "shared.export.onnx")
     with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]' from the checkout"):
         importlib.import_module("shared.export.onnx")
+
+
+# ---------------------------------------------------------------- `tandem export`
+
+
+def tandem(capsys, *argv) -> tuple[int, str, str]:
+    """Run `tandem export ...` through a parser of its own (and the CLI's error handling)."""
+    parser = argparse.ArgumentParser(prog="tandem")
+    add_export(parser.add_subparsers(required=True))
+    code = run_command(parser.parse_args([str(arg) for arg in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def digits(tmp_path) -> tuple[Path, Model]:
+    """A digits-cnn checkpoint in its own directory, and its model."""
+    model = seeded_model(PRESETS["digits-cnn"].spec((1, 8, 8), 10), seed=5)
+    path = tmp_path / "digits.safetensors"
+    save(path, model, CheckpointMeta("digits", model.spec, "float32", version=2))
+    return path, model
+
+
+def test_export_writes_the_file_and_says_what_it_wrote(capsys, digits):
+    checkpoint, model = digits
+    out = checkpoint.with_name("digits.onnx")
+    code, stdout, stderr = tandem(capsys, "export", checkpoint, "--onnx", out)
+    assert (code, stderr) == (0, "")
+    assert stdout.splitlines() == [
+        f"wrote {out} ({out.stat().st_size:,} bytes, opset 17, IR 8)",
+        "  input   input          float32  [batch, 1, 8, 8]",
+        "  output  probabilities  float32  [batch, 10]",
+        "  output  classes        int64    [batch]",
+    ]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["digits.onnx", "digits.safetensors"]
+    assert_answers_like(model, onnx.load(out))
+
+
+def test_export_takes_an_opset(capsys, digits):
+    checkpoint, _ = digits
+    out = checkpoint.with_name("digits.onnx")
+    code, stdout, _ = tandem(capsys, "export", checkpoint, "--onnx", out, "--opset", MIN_OPSET)
+    assert code == 0 and f"opset {MIN_OPSET}, IR 7)" in stdout
+    assert onnx.load(out).opset_import[0].version == MIN_OPSET
+
+
+def test_export_refuses_to_overwrite_without_force(capsys, digits):
+    checkpoint, model = digits
+    out = checkpoint.with_name("digits.onnx")
+    out.write_bytes(b"keep me")
+    code, stdout, stderr = tandem(capsys, "export", checkpoint, "--onnx", out)
+    assert (code, stdout) == (2, "")
+    assert stderr == f"tandem: error: {out}: exists already (--force replaces it)\n"
+    assert out.read_bytes() == b"keep me"
+
+    assert tandem(capsys, "export", checkpoint, "--onnx", out, "--force")[0] == 0
+    assert_answers_like(model, onnx.load(out))
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"just some text, not a checkpoint\n", "not a Tandem checkpoint"),
+        (np.random.default_rng(0).bytes(4096), "not a Tandem checkpoint"),
+        (b"", "checkpoint is truncated: 0 bytes"),
+    ],
+    ids=["text", "random-bytes", "empty"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_an_error(capsys, tmp_path, content, error):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(content)
+    code, stdout, stderr = tandem(capsys, "export", bogus, "--onnx", tmp_path / "bogus.onnx")
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"tandem: error: {bogus}: {error}") and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bogus.safetensors"]
+
+
+def test_a_missing_checkpoint_is_an_error(capsys, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    code, _, stderr = tandem(capsys, "export", missing, "--onnx", tmp_path / "x.onnx")
+    assert (code, stderr) == (2, f"tandem: error: {missing}: No such file or directory\n")
+
+
+def test_a_missing_output_directory_is_an_error(capsys, digits):
+    checkpoint, _ = digits
+    directory = checkpoint.parent / "no" / "such"
+    code, _, stderr = tandem(capsys, "export", checkpoint, "--onnx", directory / "digits.onnx")
+    assert (code, stderr) == (2, f"tandem: error: {directory}: no such directory\n")
+
+
+def test_an_output_that_is_a_directory_is_an_error(capsys, digits):
+    checkpoint, _ = digits
+    code, _, stderr = tandem(capsys, "export", checkpoint, "--onnx", checkpoint.parent, "--force")
+    assert code == 2 and stderr.startswith(f"tandem: error: {checkpoint.parent}: is a directory")
+
+
+def test_a_failed_write_leaves_no_file_behind(capsys, monkeypatch, digits):
+    """A disk that fills up mid-write: neither a half-written file nor the temporary one stays,
+    and a file that was there is left as it was."""
+    checkpoint, _ = digits
+    out = checkpoint.with_name("digits.onnx")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shared.export.onnx.os.fsync", disk_full)
+    code, _, stderr = tandem(capsys, "export", checkpoint, "--onnx", out)
+    assert (code, stderr) == (2, "tandem: error: [Errno 28] No space left on device\n")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["digits.safetensors"]
+
+    out.write_bytes(b"the old export")
+    assert tandem(capsys, "export", checkpoint, "--onnx", out, "--force")[0] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["digits.onnx", "digits.safetensors"]
+    assert out.read_bytes() == b"the old export"
+
+
+def test_export_of_a_layer_onnxruntime_cannot_run_is_an_error(capsys, tmp_path):
+    model = seeded_model(image_spec([1, 6, 6], {"type": "conv2d", "filters": 2}), dtype=np.float64)
+    checkpoint = tmp_path / "f64.safetensors"
+    save(checkpoint, model, CheckpointMeta("f64", model.spec, "float64"))
+    code, _, stderr = tandem(capsys, "export", checkpoint, "--onnx", tmp_path / "f64.onnx")
+    assert code == 2 and stderr.startswith("tandem: error: layer 0 (conv2d): ONNX Runtime's CPU provider")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f64.safetensors"]
+
+
+@pytest.mark.parametrize("opset", ["12", "99"])
+def test_export_of_an_unsupported_opset_is_an_error(capsys, digits, opset):
+    checkpoint, _ = digits
+    code, _, stderr = tandem(
+        capsys, "export", checkpoint, "--onnx", checkpoint.with_name("x.onnx"), "--opset", opset
+    )
+    assert code == 2 and stderr.startswith(f"tandem: error: opset must be an int from {MIN_OPSET}")
+
+
+def test_export_without_onnx_says_how_to_install_it(capsys, monkeypatch, digits):
+    checkpoint, _ = digits
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.delitem(sys.modules, "shared.export.onnx")
+    code, _, stderr = tandem(capsys, "export", checkpoint, "--onnx", checkpoint.with_name("x.onnx"))
+    assert code == 2 and "pip install -e '.[onnx]' from the checkout" in stderr
+
+
+def test_export_help_states_the_default_opset(capsys):
+    with pytest.raises(SystemExit):
+        tandem(capsys, "export", "--help")
+    assert f"(default: {DEFAULT_OPSET}," in " ".join(capsys.readouterr().out.split())
+
+
+def test_export_flags_are_not_abbreviated(capsys, digits):
+    checkpoint, _ = digits
+    with pytest.raises(SystemExit) as exit_:
+        tandem(capsys, "export", checkpoint, "--onn", checkpoint.with_name("x.onnx"))
+    assert exit_.value.code == 2
