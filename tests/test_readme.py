@@ -51,10 +51,7 @@ STOP_TIMEOUT = 60.0
 def runnable_blocks() -> list[tuple[str, str, int]]:
     """(language, code, line number) of each runnable block, in the README's order."""
     text = README.read_text()
-    return [
-        (match[1], match[2], text.count("\n", 0, match.start()) + 2)
-        for match in RUNNABLE.finditer(text)
-    ]
+    return [(match[1], match[2], text.count("\n", 0, match.start()) + 2) for match in RUNNABLE.finditer(text)]
 
 
 BLOCKS = runnable_blocks()
@@ -131,7 +128,13 @@ def test_runnable_block(readme_session, language, code, line):
         pytest.skip(f"README.md:{line} runs {program}, which is not installed here")
     command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
     done = subprocess.run(
-        command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=BLOCK_TIMEOUT
+        command,
+        check=False,
+        cwd=workdir,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT,
     )
     assert done.returncode == 0, (
         f"README.md:{line} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"

@@ -42,7 +42,6 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata as package_metadata
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,7 @@ from shared.checkpoints.checkpoint import Checkpoint, CheckpointMeta
 from shared.nn import Model, spec_to_json
 from shared.nn.geometry import Window
 from shared.nn.layers import AvgPool2D, Conv2D, Dense, Layer, MaxPool2D
+from shared.version import tandem_version
 
 try:
     import onnx
@@ -261,7 +261,7 @@ def to_onnx(
         ),
         opset_imports=[helper.make_opsetid("", opset)],
         producer_name="tandem",
-        producer_version=_tandem_version(),
+        producer_version=tandem_version(),
     )
     proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
     helper.set_model_props(
@@ -306,13 +306,6 @@ def checkpoint_metadata(meta: CheckpointMeta) -> dict[str, str]:
         if getattr(meta, checksum):
             properties[f"tandem.{checksum}"] = getattr(meta, checksum)
     return properties
-
-
-def _tandem_version() -> str:
-    try:
-        return package_metadata.version("tandem")
-    except package_metadata.PackageNotFoundError:  # a source tree that is not installed
-        return "0.1.0"
 
 
 # ---------------------------------------------------------------- writing the file

@@ -360,7 +360,9 @@ def test_tritonclient_http_gets_the_same_predictions_from_every_replica(healthy_
         client = triton_http.InferenceServerClient(
             url=address,
             ssl=True,
-            ssl_context_factory=functools.partial(ssl.create_default_context, cafile=str(healthy_stack.ca_file)),
+            ssl_context_factory=functools.partial(
+                ssl.create_default_context, cafile=str(healthy_stack.ca_file)
+            ),
             connection_timeout=CALL_TIMEOUT,
             network_timeout=CALL_TIMEOUT,
         )
