@@ -24,7 +24,7 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from shared.nn.geometry import SpecError, make_window, window_taps
+from shared.nn.geometry import SpecError, check_pool_padding, make_window, window_taps
 from shared.nn.init import INITIALISERS, initialise
 from shared.nn.kernels import col2im, im2col, window_max, window_max_backward, window_sum, window_sum_backward
 
@@ -297,6 +297,7 @@ class _Pool2D(_WindowLayer):
 
     def __init__(self, input_shape, *, size=2, stride=None, padding="valid"):
         super().__init__(input_shape, size, size if stride is None else stride, padding)
+        check_pool_padding(self.window)
         self.output_shape = (self.input_shape[0], *self.out_hw)
 
     def config(self):
