@@ -128,7 +128,11 @@ def prepare_optimizer(
     A state that does not fit the optimiser and the model is a ValueError.
     """
     optimizer = make_optimizer(
-        hp.optimizer, hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
+        hp.optimizer,
+        hp.learning_rate,
+        momentum=hp.momentum,
+        weight_decay=hp.weight_decay,
+        decayed=model.decayed_parameters(),
     )
     if initial_state is not None:
         optimizer.load_state_dict(initial_state, model.state_dict())
