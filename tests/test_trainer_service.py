@@ -114,6 +114,30 @@ def without_time(event: pb.JobEvent) -> pb.JobEvent:
     return copy
 
 
+def test_warm_up_and_augmentation_reach_the_trainer_and_train_as_locally(trainer):
+    request = mlp_job(
+        "augmented",
+        epochs=2,
+        optimizer="momentum",
+        learning_rate=0.05,
+        lr_schedule="cosine",
+        warmup_epochs=0.5,
+        augment_shift=1,
+        augment_flip=True,
+    )
+    job = trainer.stub.StartJob(request)
+    hp = job.hyperparameters
+    assert (hp.warmup_epochs, hp.augment_shift, hp.augment_flip) == (0.5, 1, True)
+    done = wait_finished(trainer.stub, job.job_id, timeout=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    final = trainer.store.get("augmented", done.last_published_version)
+    local = train(
+        final.model.spec, load_dataset("digits"), trainer.jobs.get(job.job_id).request.hyperparameters
+    )
+    for name, weights in local.model.state_dict().items():
+        assert final.model.state_dict()[name].tobytes() == weights.tobytes(), name
+
+
 def test_two_watchers_each_get_every_event_in_order(trainer):
     # The only worker is busy, so the watched job waits QUEUED until both watchers are in.
     blocker = trainer.stub.StartJob(slow_job("blocker"))

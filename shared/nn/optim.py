@@ -302,15 +302,30 @@ def make_optimizer(
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """The learning rate for 0-based `step` of `total_steps`.
 
-    "cosine" anneals from base_lr towards 0 along half a cosine
-    (Loshchilov & Hutter 2017, without restarts), as PyTorch's
-    CosineAnnealingLR with eta_min=0.
+    The first `warmup_steps` warm up linearly: base_lr * (step + 1) / warmup_steps,
+    so the warm-up's last step runs at base_lr and its first at a small rate,
+    not at 0 (a step at rate 0 would be a step wasted). The schedule runs over
+    the steps after the warm-up: "constant" stays at base_lr; "cosine"
+    anneals from base_lr towards 0 along half a cosine (Loshchilov & Hutter
+    2017, without restarts), as PyTorch's CosineAnnealingLR with eta_min=0.
     """
-    if schedule == "constant":
-        return base_lr
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warm-up steps must be in [0, {total_steps}), got {warmup_steps}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+    return base_lr
+
+
+def warmup_step_count(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """`warmup_epochs` in whole steps: rounded, at least one for any warm-up, and short of
+    `total_steps` (the schedule keeps a step)."""
+    if not warmup_epochs:
+        return 0
+    return min(max(round(warmup_epochs * steps_per_epoch), 1), total_steps - 1)
