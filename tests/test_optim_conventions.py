@@ -43,8 +43,8 @@ def problem(scale: float, seed: int = 0):
     return params, grads
 
 
-def cosine_rates(lr: float) -> list[float]:
-    return [scheduled_lr(lr, "cosine", t, STEPS) for t in range(STEPS)]
+def cosine_rates(lr: float, warmup_steps: int = 0) -> list[float]:
+    return [scheduled_lr(lr, "cosine", t, STEPS, warmup_steps) for t in range(STEPS)]
 
 
 def run_ours(optimizer, params, grads, rates=None):
@@ -171,9 +171,9 @@ def test_momentum_keeps_pytorchs_buffer_under_a_changing_rate(nesterov):
 
 
 @pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
-def test_momentum_matches_torch_with_a_cosine_rate_and_weight_decay(torch, nesterov):
+def test_momentum_matches_torch_with_a_warmed_up_cosine_rate_and_weight_decay(torch, nesterov):
     params, grads = problem(1.0, seed=2)
-    rates = cosine_rates(0.05)
+    rates = cosine_rates(0.05, warmup_steps=5)
     decayed = frozenset({"layers.0.W", "layers.1.W"})
     optimizer = SGD(0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01, decayed=decayed)
     ours = run_ours(optimizer, params, grads, rates)
