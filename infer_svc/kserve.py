@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from importlib import metadata
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from shared.rpc.errors import translate_errors
 from shared.rpc.stubs import grpc_service_pb2 as pb
 from shared.rpc.stubs import grpc_service_pb2_grpc
 from shared.rpc.stubs.tandem_common_pb2 import Tensor
+from shared.version import tandem_version
 
 SERVER_NAME = "tandem"
 PLATFORM = "tandem_numpy"
@@ -38,13 +38,6 @@ OUTPUTS = {"probabilities": ("FP32", "<f4"), "classes": ("INT64", "<i8")}
 TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 VERSION = re.compile("[1-9][0-9]*")  # [0-9], not \d, which matches every script's digits
 MAX_VERSION = 2**63 - 1  # int64, the version's type in Tandem's own API
-
-
-def server_version() -> str:
-    try:
-        return metadata.version("tandem")
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.1.0"
 
 
 def requested_version(text: str, field: str) -> int | None:
@@ -129,7 +122,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=version in versions)
 
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=tandem_version(), extensions=[])
 
     @translate_errors(STATUS_BY_ERROR)
     def ModelMetadata(self, request, context):

@@ -503,7 +503,7 @@ def test_a_misspelt_flag_is_refused_by_its_command_with_the_close_match(tmp_path
             ["predcit", "--limit", "3"],
             "usage: tandem [-h] [--version] COMMAND ...",
             "tandem: error: unknown command 'predcit'; did you mean predict? "
-            "(commands: train, evaluate, predict, datasets, presets, jobs)",
+            "(commands: train, evaluate, predict, datasets, presets, jobs, export)",
         ),
         (
             ["presets", "all"],

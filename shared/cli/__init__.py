@@ -7,6 +7,7 @@
     tandem predict runs/digits-cnn.safetensors --npy samples.npy
     tandem datasets
     tandem presets
+    tandem export runs/digits-cnn.safetensors --onnx digits.onnx
     tandem --version
 
 `tandem train` writes runs/<name>.safetensors, or the first free of
@@ -55,6 +56,7 @@ The commands, by module:
     jobs.py      jobs start, list, watch, cancel, checkpoints, datasets, upload, plot: on a trainer
     uploads.py   the .npz or IDX files `jobs upload` sends
     plot.py      `jobs plot`'s figure (needs matplotlib)
+    export.py    export: a checkpoint as an ONNX file (shared.export.onnx)
     flags.py     the flags several commands share (dataset, architecture, hyperparameters, TLS, token)
     output.py    tables, local times and one-line texts
     progress.py  the live progress lines: training (TerminalProgress), an upload (UploadProgress)
@@ -66,11 +68,11 @@ May import anything in shared except shared.embedded; never trainer_svc or infer
 from __future__ import annotations
 
 import argparse
-from importlib import metadata
 
-from shared.cli import jobs, local, predict
+from shared.cli import export, jobs, local, predict
 from shared.cli.errors import run_command
 from shared.cli.parser import TandemParser
+from shared.version import tandem_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = TandemParser(prog="tandem", description="Train, evaluate and query Tandem's NumPy models.")
     parser.add_argument(
-        "--version", action="version", version=f"tandem {installed_version()}", help="print the version"
+        "--version", action="version", version=f"tandem {tandem_version()}", help="print the version"
     )
     commands = parser.add_subparsers(
         title="commands", required=True, metavar="COMMAND", help="`tandem COMMAND --help` for its flags"
@@ -97,14 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         local.add_datasets,
         local.add_presets,
         jobs.add_jobs,
+        export.add_export,
     ):
         add_command(commands)  # in this order in `tandem --help`
     return parser
-
-
-def installed_version() -> str:
-    """The version of the installed tandem package (pyproject.toml's, as pip installed it)."""
-    try:
-        return metadata.version("tandem")
-    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
-        return "(not installed: version unknown)"
