@@ -112,7 +112,7 @@ def numpy_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray) -> Callab
 
     def step():
         model.train_step_gradients(x, y)
-        optimizer.step(model.state_dict(), model.gradients())
+        optimizer.step(model.parameters(), model.gradients())
 
     return step
 
@@ -240,7 +240,7 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
         "backward": model.loss.backward,
     }
     parts[f"optimizer step ({case.optimizer})"] = {
-        "update": partial(optimizer.step, model.state_dict(), model.gradients()),
+        "update": partial(optimizer.step, model.parameters(), model.gradients()),
     }
     contenders: dict[tuple[str, str] | str, Callable[[], object]] = {
         (name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()

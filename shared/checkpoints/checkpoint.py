@@ -199,7 +199,8 @@ def encode_parts(model: Model, meta: CheckpointMeta) -> EncodedCheckpoint:
     CheckpointError.
     """
     check_model_name(meta.model_name)
-    weights = {name: _little_endian(array) for name, array in sorted(model.state_dict().items())}
+    live = {**model.parameters(), **model.buffers()}  # not state_dict(), which copies
+    weights = {name: _little_endian(array) for name, array in sorted(live.items())}
     _check_finite(weights)
     meta = replace(
         meta,

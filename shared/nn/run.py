@@ -131,7 +131,7 @@ def prepare_optimizer(
         hp.optimizer, hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
     )
     if initial_state is not None:
-        optimizer.load_state_dict(initial_state, model.state_dict())
+        optimizer.load_state_dict(initial_state, model.parameters())
     return optimizer
 
 
