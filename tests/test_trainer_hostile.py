@@ -149,6 +149,19 @@ BAD_VALUES = {
         "init_std",
     ),
     "init []": (spec_job(dense_spec({"type": "dense", "units": 4, "init": []})), "init must be"),
+    "dropout rate 1": (spec_job(dense_spec({"type": "dropout", "rate": 1.0})), "layer 1 (dropout)"),
+    "dropout rate NaN": (
+        spec_job(
+            '{"input_shape": [64], "layers": [{"type": "dropout", "rate": NaN}, {"type": "dense", "units": 10}]}'
+        ),
+        "rate must be a number in [0, 1)",
+    ),
+    "batchnorm momentum 0": (spec_job(dense_spec({"type": "batchnorm", "momentum": 0})), "momentum must be"),
+    "batchnorm eps -1": (spec_job(dense_spec({"type": "batchnorm", "eps": -1})), "layer 1 (batchnorm)"),
+    "global_avgpool on flat input": (
+        spec_job(dense_spec({"type": "global_avgpool"})),
+        "layer 1 (global_avgpool)",
+    ),
     "learning_rate inf": (mlp_job("hostile", learning_rate=math.inf), "learning_rate"),
     "learning_rate NaN": (mlp_job("hostile", learning_rate=math.nan), "learning_rate"),
     "momentum NaN": (mlp_job("hostile", optimizer="momentum", momentum=math.nan), "momentum"),
