@@ -238,6 +238,7 @@ def batch_last_copy(x):
         lambda: ReLU((2, 6, 6)),
         lambda: Flatten((2, 6, 6)),
         lambda: GlobalAvgPool((2, 6, 6)),
+        lambda: BatchNorm((2, 6, 6)),
         lambda: Dropout((2, 6, 6), rate=0.3),
         lambda: LeakyReLU((2, 6, 6)),
         lambda: GELU((2, 6, 6)),

@@ -12,16 +12,14 @@ import pytest
 from shared.nn import Adam, StepEvent, StopTraining, build_model, evaluate, fit, make_optimizer
 from shared.nn.cost import buffer_count, parameter_count, training_memory_bytes
 
-SPEC = {
-    "input_shape": [6],
-    "layers": [
-        {"type": "dense", "units": 16},
-        {"type": "batchnorm"},
-        {"type": "gelu"},
-        {"type": "dropout", "rate": 0.3},
-        {"type": "dense", "units": 3},
-    ],
-}
+LAYERS = [
+    {"type": "dense", "units": 16},
+    {"type": "batchnorm"},
+    {"type": "gelu"},
+    {"type": "dropout", "rate": 0.3},
+    {"type": "dense", "units": 3},
+]
+SPEC = {"input_shape": [6], "layers": LAYERS}
 
 
 def blobs(seed=0, n=240):
@@ -76,7 +74,8 @@ def test_training_with_dropout_and_batchnorm_is_bit_identical_per_seed():
 
 def test_a_run_resumed_mid_epoch_ends_bit_identical_dropout_masks_and_running_statistics_included():
     x, y = blobs()
-    optimizer, saved = make_optimizer("momentum", 0.05), {}
+    optimizer = make_optimizer("momentum", 0.05)
+    saved: dict[str, dict[str, np.ndarray]] = {}
     interrupted = build_model(SPEC).initialise(4)
 
     def stop_after_step_11(event):
@@ -128,7 +127,7 @@ def test_cost_counts_new_layers_parameters_buffers_and_what_they_keep():
     model = build_model(SPEC)
     assert parameter_count(model) == 6 * 16 + 16 + 2 * 16 + 16 * 3 + 3
     assert buffer_count(model) == 2 * 16
-    without_dropout = build_model({**SPEC, "layers": [*SPEC["layers"][:3], SPEC["layers"][4]]})
+    without_dropout = build_model({"input_shape": [6], "layers": [*LAYERS[:3], LAYERS[4]]})
     batch = 10_000  # large enough for training, not evaluation, to be the peak
     difference = training_memory_bytes(model, batch, 2) - training_memory_bytes(without_dropout, batch, 2)
     assert difference == 4 * batch * (16 + 16 + 16)  # dropout's input, output and mask per sample
