@@ -379,8 +379,8 @@ def with_random_affine(layer: BatchNorm, seed=3) -> BatchNorm:
     [
         with_random_affine(built(BatchNorm((5,)))),
         with_random_affine(built(BatchNorm((3, 4, 5), momentum=0.5, eps=1e-3))),
-        Dropout((6,), rate=0.4),
-        Dropout((2, 3, 3), rate=0.0),
+        built(Dropout((6,), rate=0.4)),
+        built(Dropout((2, 3, 3), rate=0.0)),
         GlobalAvgPool((3, 4, 5)),
         LeakyReLU((7,)),
         LeakyReLU((2, 3, 3), negative_slope=0.3),
@@ -391,7 +391,6 @@ def with_random_affine(layer: BatchNorm, seed=3) -> BatchNorm:
 )
 def test_new_layer_gradients_in_training_mode(layer):
     """BatchNorm with batch statistics, Dropout with one fixed mask: input and every parameter."""
-    built(layer)
     x = np.random.default_rng(6).standard_normal((6, *layer.input_shape))
     if isinstance(layer, LeakyReLU):  # clear of the kink at 0
         x[np.abs(x) < 1e-3] = 0.5
