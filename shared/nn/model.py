@@ -40,11 +40,12 @@ NOISE_STREAM = 0x44524F50  # "DROP"
 class Model:
     """Layers in sequence; the last one outputs one logit per class.
 
-    A model has two modes, chosen per call rather than held as state:
-    training (`train_step_gradients`, the only caller of
-    `forward(training=True)`) and evaluation (every other path: `forward`'s
-    default, `predict_proba`, fit's evaluation, serving, export). Dropout is
-    on and BatchNorm uses batch statistics only in training.
+    A model has two modes, chosen per call rather than held as state, so no
+    path can be left in the wrong one: training (`train_step_gradients`,
+    the training loop's one forward with `training=True`) and evaluation
+    (every other path: `forward`'s default, `predict_proba`, fit's
+    evaluation, serving, export). Dropout is on and BatchNorm uses (and
+    updates) batch statistics only in training.
 
     Its state is named "layers.<index>.<name>": parameters ("W", "b",
     "gamma", "beta"), which the optimisers step, and buffers
@@ -175,7 +176,8 @@ class Model:
         """Forward in training mode, loss and backward on one batch; returns (loss, logits).
 
         Gradients are left in each layer's `grads` (see `gradients()`).
-        `step_seed` is (the run's seed, the step's number): each Dropout layer
+        `step_seed` is (the run's seed, the steps done before this one, as fit
+        counts them over the whole run): each Dropout layer
         draws this step's mask from a generator seeded by it and the layer's
         index alone, never from one carried over from earlier steps, so that a
         run resumed at any step draws what the unbroken run drew. A model with
