@@ -152,7 +152,8 @@ BAD_VALUES = {
     "dropout rate 1": (spec_job(dense_spec({"type": "dropout", "rate": 1.0})), "layer 1 (dropout)"),
     "dropout rate NaN": (
         spec_job(
-            '{"input_shape": [64], "layers": [{"type": "dropout", "rate": NaN}, {"type": "dense", "units": 10}]}'
+            '{"input_shape": [64], "layers": '
+            '[{"type": "dropout", "rate": NaN}, {"type": "dense", "units": 10}]}'
         ),
         "rate must be a number in [0, 1)",
     ),
