@@ -39,7 +39,19 @@ from bench.common import (
     write_json,
 )
 from shared.nn import Model, build_model, make_optimizer
-from shared.nn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid
+from shared.nn.layers import (
+    GELU,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+)
 from shared.nn.presets import get_preset
 
 NUM_CLASSES = 10
@@ -88,9 +100,10 @@ CASES = (
     preset_case("two-layer-net", (1, 28, 28), "mlp"),  # 784-50-10, sigmoid, SGD, batch 100
     preset_case("mlp", (1, 28, 28), "mlp"),  # 784-256-128-100-10, Adam, batch 64
     preset_case("digits-cnn", (1, 8, 8), "cnn"),  # Adam, batch 32
+    preset_case("fashion-cnn", (1, 28, 28), "cnn"),  # batchnorm and dropout; Adam, batch 64
     preset_case("cnn", (1, 28, 28), "cnn"),  # Adam, batch 64
 )
-BREAKDOWN_CASE = CASES[-1]
+BREAKDOWN_CASE = next(case for case in CASES if case.preset == "cnn")
 
 
 # ---- our step ---------------------------------------------------------------
@@ -110,9 +123,9 @@ def random_batch(case: Case) -> tuple[np.ndarray, np.ndarray]:
 def numpy_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     optimizer = make_optimizer(case.optimizer, case.learning_rate)
 
-    def step():
-        model.train_step_gradients(x, y)
-        optimizer.step(model.state_dict(), model.gradients())
+    def step():  # the same dropout masks every step: drawing them costs the same
+        model.train_step_gradients(x, y, step_seed=(SEED, 0))
+        optimizer.step(model.parameters(), model.gradients())
 
     return step
 
@@ -132,7 +145,7 @@ def torch_layer(layer, torch):
     nn = torch.nn
     if isinstance(layer, Dense):
         module = nn.Linear(layer.input_shape[0], layer.units)
-        weight = layer.params["W"].T  # ours is (in, out), torch's (out, in)
+        weight, bias = layer.params["W"].T, layer.params["b"]  # ours is (in, out), torch's (out, in)
     elif isinstance(layer, Conv2D):
         module = nn.Conv2d(
             layer.input_shape[0],
@@ -141,14 +154,26 @@ def torch_layer(layer, torch):
             layer.window.stride,
             padding=_symmetric_padding(layer),
         )
-        weight = layer.params["W"]  # (filters, channels, kh, kw) in both
+        weight, bias = layer.params["W"], layer.params["b"]  # (filters, channels, kh, kw) in both
+    elif isinstance(layer, BatchNorm):
+        norm = nn.BatchNorm1d if len(layer.input_shape) == 1 else nn.BatchNorm2d
+        module = norm(layer.channels, eps=layer.eps, momentum=layer.momentum)
+        weight, bias = layer.params["gamma"], layer.params["beta"]
     elif isinstance(layer, MaxPool2D):
         return nn.MaxPool2d(layer.window.kernel, layer.window.stride, padding=_symmetric_padding(layer))
+    elif isinstance(layer, GlobalAvgPool):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    elif isinstance(layer, Dropout):
+        return nn.Dropout(layer.rate)
+    elif isinstance(layer, LeakyReLU):
+        return nn.LeakyReLU(layer.negative_slope)
+    elif isinstance(layer, GELU):
+        return nn.GELU(approximate=layer.approximate)
     else:
         return {Flatten: nn.Flatten, ReLU: nn.ReLU, Sigmoid: nn.Sigmoid}[type(layer)]()
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(weight))
-        module.bias.copy_(torch.from_numpy(layer.params["b"]))
+        module.bias.copy_(torch.from_numpy(bias))
     return module
 
 
@@ -164,8 +189,9 @@ def torch_step(case: Case, model: Model, x: np.ndarray, y: np.ndarray, torch) ->
     optimizer = optimizer_class(net.parameters(), lr=case.learning_rate)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
 
-    with torch.no_grad():
-        theirs = float(loss_fn(net(x_t), y_t))
+    with torch.no_grad():  # both in evaluation mode: no dropout, the running statistics
+        theirs = float(loss_fn(net.eval()(x_t), y_t))
+    net.train()
     ours = model.loss.forward(model.forward(x), y)
     if not np.isclose(ours, theirs, rtol=1e-4):
         raise RuntimeError(f"{case.preset}: torch peer's loss {theirs} differs from ours {ours}")
@@ -240,7 +266,7 @@ def layer_breakdown(case: Case, timing: Timing) -> list[dict]:
         "backward": model.loss.backward,
     }
     parts[f"optimizer step ({case.optimizer})"] = {
-        "update": partial(optimizer.step, model.state_dict(), model.gradients()),
+        "update": partial(optimizer.step, model.parameters(), model.gradients()),
     }
     contenders: dict[tuple[str, str] | str, Callable[[], object]] = {
         (name, phase): fn for name, fns in parts.items() for phase, fn in fns.items()

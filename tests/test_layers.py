@@ -6,7 +6,22 @@ import numpy as np
 import pytest
 
 from shared.nn import SpecError, build_model, eval_numerical_gradient_array, numerical_gradient, rel_error
-from shared.nn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid, Tanh
+from shared.nn.layers import (
+    GELU,
+    LAYER_TYPES,
+    AvgPool2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
 from shared.nn.losses import SoftmaxCrossEntropy, log_softmax, softmax
 
 TOLERANCE = 1e-6
@@ -14,22 +29,37 @@ TOLERANCE = 1e-6
 
 def built(layer, dtype=np.float64, seed=0):
     layer.initialise(np.random.default_rng(seed), np.dtype(dtype))
+    if isinstance(layer, Dropout):  # as Model.train_step_gradients would set it
+        layer.generator = np.random.default_rng(seed)
     return layer
 
 
-def check_layer_gradients(layer, x, seed=1):
-    """Backprop against central differences for the input and every parameter."""
+def training_forward(layer, seed=0):
+    """layer.forward in training, drawing the same dropout mask at every call."""
+
+    def forward(x):
+        if isinstance(layer, Dropout):
+            layer.generator = np.random.default_rng(seed)
+        return layer.forward(x)
+
+    return forward
+
+
+def check_layer_gradients(layer, x, seed=1) -> dict[str, float]:
+    """Backprop against central differences for the input and every parameter; the errors by name."""
     rng = np.random.default_rng(seed)
-    out = layer.forward(x)
+    forward = training_forward(layer)
+    out = forward(x)
     assert out.shape[1:] == layer.output_shape
     upstream = rng.standard_normal(out.shape)
     dx = layer.backward(upstream)
 
-    numeric_dx = eval_numerical_gradient_array(layer.forward, x, upstream)
-    assert rel_error(dx, numeric_dx) < TOLERANCE
+    errors = {"x": rel_error(dx, eval_numerical_gradient_array(forward, x, upstream))}
     for name, param in layer.params.items():
-        numeric = eval_numerical_gradient_array(lambda _: layer.forward(x), param, upstream)
-        assert rel_error(layer.grads[name], numeric) < TOLERANCE, name
+        numeric = eval_numerical_gradient_array(lambda _: forward(x), param, upstream)
+        errors[name] = rel_error(layer.grads[name], numeric)
+    assert max(errors.values()) < TOLERANCE, errors
+    return errors
 
 
 def naive_conv(x, w, b, stride, pads):
@@ -163,7 +193,18 @@ ALL_LAYERS = [
     lambda: ReLU((12,)),
     lambda: Sigmoid((12,)),
     lambda: Tanh((12,)),
+    lambda: GlobalAvgPool((2, 5, 4)),
+    lambda: BatchNorm((12,)),
+    lambda: BatchNorm((2, 5, 4)),
+    lambda: Dropout((2, 5, 4), rate=0.5),
+    lambda: LeakyReLU((12,)),
+    lambda: GELU((12,)),
+    lambda: GELU((2, 5, 4), approximate="tanh"),
 ]
+
+
+def test_the_contract_tests_cover_every_layer_type():
+    assert {make().type_name for make in ALL_LAYERS} == set(LAYER_TYPES)
 
 
 @pytest.mark.parametrize("make", ALL_LAYERS)
@@ -196,6 +237,11 @@ def batch_last_copy(x):
         lambda: AvgPool2D((2, 6, 6), size=2),
         lambda: ReLU((2, 6, 6)),
         lambda: Flatten((2, 6, 6)),
+        lambda: GlobalAvgPool((2, 6, 6)),
+        lambda: BatchNorm((2, 6, 6)),
+        lambda: Dropout((2, 6, 6), rate=0.3),
+        lambda: LeakyReLU((2, 6, 6)),
+        lambda: GELU((2, 6, 6)),
     ],
     ids=lambda make: make().type_name,
 )
@@ -209,7 +255,7 @@ def test_window_layers_give_the_same_for_every_memory_layout(make):
     results = []
     douts = [dout, batch_last_copy(dout)] if dout.ndim == 4 else [dout]
     for x_in, dout_in in itertools.product([x, batch_last_copy(x)], douts):
-        out = layer.forward(x_in)
+        out = training_forward(layer)(x_in)
         dx = layer.backward(dout_in)
         results.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
     for out, dx, grads in results[1:]:
@@ -316,3 +362,168 @@ def test_loss_gradient_and_stability():
 def test_layer_settings_that_cannot_work_are_refused(make, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
+
+
+# ------------------------------------------- batchnorm, dropout, global pooling, leaky ReLU, GELU
+
+
+def with_random_affine(layer: BatchNorm, seed=3) -> BatchNorm:
+    """gamma and beta away from 1 and 0, so their gradients check something."""
+    rng = np.random.default_rng(seed)
+    layer.params = {name: rng.standard_normal(p.shape) for name, p in layer.params.items()}
+    return layer
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        with_random_affine(built(BatchNorm((5,)))),
+        with_random_affine(built(BatchNorm((3, 4, 5), momentum=0.5, eps=1e-3))),
+        built(Dropout((6,), rate=0.4)),
+        built(Dropout((2, 3, 3), rate=0.0)),
+        GlobalAvgPool((3, 4, 5)),
+        LeakyReLU((7,)),
+        LeakyReLU((2, 3, 3), negative_slope=0.3),
+        GELU((7,)),
+        GELU((2, 3, 3), approximate="tanh"),
+    ],
+    ids=lambda layer: f"{layer.type_name}{list(layer.input_shape)}",
+)
+def test_new_layer_gradients_in_training_mode(layer):
+    """BatchNorm with batch statistics, Dropout with one fixed mask: input and every parameter."""
+    x = np.random.default_rng(6).standard_normal((6, *layer.input_shape))
+    if isinstance(layer, LeakyReLU):  # clear of the kink at 0
+        x[np.abs(x) < 1e-3] = 0.5
+    check_layer_gradients(layer, x)
+
+
+def test_batchnorm_normalises_per_channel_and_moves_its_running_statistics_as_pytorch():
+    layer = built(BatchNorm((3, 4, 5), momentum=0.25))
+    x = np.random.default_rng(12).normal(2.0, 3.0, (6, 3, 4, 5))
+    out = layer.forward(x)
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, rtol=1e-4)  # var / (var + eps)
+    per_channel = x.transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(layer.buffers["running_mean"], 0.25 * per_channel.mean(axis=1))
+    np.testing.assert_allclose(layer.buffers["running_var"], 0.75 + 0.25 * per_channel.var(axis=1, ddof=1))
+
+    evaluated = layer.forward(x, training=False)
+    running = {name: b.reshape(1, 3, 1, 1) for name, b in layer.buffers.items()}
+    np.testing.assert_allclose(
+        evaluated, (x - running["running_mean"]) / np.sqrt(running["running_var"] + 1e-5), rtol=1e-12
+    )
+
+
+def test_batchnorm_leaves_its_running_statistics_for_a_batch_of_one_value_per_channel():
+    layer = built(BatchNorm((4,)))
+    out = layer.forward(np.arange(4.0)[None])
+    np.testing.assert_array_equal(out, np.zeros((1, 4)))  # normalised by its own statistics: beta
+    np.testing.assert_array_equal(layer.buffers["running_mean"], np.zeros(4))
+    np.testing.assert_array_equal(layer.buffers["running_var"], np.ones(4))
+
+
+def test_batchnorm_matches_pytorch_in_training_and_evaluation():
+    torch = pytest.importorskip(
+        "torch", reason="torch (a benchmark peer, not in the dev lock) is not installed"
+    )
+    rng = np.random.default_rng(13)
+    for shape, module in (((5,), torch.nn.BatchNorm1d(5)), ((3, 4, 4), torch.nn.BatchNorm2d(3))):
+        ours = with_random_affine(built(BatchNorm(shape)))
+        module.double().train()
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(ours.params["gamma"]))
+            module.bias.copy_(torch.from_numpy(ours.params["beta"]))
+        for _ in range(3):
+            x = rng.normal(1.0, 2.0, (8, *shape))
+            with torch.no_grad():
+                expected = module(torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(ours.forward(x), expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(ours.buffers["running_mean"], module.running_mean.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(ours.buffers["running_var"], module.running_var.numpy(), rtol=1e-12)
+        module.eval()
+        x = rng.normal(1.0, 2.0, (4, *shape))
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(ours.forward(x, training=False), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_is_inverted_in_training_and_the_identity_at_evaluation():
+    layer = built(Dropout((1000,), rate=0.25), np.float32)
+    x = np.ones((20, 1000), dtype=np.float32)
+    out = layer.forward(x)
+    assert out.dtype == np.float32
+    assert set(np.unique(out)) == {0, np.float32(1 / 0.75)}
+    assert abs((out == 0).mean() - 0.25) < 0.01
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)), out)  # the mask, scale included
+    assert layer.forward(x, training=False) is x
+
+
+def test_dropout_draws_its_mask_from_its_generator_alone():
+    x = np.ones((4, 50))
+    first, second = (built(Dropout((50,), rate=0.5), seed=5).forward(x) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, built(Dropout((50,), rate=0.5), seed=6).forward(x))
+    with pytest.raises(RuntimeError, match="generator"):
+        Dropout((50,), rate=0.5).forward(x)
+
+
+def test_global_average_pooling_is_the_mean_of_each_channel():
+    x = np.random.default_rng(14).standard_normal((2, 3, 4, 5))
+    np.testing.assert_allclose(GlobalAvgPool((3, 4, 5)).forward(x), x.reshape(2, 3, -1).mean(axis=2))
+
+
+def test_leaky_relu_scales_the_negative_side():
+    out = LeakyReLU((3,), negative_slope=0.1).forward(np.array([[-2.0, 0.0, 3.0]]))
+    np.testing.assert_array_equal(out, [[-0.2, 0.0, 3.0]])
+
+
+def test_erf_agrees_with_math_erf_on_a_grid():
+    import math
+
+    from shared.nn.special import erf
+
+    grid = np.concatenate([np.linspace(-10, 10, 40001), [0.0, -0.0, 1.9999999, 2.0, -2.0, 30.0, -30.0]])
+    reference = np.array([math.erf(v) for v in grid])
+    assert np.max(np.abs(erf(grid) - reference)) < 1e-15
+    assert erf(np.array([0.5], dtype=np.float32)).dtype == np.float64
+
+
+def test_gelu_matches_its_definition_and_pytorch():
+    import math
+
+    x = np.linspace(-6, 6, 1201)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    np.testing.assert_allclose(GELU((1201,)).forward(x[None])[0], exact, rtol=1e-14, atol=1e-15)
+    torch = pytest.importorskip(
+        "torch", reason="torch (a benchmark peer, not in the dev lock) is not installed"
+    )
+    for approximate in ("none", "tanh"):
+        expected = torch.nn.functional.gelu(torch.from_numpy(x), approximate=approximate).numpy()
+        ours = GELU((1201,), approximate=approximate).forward(x[None])[0]
+        np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-14)
+        ours32 = GELU((1201,), approximate=approximate).forward(x[None].astype(np.float32))[0]
+        expected32 = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32)), approximate=approximate)
+        np.testing.assert_allclose(ours32, expected32.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Dropout((4,), rate=1.0), "rate must be a number in [0, 1), got 1.0"),
+        (lambda: Dropout((4,), rate=-0.1), "rate must be a number in [0, 1)"),
+        (lambda: Dropout((4,), rate=float("nan")), "rate must be a number in [0, 1), got nan"),
+        (lambda: Dropout((4,), rate=True), "rate must be a number"),
+        (lambda: BatchNorm((4,), momentum=0), "momentum must be a number in (0, 1], got 0"),
+        (lambda: BatchNorm((4,), momentum=1.5), "momentum must be a number in (0, 1]"),
+        (lambda: BatchNorm((4,), eps=0), "eps must be a finite number above 0"),
+        (lambda: BatchNorm((4,), eps=float("inf")), "eps must be a finite number above 0"),
+        (lambda: BatchNorm((4, 4)), "batchnorm normalises (features,) or (channels, height, width)"),
+        (lambda: GlobalAvgPool((8,)), "samples of shape (8,) have none"),
+        (lambda: LeakyReLU((4,), negative_slope=-0.1), "negative_slope must be a number in [0, 1)"),
+        (lambda: GELU((4,), approximate="sigmoid"), "approximate must be one of ['none', 'tanh']"),
+    ],
+)
+def test_new_layer_settings_that_cannot_work_are_refused(make, message):
+    with pytest.raises(SpecError) as refused:
+        make()
+    assert message in str(refused.value)

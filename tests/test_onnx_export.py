@@ -36,7 +36,7 @@ from shared.nn.presets import PRESETS
 BATCH_SIZES = (1, 7, 64)
 PROBABILITY_TOLERANCE = 1e-5  # float32, absolute
 TIE = 1e-6  # top-2 probabilities this close may be ordered either way
-ACTIVATIONS = ("relu", "sigmoid", "tanh")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "gelu")
 TINY_MLP = {
     "input_shape": [1, 4, 4],
     "layers": [
@@ -56,12 +56,20 @@ def image_spec(input_shape, *layers, classes=3) -> dict:
 
 
 def seeded_model(spec: dict, seed: int = 0, dtype=np.float32) -> Model:
-    """The spec's model with seeded weights and seeded, non-zero biases (so that the biases count)."""
+    """The spec's model with seeded weights and seeded, non-zero biases (so that the biases count),
+    and batchnorm scales, shifts and running statistics away from their initial 1, 0, 0 and 1, as
+    training leaves them (so that the export must use each of them)."""
     model = build_model(spec, dtype=dtype).initialise(seed)
     rng = np.random.default_rng(seed + 1)
     for layer in model.layers:
         if "b" in layer.params:
             layer.params["b"] = rng.normal(0, 0.5, layer.params["b"].shape).astype(dtype)
+        if layer.type_name == "batchnorm":
+            (channels,) = layer.params["gamma"].shape
+            layer.params["gamma"] = rng.uniform(0.5, 2.0, channels).astype(dtype)
+            layer.params["beta"] = rng.normal(0, 0.5, channels).astype(dtype)
+            layer.buffers["running_mean"] = rng.normal(0, 0.5, channels).astype(dtype)
+            layer.buffers["running_var"] = rng.uniform(0.25, 4.0, channels).astype(dtype)
     return model
 
 
@@ -199,6 +207,22 @@ def _random_window_layer(rng: np.random.Generator) -> dict:
     return {"type": kind, **options, "stride": stride, "padding": padding}
 
 
+def _random_extras(rng: np.random.Generator) -> list[dict]:
+    """What may follow a dense or window layer: batchnorm, an activation, dropout, each or not."""
+    extras: list[dict] = []
+    if rng.random() < 0.3:
+        extras.append({"type": "batchnorm", "eps": float(rng.choice([1e-5, 1e-3]))})
+    if rng.random() < 0.6:
+        extras.append({"type": str(rng.choice(ACTIVATIONS))})
+        if extras[-1]["type"] == "gelu":
+            extras[-1]["approximate"] = str(rng.choice(["none", "tanh"]))
+        if extras[-1]["type"] == "leaky_relu":
+            extras[-1]["negative_slope"] = float(rng.uniform(0, 0.5))
+    if rng.random() < 0.2:
+        extras.append({"type": "dropout", "rate": float(rng.uniform(0, 0.9))})
+    return extras
+
+
 def _random_spec(rng: np.random.Generator) -> dict:
     """An MLP on flat samples (a quarter of them) or window layers on images, then dense layers."""
     layers: list[dict] = []
@@ -208,14 +232,11 @@ def _random_spec(rng: np.random.Generator) -> dict:
         input_shape = [int(rng.integers(1, 4)), int(rng.integers(3, 13)), int(rng.integers(3, 13))]
         for _ in range(int(rng.integers(1, 4))):
             layers.append(_random_window_layer(rng))
-            if rng.random() < 0.6:
-                layers.append({"type": str(rng.choice(ACTIVATIONS))})
-        layers.append({"type": "flatten"})
+            layers += _random_extras(rng)
+        layers.append({"type": str(rng.choice(["flatten", "global_avgpool"]))})
     for _ in range(int(rng.integers(0, 3))):
-        layers += [
-            {"type": "dense", "units": int(rng.integers(2, 20))},
-            {"type": str(rng.choice(ACTIVATIONS))},
-        ]
+        layers.append({"type": "dense", "units": int(rng.integers(2, 20))})
+        layers += _random_extras(rng)
     layers.append({"type": "dense", "units": int(rng.integers(2, 11))})
     return {"input_shape": input_shape, "layers": layers}
 
@@ -268,8 +289,23 @@ def test_a_layer_type_without_an_exporter_is_refused_by_name():
 
 
 def test_float64_models_run_in_float64():
-    spec = image_spec([1, 6, 5], {"type": "maxpool2d", "size": 2, "padding": "same"}, {"type": "sigmoid"})
-    spec["layers"][3:3] = [{"type": "dense", "units": 6}, {"type": "tanh"}, {"type": "relu"}]
+    spec = {
+        "input_shape": [1, 6, 5],
+        "layers": [
+            {"type": "maxpool2d", "size": 2, "padding": "same"},
+            {"type": "batchnorm"},
+            {"type": "leaky_relu"},
+            {"type": "sigmoid"},
+            {"type": "flatten"},
+            {"type": "dense", "units": 6},
+            {"type": "gelu", "approximate": "tanh"},
+            {"type": "dropout", "rate": 0.5},
+            {"type": "batchnorm"},
+            {"type": "tanh"},
+            {"type": "relu"},
+            {"type": "dense", "units": 3},
+        ],
+    }
     model = seeded_model(spec, dtype=np.float64)
     proto = to_onnx(model)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
@@ -277,7 +313,10 @@ def test_float64_models_run_in_float64():
     assert_answers_like(model, proto)
 
 
-@pytest.mark.parametrize("layer", [{"type": "conv2d", "filters": 2}, {"type": "avgpool2d"}])
+@pytest.mark.parametrize(
+    "layer",
+    [{"type": "conv2d", "filters": 2}, {"type": "avgpool2d"}, {"type": "global_avgpool"}, {"type": "gelu"}],
+)
 def test_float64_layers_onnxruntime_cannot_run_in_float64_are_refused(layer):
     model = seeded_model(image_spec([1, 6, 6], layer), dtype=np.float64)
     with pytest.raises(ExportError, match=rf"layer 0 \({layer['type']}\): .* float32 only"):

@@ -30,13 +30,13 @@ def assert_backprop_matches_numerical_gradient(spec) -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, *model.input_shape))
     y = np.array([0, 1, 2, 1])
-    model.train_step_gradients(x, y)
+    model.train_step_gradients(x, y, step_seed=(0, 0))
     analytic = {k: v.copy() for k, v in model.gradients().items()}
 
-    def loss():
-        return model.loss.forward(model.forward(x, training=True), y)
+    def loss():  # in training mode, with the same dropout masks every time
+        return model.train_step_gradients(x, y, step_seed=(0, 0))[0]
 
-    for name, param in model.state_dict().items():
+    for name, param in model.parameters().items():
         assert rel_error(analytic[name], numerical_gradient(loss, param)) < 1e-6, name
 
 
@@ -106,7 +106,7 @@ def bad(layers, input_shape=(1, 8, 8)):
             bad([{"type": "flatten"}, {"type": "dense", "units": 0}]),
             r"layer 1 \(dense\) with input shape \(64,\): units must be a positive int, got 0",
         ),
-        (bad([{"type": "flatten"}, {"type": "dropout"}]), r"layer 1 \(dropout\): unknown layer type"),
+        (bad([{"type": "flatten"}, {"type": "dropconnect"}]), r"layer 1 \(dropconnect\): unknown layer type"),
         (
             bad([{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "relu"}]),
             r"layer 1 \(dense\): unknown options \['activation'\]",
@@ -147,3 +147,88 @@ def test_preset_errors_name_the_problem():
     with pytest.raises(ValueError, match="hidden must list 1 width"):
         get_preset("digits-cnn").spec((1, 8, 8), 10, hidden=(10, 20))
     assert len(build_model(get_preset("mlp").spec((4,), 3, hidden=(5, 6, 7, 8))).layers) == 10
+
+
+EVERY_NEW_LAYER = {
+    "input_shape": [2, 6, 6],
+    "layers": [
+        {"type": "conv2d", "filters": 3, "padding": "same"},
+        {"type": "batchnorm"},
+        {"type": "leaky_relu", "negative_slope": 0.1},
+        {"type": "dropout", "rate": 0.25},
+        {"type": "global_avgpool"},
+        {"type": "batchnorm", "momentum": 0.2, "eps": 1e-3},
+        {"type": "gelu"},
+        {"type": "dense", "units": 4},
+        {"type": "gelu", "approximate": "tanh"},
+        {"type": "dense", "units": 3},
+    ],
+}
+
+
+def test_new_layers_infer_shapes_fill_defaults_and_backprop_through_a_whole_model():
+    model = build_model(EVERY_NEW_LAYER)
+    assert [layer.output_shape for layer in model.layers[3:6]] == [(3, 6, 6), (3,), (3,)]
+    configs = model.spec["layers"]
+    assert configs[1] == {"type": "batchnorm", "momentum": 0.1, "eps": 1e-5}
+    assert configs[2] == {"type": "leaky_relu", "negative_slope": 0.1}
+    assert configs[6] == {"type": "gelu", "approximate": "none"}
+    assert model.buffer_shapes() == {
+        "layers.1.running_mean": (3,),
+        "layers.1.running_var": (3,),
+        "layers.5.running_mean": (3,),
+        "layers.5.running_var": (3,),
+    }
+    assert {"layers.1.gamma", "layers.1.beta"} <= model.param_shapes().keys()
+    assert spec_to_json(build_model(model.spec).spec) == spec_to_json(model.spec)
+    assert_backprop_matches_numerical_gradient(EVERY_NEW_LAYER)
+
+
+def with_layer(layer: dict, input_shape=(1, 8, 8)) -> dict:
+    return {
+        "input_shape": list(input_shape),
+        "layers": [layer, {"type": "flatten"}, {"type": "dense", "units": 2}],
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (
+            with_layer({"type": "dropout", "rate": -0.5}),
+            r"layer 0 \(dropout\) .*rate must be a number in \[0, 1\)",
+        ),
+        (
+            with_layer({"type": "dropout", "rate": 1}),
+            r"layer 0 \(dropout\) .*rate must be a number in \[0, 1\), got 1",
+        ),
+        (with_layer({"type": "dropout", "rate": float("nan")}), r"layer 0 \(dropout\) .*got nan"),
+        (with_layer({"type": "dropout"}), r"layer 0 \(dropout\): missing required options \['rate'\]"),
+        (
+            with_layer({"type": "batchnorm", "momentum": 0.0}),
+            r"layer 0 \(batchnorm\) .*momentum must be .* \(0, 1\]",
+        ),
+        (with_layer({"type": "batchnorm", "momentum": 1.01}), r"layer 0 \(batchnorm\) .*momentum must be"),
+        (
+            with_layer({"type": "batchnorm", "eps": -1e-5}),
+            r"layer 0 \(batchnorm\) .*eps must be a finite number above 0",
+        ),
+        (with_layer({"type": "batchnorm", "eps": float("nan")}), r"layer 0 \(batchnorm\) .*eps must be"),
+        (
+            with_layer({"type": "batchnorm", "affine": False}),
+            r"layer 0 \(batchnorm\): unknown options \['affine'\]",
+        ),
+        (
+            {"input_shape": [8], "layers": [{"type": "global_avgpool"}, {"type": "dense", "units": 2}]},
+            r"layer 0 \(global_avgpool\) with input shape \(8,\): .*have none",
+        ),
+        (
+            with_layer({"type": "leaky_relu", "negative_slope": "0.1"}),
+            r"layer 0 \(leaky_relu\) .*negative_slope",
+        ),
+        (with_layer({"type": "gelu", "approximate": True}), r"layer 0 \(gelu\) .*approximate must be one of"),
+    ],
+)
+def test_a_new_layer_option_that_cannot_work_is_refused_naming_the_layer_and_the_rule(spec, expected):
+    with pytest.raises(SpecError, match=expected):
+        build_model(spec)

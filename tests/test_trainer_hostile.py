@@ -149,6 +149,20 @@ BAD_VALUES = {
         "init_std",
     ),
     "init []": (spec_job(dense_spec({"type": "dense", "units": 4, "init": []})), "init must be"),
+    "dropout rate 1": (spec_job(dense_spec({"type": "dropout", "rate": 1.0})), "layer 1 (dropout)"),
+    "dropout rate NaN": (
+        spec_job(
+            '{"input_shape": [64], "layers": '
+            '[{"type": "dropout", "rate": NaN}, {"type": "dense", "units": 10}]}'
+        ),
+        "rate must be a number in [0, 1)",
+    ),
+    "batchnorm momentum 0": (spec_job(dense_spec({"type": "batchnorm", "momentum": 0})), "momentum must be"),
+    "batchnorm eps -1": (spec_job(dense_spec({"type": "batchnorm", "eps": -1})), "layer 1 (batchnorm)"),
+    "global_avgpool on flat input": (
+        spec_job(dense_spec({"type": "global_avgpool"})),
+        "layer 1 (global_avgpool)",
+    ),
     "learning_rate inf": (mlp_job("hostile", learning_rate=math.inf), "learning_rate"),
     "learning_rate NaN": (mlp_job("hostile", learning_rate=math.nan), "learning_rate"),
     "momentum NaN": (mlp_job("hostile", optimizer="momentum", momentum=math.nan), "momentum"),
@@ -217,7 +231,7 @@ def test_the_checkpoint_format_refuses_non_finite_weights_both_ways():
     model = build_model(dense_spec(input_shape=[4])).initialise(0)
     meta = CheckpointMeta("m", model.spec, "float32")
     good = encode(model, meta)
-    model.state_dict()["layers.1.W"][0, 0] = np.nan
+    model.parameters()["layers.1.W"][0, 0] = np.nan
     with pytest.raises(CheckpointError, match=r"non-finite weights .* layers\.1\.W"):
         encode(model, meta)
     # A NaN checkpoint written by an older build, with a checksum that matches: still refused.

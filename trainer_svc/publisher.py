@@ -39,7 +39,8 @@ class Snapshot:
 
 def snapshot(model: Model, meta: CheckpointMeta, optimizer_state: dict[str, np.ndarray]) -> Snapshot:
     """A copy of the weights and optimiser state as they are now, safe from the training that goes on."""
-    copy = build_model(model.spec, dtype=model.dtype).load_state_dict(model.state_dict())
+    # state_dict() is a copy already: the new model can take its arrays as they are.
+    copy = build_model(model.spec, dtype=model.dtype).load_state_dict(model.state_dict(), copy=False)
     return Snapshot(copy, meta, {name: np.array(array) for name, array in optimizer_state.items()})
 
 

@@ -33,11 +33,15 @@ write the blob can write a matching checksum of either kind.
 The blob is written with safetensors' own layout (`tests` check that
 safetensors.numpy reads it, and writes the same bytes), but built here, so
 that the tensors are never copied: `encode_parts` hands out the header and
-a view of each tensor's buffer, for the store to send as they are. Decoding
-reads the tensors as views into the blob, checks the layout as strictly as
-safetensors does, verifies the checksum and the architecture against the
-weights' shapes, and refuses a checkpoint that fails any of it with a
-CheckpointError that says what was wrong. Weights must be finite, both
+a view of each tensor's buffer, for the store to send as they are. The
+tensors are the model's parameters and buffers (BatchNorm's running
+statistics), named "layers.<index>.<name>" (see `Model`); a model without
+buffers writes the blob it wrote before buffers existed. Decoding reads
+the tensors as views into the blob, checks the layout as strictly as
+safetensors does, verifies the checksum and the architecture (every
+parameter and buffer the spec has, in its shape, and nothing else), and
+refuses a checkpoint that fails any of it with a CheckpointError that
+says what was wrong. Weights must be finite, both
 ways: a diverged model is neither written nor read.
 """
 
@@ -199,7 +203,8 @@ def encode_parts(model: Model, meta: CheckpointMeta) -> EncodedCheckpoint:
     CheckpointError.
     """
     check_model_name(meta.model_name)
-    weights = {name: _little_endian(array) for name, array in sorted(model.state_dict().items())}
+    live = {**model.parameters(), **model.buffers()}  # not state_dict(), which copies
+    weights = {name: _little_endian(array) for name, array in sorted(live.items())}
     _check_finite(weights)
     meta = replace(
         meta,

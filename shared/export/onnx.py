@@ -11,8 +11,11 @@ The graph answers as Tandem's Open Inference Protocol endpoint does (infer_svc.k
 
 "batch" is a dynamic dimension (dim_param): any number of rows per call.
 Each layer becomes ONNX nodes by the builder EXPORTERS holds for its spec type
-name (a new layer type adds one entry there); its parameters become
-initializers named as Tandem names them ("layers.0.W").
+name (a new layer type adds one entry there); its parameters and buffers become
+initializers named as Tandem names them ("layers.0.W", "layers.1.running_mean").
+The graph computes what the model computes in evaluation mode, as a served model
+does: dropout passes values through (no node), batchnorm normalises with its
+running statistics (BatchNormalization in inference mode).
 
 Versions. The default opset is DEFAULT_OPSET, 17 (ONNX 1.12, 2022): old
 enough that the ONNX Runtime builds in Triton releases of the last years run
@@ -26,9 +29,10 @@ an older runtime refuses to load: IR 8 for opset 17.
 
 Float64 models keep float64 arithmetic (input, weights and every node but the
 final Cast of the probabilities to float32), which ONNX Runtime's CPU
-provider runs for Gemm, pooling by maximum, the activations and Softmax; it
-has no float64 Conv or AveragePool, so a float64 model with those layers is
-refused (ExportError) rather than written as a file that will not load.
+provider runs for Gemm, pooling by maximum, BatchNormalization, the activations
+and Softmax; it has no float64 Conv, AveragePool, GlobalAveragePool or Erf (exact
+GELU), so a float64 model with those layers is refused (ExportError) rather than
+written as a file that will not load.
 
 onnx is an optional extra: without it, importing this module raises an
 ImportError that says how to install it.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -49,7 +54,7 @@ import numpy as np
 from shared.checkpoints.checkpoint import Checkpoint, CheckpointMeta
 from shared.nn import Model, spec_to_json
 from shared.nn.geometry import Window
-from shared.nn.layers import AvgPool2D, Conv2D, Dense, Layer, MaxPool2D
+from shared.nn.layers import GELU, AvgPool2D, BatchNorm, Conv2D, Dense, Layer, LeakyReLU, MaxPool2D
 from shared.version import tandem_version
 
 try:
@@ -119,12 +124,16 @@ class Graph:
     def parameters(self, layer: Layer, name: str) -> list[str]:
         """Add the layer's parameters as initializers ("layers.0.W", "layers.0.b"); return their names,
         in the layer's order (W, then b: the weight and bias inputs of Gemm and Conv)."""
-        names = []
-        for key in layer.param_shapes():
-            array = np.asarray(layer.params[key], self.dtype)
-            self.initializers.append(numpy_helper.from_array(array, f"{name}.{key}"))
-            names.append(f"{name}.{key}")
-        return names
+        return [self.constant(f"{name}.{key}", layer.params[key]) for key in layer.param_shapes()]
+
+    def buffers(self, layer: Layer, name: str) -> list[str]:
+        """The same for the layer's buffers ("layers.0.running_mean", ...), in the layer's order."""
+        return [self.constant(f"{name}.{key}", layer.buffers[key]) for key in layer.buffer_shapes()]
+
+    def constant(self, name: str, value: np.ndarray | float) -> str:
+        """Add `value` in the graph's dtype as the initializer `name`; return the name."""
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, self.dtype), name))
+        return name
 
     def node(self, op_type: str, inputs: list[str], output: str, **attributes) -> str:
         """Add a node computing `output` (also its name); return the output's name."""
@@ -199,13 +208,62 @@ def _elementwise(op_type: str) -> Callable[[Layer, str, Graph, str], str]:
     return build
 
 
+def _passed_through(layer: Layer, x: str, graph: Graph, name: str) -> str:
+    """Dropout: in evaluation, which is what a served model computes, values pass unchanged: no node."""
+    return x
+
+
+def _global_avgpool(layer: Layer, x: str, graph: Graph, name: str) -> str:
+    """Each channel's mean over its pixels: GlobalAveragePool's (N, C, 1, 1), flattened to (N, C)."""
+    pooled = graph.node("GlobalAveragePool", [x], f"{name}.global_avgpool.nc11")
+    return graph.node("Flatten", [pooled], f"{name}.global_avgpool", axis=1)
+
+
+def _leaky_relu(layer: LeakyReLU, x: str, graph: Graph, name: str) -> str:
+    return graph.node("LeakyRelu", [x], f"{name}.leaky_relu", alpha=layer.negative_slope)
+
+
+def _gelu(layer: GELU, x: str, graph: Graph, name: str) -> str:
+    """GELU written out in elementary nodes: ONNX's Gelu op only exists from opset 20, later than
+    the default opset (17) and than many runtimes Triton ships.
+
+    "none": 0.5 x (1 + erf(x / sqrt 2)); "tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    """
+    one, half = graph.constant(f"{name}.one", 1.0), graph.constant(f"{name}.half", 0.5)
+    if layer.approximate == "tanh":
+        cube = graph.node("Mul", [graph.node("Mul", [x, x], f"{name}.x2"), x], f"{name}.x3")
+        cubic = graph.node("Mul", [cube, graph.constant(f"{name}.c", 0.044715)], f"{name}.cx3")
+        inner = graph.node("Add", [x, cubic], f"{name}.inner")
+        scaled = graph.node(
+            "Mul", [inner, graph.constant(f"{name}.k", math.sqrt(2 / math.pi))], f"{name}.kin"
+        )
+        curve = graph.node("Tanh", [scaled], f"{name}.tanh")
+    else:
+        scaled = graph.node("Div", [x, graph.constant(f"{name}.sqrt2", math.sqrt(2))], f"{name}.xs")
+        curve = graph.node("Erf", [scaled], f"{name}.erf")
+    gate = graph.node("Mul", [x, graph.node("Add", [curve, one], f"{name}.1p")], f"{name}.gate")
+    return graph.node("Mul", [gate, half], f"{name}.gelu")
+
+
+def _batchnorm(layer: BatchNorm, x: str, graph: Graph, name: str) -> str:
+    """BatchNormalization in inference mode: (x - running_mean) gamma / sqrt(running_var + eps) + beta,
+    per feature of flat (N, C) samples or per channel of (N, C, H, W) ones, as evaluation computes."""
+    gamma_beta, mean_var = graph.parameters(layer, name), graph.buffers(layer, name)
+    return graph.node(
+        "BatchNormalization", [x, *gamma_beta, *mean_var], f"{name}.batchnorm", epsilon=layer.eps
+    )
+
+
 @dataclass(frozen=True)
 class LayerExporter:
     """How one layer type becomes ONNX: its builder, and whether ONNX Runtime's CPU provider
-    runs those nodes in float64 too."""
+    runs those nodes in float64 too (for every layer of the type, or as the layer's options say)."""
 
     build: Callable[..., str]  # (layer, input name, graph, layer name) -> output name
-    runs_in_float64: bool = True
+    runs_in_float64: bool | Callable[[Layer], bool] = True
+
+    def runs_in_float64_for(self, layer: Layer) -> bool:
+        return self.runs_in_float64(layer) if callable(self.runs_in_float64) else self.runs_in_float64
 
 
 # spec type name -> its exporter; tests/test_onnx_export.py checks that every LAYER_TYPES entry has one.
@@ -218,6 +276,12 @@ EXPORTERS: dict[str, LayerExporter] = {
     "relu": LayerExporter(_elementwise("Relu")),
     "sigmoid": LayerExporter(_elementwise("Sigmoid")),
     "tanh": LayerExporter(_elementwise("Tanh")),
+    "leaky_relu": LayerExporter(_leaky_relu),
+    # Its CPU Erf is float only; "tanh" needs none.
+    "gelu": LayerExporter(_gelu, runs_in_float64=lambda layer: layer.approximate == "tanh"),
+    "global_avgpool": LayerExporter(_global_avgpool, runs_in_float64=False),  # CPU GlobalAveragePool too
+    "batchnorm": LayerExporter(_batchnorm),
+    "dropout": LayerExporter(_passed_through),
 }
 
 
@@ -270,7 +334,7 @@ def _layer_nodes(index: int, layer: Layer, x: str, graph: Graph) -> str:
     exporter = EXPORTERS.get(layer.type_name)
     if exporter is None:
         raise ExportError(f"{where}: no ONNX exporter for this layer type; exportable: {sorted(EXPORTERS)}")
-    if graph.dtype == np.float64 and not exporter.runs_in_float64:
+    if graph.dtype == np.float64 and not exporter.runs_in_float64_for(layer):
         raise ExportError(
             f"{where}: ONNX Runtime's CPU provider runs this layer in float32 only, and the model is "
             "float64; train it in float32 to export it (tandem train --dtype float32)"

@@ -12,10 +12,14 @@ one evaluation pass hold at the same time, not a measurement:
   optimiser's work array (as large as the largest parameter; counted as
   one more copy of all of them), and the copies a checkpoint publish makes
   (a snapshot of weights and optimiser state, and the encoded blob);
+- per buffer element (BatchNorm's running statistics): the live array and
+  a publish's snapshot and blob;
 - per sample of a training batch: every layer's input and output (each
   layer keeps what its backward needs, and backward makes gradients of the
   same sizes) and, for a convolution, its im2col columns (with their row
   of ones for the bias) twice: the forward's and the backward's buffers;
+  for BatchNorm and Dropout, one more array of the input's size (the
+  normalised input, the mask) that they keep beside their output;
 - evaluation runs forward passes of up to EVAL_BATCH samples; it does not
   overlap a training step, so the larger of the two counts.
 """
@@ -27,12 +31,16 @@ import math
 import numpy as np
 
 from shared.nn.fit import EVAL_BATCH
-from shared.nn.layers import Conv2D
+from shared.nn.layers import BatchNorm, Conv2D, Dropout
 from shared.nn.model import Model
 
 
 def parameter_count(model: Model) -> int:
     return sum(math.prod(shape) for shape in model.param_shapes().values())
+
+
+def buffer_count(model: Model) -> int:
+    return sum(math.prod(shape) for shape in model.buffer_shapes().values())
 
 
 def _columns(layer) -> int:
@@ -42,15 +50,20 @@ def _columns(layer) -> int:
     return (layer.rows + 1) * layer.window.out_h * layer.window.out_w
 
 
+def _kept(layer) -> int:
+    """Elements per sample a layer keeps for backward beyond its input and output."""
+    return math.prod(layer.input_shape) if isinstance(layer, (BatchNorm, Dropout)) else 0
+
+
 def _per_sample(layer) -> int:
-    return math.prod(layer.input_shape) + math.prod(layer.output_shape) + 2 * _columns(layer)
+    return math.prod(layer.input_shape) + math.prod(layer.output_shape) + 2 * _columns(layer) + _kept(layer)
 
 
 def training_memory_bytes(model: Model, batch_size: int, optimizer_slots: int) -> int:
     """Estimated peak bytes of training `model` at `batch_size` (see the module docstring)."""
     itemsize = np.dtype(model.dtype).itemsize
     copies_per_parameter = 2 + optimizer_slots + 1 + (1 + optimizer_slots) + 1
-    parameters = parameter_count(model) * copies_per_parameter
+    parameters = parameter_count(model) * copies_per_parameter + buffer_count(model) * 3
     training = batch_size * sum(_per_sample(layer) for layer in model.layers)
     evaluating = EVAL_BATCH * max(
         math.prod(layer.input_shape) + math.prod(layer.output_shape) + _columns(layer)

@@ -10,7 +10,6 @@ a run that diverged has nothing left to publish.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -44,7 +43,8 @@ class TrainingDiverged(ArithmeticError):
 
 def check_finite_weights(model: Model, step: int) -> None:
     """Raise TrainingDiverged if any weight is NaN or infinite (a finite loss does not rule it out)."""
-    bad = [name for name, array in model.state_dict().items() if not np.isfinite(array).all()]
+    live = {**model.parameters(), **model.buffers()}
+    bad = [name for name, array in live.items() if not np.isfinite(array).all()]
     if bad:
         raise TrainingDiverged(step, f"non-finite weights in {', '.join(bad)}")
 
@@ -231,10 +231,12 @@ def fit(
                 batch = order[start : start + batch_size]
                 optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps, total_steps, warmup_steps)
                 x_batch = augmentation.apply(x_train[batch], seed, history.steps)
-                loss, logits = model.train_step_gradients(x_batch, y_train[batch])
+                loss, logits = model.train_step_gradients(
+                    x_batch, y_train[batch], step_seed=(seed, history.steps)
+                )
                 if not math.isfinite(loss):  # before the step: the weights stay as they were
                     raise TrainingDiverged(history.steps + 1, f"loss {loss}")
-                optimizer.step(model.state_dict(), model.gradients())
+                optimizer.step(model.parameters(), model.gradients())
                 hits = int((logits.argmax(axis=1) == y_train[batch]).sum())
                 loss_sum += loss * len(batch)
                 correct += hits
@@ -267,7 +269,7 @@ def fit(
             if early_stopping.improved(value, best_value):
                 best_value, waited, history.best_epoch = value, 0, epoch
                 if early_stopping.restore_best:
-                    best_weights = copy.deepcopy(model.state_dict())
+                    best_weights = model.state_dict()  # a copy
             else:
                 waited += 1
                 if waited >= early_stopping.patience:

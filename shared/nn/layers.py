@@ -8,12 +8,17 @@ Conventions every layer keeps:
 - A layer is built for one per-sample `input_shape` and knows its
   `output_shape` at once, so a whole model's shapes are checked before any
   data flows (see `shared.nn.spec`).
-- Parameters live in `params` ("W", "b"); `backward` fills `grads` with
-  arrays of the same names, shapes and dtype.
+- Parameters live in `params` ("W", "b"; BatchNorm's "gamma", "beta");
+  `backward` fills `grads` with arrays of the same names, shapes and dtype.
+- Buffers live in `buffers` (BatchNorm's "running_mean", "running_var"):
+  state that training updates but no optimiser steps, saved and loaded
+  with the parameters (see `Model.state_dict`).
 - A layer computes in the dtype it is given, never upcasts, and never
   writes into the gradient it was handed.
 - `forward(x, training=True)` keeps only what `backward` needs;
-  `training=False` keeps nothing.
+  `training=False` keeps nothing. Training and evaluation may compute
+  different functions: Dropout is the identity at evaluation, BatchNorm
+  uses its running statistics there instead of the batch's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from shared.nn.geometry import SpecError, check_pool_padding, make_window, window_taps
 from shared.nn.init import INITIALISERS, initialise
 from shared.nn.kernels import col2im, im2col, window_max, window_max_backward, window_sum, window_sum_backward
+from shared.nn.special import erf
 
 _Kept = TypeVar("_Kept")
 
@@ -49,6 +55,23 @@ def positive_float(name: str, value) -> float:
     return float(value)
 
 
+def in_interval(name: str, value, low: float, high: float, *, low_in: bool, high_in: bool) -> float:
+    """A finite number between `low` and `high`, each end included or not (an int is taken as a float).
+
+    Comparisons with NaN are false, so NaN is refused with the rest.
+    """
+    within = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (low <= value if low_in else low < value)
+        and (value <= high if high_in else value < high)
+    )
+    if not within:
+        interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        raise SpecError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
 def init_name(value) -> str:
     if not isinstance(value, str) or value not in INITIALISERS:
         raise SpecError(f"init must be one of {sorted(INITIALISERS)}, got {value!r}")
@@ -68,6 +91,7 @@ class Layer:
         self.output_shape = self.input_shape
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
 
     def config(self) -> dict:
         """The layer's settings as spec data, every default filled in."""
@@ -76,8 +100,11 @@ class Layer:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {}
 
+    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
     def initialise(self, rng: np.random.Generator, dtype: np.dtype) -> None:
-        """Draw fresh parameters (none for layers without any)."""
+        """Draw fresh parameters and set buffers to their start (none for most layers)."""
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         raise NotImplementedError
@@ -453,6 +480,293 @@ class Tanh(Activation):
         return dout * (1 - out * out)
 
 
+class LeakyReLU(Activation):
+    """x where x > 0, negative_slope * x elsewhere (ONNX LeakyRelu with alpha = negative_slope).
+
+    The slope is in [0, 1): 0 is ReLU, 1 would make the layer the identity.
+    """
+
+    type_name = "leaky_relu"
+
+    def __init__(self, input_shape, *, negative_slope=0.01):
+        super().__init__(input_shape)
+        self.negative_slope = in_interval("negative_slope", negative_slope, 0, 1, low_in=True, high_in=False)
+
+    def config(self):
+        return {"type": self.type_name, "negative_slope": self.negative_slope}
+
+    def apply(self, x):
+        return np.where(x > 0, x, x * self.negative_slope)
+
+    def keep(self, x, out):
+        return x > 0
+
+    def gradient(self, dout, positive):
+        return np.where(positive, dout, dout * self.negative_slope)
+
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_TANH_CUBIC = 0.044715
+
+
+class GELU(Activation):
+    """The Gaussian error linear unit x * Phi(x) (Hendrycks & Gimpel 2016), as torch.nn.GELU:
+
+    - approximate="none" (PyTorch's default): 0.5 * x * (1 + erf(x / sqrt(2))), ONNX Gelu
+      (opset 20) with approximate="none", or Div(sqrt 2), Erf, Add(1), Mul(x), Mul(0.5);
+    - approximate="tanh": 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))),
+      ONNX Gelu with approximate="tanh".
+
+    erf comes from `shared.nn.special` in float64 and is cast back to the
+    input's dtype at once, so a float32 model's outputs and gradients stay
+    float32. Backward needs the input.
+    """
+
+    type_name = "gelu"
+
+    def __init__(self, input_shape, *, approximate="none"):
+        super().__init__(input_shape)
+        if approximate not in GELU_APPROXIMATIONS:
+            raise SpecError(f"approximate must be one of {list(GELU_APPROXIMATIONS)}, got {approximate!r}")
+        self.approximate = approximate
+
+    def config(self):
+        return {"type": self.type_name, "approximate": self.approximate}
+
+    def apply(self, x):
+        if self.approximate == "tanh":
+            return 0.5 * x * (1 + np.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3)))
+        return x * self._normal_cdf(x)
+
+    def keep(self, x, out):
+        return x
+
+    def gradient(self, dout, x):
+        if self.approximate == "tanh":
+            t = np.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3))
+            inner_slope = _SQRT_2_OVER_PI * (1 + 3 * _TANH_CUBIC * x * x)
+            return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner_slope)
+        normal_pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return dout * (self._normal_cdf(x) + x * normal_pdf)
+
+    @staticmethod
+    def _normal_cdf(x: np.ndarray) -> np.ndarray:
+        """Phi(x) = (1 + erf(x / sqrt(2))) / 2, in x's dtype."""
+        return (0.5 * (1 + erf(x / math.sqrt(2)))).astype(x.dtype, copy=False)
+
+
+class GlobalAvgPool(Layer):
+    """The mean of each channel over its pixels: (C, H, W) samples to (C,).
+
+    ONNX GlobalAveragePool, whose (N, C, 1, 1) output then goes through
+    Flatten(axis=1). The output is an (N, C) view of (C, N) memory. The
+    gradient, each output's share spread evenly over its channel's pixels,
+    goes back batch-last, as the window layers pass images on (see `Conv2D`).
+    """
+
+    type_name = "global_avgpool"
+
+    def __init__(self, input_shape):
+        super().__init__(input_shape)
+        if len(self.input_shape) != 3:
+            raise SpecError(
+                f"global_avgpool averages the pixels of (channels, height, width) inputs; "
+                f"samples of shape {self.input_shape} have none"
+            )
+        self.output_shape = (self.input_shape[0],)
+
+    def forward(self, x, training=True):
+        # Summed batch-last (a view when it is so already, as a window layer hands it on), so the
+        # result does not depend on the layout: a mean's summation order follows the memory.
+        return batch_last(x).mean(axis=(1, 2)).T
+
+    def backward(self, dout):
+        channels, h, w = self.input_shape
+        dx = np.empty((channels, h, w, dout.shape[0]), dtype=dout.dtype)
+        dx[...] = (dout.T / (h * w))[:, None, None, :]
+        return batch_first(dx)
+
+
+class Dropout(Layer):
+    """Inverted dropout (Srivastava et al. 2014, scaled at training time as PyTorch does).
+
+    training:   out = x * mask, mask = (u >= rate) / (1 - rate), u uniform in [0, 1),
+                drawn in x's dtype from `generator`: each element is zeroed with
+                probability `rate` and the survivors are scaled up, so that the
+                expected output is x and evaluation needs no scaling;
+    evaluation: out = x (ONNX: no node, or Identity; Dropout in inference mode).
+
+    `generator` is set before every training forward by
+    `Model.train_step_gradients`, from the run's seed, the step and the
+    layer's index (see there): the masks depend on nothing else, so a run is
+    the same per seed and a resumed run draws the masks the unbroken one
+    would have. Backward needs the mask.
+    """
+
+    type_name = "dropout"
+
+    def __init__(self, input_shape, *, rate):
+        super().__init__(input_shape)
+        self.rate = in_interval("rate", rate, 0, 1, low_in=True, high_in=False)
+        self.generator: np.random.Generator | None = None
+        self._mask: np.ndarray | None = None
+
+    def config(self):
+        return {"type": self.type_name, "rate": self.rate}
+
+    def forward(self, x, training=True):
+        if not training:
+            return x
+        if self.generator is None:
+            raise RuntimeError(
+                "dropout: a training forward draws its mask from a generator; train through "
+                "Model.train_step_gradients(..., step_seed=(seed, step)), which sets it"
+            )
+        kept = self.generator.random(x.shape, dtype=x.dtype) >= self.rate
+        self._mask = kept * np.asarray(1 / (1 - self.rate), dtype=x.dtype)
+        return x * self._mask
+
+    def backward(self, dout):
+        return dout * self._kept(self._mask)
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015) of flat (F,) or image (C, H, W) samples, as
+    PyTorch's BatchNorm1d and BatchNorm2d: one mean and variance per feature over the batch,
+    or per channel over the batch and every pixel, and a learnt scale and shift per channel.
+
+    training:   mean, var = the batch's mean and biased variance per channel;
+                out = gamma * (x - mean) / sqrt(var + eps) + beta;
+                running_mean = (1 - momentum) * running_mean + momentum * mean,
+                running_var = (1 - momentum) * running_var + momentum * var * m / (m - 1),
+                with m values per channel (the unbiased variance, as PyTorch keeps);
+    evaluation: out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta,
+                ONNX BatchNormalization (training_mode 0) with scale = gamma, B = beta,
+                input_mean = running_mean, input_var = running_var, epsilon = eps.
+
+    momentum and eps default to PyTorch's, 0.1 and 1e-5. The parameters are
+    named "gamma" and "beta", as in the paper (PyTorch's weight and bias):
+    they are not a weight matrix and bias, and are not decayed. The running
+    statistics are buffers, starting at 0 and 1. A batch with one value per
+    channel has no unbiased variance (PyTorch refuses it): it is normalised
+    by its own statistics like any other, and leaves the running ones as
+    they were.
+
+    Everything is computed on the batch as rows, one per channel (`_rows`):
+    for images, a view of the batch-last memory the window layers pass on
+    (see `Conv2D`), so each channel's statistics are one contiguous
+    reduction (over a (64, 32, 28, 28) batch, strided reductions over
+    (n, h, w) took several times as long); the output keeps that layout.
+    """
+
+    type_name = "batchnorm"
+    decayed_params = ()  # normalisation scales are not weight-decayed
+
+    def __init__(self, input_shape, *, momentum=0.1, eps=1e-5):
+        super().__init__(input_shape)
+        if len(self.input_shape) not in (1, 3):
+            raise SpecError(
+                f"batchnorm normalises (features,) or (channels, height, width) samples, "
+                f"got shape {self.input_shape}"
+            )
+        self.momentum = in_interval("momentum", momentum, 0, 1, low_in=False, high_in=True)
+        self.eps = positive_float("eps", eps)
+        self.channels = self.input_shape[0]
+        self._normalised: np.ndarray | None = None  # rows of (x - mean) / std, kept in training
+        self._inv_std: np.ndarray | None = None
+
+    def config(self):
+        return {"type": self.type_name, "momentum": self.momentum, "eps": self.eps}
+
+    def param_shapes(self):
+        return {"gamma": (self.channels,), "beta": (self.channels,)}
+
+    def buffer_shapes(self):
+        return {"running_mean": (self.channels,), "running_var": (self.channels,)}
+
+    def initialise(self, rng, dtype):
+        self.params = {"gamma": np.ones(self.channels, dtype), "beta": np.zeros(self.channels, dtype)}
+        self.buffers = {
+            "running_mean": np.zeros(self.channels, dtype),
+            "running_var": np.ones(self.channels, dtype),
+        }
+
+    def _rows(self, batch: np.ndarray) -> np.ndarray:
+        """A batch as (channels, values per channel): a view, for images when batch-last already."""
+        if len(self.input_shape) == 1:
+            return batch.T
+        return batch_last(batch).reshape(self.channels, -1)
+
+    def _batch(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """Rows back as the (n, ...) batch they hold: a view."""
+        if len(self.input_shape) == 1:
+            return rows.T
+        return batch_first(rows.reshape(*self.input_shape, n))
+
+    def forward(self, x, training=True):
+        # In-place steps into at most two arrays of the batch's size: allocating more took
+        # longer than the arithmetic.
+        rows = self._rows(x)
+        gamma, beta = self.params["gamma"][:, None], self.params["beta"][:, None]  # per row
+        if not training:
+            out = rows - self.buffers["running_mean"][:, None]
+            out *= gamma / np.sqrt(self.buffers["running_var"][:, None] + self.eps)
+        else:
+            mean = rows.mean(axis=1, keepdims=True)
+            normalised = rows - mean  # centred, so far
+            out = np.square(normalised)
+            var = out.mean(axis=1, keepdims=True)
+            self._update_running_statistics(mean[:, 0], var[:, 0], rows.shape[1])
+            inv_std = 1 / np.sqrt(var + self.eps)
+            normalised *= inv_std
+            self._normalised, self._inv_std = normalised, inv_std
+            np.multiply(normalised, gamma, out=out)
+        out += beta
+        return self._batch(out, len(x))
+
+    def _update_running_statistics(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
+        """Move the running statistics towards the batch's, in place (they may be shared as
+        `Model.buffers()`)."""
+        if count < 2:
+            return
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        running_mean *= 1 - self.momentum
+        running_mean += self.momentum * mean
+        running_var *= 1 - self.momentum
+        running_var += (self.momentum * count / (count - 1)) * var
+
+    def backward(self, dout):
+        normalised, inv_std = self._kept(self._normalised), self._kept(self._inv_std)
+        drows = self._rows(dout)
+        work = drows * normalised
+        self.grads = {"gamma": work.sum(axis=1), "beta": drows.sum(axis=1)}
+        # d/dx of gamma * (x - mean) / std, where mean and std depend on every x of the channel:
+        # with m values per channel, the means of dout * gamma and of dout * gamma * normalised
+        # are gamma * dbeta / m and gamma * dgamma / m.
+        m = drows.shape[1]
+        np.multiply(normalised, (self.grads["gamma"] / m)[:, None], out=work)
+        dx = drows - work
+        dx -= (self.grads["beta"] / m)[:, None]
+        dx *= inv_std * self.params["gamma"][:, None]
+        return self._batch(dx, len(dout))
+
+
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.type_name: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, ReLU, Sigmoid, Tanh)
+    cls.type_name: cls
+    for cls in (
+        Dense,
+        Conv2D,
+        MaxPool2D,
+        AvgPool2D,
+        GlobalAvgPool,
+        Flatten,
+        BatchNorm,
+        Dropout,
+        ReLU,
+        LeakyReLU,
+        Sigmoid,
+        Tanh,
+        GELU,
+    )
 }

@@ -61,7 +61,7 @@ class Optimizer:
         self._work: np.ndarray | None = None  # see _scratch; not state
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The state by name (the live arrays, not copies, like Model.state_dict).
+        """The state by name (the live arrays, not copies, like Model.parameters).
 
         `PARAM.SLOT` for each parameter's arrays (none before the first step),
         and the optimiser's counters (Adam's `step`, an int64 scalar).

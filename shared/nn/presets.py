@@ -38,9 +38,11 @@ def mlp(input_shape, num_classes, hidden=DEFAULT_MLP_HIDDEN) -> dict:
     return {"input_shape": list(input_shape), "layers": [*layers, _dense(num_classes)]}
 
 
-def _conv_block(filters: int) -> list[dict]:
+def _conv_block(filters: int, *, normalised: bool = False) -> list[dict]:
+    """conv 3x3 SAME, ReLU, max pool 2; `normalised` puts a batchnorm between the conv and the ReLU."""
     return [
         {"type": "conv2d", "filters": filters, "kernel_size": 3, "padding": "same"},
+        *([{"type": "batchnorm"}] if normalised else []),
         {"type": "relu"},
         {"type": "maxpool2d", "size": 2},
     ]
@@ -70,6 +72,24 @@ def cnn(input_shape, num_classes, hidden=(128,)) -> dict:
             {"type": "flatten"},
             _dense(hidden[0]),
             {"type": "relu"},
+            _dense(num_classes),
+        ],
+    }
+
+
+def fashion_cnn(input_shape, num_classes, hidden=(128,)) -> dict:
+    """Two conv-batchnorm-ReLU blocks (32, 64 filters), dropout, dense 128 + batchnorm: for Fashion-MNIST."""
+    return {
+        "input_shape": list(input_shape),
+        "layers": [
+            *_conv_block(32, normalised=True),
+            *_conv_block(64, normalised=True),
+            {"type": "dropout", "rate": 0.25},
+            {"type": "flatten"},
+            _dense(hidden[0]),
+            {"type": "batchnorm"},
+            {"type": "relu"},
+            {"type": "dropout", "rate": 0.3},
             _dense(num_classes),
         ],
     }
@@ -132,6 +152,18 @@ PRESETS: dict[str, Preset] = {
             {
                 "optimizer": "adam",
                 "learning_rate": 1e-3,
+                "lr_schedule": "cosine",
+                "batch_size": 64,
+                "epochs": 10,
+            },
+        ),
+        Preset(
+            "fashion-cnn",
+            fashion_cnn,
+            (128,),
+            {
+                "optimizer": "adam",
+                "learning_rate": 2e-3,
                 "lr_schedule": "cosine",
                 "batch_size": 64,
                 "epochs": 10,

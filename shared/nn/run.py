@@ -151,7 +151,7 @@ def prepare_optimizer(
         decayed=model.decayed_parameters(),
     )
     if initial_state is not None:
-        optimizer.load_state_dict(initial_state, model.state_dict())
+        optimizer.load_state_dict(initial_state, model.parameters())
     return optimizer
 
 

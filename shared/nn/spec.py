@@ -9,6 +9,21 @@ A spec is a dict with the per-sample input shape and a list of layers:
                 {"type": "flatten"},
                 {"type": "dense", "units": 10}]}
 
+Layer types and their options (defaults in brackets; `shared.nn.layers`
+gives each one's exact forward in training and in evaluation):
+
+    dense           units, init ["he"], init_std [0.01]
+    conv2d          filters, kernel_size [3], stride [1], padding ["valid"], init, init_std
+    maxpool2d       size [2], stride [= size], padding ["valid"]
+    avgpool2d       size [2], stride [= size], padding ["valid"]
+    global_avgpool  (C, H, W) -> (C,): each channel's mean over its pixels
+    flatten         (...) -> (features,)
+    batchnorm       momentum [0.1] in (0, 1], eps [1e-5] > 0 (PyTorch's); flat or image inputs
+    dropout         rate in [0, 1), required; the identity at evaluation
+    relu, sigmoid, tanh
+    leaky_relu      negative_slope [0.01] in [0, 1)
+    gelu            approximate ["none"] (erf) or "tanh"
+
 The last layer's output is one logit per class; softmax lives in the loss
 and in `Model.predict_proba`. Building runs shape inference through every
 layer, so a spec that cannot work is refused before any training, with one
