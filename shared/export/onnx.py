@@ -278,7 +278,7 @@ EXPORTERS: dict[str, LayerExporter] = {
     "tanh": LayerExporter(_elementwise("Tanh")),
     "leaky_relu": LayerExporter(_leaky_relu),
     # Its CPU Erf is float only; "tanh" needs none.
-    "gelu": LayerExporter(_gelu, runs_in_float64=lambda layer: layer.approximate == "tanh"),
+    "gelu": LayerExporter(_gelu, runs_in_float64=lambda layer: getattr(layer, "approximate", "") == "tanh"),
     "global_avgpool": LayerExporter(_global_avgpool, runs_in_float64=False),  # CPU GlobalAveragePool too
     "batchnorm": LayerExporter(_batchnorm),
     "dropout": LayerExporter(_passed_through),
