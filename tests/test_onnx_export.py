@@ -65,11 +65,11 @@ def seeded_model(spec: dict, seed: int = 0, dtype=np.float32) -> Model:
         if "b" in layer.params:
             layer.params["b"] = rng.normal(0, 0.5, layer.params["b"].shape).astype(dtype)
         if layer.type_name == "batchnorm":
-            (channels,) = layer.params["gamma"].shape
-            layer.params["gamma"] = rng.uniform(0.5, 2.0, size=channels).astype(dtype)
-            layer.params["beta"] = rng.normal(0, 0.5, size=channels).astype(dtype)
-            layer.buffers["running_mean"] = rng.normal(0, 0.5, size=channels).astype(dtype)
-            layer.buffers["running_var"] = rng.uniform(0.25, 4.0, size=channels).astype(dtype)
+            channels = layer.params["gamma"].shape
+            layer.params["gamma"] = rng.uniform(0.5, 2.0, channels).astype(dtype)
+            layer.params["beta"] = rng.normal(0, 0.5, channels).astype(dtype)
+            layer.buffers["running_mean"] = rng.normal(0, 0.5, channels).astype(dtype)
+            layer.buffers["running_var"] = rng.uniform(0.25, 4.0, channels).astype(dtype)
     return model
 
 
