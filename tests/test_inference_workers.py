@@ -119,7 +119,7 @@ def test_the_workers_share_the_port_and_their_metrics_add_up(replica_and_model):
         assert answer.version == 1
         assert_close(probabilities(answer), core_probabilities(model, x))
     answered = replica.metric(
-        "tandem_infer_requests_total", method="Predict", model=NAME, version="1", status="OK"
+        "tandem_infer_requests_total", protocol="grpc", method="Predict", model=NAME, version="1", status="OK"
     )
     assert answered == CALLS, "the supervisor's /metrics does not add up its workers' counts"
     assert replica.metric("tandem_infer_model_loads_total", model=NAME) == WORKERS  # each loaded it
