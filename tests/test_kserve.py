@@ -145,7 +145,7 @@ def test_liveness_readiness_and_model_readiness(client):
 def test_server_and_model_metadata(client):
     server = client.get_server_metadata()
     assert (server.name, server.version) == ("tandem", metadata.version("tandem"))
-    assert list(server.extensions) == []
+    assert list(server.extensions) == ["binary_tensor_data"]
 
     model = client.get_model_metadata(NAME)
 
