@@ -28,9 +28,10 @@ CONTENTS_FIELD = {"float32": "fp32_contents", "float64": "fp64_contents"}  # in 
 
 def input_array(request: pb.ModelInferRequest) -> np.ndarray:
     """The request's one input tensor as an array, from raw_input_contents or typed contents."""
-    first = request.inputs[0] if request.inputs else pb.ModelInferRequest.InferInputTensor()
+    oip.check_input_count(len(request.inputs))
+    first = request.inputs[0]
     shape = list(first.shape)
-    dtype = oip.input_dtype(len(request.inputs), first.name, first.datatype, shape)
+    dtype = oip.input_dtype(first.name, first.datatype, shape)
     contents_field = CONTENTS_FIELD[dtype]
     if bool(request.raw_input_contents) == first.HasField("contents"):
         raise ValueError(

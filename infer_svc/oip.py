@@ -93,11 +93,14 @@ def requested_version(text: str, field: str) -> int | None:
     return int(text)
 
 
-def input_dtype(count: int, name: str, datatype: str, shape: list[int]) -> str:
-    """The numpy dtype of the request's one input, once its header (how many inputs there are,
-    the first one's name, datatype and shape) is checked."""
+def check_input_count(count: int) -> None:
     if count != 1:
         raise ValueError(f"inputs: the model takes one input, {INPUT!r}; got {count}")
+
+
+def input_dtype(name: str, datatype: str, shape: list[int]) -> str:
+    """The numpy dtype of the request's one input, once its name, datatype and shape are checked
+    (after check_input_count)."""
     if name != INPUT:
         raise ValueError(f"inputs[0].name must be {INPUT!r}, the model's input; got {name!r:.80}")
     if datatype not in INPUT_DTYPES:

@@ -6,7 +6,8 @@ checks, the servicer), and a process runs Python on one core at a time
 processes, each an `InferenceServer` of its own (registry, version source,
 batcher, gRPC server), all listening on the same port through
 SO_REUSEPORT: the kernel hands each new connection to one of them, and a
-connection stays with its worker.
+connection stays with its worker. The same goes for the health port and the
+HTTP/REST port (INFER_HEALTH_LISTEN, INFER_HTTP_LISTEN).
 
 How, after grpc's multiprocessing example (examples/python/multiprocessing):
 
@@ -119,11 +120,16 @@ class Supervisor:
         """Sockets holding the ports, and the config with those ports filled in for port 0."""
         holder, listen = reserve_port(self.config.listen)
         holders = [holder]
-        health_listen = self.config.health_listen
+        health_listen, http_listen = self.config.health_listen, self.config.http_listen
         if health_listen:
             health_holder, health_listen = reserve_port(health_listen)
             holders.append(health_holder)
-        return holders, replace(self.config, listen=listen, health_listen=health_listen, metrics_port=0)
+        if http_listen:
+            http_holder, http_listen = reserve_port(http_listen)
+            holders.append(http_holder)
+        return holders, replace(
+            self.config, listen=listen, health_listen=health_listen, http_listen=http_listen, metrics_port=0
+        )
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -162,7 +168,7 @@ class Supervisor:
         # ports: nothing is pickled over to it but these strings.
         process = self._context.Process(
             target=run_worker,
-            args=(index, config.listen, config.health_listen, child_end),
+            args=(index, config.listen, config.health_listen, config.http_listen, child_end),
             name=f"infer-worker-{index}",
         )
         process.start()
@@ -211,12 +217,16 @@ class Supervisor:
         return status
 
 
-def run_worker(index: int, listen: str, health_listen: str | None, started: Connection) -> None:
+def run_worker(
+    index: int, listen: str, health_listen: str | None, http_listen: str | None, started: Connection
+) -> None:
     """A worker's life: an InferenceServer on the shared ports, until SIGTERM."""
     configure_logging()
     keep_freed_memory_for_reuse()
     stop_with_the_supervisor()
-    config = replace(InferConfig(), listen=listen, health_listen=health_listen, metrics_port=0)
+    config = replace(
+        InferConfig(), listen=listen, health_listen=health_listen, http_listen=http_listen, metrics_port=0
+    )
     server = InferenceServer(config, shares_ports=True).start()
     log.info("event=infer_worker_started worker=%d pid=%d", index, os.getpid())
     started.send(True)

@@ -546,6 +546,7 @@ def test_python_m_infer_svc_serves_until_sigterm(private_redis, checkpoints):
         **os.environ,
         "REDIS_URL": private_redis.url,
         "INFER_LISTEN": f"127.0.0.1:{port}",
+        "INFER_HTTP_LISTEN": "127.0.0.1:0",
         "INFER_MODELS": NAME,
         "INFER_METRICS_PORT": "0",
         "INFER_GRACE_SECONDS": "5",

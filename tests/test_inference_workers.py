@@ -48,11 +48,12 @@ class Replica:
     """`python -m infer_svc` with INFER_WORKERS workers, started and waited for; killed at close."""
 
     def __init__(self, redis_url: str, log: Path, workers: int = WORKERS, **settings: str):
-        self.port, self.metrics_port = free_loopback_port(), free_loopback_port()
+        self.port, self.metrics_port, self.http_port = (free_loopback_port() for _ in range(3))
         environment = {
             **os.environ,
             "REDIS_URL": redis_url,
             "INFER_LISTEN": f"127.0.0.1:{self.port}",
+            "INFER_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
             "INFER_METRICS_PORT": str(self.metrics_port),
             "INFER_MODELS": NAME,
             "INFER_WORKERS": str(workers),
@@ -186,6 +187,7 @@ def test_a_taken_metrics_port_stops_the_start_before_any_worker(private_redis, t
             **os.environ,
             "REDIS_URL": private_redis.url,
             "INFER_LISTEN": "127.0.0.1:0",
+            "INFER_HTTP_LISTEN": "127.0.0.1:0",
             "INFER_METRICS_PORT": str(taken.getsockname()[1]),
             "INFER_WORKERS": str(WORKERS),
         }
