@@ -39,7 +39,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from aiohttp import http_exceptions, web
+from aiohttp import web
 
 from infer_svc import oip
 from infer_svc.config import InferConfig
@@ -376,6 +376,10 @@ class HttpListener:
                 size += len(chunk)
                 check_limit("the request body (read so far)", size, limit, "INFER_MAX_MESSAGE_BYTES", "bytes")
                 chunks.append(chunk)
-        except http_exceptions.ContentEncodingError as error:
-            raise ValueError(f"the request body is not valid {encoding} data: {error.message}") from None
+        except web.RequestPayloadError:  # aiohttp could not decompress or de-chunk what came
+            if encoding == "identity":
+                raise ValueError(
+                    "the request body cannot be read: its chunked framing is malformed"
+                ) from None
+            raise ValueError(f"the request body is not valid {encoding} data") from None
         return b"".join(chunks)
