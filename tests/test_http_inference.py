@@ -47,13 +47,6 @@ INFER = f"/v2/models/{NAME}/infer"
 
 
 @pytest.fixture
-def served(checkpoints, start_inference):
-    """A server with versions 1 and 2 published; (the running Inference, {version: model})."""
-    models = dict(publish(checkpoints, seed=seed) for seed in (0, 1))
-    return start_inference(batching=False), models
-
-
-@pytest.fixture
 def client(served):
     inference, _ = served
     client = triton_http.InferenceServerClient(url=inference.http_address, network_timeout=DEADLINE)
@@ -94,20 +87,12 @@ def json_request(x: np.ndarray, nested: bool = False, **fields) -> dict:
     return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}], **fields}
 
 
-def binary_request(x: np.ndarray, document: dict | None = None) -> tuple[bytes, dict]:
-    """A body with the JSON `document` (by default: one input of x's bytes) and x's bytes after it."""
+def binary_request(x: np.ndarray, shape: list | None = None, size: object = None) -> tuple[bytes, dict]:
+    """A body of one input's JSON (of `shape` and `size`, by default x's) with x's bytes after it."""
     raw = x.tobytes()
-    document = document or {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ]
-    }
-    text = json.dumps(document).encode()
+    parameters = {"binary_data_size": len(raw) if size is None else size}
+    tensor = {"name": "input", "shape": shape or list(x.shape), "datatype": "FP32", "parameters": parameters}
+    text = json.dumps({"inputs": [tensor]}).encode()
     return text + raw, {"Inference-Header-Content-Length": str(len(text))}
 
 
@@ -259,32 +244,8 @@ def refusal_cases(x: np.ndarray):
 
     raw_body, _ = binary_request(x)
     good_text = json.dumps(good).encode()
-    mismatched_body, mismatched_headers = binary_request(
-        x,
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [3, 1, 8, 8],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": 512},
-                }
-            ]
-        },
-    )
-    beyond_body, beyond_headers = binary_request(
-        x,
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [2, 1, 8, 8],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": 4096},
-                }
-            ]
-        },
-    )
+    mismatched_body, mismatched_headers = binary_request(x, shape=[3, 1, 8, 8])
+    beyond_body, beyond_headers = binary_request(x, size=4096)
     both = {"inputs": [{**good["inputs"][0], "parameters": {"binary_data_size": 512}}]}
     deep = b"[" * 100_000 + b"]" * 100_000
     return [
@@ -431,9 +392,7 @@ def refusal_cases(x: np.ndarray):
         ),
         (
             "binary size type",
-            *binary_request(
-                x, {"inputs": [{**both["inputs"][0], "parameters": {"binary_data_size": "512"}}]}
-            ),
+            *binary_request(x, size="512"),
             400,
             "inputs[0].parameters.binary_data_size must be an integer; got a string",
         ),

@@ -22,16 +22,8 @@ from tests.inference_harness import (
     assert_close,
     core_probabilities,
     probabilities,
-    publish,
     samples,
 )
-
-
-@pytest.fixture
-def served(checkpoints, start_inference):
-    """A server with versions 1 and 2 published; (the running Inference, {version: model})."""
-    models = dict(publish(checkpoints, seed=seed) for seed in (0, 1))
-    return start_inference(batching=False), models
 
 
 @pytest.fixture
