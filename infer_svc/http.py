@@ -22,7 +22,8 @@ Threads: aiohttp serves on an event loop in a thread of its own; what may
 block (the predictor, the registry's reads of Redis, a large body's JSON)
 runs in a pool of INFER_GRPC_WORKERS threads. As on gRPC (grpc_server's
 maximum_concurrent_rpcs) at most 4 requests per thread are in hand at once;
-beyond, 429 at once rather than an unbounded queue.
+beyond, 429 at once rather than an unbounded queue. Health is not counted: it
+is answered from memory on the loop, so that probes see the truth under load.
 
 Stop: from the start of the server's graceful stop, ready answers 503 and
 any call but health 503; calls in flight finish within the grace period;
@@ -270,8 +271,9 @@ class HttpListener:
 
     @web.middleware
     async def _in_hand_limit(self, request: web.Request, handler) -> web.StreamResponse:
-        open_route = self.access.is_open(route_key(request))
-        if self._stopping and not open_route:
+        if self.access.is_open(route_key(request)):  # health: answered from memory, and always
+            return await handler(request)
+        if self._stopping:
             raise Refusal(503, grpc.StatusCode.UNAVAILABLE, "the server is stopping; call another replica")
         if self._in_hand >= self.max_in_hand:
             raise Refusal(

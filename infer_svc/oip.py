@@ -35,6 +35,10 @@ DATATYPE_OF = {dtype: datatype for datatype, dtype in INPUT_DTYPES.items()}  # a
 OUTPUTS = {"probabilities": ("FP32", "<f4"), "classes": ("INT64", "<i8")}
 VERSION = re.compile("[1-9][0-9]*")  # [0-9], not \d, which matches every script's digits
 MAX_VERSION = 2**63 - 1  # int64, the version's type in Tandem's own API
+# Far more than any model's samples and a batch need, and few enough that the product of a
+# shape's entries (each up to 2**63) is cheap to compute: a shape of a million huge entries,
+# which a request of a few megabytes can declare, would take seconds to multiply out.
+MAX_DIMENSIONS = 32
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ def input_dtype(name: str, datatype: str, shape: list[int]) -> str:
     if datatype not in INPUT_DTYPES:
         raise ValueError(
             f"inputs[0].datatype {datatype!r:.80} is not accepted; use one of {', '.join(INPUT_DTYPES)}"
+        )
+    if len(shape) > MAX_DIMENSIONS:
+        raise ValueError(
+            f"inputs[0].shape has {len(shape)} dimensions; at most {MAX_DIMENSIONS} are accepted"
         )
     if any(d < 0 for d in shape):
         raise ValueError(f"inputs[0].shape must have no negative dimension; got {shape}")

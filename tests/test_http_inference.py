@@ -302,6 +302,13 @@ def refusal_cases(x: np.ndarray):
             "inputs[0].shape must be a list of integers",
         ),
         (
+            "shape of many dimensions",
+            with_input(shape=[1] * 100_000),
+            {},
+            400,
+            "inputs[0].shape has 100000 dimensions; at most 32",
+        ),
+        (
             "shape huge",
             with_input(shape=[2**64, 1, 8, 8]),
             {},
@@ -554,6 +561,7 @@ def test_requests_beyond_four_per_thread_are_refused_with_429(checkpoints, start
 
     assert refused.status_code == 429
     assert "4 requests are in hand already" in refused.json()["error"]
+    assert get(f"{inference.http_url}/v2/health/ready").status_code == 200  # probes still answered
     assert [finish(request, body) for request in held] == [200] * 4
     assert post(inference.http_url + INFER, body).status_code == 200
 
