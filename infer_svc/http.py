@@ -49,6 +49,7 @@ from infer_svc.metrics import observed_request
 from infer_svc.predict import Predictor
 from infer_svc.servicer import STATUS_BY_ERROR
 from shared.limits import LimitExceeded, check_limit
+from shared.rpc.health_listener import bind_tcp
 from shared.security.access import (
     GRPC_STATUS_OF_REFUSAL,
     HTTP_ROUTE_ROLES,
@@ -121,35 +122,18 @@ def certificate_common_name(request: web.Request) -> str | None:
     return None
 
 
-def bound_socket(address: str, shares_port: bool) -> socket.socket:
-    """A TCP socket bound to `address` (HOST:PORT, checked by the config), listening.
-
-    `shares_port`: other worker processes of this program bind it too
-    (SO_REUSEPORT, infer_svc.workers); otherwise a port another program holds
-    is refused here, at start.
-    """
-    host, _, port = address.rpartition(":")
+def listening_socket(address: str, shares_port: bool) -> socket.socket:
+    """A TCP socket listening on `address`. `shares_port`: other worker processes of this program
+    listen on it too (SO_REUSEPORT, infer_svc.workers); otherwise a port another program holds
+    is refused here, at start, as gRPC's is (shared.rpc.server.grpc_server)."""
     try:
-        family, kind, protocol, _, where = socket.getaddrinfo(
-            host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM
-        )[0]
-        listener = socket.socket(family, kind, protocol)
-    except OSError as error:
-        raise ValueError(f"{SETTING}={address!r}: cannot listen there: {error}") from None
-    try:
-        listener.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # a restart need not wait out TIME_WAIT
-        if shares_port:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind(where)
-        listener.listen(1024)
-    except OSError as error:
-        listener.close()
+        listener = bind_tcp(address, reuse_port=shares_port)
+    except (OSError, ValueError) as error:
         raise ValueError(
             f"{SETTING}={address!r}: cannot listen there (the port is in use, or the host is not "
-            f"an address of this machine): {error.strerror}"
+            f"an address of this machine): {getattr(error, 'strerror', None) or error}"
         ) from None
+    listener.listen(1024)
     listener.setblocking(False)
     return listener
 
@@ -166,7 +150,7 @@ class HttpListener:
         if config.tls is None:
             warn_if_plaintext_on_network(self.address, "HTTP")
         self._ssl = config.tls.ssl_context() if config.tls else None
-        self._socket = bound_socket(self.address, shares_port)
+        self._socket = listening_socket(self.address, shares_port)
         self.port: int = self._socket.getsockname()[1]
         self.max_in_hand = config.grpc_workers * 4
         self._in_hand = 0

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from infer_svc.config import InferConfig
 from infer_svc.malloc import keep_freed_memory_for_reuse
 from infer_svc.server import InferenceServer
+from shared.rpc.health_listener import bind_tcp
 from shared.rpc.server import MetricsEndpoint, configure_logging, run_until_signalled
 
 log = logging.getLogger("tandem.infer")
@@ -59,21 +60,13 @@ STOP_MARGIN = 10.0  # seconds beyond the grace period before a worker that has n
 def reserve_port(address: str) -> tuple[socket.socket, str]:
     """Hold `address`'s port (HOST:PORT; port 0: a free one) with SO_REUSEPORT, so that the
     workers can all bind it and nothing else can; returns the socket and HOST:PORT bound."""
-    host, _, port = address.rpartition(":")
     try:
-        family, _, _, _, where = socket.getaddrinfo(
-            host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM
-        )[0]
+        holder = bind_tcp(address, reuse_port=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot listen on {address!r}: {error}") from None
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        holder.bind(where)
-    except OSError as error:
-        holder.close()
-        raise ValueError(f"cannot listen on {address!r}: {error.strerror}") from None
-    return holder, f"{host}:{holder.getsockname()[1]}"
+        raise ValueError(
+            f"cannot listen on {address!r}: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    return holder, f"{address.rpartition(':')[0]}:{holder.getsockname()[1]}"
 
 
 class Supervisor:
