@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -822,3 +823,18 @@ def test_off_means_no_http_port(start_inference):
     inference = start_inference(http_listen=None)  # INFER_HTTP_LISTEN=off
     assert inference.server.http is None and inference.http_url is None
     assert inference.serving("liveness")
+
+
+def test_plaintext_on_a_network_address_is_logged_loudly_and_loopback_is_not(start_inference, caplog):
+    for address, warned in (("127.0.0.1:0", False), ("0.0.0.0:0", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tandem.tls"):
+            inference = start_inference(http_listen=address)
+        http_warnings = [
+            r.getMessage() for r in caplog.records if "event=plaintext_on_network" in r.getMessage()
+        ]
+        http_warnings = [w for w in http_warnings if "HTTP WITHOUT TLS" in w]
+        assert len(http_warnings) == warned, caplog.text
+        assert all(f"listen={address}: HTTP WITHOUT TLS on a non-loopback" in w for w in http_warnings)
+        # it serves (traffic to 127.0.0.1 only), warned or not
+        assert get(f"http://127.0.0.1:{inference.server.http.port}/v2/health/live").status_code == 200
