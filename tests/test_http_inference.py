@@ -838,3 +838,66 @@ def test_plaintext_on_a_network_address_is_logged_loudly_and_loopback_is_not(sta
         assert all(f"listen={address}: HTTP WITHOUT TLS on a non-loopback" in w for w in http_warnings)
         # it serves (traffic to 127.0.0.1 only), warned or not
         assert get(f"http://127.0.0.1:{inference.server.http.port}/v2/health/live").status_code == 200
+
+
+# ---------------------------------------------------------------- fuzz
+
+ODD_VALUES: tuple[object, ...] = (
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    2**70,
+    "",
+    "input",
+    "FP32",
+    [],
+    {},
+    [1],
+    [[1]],
+    1e308,
+)
+
+
+def mutated(document, rng: np.random.Generator):
+    """`document` with one member or item somewhere replaced by an odd value, removed, or added."""
+    if isinstance(document, (dict, list)) and document and rng.random() < 0.7:
+        copy = dict(document) if isinstance(document, dict) else list(document)
+        key = list(copy)[rng.integers(len(copy))] if isinstance(copy, dict) else int(rng.integers(len(copy)))
+        choice = rng.random()
+        if choice < 0.3:
+            del copy[key]
+        elif choice < 0.6:
+            copy[key] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+        else:
+            copy[key] = mutated(copy[key], rng)
+        return copy
+    return ODD_VALUES[rng.integers(len(ODD_VALUES))] if rng.random() < 0.3 else document
+
+
+def test_mutated_requests_are_answered_or_refused_never_a_500(served):
+    inference, _ = served
+    rng = np.random.default_rng(0)
+    x = samples(2)
+    valid = {
+        "id": "a",
+        "parameters": {"binary_data_output": False},
+        "inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": x.tolist()}],
+        "outputs": [{"name": "classes", "parameters": {"binary_data": True}}],
+    }
+    statuses: set[int] = set()
+    with requests.Session() as session:
+        for _ in range(500):
+            body, headers = json.dumps(mutated(mutated(valid, rng), rng)).encode(), {}
+            if rng.random() < 0.2:  # some raw bytes after it, which the JSON may or may not claim
+                headers["Inference-Header-Content-Length"] = str(len(body))
+                body += x.tobytes()[: rng.integers(1024)]
+            answer = session.post(inference.http_url + INFER, data=body, headers=headers, timeout=DEADLINE)
+            statuses.add(answer.status_code)
+            if answer.status_code != 200:
+                assert isinstance(answer.json()["error"], str) and answer.json()["error"], answer.text
+    assert statuses <= {200, 400}, statuses
+    assert {200, 400} <= statuses  # the mutations reach both sides
+    assert post(inference.http_url + INFER, valid).status_code == 200
