@@ -154,6 +154,8 @@ class HttpListener:
         self.port: int = self._socket.getsockname()[1]
         self.max_in_hand = config.grpc_workers * 4
         self._in_hand = 0
+        self._idle = asyncio.Event()  # set while nothing is in hand; awaited on the loop by _stop
+        self._idle.set()
         self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="http")
         self._loop = asyncio.new_event_loop()
@@ -174,8 +176,6 @@ class HttpListener:
         )
 
     async def _start(self) -> None:
-        self._idle = asyncio.Event()
-        self._idle.set()
         # shutdown_timeout 0: by cleanup, `stop` has waited for the calls in flight already.
         self._runner = web.AppRunner(
             self.application(), access_log=None, handle_signals=False, shutdown_timeout=0
