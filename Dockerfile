@@ -64,9 +64,10 @@ CMD ["python", "-m", "trainer_svc"]
 # ---------------------------------------------------------------- the inference service
 FROM runtime AS infer
 ENV INFER_LISTEN=0.0.0.0:50052 \
+    INFER_HTTP_LISTEN=0.0.0.0:8000 \
     INFER_METRICS_ADDRESS=0.0.0.0 \
     INFER_METRICS_PORT=9102
-EXPOSE 50052 9102
+EXPOSE 50052 8000 9102
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/opt/tandem/healthcheck.py", "infer"]
 CMD ["python", "-m", "infer_svc"]

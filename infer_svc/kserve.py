@@ -77,8 +77,9 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=oip.model_ready(self.registry, request.name, request.version))
 
     def ServerMetadata(self, request, context):
+        server = oip.server_metadata()
         return pb.ServerMetadataResponse(
-            name=oip.SERVER_NAME, version=oip.server_version(), extensions=oip.EXTENSIONS
+            name=server.name, version=server.version, extensions=server.extensions
         )
 
     @translate_errors(STATUS_BY_ERROR)

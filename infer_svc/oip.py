@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
 
 from infer_svc.predict import Predictor
 from infer_svc.registry import Registry
+from shared.version import tandem_version
 
 SERVER_NAME = "tandem"
 PLATFORM = "tandem_numpy"
@@ -39,6 +39,13 @@ MAX_VERSION = 2**63 - 1  # int64, the version's type in Tandem's own API
 # shape's entries (each up to 2**63) is cheap to compute: a shape of a million huge entries,
 # which a request of a few megabytes can declare, would take seconds to multiply out.
 MAX_DIMENSIONS = 32
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]
 
 
 @dataclass(frozen=True)
@@ -71,11 +78,8 @@ class Answer:
     outputs: list[Output]
 
 
-def server_version() -> str:
-    try:
-        return metadata.version("tandem")
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.1.0"
+def server_metadata() -> ServerMetadata:
+    return ServerMetadata(SERVER_NAME, tandem_version(), list(EXTENSIONS))
 
 
 def requested_version(text: str, field: str) -> int | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"shared.dtypes", "shared.env", "shared.limits"}
+BASE = {"shared.dtypes", "shared.env", "shared.limits", "shared.version"}
 SERVICE_MAY_IMPORT = BASE | {
     "shared.data",
     "shared.nn",
@@ -28,9 +28,10 @@ SERVICE_MAY_IMPORT = BASE | {
 ALLOWED: dict[str, set[str]] = {
     "trainer_svc": SERVICE_MAY_IMPORT,
     "infer_svc": SERVICE_MAY_IMPORT,
-    "shared.cli": SERVICE_MAY_IMPORT | {"shared.client"},
+    "shared.cli": SERVICE_MAY_IMPORT | {"shared.client", "shared.export"},
     "shared.client": BASE | {"shared.rpc", "shared.security"},
     "shared.embedded": BASE | {"shared.checkpoints"},
+    "shared.export": BASE | {"shared.nn", "shared.checkpoints"},
     "shared.security": BASE,
     "shared.rpc": BASE,
     "shared.checkpoints": BASE | {"shared.nn", "shared.data"},

@@ -153,6 +153,28 @@ BAD_VALUES = {
     "learning_rate NaN": (mlp_job("hostile", learning_rate=math.nan), "learning_rate"),
     "momentum NaN": (mlp_job("hostile", optimizer="momentum", momentum=math.nan), "momentum"),
     "seed -1": (mlp_job("hostile", seed=-1), "seed"),
+    "warmup_epochs NaN": (mlp_job("hostile", warmup_epochs=math.nan), "warmup_epochs must be >= 0"),
+    "warmup_epochs -1": (mlp_job("hostile", warmup_epochs=-1), "warmup_epochs must be >= 0"),
+    "warmup_epochs = epochs": (mlp_job("hostile", epochs=2, warmup_epochs=2), "below epochs (2)"),
+    "augment_shift -1": (mlp_job("hostile", augment_shift=-1), "augment_shift must be an int >= 0"),
+    "augment_shift = the image's size": (
+        mlp_job("hostile", augment_shift=8),
+        "augment_shift must be below the images' height and width [8, 8], got 8",
+    ),
+    "pool padding above half the window": (
+        spec_job(
+            {
+                "input_shape": DIGITS_SHAPE,
+                "layers": [
+                    {"type": "maxpool2d", "size": 2, "padding": 2},
+                    {"type": "flatten"},
+                    {"type": "dense", "units": 10},
+                ],
+            }
+        ),
+        "layer 0 (maxpool2d) with input shape (1, 8, 8): padding (2, 2) with a 2x2 window: "
+        "padding must be at most half the window",
+    ),
     "request_id with spaces": (
         pb.StartJobRequest(model_name="m", preset="mlp", dataset="digits", request_id="a b"),
         "request_id",

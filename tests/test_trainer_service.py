@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import safetensors.numpy
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -111,6 +112,30 @@ def without_time(event: pb.JobEvent) -> pb.JobEvent:
     copy.CopyFrom(event)
     copy.ClearField("time")
     return copy
+
+
+def test_warm_up_and_augmentation_reach_the_trainer_and_train_as_locally(trainer):
+    request = mlp_job(
+        "augmented",
+        epochs=2,
+        optimizer="momentum",
+        learning_rate=0.05,
+        lr_schedule="cosine",
+        warmup_epochs=0.5,
+        augment_shift=1,
+        augment_flip=True,
+    )
+    job = trainer.stub.StartJob(request)
+    hp = job.hyperparameters
+    assert (hp.warmup_epochs, hp.augment_shift, hp.augment_flip) == (0.5, 1, True)
+    done = wait_finished(trainer.stub, job.job_id, timeout=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    final = trainer.store.get("augmented", done.last_published_version)
+    local = train(
+        final.model.spec, load_dataset("digits"), trainer.jobs.get(job.job_id).request.hyperparameters
+    )
+    for name, weights in local.model.state_dict().items():
+        assert final.model.state_dict()[name].tobytes() == weights.tobytes(), name
 
 
 def test_two_watchers_each_get_every_event_in_order(trainer):
@@ -306,7 +331,8 @@ def test_sigterm_interrupts_a_job_at_a_checkpoint_and_a_restarted_trainer_finish
 
 def assert_resumed_like_an_unbroken_run(client, job_id: str, final, request, log_path: Path) -> None:
     """The final checkpoint holds exactly the weights of the job's run trained without a break."""
-    assert "optimizer_state_missing" not in log_path.read_text()
+    log = log_path.read_text()
+    assert "optimizer_state_missing" not in log and "optimizer_state_unusable" not in log
     assert not client.exists(f"tandem:job:{job_id}:optimizer")  # gone with the job's end
     unbroken = train(final.model.spec, load_dataset("digits"), request.hyperparameters).model
     for name, weights in unbroken.state_dict().items():
@@ -400,13 +426,22 @@ def test_optimizer_states_are_kept_for_a_jobs_two_newest_checkpoints_and_go_when
     assert not redis_client.exists(f"{key_prefix}:job:{record.job_id}:optimizer")
 
 
-@pytest.mark.parametrize("lose", ["deleted", "unreadable"])
+@pytest.mark.parametrize(
+    "lose, event",
+    [
+        ("deleted", "optimizer_state_missing"),  # as when Redis loses it
+        ("unreadable", "optimizer_state_unusable"),
+        ("velocity form", "optimizer_state_unusable"),  # momentum saved by a trainer before the buffer form
+    ],
+)
 def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(
-    start_trainer, private_redis, caplog, lose
+    start_trainer, private_redis, caplog, lose, event
 ):
     first = start_trainer()
     job = first.stub.StartJob(
-        mlp_job("lost-state", epochs=2, batch_size=1, every_steps=500, optimizer="adam")
+        mlp_job(
+            "lost-state", epochs=2, batch_size=1, every_steps=500, optimizer="momentum", learning_rate=0.01
+        )
     )
     wait_for_job(first.stub, job.job_id, lambda j: j.last_published_version >= 1, 30, "a first checkpoint")
     first.close()
@@ -414,12 +449,16 @@ def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(
     record = saved_record(JobRepository(client), job.job_id)
     version, step = record.last_published_version, record.last_published_step
     assert record.state == JobState.INTERRUPTED and 0 < step < 2 * DIGITS_TRAIN
-    assert JobRepository(client).optimizer_state(job.job_id, version, step) is not None
+    state = JobRepository(client).optimizer_state(job.job_id, version, step)
+    assert state is not None and state["momentum_form"] == 1
     key = f"tandem:job:{job.job_id}:optimizer"
-    if lose == "deleted":  # as when Redis loses it
+    if lose == "deleted":
         client.delete(key)
-    else:
+    elif lose == "unreadable":
         client.hset(key, f"{version}:{step}", b"\x00" * 16)
+    else:  # the same buffers without the form's tag: what an older trainer saved
+        del state["momentum_form"]
+        client.hset(key, f"{version}:{step}", safetensors.numpy.save(state))
     client.close()
 
     with caplog.at_level(logging.WARNING, logger="tandem.trainer.jobs"):
@@ -428,11 +467,11 @@ def test_a_job_whose_optimizer_state_is_lost_resumes_with_a_fresh_one(
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
     assert done.restarts == 1 and done.progress.step == 2 * DIGITS_TRAIN
     assert [m.epoch for m in done.history] == [1, 2]
-    missing = [r.getMessage() for r in caplog.records if "optimizer_state_missing" in r.getMessage()]
-    assert len(missing) == 1, missing
-    assert missing[0].startswith(
-        f"event=optimizer_state_missing job={job.job_id} version={version} step={step} "
-    ), missing
+    logged = [r.getMessage() for r in caplog.records if "event=optimizer_state_" in r.getMessage()]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith(f"event={event} job={job.job_id} version={version} step={step} "), logged
+    if lose == "velocity form":
+        assert "velocity form" in logged[0], logged
 
 
 # ---------------------------------------------------------------- 5. bad requests

@@ -9,7 +9,7 @@ import safetensors.numpy
 from shared.data import load_dataset
 from shared.nn import SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit, make_optimizer
 from shared.nn.presets import get_preset
-from shared.nn.run import Hyperparameters, train
+from shared.nn.run import Hyperparameters, prepare_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def stepped(optimizer, steps: int = 2):
     return optimizer
 
 
-MOMENTUM_NAMES = ["layers.0.W.momentum_buffer", "layers.0.b.momentum_buffer"]
+MOMENTUM_NAMES = ["layers.0.W.momentum_buffer", "layers.0.b.momentum_buffer", "momentum_form"]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +145,8 @@ def test_an_optimizers_state_dict_round_trips_as_plain_arrays(make, names):
     assert sorted(state) == names and all(isinstance(a, np.ndarray) for a in state.values())
     if "step" in state:
         assert state["step"].dtype == np.int64 and state["step"].shape == () and state["step"] == 2
+    if "momentum_form" in state:  # PyTorch's buffer, not the velocity form of before
+        assert state["momentum_form"].dtype == np.int64 and state["momentum_form"] == 1
     loaded = make().load_state_dict(state, PARAMS).state_dict()
     assert {k: (v.dtype, v.tobytes()) for k, v in loaded.items()} == {
         k: (v.dtype, v.tobytes()) for k, v in state.items()
@@ -152,7 +154,10 @@ def test_an_optimizers_state_dict_round_trips_as_plain_arrays(make, names):
     for array in state.values():  # loading copies: nothing is shared with the state given
         assert not any(np.shares_memory(array, other) for other in loaded.values())
     # The state of an optimiser that has not stepped yet loads too.
-    assert make().load_state_dict(make().state_dict(), PARAMS).state_dict().keys() <= {"step"}
+    assert make().load_state_dict(make().state_dict(), PARAMS).state_dict().keys() <= {
+        "step",
+        "momentum_form",
+    }
 
 
 def adam_state(**changes):
@@ -184,6 +189,16 @@ def adam_state(**changes):
         (Adam(0.1), adam_state(step=np.array(0, np.int64)), ["step 0 with moment estimates"]),
         (Adam(0.1), {"step": np.array(3, np.int64)}, ["step 3 with no moment estimates"]),
         (SGD(0.1, momentum=0.9), adam_state(), ["SGD state", "unknown", "step"]),
+        (
+            SGD(0.1, momentum=0.9),
+            {k: v for k, v in stepped(SGD(0.1, momentum=0.9)).state_dict().items() if k != "momentum_form"},
+            ["velocity form", "older Tandem", "fresh optimiser"],
+        ),
+        (
+            SGD(0.1, momentum=0.9, nesterov=True),
+            {**stepped(SGD(0.1, momentum=0.9)).state_dict(), "momentum_form": np.array(2, np.int64)},
+            ["momentum_form 2", "PyTorch's momentum buffer"],
+        ),
         (SGD(0.1), stepped(SGD(0.1, momentum=0.9)).state_dict(), ["unknown ['layers.0.W.momentum_buffer'"]),
     ],
 )
@@ -282,7 +297,7 @@ def test_optimisers_update_in_place_and_leave_gradients_alone():
         SGD(0.1, momentum=0.9),
         SGD(0.1, momentum=0.9, nesterov=True),
         Adam(0.1),
-        SGD(0.1, weight_decay=0.1),
+        SGD(0.1, weight_decay=0.1, decayed={"layers.0.W"}),
     ):
         params = {
             "layers.0.W": np.array([3.0, -2.0], dtype=np.float32),
@@ -298,10 +313,14 @@ def test_optimisers_update_in_place_and_leave_gradients_alone():
         assert np.abs(params["layers.0.W"]).max() < 0.05 * np.abs(start["layers.0.W"]).max()
 
 
-def test_weight_decay_applies_to_weights_not_biases():
-    optimizer = SGD(0.5, weight_decay=0.1)
-    params = {"layers.0.W": np.ones(2), "layers.0.b": np.ones(2)}
-    optimizer.step(params, {"layers.0.W": np.zeros(2), "layers.0.b": np.zeros(2)})
+def test_a_training_run_decays_weights_not_biases():
+    model = build_model(MLP_SPEC).initialise(0)
+    optimizer = prepare_optimizer(
+        model, Hyperparameters(optimizer="sgd", learning_rate=0.5, weight_decay=0.1)
+    )
+    assert optimizer.decayed == {"layers.0.W", "layers.2.W"}
+    params = {name: np.ones(2) for name in ("layers.0.W", "layers.0.b")}
+    optimizer.step(params, {name: np.zeros(2) for name in params})
     np.testing.assert_allclose(params["layers.0.W"], 0.95)
     np.testing.assert_allclose(params["layers.0.b"], 1.0)
 

@@ -113,23 +113,20 @@ class RecordWriter:
     def resumed_optimizer(self, model, hp: Hyperparameters, version: int, step: int) -> Optimizer:
         """The optimiser saved with the job's own checkpoint `version` (at `step`).
 
-        A state that is missing (Redis lost it), unreadable or does not fit the model
-        is logged, and training resumes with a fresh optimiser.
+        A state that is missing (Redis lost it) is logged as `optimizer_state_missing`;
+        one that is unreadable or unusable (it does not fit the model, or holds another
+        form, such as the velocity momentum of an older trainer) as
+        `optimizer_state_unusable`, with the reason. Either way training resumes with
+        a fresh optimiser.
         """
         try:
             state = self._repository.optimizer_state(self.job_id, version, step)
             if state is not None:
                 return prepare_optimizer(model, hp, state)
-            reason = "none stored for this checkpoint"
+            event, reason = "optimizer_state_missing", "none stored for this checkpoint"
         except ValueError as error:
-            reason = str(error)
-        log.warning(
-            "event=optimizer_state_missing job=%s version=%d step=%d reason=%r",
-            self.job_id,
-            version,
-            step,
-            reason,
-        )
+            event, reason = "optimizer_state_unusable", str(error)
+        log.warning("event=%s job=%s version=%d step=%d reason=%r", event, self.job_id, version, step, reason)
         return prepare_optimizer(model, hp)
 
 

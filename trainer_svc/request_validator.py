@@ -44,7 +44,7 @@ class RequestValidator:
             len(prepare_optimizer(model, hp).slots),
             steps=hp.epochs * -(-train_samples // hp.batch_size),
         )
-        check_fits(model, dataset)
+        check_fits(model, dataset, hp)
         spec = model.spec
         if submission.checkpoint_every_steps < 0:
             raise ValueError("checkpoint_schedule.every_steps must be >= 0")

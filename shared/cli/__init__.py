@@ -7,6 +7,7 @@
     tandem predict runs/digits-cnn.safetensors --npy samples.npy
     tandem datasets
     tandem presets
+    tandem export runs/digits-cnn.safetensors --onnx digits.onnx
 
 predict through an inference service (`--server HOST:PORT`; without a
 value, $TANDEM_INFERENCE, else 127.0.0.1:50052):
@@ -40,6 +41,7 @@ The commands, by module:
     local.py     train, evaluate, datasets, presets: in this process, on files
     predict.py   predict, with a model file or a served model (models.py: the two kinds)
     jobs.py      jobs start, list, watch, cancel, checkpoints, plot: on a trainer service
+    export.py    export: a checkpoint as an ONNX file (shared.export.onnx)
     flags.py     the flags several commands share (data, architecture, hyperparameters, TLS, token)
     output.py    tables, local times and one-line texts
     progress.py  the live training progress line (TerminalProgress)
@@ -52,7 +54,7 @@ from __future__ import annotations
 
 import argparse
 
-from shared.cli import jobs, local, predict
+from shared.cli import export, jobs, local, predict
 from shared.cli.errors import run_command
 
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         local.add_datasets,
         local.add_presets,
         jobs.add_jobs,
+        export.add_export,
     ):
         add_command(commands)  # in this order in `tandem --help`
     return parser

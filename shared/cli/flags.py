@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from shared.client import Connection, read_token_file, token_from_env
 from shared.env import env
@@ -19,14 +21,27 @@ from shared.nn.optim import LR_SCHEDULES
 from shared.nn.run import Hyperparameters
 from shared.security.tls import ClientTLS
 
+
+def on_off(text: str) -> bool:
+    """A switch's value, `on` or `off` (or true/false, yes/no, 1/0): a flag that can turn a
+    preset's setting either way."""
+    words = dict.fromkeys(("on", "true", "yes", "1"), True) | dict.fromkeys(
+        ("off", "false", "no", "0"), False
+    )
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return words[text.lower()]
+
+
 # (flag, Hyperparameters field, type, help). A flag left out is None, which
 # keeps the preset's tuned setting, or else the Hyperparameters default.
-HYPERPARAMETER_FLAGS = [
+HYPERPARAMETER_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--epochs", "epochs", int, "passes over the training data"),
     ("--batch-size", "batch_size", int, "samples per step"),
     ("--optimizer", "optimizer", str, f"one of: {', '.join(OPTIMIZERS)}"),
     ("--lr", "learning_rate", float, "learning rate"),
     ("--lr-schedule", "lr_schedule", str, f"one of: {', '.join(LR_SCHEDULES)}"),
+    ("--warmup-epochs", "warmup_epochs", float, "epochs of linear lr warm-up before the schedule"),
     ("--momentum", "momentum", float, "momentum of the momentum and nesterov optimizers"),
     ("--weight-decay", "weight_decay", float, "weight decay, in [0, 1)"),
     ("--seed", "seed", int, "seed of the initial weights and of the shuffling"),
@@ -44,8 +59,10 @@ HYPERPARAMETER_FLAGS = [
         "stop after this many epochs without improvement (needs --validation-split)",
     ),
     ("--early-stopping-monitor", "early_stopping_monitor", str, f"one of: {', '.join(MONITORS)}"),
+    ("--augment-shift", "augment_shift", int, "shift training images by up to N pixels at random"),
+    ("--augment-flip", "augment_flip", on_off, "mirror training images left-right at random"),
 ]
-METAVARS = {int: "N", float: "X", str: "NAME"}
+METAVARS = {int: "N", float: "X", str: "NAME", on_off: "on|off"}
 
 
 def data_dir_flag() -> argparse.ArgumentParser:

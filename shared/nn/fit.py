@@ -11,17 +11,20 @@ a run that diverged has nothing left to publish.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Concatenate, ParamSpec
 
 import numpy as np
 
 from shared.data.split import stratified_split
+from shared.nn.augment import Augmentation
 from shared.nn.losses import log_softmax
 from shared.nn.model import Model
-from shared.nn.optim import Optimizer, scheduled_lr
+from shared.nn.optim import Optimizer, scheduled_lr, warmup_step_count
 
 MONITORS = ("val_loss", "val_accuracy")
 EVAL_BATCH = 1024  # samples per forward pass when evaluating
@@ -121,6 +124,29 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_
     return total_loss / len(x), correct / len(x)
 
 
+_Settings = ParamSpec("_Settings")
+_Training = Callable[Concatenate[Model, Optimizer, _Settings], History]
+
+
+def _restores_the_rate(train: _Training[_Settings]) -> _Training[_Settings]:
+    """`train(model, optimizer, ...)` setting `optimizer.lr` back to its starting rate when it
+    returns or raises: the schedule changes it at every step, and the rate a caller set is
+    the base the schedule scales, not the last step's."""
+
+    @functools.wraps(train)
+    def training(
+        model: Model, optimizer: Optimizer, *args: _Settings.args, **kwargs: _Settings.kwargs
+    ) -> History:
+        base_lr = optimizer.lr
+        try:
+            return train(model, optimizer, *args, **kwargs)
+        finally:
+            optimizer.lr = base_lr
+
+    return training
+
+
+@_restores_the_rate
 def fit(
     model: Model,
     optimizer: Optimizer,
@@ -137,6 +163,8 @@ def fit(
     callback: Callable[[StepEvent | EpochEvent], None] | None = None,
     start_step: int = 0,
     lr_schedule: str = "constant",
+    warmup_epochs: float = 0.0,
+    augmentation: Augmentation | None = None,
 ) -> History:
     """Train `model` in place and return its history.
 
@@ -151,7 +179,11 @@ def fit(
     unbroken run. The optimiser is updated in place, so a callback holding it
     sees its state after each step, as it sees the model's weights.
     `lr_schedule` ("constant" or "cosine") sets the optimiser's rate before
-    every step from its starting rate.
+    every step from its starting rate, after a linear warm-up of
+    `warmup_epochs` (rounded to whole steps; see `scheduled_lr`); when fit
+    returns, or raises, the optimiser has its starting rate again.
+    `augmentation` shifts (and flips) the images of each training batch,
+    drawn from `seed` and the step's number (see shared.nn.augment).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -161,6 +193,10 @@ def fit(
         raise ValueError("early stopping monitors validation data: set validation_split > 0")
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test go together: pass both or neither")
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs must be >= 0 and below epochs ({epochs}), got {warmup_epochs}")
+    augmentation = augmentation or Augmentation()
+    augmentation.check(x_train.shape[1:])
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
     if validation_split:
@@ -180,7 +216,9 @@ def fit(
         raise ValueError(f"start_step must be in [0, {epochs * steps_per_epoch}], got {start_step}")
     history = History(steps=start_step)
     base_lr = optimizer.lr
-    scheduled_lr(base_lr, lr_schedule, 0, 1)  # refuses an unknown schedule before any work
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = warmup_step_count(warmup_epochs, steps_per_epoch, total_steps)
+    scheduled_lr(base_lr, lr_schedule, 0, total_steps, warmup_steps)  # refuses a bad schedule now
     best_value, best_weights, waited = None, None, 0
     first_epoch, steps_done = divmod(start_step, steps_per_epoch)
     for epoch in range(first_epoch + 1, epochs + 1):
@@ -191,8 +229,9 @@ def fit(
         try:
             for start in range(skip, n, batch_size):
                 batch = order[start : start + batch_size]
-                optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps, epochs * steps_per_epoch)
-                loss, logits = model.train_step_gradients(x_train[batch], y_train[batch])
+                optimizer.lr = scheduled_lr(base_lr, lr_schedule, history.steps, total_steps, warmup_steps)
+                x_batch = augmentation.apply(x_train[batch], seed, history.steps)
+                loss, logits = model.train_step_gradients(x_batch, y_train[batch])
                 if not math.isfinite(loss):  # before the step: the weights stay as they were
                     raise TrainingDiverged(history.steps + 1, f"loss {loss}")
                 optimizer.step(model.state_dict(), model.gradients())

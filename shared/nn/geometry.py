@@ -62,6 +62,24 @@ class Window:
         return self.stride[0] < self.kernel[0] or self.stride[1] < self.kernel[1]
 
 
+def check_pool_padding(window: Window) -> None:
+    """Refuse (SpecError) padding above half the window on any side, as PyTorch's pooling does.
+
+    Pooling leaves padding out of the max and the mean, so a window over
+    padding alone has no value: -inf for max, 0/0 for the mean, and a NaN
+    loss. With at most size // 2 on each side, every window covers a real
+    input: the first starts at -pad and ends at size - 1 - pad >= 0. "same"
+    padding never pads more than (size - 1) - (size - 1) // 2 <= size // 2 on
+    a side, so it always passes; the rule bites only on integer padding.
+    """
+    kh, kw = window.kernel
+    if max(window.pad_top, window.pad_bottom) > kh // 2 or max(window.pad_left, window.pad_right) > kw // 2:
+        raise SpecError(
+            f"padding {window.padding} with a {kh}x{kw} window: padding must be at most half "
+            "the window (size // 2) in each dimension, as PyTorch requires"
+        )
+
+
 def _pads(size: int, kernel: int, stride: int, padding) -> tuple[int, int]:
     if padding == "valid":
         return 0, 0

@@ -24,7 +24,7 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from shared.nn.geometry import SpecError, make_window, window_taps
+from shared.nn.geometry import SpecError, check_pool_padding, make_window, window_taps
 from shared.nn.init import INITIALISERS, initialise
 from shared.nn.kernels import col2im, im2col, window_max, window_max_backward, window_sum, window_sum_backward
 
@@ -59,6 +59,9 @@ class Layer:
     """Base class: a layer without parameters that passes shapes through."""
 
     type_name: ClassVar[str]
+    # The params weight decay applies to: weights, not biases or normalisation scales (the
+    # optimisers decay what each layer declares here, whatever its names; see Model).
+    decayed_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, input_shape: tuple[int, ...]):
         self.input_shape = tuple(input_shape)
@@ -98,6 +101,7 @@ class Dense(Layer):
     """Affine layer y = x W + b on flat inputs."""
 
     type_name = "dense"
+    decayed_params = ("W",)
 
     def __init__(self, input_shape, *, units, init="he", init_std=0.01):
         super().__init__(input_shape)
@@ -192,6 +196,7 @@ class Conv2D(_WindowLayer):
     """
 
     type_name = "conv2d"
+    decayed_params = ("W",)
 
     def __init__(
         self, input_shape, *, filters, kernel_size=3, stride=1, padding="valid", init="he", init_std=0.01
@@ -297,6 +302,7 @@ class _Pool2D(_WindowLayer):
 
     def __init__(self, input_shape, *, size=2, stride=None, padding="valid"):
         super().__init__(input_shape, size, size if stride is None else stride, padding)
+        check_pool_padding(self.window)
         self.output_shape = (self.input_shape[0], *self.out_hw)
 
     def config(self):

@@ -55,6 +55,12 @@ class Model:
             for name, shape in layer.param_shapes().items()
         }
 
+    def decayed_parameters(self) -> frozenset[str]:
+        """The parameters weight decay applies to, by name: those their layers declare."""
+        return frozenset(
+            f"layers.{i}.{name}" for i, layer in enumerate(self.layers) for name in layer.decayed_params
+        )
+
     def initialise(self, seed: int | np.random.Generator) -> Model:
         rng = np.random.default_rng(seed)
         for layer in self.layers:

@@ -14,6 +14,7 @@ import numpy as np
 from shared.data import Dataset
 from shared.dtypes import MODEL_DTYPES
 from shared.nn import EarlyStopping, History, Model, build_model, fit, make_optimizer
+from shared.nn.augment import Augmentation
 from shared.nn.optim import LR_SCHEDULES, OPTIMIZERS, Optimizer
 from shared.nn.presets import get_preset
 
@@ -25,6 +26,9 @@ class Hyperparameters:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": anneal to 0 over the run
+    # Linear warm-up to learning_rate over this many epochs (rounded to whole steps), then the
+    # schedule over the rest. In epochs, not steps, as a CLI user thinks of a run; below epochs.
+    warmup_epochs: float = 0.0
     momentum: float = 0.9  # for "momentum" and "nesterov"
     weight_decay: float = 0.0
     batch_size: int = 32
@@ -34,6 +38,8 @@ class Hyperparameters:
     validation_split: float = 0.0
     early_stopping_patience: int = 0  # 0 = off; else stop after this many epochs without gain
     early_stopping_monitor: str = "val_loss"
+    augment_shift: int = 0  # training images shifted by up to this many pixels; 0 = off
+    augment_flip: bool = False  # and mirrored left-right at random (off: digits must not be)
 
     def __post_init__(self):
         """Check every setting, naming the field that is wrong."""
@@ -54,6 +60,10 @@ class Hyperparameters:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in MODEL_DTYPES:  # the names themselves: they go into checkpoints as given
@@ -65,6 +75,7 @@ class Hyperparameters:
         if self.early_stopping_patience and not self.validation_split:
             raise ValueError("early_stopping_patience needs validation_split > 0")
         self.early_stopping()  # checks the monitor
+        self.augmentation()  # checks the settings; check_fits checks them against the images
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> Hyperparameters:
@@ -88,6 +99,9 @@ class Hyperparameters:
             return None
         return EarlyStopping(monitor=self.early_stopping_monitor, patience=self.early_stopping_patience)
 
+    def augmentation(self) -> Augmentation:
+        return Augmentation(shift=self.augment_shift, flip=self.augment_flip)
+
 
 @dataclass
 class TrainedModel:
@@ -100,14 +114,15 @@ def prepare_model(
 ) -> Model:
     """Build `spec` for `dataset`, initialised from `hp.seed` or from `initial_weights`."""
     model = build_model(spec, dtype=hp.dtype)
-    check_fits(model, dataset)
+    check_fits(model, dataset, hp)
     if initial_weights is None:
         return model.initialise(hp.seed)
     return model.load_state_dict(initial_weights)
 
 
-def check_fits(model: Model, dataset: Dataset) -> None:
-    """Refuse (ValueError) a built model whose input or classes do not fit `dataset`; allocates nothing."""
+def check_fits(model: Model, dataset: Dataset, hp: Hyperparameters) -> None:
+    """Refuse (ValueError) a built model whose input or classes do not fit `dataset`, or
+    augmentation settings its samples cannot take; allocates nothing."""
     if tuple(dataset.input_shape) != model.input_shape:
         raise ValueError(
             f"the spec's input_shape {list(model.input_shape)} does not fit dataset "
@@ -118,6 +133,7 @@ def check_fits(model: Model, dataset: Dataset) -> None:
             f"the spec outputs {model.num_classes} classes, dataset {dataset.name!r} has "
             f"{dataset.num_classes}"
         )
+    hp.augmentation().check(tuple(dataset.input_shape))
 
 
 def prepare_optimizer(
@@ -128,7 +144,11 @@ def prepare_optimizer(
     A state that does not fit the optimiser and the model is a ValueError.
     """
     optimizer = make_optimizer(
-        hp.optimizer, hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay
+        hp.optimizer,
+        hp.learning_rate,
+        momentum=hp.momentum,
+        weight_decay=hp.weight_decay,
+        decayed=model.decayed_parameters(),
     )
     if initial_state is not None:
         optimizer.load_state_dict(initial_state, model.state_dict())
@@ -169,6 +189,8 @@ def fit_model(
         callback=callback,
         start_step=start_step,
         lr_schedule=hp.lr_schedule,
+        warmup_epochs=hp.warmup_epochs,
+        augmentation=hp.augmentation(),
     )
 
 

@@ -34,7 +34,7 @@ ENV_EXAMPLE = REPO / ".env.example"
 PREPARE_SCRIPT = REPO / "scripts" / "prepare_offline_images.sh"
 
 TRAINER_PORT, TRAINER_METRICS_PORT = 50051, 9101
-INFER_PORT, INFER_METRICS_PORT = 50052, 9102
+INFER_PORT, INFER_HTTP_PORT, INFER_METRICS_PORT = 50052, 8000, 9102
 INFER_REPLICAS = 2
 HA_TRAINER_REPLICAS = 3
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
@@ -190,6 +190,7 @@ class Stack:
                 "TRAINER_HOST_PORT": "",
                 "TRAINER_METRICS_HOST_PORT": "",
                 "INFER_HOST_PORTS": "",
+                "INFER_HTTP_HOST_PORTS": "",
                 "INFER_METRICS_HOST_PORTS": "",
                 # Health reached quickly, without the checks eating the CPU training needs.
                 "HEALTHCHECK_INTERVAL": "2s",
@@ -380,6 +381,10 @@ class Stack:
 
     def infer_addresses(self) -> list[str]:
         return [self.published(c, INFER_PORT) for c in self.containers("infer", all=False)]
+
+    def infer_http_addresses(self) -> list[str]:
+        """Each replica's Open Inference Protocol over HTTP/REST (HTTPS, as its gRPC port is TLS)."""
+        return [self.published(c, INFER_HTTP_PORT) for c in self.containers("infer", all=False)]
 
     def infer_metrics_url(self, container) -> str:
         return f"http://{self.published(container, INFER_METRICS_PORT)}/metrics"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -345,6 +346,39 @@ def test_tritonclient_gets_predictions_from_the_stack(healthy_stack, small_model
     finally:
         client.close()
         replica.close()
+
+
+def test_tritonclient_http_gets_the_same_predictions_from_every_replica(healthy_stack, small_model):
+    """The HTTP/REST door of each replica, over HTTPS with the stack's CA and a predict token."""
+    import tritonclient.http as triton_http
+
+    model, version = small_model.model_name, small_model.last_published_version
+    x = digits().x_test[:16].astype(np.float32)
+    token = {"Authorization": f"Bearer {healthy_stack.token('predict')}"}
+    answers = []
+    for address in healthy_stack.infer_http_addresses():
+        client = triton_http.InferenceServerClient(
+            url=address,
+            ssl=True,
+            ssl_context_factory=functools.partial(
+                ssl.create_default_context, cafile=str(healthy_stack.ca_file)
+            ),
+            connection_timeout=CALL_TIMEOUT,
+            network_timeout=CALL_TIMEOUT,
+        )
+        try:
+            assert client.is_server_live(headers=token)
+            assert client.is_model_ready(model, headers=token)
+            inputs = triton_http.InferInput("input", list(x.shape), "FP32")
+            inputs.set_data_from_numpy(x, binary_data=True)
+            result = client.infer(model, [inputs], headers=token)
+            assert result.get_response()["model_version"] == str(version)
+            answers.append(result.as_numpy("probabilities"))
+        finally:
+            client.close()
+    assert len(answers) == len(healthy_stack.infer_addresses()) >= 2
+    for probabilities in answers[1:]:
+        np.testing.assert_allclose(probabilities, answers[0], rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- 7. security: TLS, tokens, Redis users

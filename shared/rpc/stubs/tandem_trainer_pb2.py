@@ -26,59 +26,59 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import tandem_common_pb2 as tandem__common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem_trainer.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13tandem_common.proto\"\xb4\x02\n\x0fStartJobRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x06preset\x18\x02 \x01(\tH\x00\x12\x13\n\tspec_json\x18\x03 \x01(\tH\x00\x12\x0e\n\x06hidden\x18\x04 \x03(\x05\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x33\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x32\n\x0b\x63heckpoints\x18\x07 \x01(\x0b\x32\x1d.tandem.v1.CheckpointSchedule\x12 \n\x13resume_from_version\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\tB\x0e\n\x0c\x61rchitectureB\x16\n\x14_resume_from_version\"\x97\x04\n\x0fHyperparameters\x12\x16\n\toptimizer\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0blr_schedule\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08momentum\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\x05\x64type\x18\t \x01(\tH\x08\x88\x01\x01\x12\x1d\n\x10validation_split\x18\n \x01(\x01H\t\x88\x01\x01\x12$\n\x17\x65\x61rly_stopping_patience\x18\x0b \x01(\x05H\n\x88\x01\x01\x12#\n\x16\x65\x61rly_stopping_monitor\x18\x0c \x01(\tH\x0b\x88\x01\x01\x42\x0c\n\n_optimizerB\x10\n\x0e_learning_rateB\x0e\n\x0c_lr_scheduleB\x0b\n\t_momentumB\x0f\n\r_weight_decayB\r\n\x0b_batch_sizeB\t\n\x07_epochsB\x07\n\x05_seedB\x08\n\x06_dtypeB\x13\n\x11_validation_splitB\x1a\n\x18_early_stopping_patienceB\x19\n\x17_early_stopping_monitor\">\n\x12\x43heckpointSchedule\x12\x13\n\x0b\x65very_steps\x18\x01 \x01(\x05\x12\x13\n\x0b\x65very_epoch\x18\x02 \x01(\x08\"\xba\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.tandem.v1.JobState\x12+\n\x07request\x18\x04 \x01(\x0b\x32\x1a.tandem.v1.StartJobRequest\x12%\n\x08progress\x18\x05 \x01(\x0b\x32\x13.tandem.v1.Progress\x12-\n\x0clast_metrics\x18\x06 \x01(\x0b\x32\x17.tandem.v1.EpochMetrics\x12\x1e\n\x16last_published_version\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x10\n\x08restarts\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fhyperparameters\x18\r \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x11\n\tspec_json\x18\x0e \x01(\t\x12(\n\x07history\x18\x0f \x03(\x0b\x32\x17.tandem.v1.EpochMetrics\x12\x13\n\x0bstop_reason\x18\x10 \x01(\t\x12\x0f\n\x07trainer\x18\x11 \x01(\t\"h\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bsteps_total\x18\x04 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\"\xe2\x01\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x15\n\x08val_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cval_accuracy\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0c\n\x04step\x18\t \x01(\x03\x42\x0b\n\t_val_lossB\x0f\n\r_val_accuracy\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.tandem.v1.JobState\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x08snapshot\x18\x03 \x01(\x0b\x32\x0e.tandem.v1.JobH\x00\x12\'\n\x04step\x18\x04 \x01(\x0b\x32\x17.tandem.v1.StepProgressH\x00\x12(\n\x05\x65poch\x18\x05 \x01(\x0b\x32\x17.tandem.v1.EpochMetricsH\x00\x12/\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x19.tandem.v1.CheckpointInfoH\x00\x12\"\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x0e.tandem.v1.JobH\x00\x42\x07\n\x05\x65vent\"\x8c\x01\n\x0cStepProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x03 \x01(\x05\x12\x12\n\nbatch_loss\x18\x04 \x01(\x01\x12\x16\n\x0e\x62\x61tch_accuracy\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\"(\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\",\n\x16ListCheckpointsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"I\n\x17ListCheckpointsResponse\x12.\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x19.tandem.v1.CheckpointInfo\"\x15\n\x13ListDatasetsRequest\"@\n\x14ListDatasetsResponse\x12(\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x16.tandem.v1.DatasetInfo\"|\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x11\n\ttest_size\x18\x05 \x01(\x03\x12\x0e\n\x06source\x18\x06 \x01(\t\"~\n\x12UploadDatasetChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tandem.v1.UploadDatasetHeaderH\x00\x12-\n\x05piece\x18\x02 \x01(\x0b\x32\x1c.tandem.v1.DatasetArrayPieceH\x00\x42\x07\n\x05\x63hunk\"e\n\x13UploadDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x1d.tandem.v1.DatasetArrayHeader\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"d\n\x12\x44\x61tasetArrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"@\n\x11\x44\x61tasetArrayPiece\x12\r\n\x05\x61rray\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xcf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x12\x18\n\x14JOB_STATE_CANCELLING\x10\x07\x32\xa8\x04\n\x07Trainer\x12\x36\n\x08StartJob\x12\x1a.tandem.v1.StartJobRequest\x1a\x0e.tandem.v1.Job\x12\x32\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x0e.tandem.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12=\n\x08WatchJob\x12\x1a.tandem.v1.WatchJobRequest\x1a\x13.tandem.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.tandem.v1.CancelJobRequest\x1a\x0e.tandem.v1.Job\x12X\n\x0fListCheckpoints\x12!.tandem.v1.ListCheckpointsRequest\x1a\".tandem.v1.ListCheckpointsResponse\x12O\n\x0cListDatasets\x12\x1e.tandem.v1.ListDatasetsRequest\x1a\x1f.tandem.v1.ListDatasetsResponse\x12H\n\rUploadDataset\x12\x1d.tandem.v1.UploadDatasetChunk\x1a\x16.tandem.v1.DatasetInfo(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem_trainer.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13tandem_common.proto\"\xb4\x02\n\x0fStartJobRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x06preset\x18\x02 \x01(\tH\x00\x12\x13\n\tspec_json\x18\x03 \x01(\tH\x00\x12\x0e\n\x06hidden\x18\x04 \x03(\x05\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x33\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x32\n\x0b\x63heckpoints\x18\x07 \x01(\x0b\x32\x1d.tandem.v1.CheckpointSchedule\x12 \n\x13resume_from_version\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\tB\x0e\n\x0c\x61rchitectureB\x16\n\x14_resume_from_version\"\x9f\x05\n\x0fHyperparameters\x12\x16\n\toptimizer\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0blr_schedule\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08momentum\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\x05\x64type\x18\t \x01(\tH\x08\x88\x01\x01\x12\x1d\n\x10validation_split\x18\n \x01(\x01H\t\x88\x01\x01\x12$\n\x17\x65\x61rly_stopping_patience\x18\x0b \x01(\x05H\n\x88\x01\x01\x12#\n\x16\x65\x61rly_stopping_monitor\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x1a\n\rwarmup_epochs\x18\r \x01(\x01H\x0c\x88\x01\x01\x12\x1a\n\raugment_shift\x18\x0e \x01(\x05H\r\x88\x01\x01\x12\x19\n\x0c\x61ugment_flip\x18\x0f \x01(\x08H\x0e\x88\x01\x01\x42\x0c\n\n_optimizerB\x10\n\x0e_learning_rateB\x0e\n\x0c_lr_scheduleB\x0b\n\t_momentumB\x0f\n\r_weight_decayB\r\n\x0b_batch_sizeB\t\n\x07_epochsB\x07\n\x05_seedB\x08\n\x06_dtypeB\x13\n\x11_validation_splitB\x1a\n\x18_early_stopping_patienceB\x19\n\x17_early_stopping_monitorB\x10\n\x0e_warmup_epochsB\x10\n\x0e_augment_shiftB\x0f\n\r_augment_flip\">\n\x12\x43heckpointSchedule\x12\x13\n\x0b\x65very_steps\x18\x01 \x01(\x05\x12\x13\n\x0b\x65very_epoch\x18\x02 \x01(\x08\"\xba\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.tandem.v1.JobState\x12+\n\x07request\x18\x04 \x01(\x0b\x32\x1a.tandem.v1.StartJobRequest\x12%\n\x08progress\x18\x05 \x01(\x0b\x32\x13.tandem.v1.Progress\x12-\n\x0clast_metrics\x18\x06 \x01(\x0b\x32\x17.tandem.v1.EpochMetrics\x12\x1e\n\x16last_published_version\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x10\n\x08restarts\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fhyperparameters\x18\r \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x11\n\tspec_json\x18\x0e \x01(\t\x12(\n\x07history\x18\x0f \x03(\x0b\x32\x17.tandem.v1.EpochMetrics\x12\x13\n\x0bstop_reason\x18\x10 \x01(\t\x12\x0f\n\x07trainer\x18\x11 \x01(\t\"h\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bsteps_total\x18\x04 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\"\xe2\x01\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x15\n\x08val_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cval_accuracy\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0c\n\x04step\x18\t \x01(\x03\x42\x0b\n\t_val_lossB\x0f\n\r_val_accuracy\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.tandem.v1.JobState\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x08snapshot\x18\x03 \x01(\x0b\x32\x0e.tandem.v1.JobH\x00\x12\'\n\x04step\x18\x04 \x01(\x0b\x32\x17.tandem.v1.StepProgressH\x00\x12(\n\x05\x65poch\x18\x05 \x01(\x0b\x32\x17.tandem.v1.EpochMetricsH\x00\x12/\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x19.tandem.v1.CheckpointInfoH\x00\x12\"\n\x08\x66inished\x18\x07 \x01(\x0b\x32\x0e.tandem.v1.JobH\x00\x42\x07\n\x05\x65vent\"\x8c\x01\n\x0cStepProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x03 \x01(\x05\x12\x12\n\nbatch_loss\x18\x04 \x01(\x01\x12\x16\n\x0e\x62\x61tch_accuracy\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\"(\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\",\n\x16ListCheckpointsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"I\n\x17ListCheckpointsResponse\x12.\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x19.tandem.v1.CheckpointInfo\"\x15\n\x13ListDatasetsRequest\"@\n\x14ListDatasetsResponse\x12(\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x16.tandem.v1.DatasetInfo\"|\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x11\n\ttest_size\x18\x05 \x01(\x03\x12\x0e\n\x06source\x18\x06 \x01(\t\"~\n\x12UploadDatasetChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tandem.v1.UploadDatasetHeaderH\x00\x12-\n\x05piece\x18\x02 \x01(\x0b\x32\x1c.tandem.v1.DatasetArrayPieceH\x00\x42\x07\n\x05\x63hunk\"e\n\x13UploadDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x06\x61rrays\x18\x02 \x03(\x0b\x32\x1d.tandem.v1.DatasetArrayHeader\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"d\n\x12\x44\x61tasetArrayHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"@\n\x11\x44\x61tasetArrayPiece\x12\r\n\x05\x61rray\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xcf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x12\x18\n\x14JOB_STATE_CANCELLING\x10\x07\x32\xa8\x04\n\x07Trainer\x12\x36\n\x08StartJob\x12\x1a.tandem.v1.StartJobRequest\x1a\x0e.tandem.v1.Job\x12\x32\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x0e.tandem.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12=\n\x08WatchJob\x12\x1a.tandem.v1.WatchJobRequest\x1a\x13.tandem.v1.JobEvent0\x01\x12\x38\n\tCancelJob\x12\x1b.tandem.v1.CancelJobRequest\x1a\x0e.tandem.v1.Job\x12X\n\x0fListCheckpoints\x12!.tandem.v1.ListCheckpointsRequest\x1a\".tandem.v1.ListCheckpointsResponse\x12O\n\x0cListDatasets\x12\x1e.tandem.v1.ListDatasetsRequest\x1a\x1f.tandem.v1.ListDatasetsResponse\x12H\n\rUploadDataset\x12\x1d.tandem.v1.UploadDatasetChunk\x1a\x16.tandem.v1.DatasetInfo(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem_trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=3373
-  _globals['_JOBSTATE']._serialized_end=3580
+  _globals['_JOBSTATE']._serialized_start=3509
+  _globals['_JOBSTATE']._serialized_end=3716
   _globals['_STARTJOBREQUEST']._serialized_start=90
   _globals['_STARTJOBREQUEST']._serialized_end=398
   _globals['_HYPERPARAMETERS']._serialized_start=401
-  _globals['_HYPERPARAMETERS']._serialized_end=936
-  _globals['_CHECKPOINTSCHEDULE']._serialized_start=938
-  _globals['_CHECKPOINTSCHEDULE']._serialized_end=1000
-  _globals['_JOB']._serialized_start=1003
-  _globals['_JOB']._serialized_end=1573
-  _globals['_PROGRESS']._serialized_start=1575
-  _globals['_PROGRESS']._serialized_end=1679
-  _globals['_EPOCHMETRICS']._serialized_start=1682
-  _globals['_EPOCHMETRICS']._serialized_end=1908
-  _globals['_GETJOBREQUEST']._serialized_start=1910
-  _globals['_GETJOBREQUEST']._serialized_end=1941
-  _globals['_LISTJOBSREQUEST']._serialized_start=1943
-  _globals['_LISTJOBSREQUEST']._serialized_end=2056
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2058
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2131
-  _globals['_WATCHJOBREQUEST']._serialized_start=2133
-  _globals['_WATCHJOBREQUEST']._serialized_end=2166
-  _globals['_JOBEVENT']._serialized_start=2169
-  _globals['_JOBEVENT']._serialized_end=2450
-  _globals['_STEPPROGRESS']._serialized_start=2453
-  _globals['_STEPPROGRESS']._serialized_end=2593
-  _globals['_CANCELJOBREQUEST']._serialized_start=2595
-  _globals['_CANCELJOBREQUEST']._serialized_end=2635
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2637
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2681
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2683
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2756
-  _globals['_LISTDATASETSREQUEST']._serialized_start=2758
-  _globals['_LISTDATASETSREQUEST']._serialized_end=2779
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=2781
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=2845
-  _globals['_DATASETINFO']._serialized_start=2847
-  _globals['_DATASETINFO']._serialized_end=2971
-  _globals['_UPLOADDATASETCHUNK']._serialized_start=2973
-  _globals['_UPLOADDATASETCHUNK']._serialized_end=3099
-  _globals['_UPLOADDATASETHEADER']._serialized_start=3101
-  _globals['_UPLOADDATASETHEADER']._serialized_end=3202
-  _globals['_DATASETARRAYHEADER']._serialized_start=3204
-  _globals['_DATASETARRAYHEADER']._serialized_end=3304
-  _globals['_DATASETARRAYPIECE']._serialized_start=3306
-  _globals['_DATASETARRAYPIECE']._serialized_end=3370
-  _globals['_TRAINER']._serialized_start=3583
-  _globals['_TRAINER']._serialized_end=4135
+  _globals['_HYPERPARAMETERS']._serialized_end=1072
+  _globals['_CHECKPOINTSCHEDULE']._serialized_start=1074
+  _globals['_CHECKPOINTSCHEDULE']._serialized_end=1136
+  _globals['_JOB']._serialized_start=1139
+  _globals['_JOB']._serialized_end=1709
+  _globals['_PROGRESS']._serialized_start=1711
+  _globals['_PROGRESS']._serialized_end=1815
+  _globals['_EPOCHMETRICS']._serialized_start=1818
+  _globals['_EPOCHMETRICS']._serialized_end=2044
+  _globals['_GETJOBREQUEST']._serialized_start=2046
+  _globals['_GETJOBREQUEST']._serialized_end=2077
+  _globals['_LISTJOBSREQUEST']._serialized_start=2079
+  _globals['_LISTJOBSREQUEST']._serialized_end=2192
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2194
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2267
+  _globals['_WATCHJOBREQUEST']._serialized_start=2269
+  _globals['_WATCHJOBREQUEST']._serialized_end=2302
+  _globals['_JOBEVENT']._serialized_start=2305
+  _globals['_JOBEVENT']._serialized_end=2586
+  _globals['_STEPPROGRESS']._serialized_start=2589
+  _globals['_STEPPROGRESS']._serialized_end=2729
+  _globals['_CANCELJOBREQUEST']._serialized_start=2731
+  _globals['_CANCELJOBREQUEST']._serialized_end=2771
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2773
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2817
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2819
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2892
+  _globals['_LISTDATASETSREQUEST']._serialized_start=2894
+  _globals['_LISTDATASETSREQUEST']._serialized_end=2915
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=2917
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=2981
+  _globals['_DATASETINFO']._serialized_start=2983
+  _globals['_DATASETINFO']._serialized_end=3107
+  _globals['_UPLOADDATASETCHUNK']._serialized_start=3109
+  _globals['_UPLOADDATASETCHUNK']._serialized_end=3235
+  _globals['_UPLOADDATASETHEADER']._serialized_start=3237
+  _globals['_UPLOADDATASETHEADER']._serialized_end=3338
+  _globals['_DATASETARRAYHEADER']._serialized_start=3340
+  _globals['_DATASETARRAYHEADER']._serialized_end=3440
+  _globals['_DATASETARRAYPIECE']._serialized_start=3442
+  _globals['_DATASETARRAYPIECE']._serialized_end=3506
+  _globals['_TRAINER']._serialized_start=3719
+  _globals['_TRAINER']._serialized_end=4271
 # @@protoc_insertion_point(module_scope)

@@ -188,6 +188,9 @@ class Hyperparameters(_message.Message):
     VALIDATION_SPLIT_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_MONITOR_FIELD_NUMBER: _builtins.int
+    WARMUP_EPOCHS_FIELD_NUMBER: _builtins.int
+    AUGMENT_SHIFT_FIELD_NUMBER: _builtins.int
+    AUGMENT_FLIP_FIELD_NUMBER: _builtins.int
     optimizer: _builtins.str
     """"sgd", "momentum", "nesterov" or "adam"."""
     learning_rate: _builtins.float
@@ -217,6 +220,21 @@ class Hyperparameters(_message.Message):
     """
     early_stopping_monitor: _builtins.str
     """"val_loss" or "val_accuracy"."""
+    warmup_epochs: _builtins.float
+    """Epochs of linear learning-rate warm-up before the schedule (rounded to
+    whole steps): from learning_rate / warm-up steps up to learning_rate;
+    then "cosine" anneals over the remaining steps. >= 0 and below epochs;
+    0 = none.
+    """
+    augment_shift: _builtins.int
+    """Training images are shifted by up to this many pixels each way, at
+    random per sample and step, with zeros filled in; 0 = off. Image
+    datasets only, and below the images' height and width.
+    """
+    augment_flip: _builtins.bool
+    """Training images are also mirrored left-right with probability 1/2.
+    Off by default: a mirrored digit is not a digit. Image datasets only.
+    """
     def __init__(
         self,
         *,
@@ -232,11 +250,18 @@ class Hyperparameters(_message.Message):
         validation_split: _builtins.float | None = ...,
         early_stopping_patience: _builtins.int | None = ...,
         early_stopping_monitor: _builtins.str | None = ...,
+        warmup_epochs: _builtins.float | None = ...,
+        augment_shift: _builtins.int | None = ...,
+        augment_flip: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dtype", b"_dtype", "_early_stopping_monitor", b"_early_stopping_monitor", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lr_schedule", b"_lr_schedule", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_seed", b"_seed", "_validation_split", b"_validation_split", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dtype", b"dtype", "early_stopping_monitor", b"early_stopping_monitor", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed", "validation_split", b"validation_split", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_augment_flip", b"_augment_flip", "_augment_shift", b"_augment_shift", "_batch_size", b"_batch_size", "_dtype", b"_dtype", "_early_stopping_monitor", b"_early_stopping_monitor", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lr_schedule", b"_lr_schedule", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_seed", b"_seed", "_validation_split", b"_validation_split", "_warmup_epochs", b"_warmup_epochs", "_weight_decay", b"_weight_decay", "augment_flip", b"augment_flip", "augment_shift", b"augment_shift", "batch_size", b"batch_size", "dtype", b"dtype", "early_stopping_monitor", b"early_stopping_monitor", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed", "validation_split", b"validation_split", "warmup_epochs", b"warmup_epochs", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dtype", b"_dtype", "_early_stopping_monitor", b"_early_stopping_monitor", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lr_schedule", b"_lr_schedule", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_seed", b"_seed", "_validation_split", b"_validation_split", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "dtype", b"dtype", "early_stopping_monitor", b"early_stopping_monitor", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed", "validation_split", b"validation_split", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment_flip", b"_augment_flip", "_augment_shift", b"_augment_shift", "_batch_size", b"_batch_size", "_dtype", b"_dtype", "_early_stopping_monitor", b"_early_stopping_monitor", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lr_schedule", b"_lr_schedule", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_seed", b"_seed", "_validation_split", b"_validation_split", "_warmup_epochs", b"_warmup_epochs", "_weight_decay", b"_weight_decay", "augment_flip", b"augment_flip", "augment_shift", b"augment_shift", "batch_size", b"batch_size", "dtype", b"dtype", "early_stopping_monitor", b"early_stopping_monitor", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed", "validation_split", b"validation_split", "warmup_epochs", b"warmup_epochs", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__augment_flip: _TypeAlias = _typing.Literal["augment_flip"]  # noqa: Y015
+    _WhichOneofArgType__augment_flip: _TypeAlias = _typing.Literal["_augment_flip", b"_augment_flip"]  # noqa: Y015
+    _WhichOneofReturnType__augment_shift: _TypeAlias = _typing.Literal["augment_shift"]  # noqa: Y015
+    _WhichOneofArgType__augment_shift: _TypeAlias = _typing.Literal["_augment_shift", b"_augment_shift"]  # noqa: Y015
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__dtype: _TypeAlias = _typing.Literal["dtype"]  # noqa: Y015
@@ -259,8 +284,14 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__validation_split: _TypeAlias = _typing.Literal["validation_split"]  # noqa: Y015
     _WhichOneofArgType__validation_split: _TypeAlias = _typing.Literal["_validation_split", b"_validation_split"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_epochs: _TypeAlias = _typing.Literal["warmup_epochs"]  # noqa: Y015
+    _WhichOneofArgType__warmup_epochs: _TypeAlias = _typing.Literal["_warmup_epochs", b"_warmup_epochs"]  # noqa: Y015
     _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
     _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__augment_flip) -> _WhichOneofReturnType__augment_flip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__augment_shift) -> _WhichOneofReturnType__augment_shift | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
@@ -283,6 +314,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_split) -> _WhichOneofReturnType__validation_split | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_epochs) -> _WhichOneofReturnType__warmup_epochs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
