@@ -161,6 +161,7 @@ def server_environment(
         "PYTHONPATH": str(REPO),  # this tree's infer_svc and shared
         "REDIS_URL": redis_url,
         "INFER_LISTEN": f"127.0.0.1:{port}",
+        "INFER_HTTP_LISTEN": "127.0.0.1:0",  # not the default 8000: servers of several runs side by side
         "INFER_MODELS": model,
         "INFER_METRICS_PORT": str(metrics_port),  # where time goes
         "INFER_WORKERS": str(workers),

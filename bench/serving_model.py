@@ -85,6 +85,7 @@ def server_config(redis_url: str, batching: bool) -> InferConfig:
         metrics_port=0,
         metrics_address="127.0.0.1",
         grpc_workers=32,
+        http_listen="127.0.0.1:0",  # served, as deployed, on a free port rather than 8000
     )
 
 

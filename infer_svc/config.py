@@ -23,6 +23,11 @@ def worker_count(raw: str) -> int:
     return int(raw)
 
 
+def http_listen_address(raw: str) -> str | None:
+    """ "127.0.0.1:8000" as given, once checked (listen_address); "off" -> None (no HTTP port)."""
+    return None if raw.strip().lower() == "off" else listen_address(raw)
+
+
 def model_list(raw: str) -> tuple[str, ...]:
     """ "digits,other" -> ("digits", "other")."""
     return tuple(check_model_name(name.strip()) for name in raw.split(",") if name.strip())
@@ -72,6 +77,11 @@ class InferConfig:
     health_listen: str | None = field(
         default_factory=lambda: env("INFER_HEALTH_LISTEN", None, listen_address)
     )
+    # The Open Inference Protocol over HTTP/REST (infer_svc.http), beside gRPC as Triton serves
+    # it (HTTP 8000, gRPC 8001): HOST:PORT, or "off" for none. Same TLS, tokens and metrics.
+    http_listen: str | None = field(
+        default_factory=lambda: env("INFER_HTTP_LISTEN", "127.0.0.1:8000", http_listen_address)
+    )
     # TLS (mutual with a client CA) from TANDEM_TLS_CERT/KEY/CLIENT_CA; None = plaintext.
     tls: ServerTLS | None = field(default_factory=ServerTLS.from_env)
     # Who may call what: TANDEM_TOKENS_FILE (unset = auth off) and TANDEM_REFLECTION (shared.security.access).
@@ -96,11 +106,10 @@ class InferConfig:
             raise ValueError(
                 f"INFER_MODELS: {LIVENESS!r} is the process's own health entry; rename the model"
             )
-        check_own_port(
-            "INFER_HEALTH_LISTEN",
-            self.health_listen,
-            {"INFER_LISTEN": port_of(self.listen), "INFER_METRICS_PORT": self.metrics_port},
-        )
+        ports = {"INFER_LISTEN": port_of(self.listen), "INFER_METRICS_PORT": self.metrics_port}
+        check_own_port("INFER_HEALTH_LISTEN", self.health_listen, ports)
+        health_port = port_of(self.health_listen) if self.health_listen else None
+        check_own_port("INFER_HTTP_LISTEN", self.http_listen, {**ports, "INFER_HEALTH_LISTEN": health_port})
 
     @property
     def worker_processes(self) -> int:

@@ -1,8 +1,11 @@
 """The inference service's Prometheus metrics, served over HTTP by `infer_svc.server`.
 
-Requests are counted and timed by `observed`, which decorates the two
-inference methods (Predict, ModelInfer); the batcher and the registry
-report through the `record_*` callbacks the server hands them.
+Requests are counted and timed by `observed_request`, around each inference
+request of either transport (the gRPC methods Predict and ModelInfer, through
+the `observed` decorator; ModelInfer over HTTP, infer_svc.http), labelled with
+the protocol ("grpc", "http") and a status in one vocabulary for both, gRPC's
+code names (OK, INVALID_ARGUMENT, ...). The batcher and the registry report
+through the `record_*` callbacks the server hands them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -21,13 +27,14 @@ SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 REQUESTS = Counter(
     "tandem_infer_requests",
-    'Inference requests by method, model ("" for one not loaded), answering version and status',
-    ["method", "model", "version", "status"],
+    'Inference requests by protocol (grpc, http), method, model ("" for one not loaded), answering '
+    "version and status (gRPC's code names, for both protocols)",
+    ["protocol", "method", "model", "version", "status"],
 )
 REQUEST_SECONDS = Histogram(
     "tandem_infer_request_seconds",
     "Time to answer an inference request, from receipt",
-    ["method"],
+    ["protocol", "method"],
     buckets=SECONDS,
 )
 # With INFER_WORKERS, each gauge is the workers' values combined (prometheus-client's
@@ -98,35 +105,54 @@ def record_swapped(servable: Servable) -> None:
     MODEL_VERSION.labels(servable.name).set(servable.version)
 
 
+@dataclass
+class Observation:
+    """What an inference request turned out to be, filled in as the transport learns it."""
+
+    model_name: str = ""
+    version: str = ""  # the answering version; "" for a request not answered
+    status: str = "UNKNOWN"  # a gRPC code name
+
+
+@contextmanager
+def observed_request(protocol: str, method: str, registry) -> Iterator[Observation]:
+    """Count and time one inference request, pending while it runs, by the Observation it fills in.
+
+    `registry` (infer_svc.registry.Registry): only loaded models get a label of
+    their own, so that names clients make up create no new time series.
+    """
+    started = time.perf_counter()
+    observation = Observation()
+    PENDING.inc()
+    try:
+        yield observation
+    finally:
+        PENDING.dec()
+        model = observation.model_name if observation.model_name in registry.served() else ""
+        REQUESTS.labels(protocol, method, model, observation.version, observation.status).inc()
+        REQUEST_SECONDS.labels(protocol, method).observe(time.perf_counter() - started)
+
+
 def observed(version_field: str):
-    """Count and time an inference method of a servicer that has a `registry`.
+    """Count and time an inference method of a gRPC servicer that has a `registry`.
 
     Put it above `translate_errors`, so that a failed call shows the status it
     was answered with. `version_field` names the response field that holds the
-    answering version. Only loaded models get a label of their own: names
-    clients make up must not create new time series.
+    answering version.
     """
 
     def decorate(method):
         @functools.wraps(method)
         def wrapper(servicer, request, context):
-            started = time.perf_counter()
-            response = None
-            PENDING.inc()
-            try:
-                response = method(servicer, request, context)
+            with observed_request("grpc", method.__name__, servicer.registry) as observation:
+                observation.model_name = request.model_name
+                try:
+                    response = method(servicer, request, context)
+                except BaseException:
+                    observation.status = (context.code() or grpc.StatusCode.UNKNOWN).name
+                    raise
+                observation.version, observation.status = str(getattr(response, version_field)), "OK"
                 return response
-            finally:
-                PENDING.dec()
-                status = (
-                    grpc.StatusCode.OK
-                    if response is not None
-                    else (context.code() or grpc.StatusCode.UNKNOWN)
-                )
-                model = request.model_name if request.model_name in servicer.registry.served() else ""
-                version = str(getattr(response, version_field)) if response is not None else ""
-                REQUESTS.labels(method.__name__, model, version, status.name).inc()
-                REQUEST_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
 
         return wrapper
 

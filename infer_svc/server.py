@@ -18,6 +18,12 @@ SERVING once a version of it serves. With INFER_HEALTH_LISTEN the same
 statuses are served in plaintext on a port of their own, for probes
 (shared.rpc.health_listener).
 
+The Open Inference Protocol is also served over HTTP/REST, as Triton serves
+it beside gRPC: INFER_HTTP_LISTEN (default 127.0.0.1:8000; "off" = none)
+opens that port (infer_svc.http) with the same predictor, batching, tokens,
+TLS files and metrics. It starts once gRPC serves; from the start of a stop
+its readiness is 503, and it closes once its calls in flight have ended.
+
 `python -m infer_svc` (infer_svc.__main__) runs INFER_WORKERS such servers
 (default: one per usable core) as processes sharing the ports, under a
 supervisor that serves their metrics (infer_svc.workers).
@@ -26,12 +32,14 @@ supervisor that serves their metrics (infer_svc.workers).
 from __future__ import annotations
 
 import logging
+import time
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infer_svc import metrics
 from infer_svc.batching import Batcher
 from infer_svc.config import InferConfig
+from infer_svc.http import HttpListener
 from infer_svc.kserve import KServeServicer
 from infer_svc.predict import Predictor
 from infer_svc.registry import Registry
@@ -110,23 +118,36 @@ class InferenceServer(GrpcService):
         if config.auth.reflection_served:  # TANDEM_REFLECTION=off: not served
             enable_reflection(server, SERVICE, KSERVE_SERVICE)
         self.port = listen(server, config.listen, config.tls)
+        self.http = HttpListener(config, self.predictor, shares_ports) if config.http_listen else None
+        self._stop_deadline = 0.0  # when the grace period of a stop begun ends
 
     def start(self) -> InferenceServer:
         self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
         self._serve()
+        if self.http:
+            self.http.start()
         self.registry.load_configured()
         self.source.start()
         log.info(
-            "event=infer_started listen=%s port=%d models=%s metrics_port=%d health_port=%s",
+            "event=infer_started listen=%s port=%d http_port=%s models=%s metrics_port=%d health_port=%s",
             self.config.listen,
             self.port,
+            self.http.port if self.http else "none",
             ",".join(self.config.models) or "any",
             self.config.metrics_port,
             self.health_listener.port if self.health_listener else "none",
         )
         return self
 
+    def _drain(self, grace: float) -> None:
+        """At the start of a stop: HTTP readiness is 503 from now, as gRPC health is NOT_SERVING."""
+        self._stop_deadline = time.monotonic() + grace
+        if self.http:
+            self.http.begin_stop()
+
     def _close(self) -> None:
+        if self.http:  # its calls in flight still need the batcher
+            self.http.stop(max(0.0, self._stop_deadline - time.monotonic()))
         self.batcher.stop()
         self.source.stop()
         self.registry.close()

@@ -6,7 +6,8 @@ checks, the servicer), and a process runs Python on one core at a time
 processes, each an `InferenceServer` of its own (registry, version source,
 batcher, gRPC server), all listening on the same port through
 SO_REUSEPORT: the kernel hands each new connection to one of them, and a
-connection stays with its worker.
+connection stays with its worker. The same goes for the health port and the
+HTTP/REST port (INFER_HEALTH_LISTEN, INFER_HTTP_LISTEN).
 
 How, after grpc's multiprocessing example (examples/python/multiprocessing):
 
@@ -48,6 +49,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from infer_svc.config import InferConfig
 from infer_svc.malloc import keep_freed_memory_for_reuse
 from infer_svc.server import InferenceServer
+from shared.rpc.health_listener import bind_tcp
 from shared.rpc.server import MetricsEndpoint, configure_logging, run_until_signalled
 
 log = logging.getLogger("tandem.infer")
@@ -58,21 +60,13 @@ STOP_MARGIN = 10.0  # seconds beyond the grace period before a worker that has n
 def reserve_port(address: str) -> tuple[socket.socket, str]:
     """Hold `address`'s port (HOST:PORT; port 0: a free one) with SO_REUSEPORT, so that the
     workers can all bind it and nothing else can; returns the socket and HOST:PORT bound."""
-    host, _, port = address.rpartition(":")
     try:
-        family, _, _, _, where = socket.getaddrinfo(
-            host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM
-        )[0]
+        holder = bind_tcp(address, reuse_port=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot listen on {address!r}: {error}") from None
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        holder.bind(where)
-    except OSError as error:
-        holder.close()
-        raise ValueError(f"cannot listen on {address!r}: {error.strerror}") from None
-    return holder, f"{host}:{holder.getsockname()[1]}"
+        raise ValueError(
+            f"cannot listen on {address!r}: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    return holder, f"{address.rpartition(':')[0]}:{holder.getsockname()[1]}"
 
 
 class Supervisor:
@@ -119,11 +113,16 @@ class Supervisor:
         """Sockets holding the ports, and the config with those ports filled in for port 0."""
         holder, listen = reserve_port(self.config.listen)
         holders = [holder]
-        health_listen = self.config.health_listen
+        health_listen, http_listen = self.config.health_listen, self.config.http_listen
         if health_listen:
             health_holder, health_listen = reserve_port(health_listen)
             holders.append(health_holder)
-        return holders, replace(self.config, listen=listen, health_listen=health_listen, metrics_port=0)
+        if http_listen:
+            http_holder, http_listen = reserve_port(http_listen)
+            holders.append(http_holder)
+        return holders, replace(
+            self.config, listen=listen, health_listen=health_listen, http_listen=http_listen, metrics_port=0
+        )
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -162,7 +161,7 @@ class Supervisor:
         # ports: nothing is pickled over to it but these strings.
         process = self._context.Process(
             target=run_worker,
-            args=(index, config.listen, config.health_listen, child_end),
+            args=(index, config.listen, config.health_listen, config.http_listen, child_end),
             name=f"infer-worker-{index}",
         )
         process.start()
@@ -211,12 +210,16 @@ class Supervisor:
         return status
 
 
-def run_worker(index: int, listen: str, health_listen: str | None, started: Connection) -> None:
+def run_worker(
+    index: int, listen: str, health_listen: str | None, http_listen: str | None, started: Connection
+) -> None:
     """A worker's life: an InferenceServer on the shared ports, until SIGTERM."""
     configure_logging()
     keep_freed_memory_for_reuse()
     stop_with_the_supervisor()
-    config = replace(InferConfig(), listen=listen, health_listen=health_listen, metrics_port=0)
+    config = replace(
+        InferConfig(), listen=listen, health_listen=health_listen, http_listen=http_listen, metrics_port=0
+    )
     server = InferenceServer(config, shares_ports=True).start()
     log.info("event=infer_worker_started worker=%d pid=%d", index, os.getpid())
     started.send(True)

@@ -7,8 +7,8 @@ prefix of its own (`key_prefix`, which the `store` fixture uses) and
 deletes the keys under it afterwards, leaving everything else alone.
 
 Tests that stop or restart Redis take `private_redis`, a server of their own.
-Inference servers in-process: `checkpoints` (the store they read) and
-`start_inference` (tests/inference_harness.py has the rest); trainers:
+Inference servers in-process: `checkpoints` (the store they read),
+`start_inference` and `served` (two versions, unbatched; tests/inference_harness.py has the rest); trainers:
 `start_trainer`, `trainer` and the module's `idle_trainer` (tests/trainer_harness.py).
 
 Helpers every tier uses: `wait_until` (a bounded wait, never a sleep as
@@ -24,7 +24,7 @@ import pytest
 from shared.checkpoints.redis_client import connect, redis_url_from_env
 from shared.checkpoints.store import CheckpointStore
 from shared.embedded.redis_server import EmbeddedRedis, redis_for_local_use
-from tests.inference_harness import Inference, infer_config
+from tests.inference_harness import Inference, infer_config, publish
 from tests.trainer_harness import Trainer, trainer_config
 
 
@@ -84,6 +84,14 @@ def start_inference(private_redis):
     yield start
     for inference in started:
         inference.close()
+
+
+@pytest.fixture
+def served(checkpoints, start_inference):
+    """A server (unbatched) with versions 1 and 2 of NAME published; (the running Inference,
+    {version: model})."""
+    models = dict(publish(checkpoints, seed=seed) for seed in (0, 1))
+    return start_inference(batching=False), models
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""The helpers every test tier uses: bounded waits (never a sleep as synchronisation) and
-Prometheus figures, in-process or over HTTP. Fixtures are in conftest.py.
+"""The helpers every test tier uses: bounded waits (never a sleep as synchronisation),
+Prometheus figures, in-process or over HTTP, and files replaced as rotation tools do.
+Fixtures are in conftest.py.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -25,6 +28,13 @@ def wait_until(condition, what: str, timeout: float = DEADLINE):
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
     return result
+
+
+def replace_file(path: Path, content: bytes) -> None:
+    """Write `content` to `path` as a rotation tool would: a new file renamed into place."""
+    staged = path.with_suffix(path.suffix + ".new")
+    staged.write_bytes(content)
+    os.replace(staged, path)
 
 
 def metric_value(name: str, **labels) -> float:

@@ -80,17 +80,22 @@ def infer_config(redis_url: str, **settings) -> InferConfig:
             "metrics_port": 0,
             "metrics_address": "127.0.0.1",
             "grpc_workers": 16,
+            "http_listen": "127.0.0.1:0",
             **settings,
         }
     )
 
 
 class Inference:
-    """An inference server running in this process, with stubs for both of its APIs and health."""
+    """An inference server running in this process, with stubs for its gRPC APIs and health, and
+    the URL of its HTTP/REST port (`http_url`, None with http_listen "off")."""
 
     def __init__(self, config: InferConfig):
         self.server = InferenceServer(config).start()
         self.address = f"127.0.0.1:{self.server.port}"
+        http = self.server.http
+        self.http_address = f"127.0.0.1:{http.port}" if http else None
+        self.http_url = f"{http.scheme}://{self.http_address}" if http else None
         self.channel = grpc.insecure_channel(self.address)
         self.stub = tandem_inference_pb2_grpc.InferenceStub(self.channel)
         self.kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)

@@ -622,6 +622,7 @@ def test_fuzz_every_rpc_of_both_servers_and_they_stay_well(tmp_path, hypothesis_
                 {
                     "REDIS_URL": infer_redis.url,
                     "INFER_LISTEN": f"127.0.0.1:{infer_port}",
+                    "INFER_HTTP_LISTEN": "127.0.0.1:0",
                     "INFER_METRICS_PORT": "0",
                     "INFER_GRACE_SECONDS": str(GRACE),
                 },

@@ -195,6 +195,7 @@ SERVERS = {
         lambda redis_url, port, tmp: {
             "REDIS_URL": redis_url,
             "INFER_LISTEN": f"127.0.0.1:{port}",
+            "INFER_HTTP_LISTEN": "127.0.0.1:0",
             "INFER_METRICS_PORT": "0",
             "INFER_GRACE_SECONDS": str(GRACE),
             "INFER_GRPC_WORKERS": "32",

@@ -296,8 +296,8 @@ def test_each_bad_predict_gets_its_status(shared_inference, case):
 
 
 def test_bad_requests_are_counted_by_status(shared_inference):
-    refused = dict(method="Predict", model=NAME, version="", status="INVALID_ARGUMENT")
-    answered = dict(method="Predict", model=NAME, version="2", status="OK")
+    refused = dict(protocol="grpc", method="Predict", model=NAME, version="", status="INVALID_ARGUMENT")
+    answered = dict(protocol="grpc", method="Predict", model=NAME, version="2", status="OK")
 
     def counts() -> list[float]:
         return [metric_value("tandem_infer_requests_total", **labels) for labels in (refused, answered)]
@@ -442,7 +442,7 @@ def test_dynamic_batching_merges_concurrent_requests_with_the_same_answers(check
         assert_close(answer, probabilities(unbatched.predict(x)))
     key = (
         "tandem_infer_requests_total",
-        (("method", "Predict"), ("model", NAME), ("status", "OK"), ("version", "1")),
+        (("method", "Predict"), ("model", NAME), ("protocol", "grpc"), ("status", "OK"), ("version", "1")),
     )
     assert growth(key) == len(rows)
 
@@ -546,6 +546,7 @@ def test_python_m_infer_svc_serves_until_sigterm(private_redis, checkpoints):
         **os.environ,
         "REDIS_URL": private_redis.url,
         "INFER_LISTEN": f"127.0.0.1:{port}",
+        "INFER_HTTP_LISTEN": "127.0.0.1:0",
         "INFER_MODELS": NAME,
         "INFER_METRICS_PORT": "0",
         "INFER_GRACE_SECONDS": "5",

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import requests
 
 from bench.service_process import child_processes
 from infer_svc.config import InferConfig
@@ -48,11 +49,12 @@ class Replica:
     """`python -m infer_svc` with INFER_WORKERS workers, started and waited for; killed at close."""
 
     def __init__(self, redis_url: str, log: Path, workers: int = WORKERS, **settings: str):
-        self.port, self.metrics_port = free_loopback_port(), free_loopback_port()
+        self.port, self.metrics_port, self.http_port = (free_loopback_port() for _ in range(3))
         environment = {
             **os.environ,
             "REDIS_URL": redis_url,
             "INFER_LISTEN": f"127.0.0.1:{self.port}",
+            "INFER_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
             "INFER_METRICS_PORT": str(self.metrics_port),
             "INFER_MODELS": NAME,
             "INFER_WORKERS": str(workers),
@@ -119,11 +121,37 @@ def test_the_workers_share_the_port_and_their_metrics_add_up(replica_and_model):
         assert answer.version == 1
         assert_close(probabilities(answer), core_probabilities(model, x))
     answered = replica.metric(
-        "tandem_infer_requests_total", method="Predict", model=NAME, version="1", status="OK"
+        "tandem_infer_requests_total", protocol="grpc", method="Predict", model=NAME, version="1", status="OK"
     )
     assert answered == CALLS, "the supervisor's /metrics does not add up its workers' counts"
     assert replica.metric("tandem_infer_model_loads_total", model=NAME) == WORKERS  # each loaded it
     assert replica.metric("tandem_infer_model_version", model=NAME) == 1
+
+
+def test_the_workers_share_the_http_port_too(replica_and_model):
+    replica, model = replica_and_model
+    x = samples(2)
+    request = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    url = f"http://127.0.0.1:{replica.http_port}"
+
+    answers = [requests.post(f"{url}/v2/models/{NAME}/infer", json=request, timeout=10) for _ in range(CALLS)]
+
+    assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+    for answer in answers:  # each a connection of its own (requests.post makes a new session)
+        assert answer.status_code == 200, answer.text
+        got = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 10)
+        assert_close(got, core_probabilities(model, x))
+    answered = replica.metric(
+        "tandem_infer_requests_total",
+        protocol="http",
+        method="ModelInfer",
+        model=NAME,
+        version="1",
+        status="OK",
+    )
+    assert answered == CALLS
 
 
 def test_every_worker_reloads_a_new_version(replica, checkpoints):
@@ -186,6 +214,7 @@ def test_a_taken_metrics_port_stops_the_start_before_any_worker(private_redis, t
             **os.environ,
             "REDIS_URL": private_redis.url,
             "INFER_LISTEN": "127.0.0.1:0",
+            "INFER_HTTP_LISTEN": "127.0.0.1:0",
             "INFER_METRICS_PORT": str(taken.getsockname()[1]),
             "INFER_WORKERS": str(WORKERS),
         }

@@ -22,16 +22,8 @@ from tests.inference_harness import (
     assert_close,
     core_probabilities,
     probabilities,
-    publish,
     samples,
 )
-
-
-@pytest.fixture
-def served(checkpoints, start_inference):
-    """A server with versions 1 and 2 published; (the running Inference, {version: model})."""
-    models = dict(publish(checkpoints, seed=seed) for seed in (0, 1))
-    return start_inference(batching=False), models
 
 
 @pytest.fixture
@@ -145,7 +137,7 @@ def test_liveness_readiness_and_model_readiness(client):
 def test_server_and_model_metadata(client):
     server = client.get_server_metadata()
     assert (server.name, server.version) == ("tandem", metadata.version("tandem"))
-    assert list(server.extensions) == []
+    assert list(server.extensions) == ["binary_tensor_data"]
 
     model = client.get_model_metadata(NAME)
 
@@ -198,6 +190,9 @@ def test_refusals_of_malformed_requests(served):
     renamed.inputs[0].name = "pixels"
     two_inputs = raw_request(x)
     two_inputs.inputs.add(name="mask", datatype="FP32", shape=[2])
+    many_dimensions = raw_request(x)
+    del many_dimensions.inputs[0].shape[:]
+    many_dimensions.inputs[0].shape.extend([1] * 40)
     with_nan = x.copy()
     with_nan[1, 0, 4, 4] = np.nan
     cases = {  # what is wrong: (request, what the message says)
@@ -208,6 +203,7 @@ def test_refusals_of_malformed_requests(served):
         "input name": (renamed, "inputs[0].name must be 'input'"),
         "NaN": (raw_request(with_nan), "inputs[0]: NaN"),
         "two inputs": (two_inputs, "the model takes one input, 'input'; got 2"),
+        "many dimensions": (many_dimensions, "inputs[0].shape has 40 dimensions; at most 32"),
     }
     for case, (request, message) in cases.items():
         refused = raw_refusal(stub, request)

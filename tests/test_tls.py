@@ -38,7 +38,7 @@ from shared.client import (
 from shared.rpc.server import grpc_server
 from shared.security.certs import CertificateAuthority, Issued
 from shared.security.tls import ClientTLS, ServerTLS, is_loopback, listen
-from tests.helpers import wait_until
+from tests.helpers import replace_file, wait_until
 from tests.inference_harness import DEADLINE, NAME, infer_config, publish, samples
 from tests.trainer_harness import trainer_config
 from trainer_svc.server import TrainerServer
@@ -217,13 +217,6 @@ def test_tritonclient_calls_the_inference_service_over_tls_and_mutual_tls(pki, c
 
 
 # ---------------------------------------------------------------- rotation
-
-
-def replace_file(path: Path, content: bytes) -> None:
-    """Write `content` to `path` as a rotation tool would: a new file renamed into place."""
-    staged = path.with_suffix(path.suffix + ".new")
-    staged.write_bytes(content)
-    os.replace(staged, path)
 
 
 def answers(address: str, tls: ClientTLS) -> bool:

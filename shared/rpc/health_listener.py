@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from concurrent import futures
 
 import grpc
@@ -61,6 +62,28 @@ def port_of(address: str) -> int | None:
     """The port of a HOST:PORT address; None for what has none (a unix: socket)."""
     port = address.rpartition(":")[2]
     return int(port) if port.isdigit() else None
+
+
+def bind_tcp(address: str, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to `address` (HOST:PORT, checked by listen_address; port 0: a free one),
+    not yet listening. `reuse_port`: SO_REUSEPORT, so that other processes of this program can
+    bind the port too (infer_svc.workers). OSError (or ValueError) if it cannot be bound."""
+    host, _, port = address.rpartition(":")
+    family, kind, protocol, _, where = socket.getaddrinfo(
+        host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM
+    )[0]
+    bound = socket.socket(family, kind, protocol)
+    try:
+        # A restart need not wait out the last run's connections in TIME_WAIT; on Linux this
+        # never lets two listening sockets share a port (SO_REUSEPORT does, on purpose).
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        bound.bind(where)
+    except OSError:
+        bound.close()
+        raise
+    return bound
 
 
 def check_own_port(setting: str, address: str | None, others: dict[str, int | None]) -> None:

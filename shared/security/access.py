@@ -1,17 +1,21 @@
-"""Who may call what: the one roles table, and the server interceptor both services install.
+"""Who may call what: the roles tables, the check, and the gRPC interceptor both services install.
 
-`METHOD_ROLES` names, for every method either server serves, the roles that
-may call it (`admin` may call anything); `None` marks a method open to
-anyone (health: probes carry no token). With auth on (a tokens file,
-shared.security.auth), each call must prove who it is, by `authorization: Bearer
-TOKEN` metadata or, with mutual TLS, by a client certificate whose common
-name the file lists:
+`METHOD_ROLES` names, for every gRPC method either server serves, the roles
+that may call it (`admin` may call anything); `None` marks a method open to
+anyone (health: probes carry no token). `HTTP_ROUTE_ROLES` does the same for
+the inference service's HTTP routes (infer_svc.http). With auth on (a tokens
+file, shared.security.auth), each call must prove who it is, by
+`authorization: Bearer TOKEN` (gRPC metadata, or an HTTP header) or, with
+mutual TLS, by a client certificate whose common name the file lists:
 
 - no credentials, a malformed header, an unknown token or certificate:
-  UNAUTHENTICATED;
+  Unauthenticated (gRPC UNAUTHENTICATED, HTTP 401);
 - a caller without a role the method needs, or a method the table does not
   know (a new RPC is refused until it is added here on purpose):
-  PERMISSION_DENIED.
+  Denied (gRPC PERMISSION_DENIED, HTTP 403).
+
+`AccessCheck` decides, knowing nothing of either transport; `AccessInterceptor`
+asks it for gRPC calls, infer_svc.http's middleware for HTTP requests.
 
 Messages say why and never quote the token. Each refusal is counted
 (`tandem_auth_failures_total{service,reason}`) and logged with the peer's
@@ -65,6 +69,19 @@ METHOD_ROLES: dict[str, frozenset[str] | None] = {
     "/inference.GRPCInferenceService/ModelMetadata": frozenset({PREDICT}),
     "/inference.GRPCInferenceService/ModelInfer": frozenset({PREDICT}),
 }
+# The Open Inference Protocol over HTTP (infer_svc.http): "METHOD /route" as aiohttp matches it.
+# Health is open, as grpc.health.v1 is; the rest needs predict, as the gRPC OIP methods do.
+HTTP_ROUTE_ROLES: dict[str, frozenset[str] | None] = {
+    "GET /v2/health/live": OPEN,
+    "GET /v2/health/ready": OPEN,
+    "GET /v2": frozenset({PREDICT}),
+    "GET /v2/models/{name}": frozenset({PREDICT}),
+    "GET /v2/models/{name}/versions/{version}": frozenset({PREDICT}),
+    "GET /v2/models/{name}/ready": frozenset({PREDICT}),
+    "GET /v2/models/{name}/versions/{version}/ready": frozenset({PREDICT}),
+    "POST /v2/models/{name}/infer": frozenset({PREDICT}),
+    "POST /v2/models/{name}/versions/{version}/infer": frozenset({PREDICT}),
+}
 REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 REFLECTION_ROLES = {"on": OPEN, "view": frozenset({VIEW})}  # "off": not served at all
 
@@ -92,9 +109,19 @@ class AccessSettings:
 
 
 class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str, caller: Caller | None = None):
+    """A call the access check turns away; `reason` labels it in tandem_auth_failures_total."""
+
+    def __init__(self, reason: str, message: str, caller: Caller | None = None):
         super().__init__(message)
-        self.code, self.reason, self.caller = code, reason, caller
+        self.reason, self.caller = reason, caller
+
+
+class Unauthenticated(Refused):
+    """No credentials, malformed ones, or ones not known here (gRPC UNAUTHENTICATED, HTTP 401)."""
+
+
+class Denied(Refused):
+    """A known caller without a role the method needs (gRPC PERMISSION_DENIED, HTTP 403)."""
 
 
 class RefusalLog:
@@ -125,103 +152,97 @@ class RefusalLog:
             return seen[1] if seen else 0
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """The access check of one server (`service` names it in metrics and logs); see the module docstring."""
+class AccessCheck:
+    """Who may call what on one server, whatever the transport: `admit` authenticates a call from
+    its `authorization` values and its client certificate's common name, and authorizes it
+    against `roles` (method or route -> roles; see the module docstring). `service` names the
+    server in metrics and logs."""
 
-    def __init__(self, settings: AccessSettings, service: str, log_interval: float = 60.0):
+    def __init__(
+        self,
+        settings: AccessSettings,
+        service: str,
+        roles: dict[str, frozenset[str] | None],
+        log_interval: float = 60.0,
+    ):
         self.tokens = TokensFile(settings.tokens_file) if settings.tokens_file else None
-        self.roles = {**METHOD_ROLES}
-        if settings.reflection_served:
-            self.roles[REFLECTION_METHOD] = REFLECTION_ROLES[settings.reflection]
-        self.service = service
+        self.roles, self.service = roles, service
         self._refusals = RefusalLog(log_interval)
-        log.info(
-            "event=access service=%s auth=%s tokens_file=%s reflection=%s",
-            service,
-            "on" if self.tokens else "off",
-            settings.tokens_file or "-",
-            settings.reflection,
-        )
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or (details.method in self.roles and self.roles[details.method] is OPEN):
-            return handler  # not served here (UNIMPLEMENTED, as without auth), or open to anyone
-        return _with_caller(handler, lambda context: self._admit(details, context))
+    @property
+    def on(self) -> bool:
+        return self.tokens is not None
 
-    def _admit(self, details, context) -> Caller:
-        """The caller, allowed to call this method; else abort the call with the status that says why."""
-        tokens = self.tokens
-        if tokens is None:
+    def is_open(self, method: str) -> bool:
+        """Whether anyone may call `method`, credentials or not (health)."""
+        return method in self.roles and self.roles[method] is OPEN
+
+    def admit(self, method: str, authorization: list[str], certificate_name: str | None, peer: str) -> Caller:
+        """The caller, allowed to call `method`; else Refused (counted and logged) saying why.
+
+        `authorization`: the call's authorization header (or metadata) values;
+        `certificate_name`: its client certificate's common name, if it has one;
+        `peer`: where it comes from, for the log.
+        """
+        if self.tokens is None:
             return UNRESTRICTED
         try:
-            caller = self._authenticate(tokens, details.invocation_metadata or (), context)
-            self._authorize(caller, details.method)
+            caller = self._authenticate(self.tokens, authorization, certificate_name)
+            self._authorize(caller, method)
             return caller
         except Refused as refused:
-            self._refused(refused, details.method, context)
-            context.abort(refused.code, str(refused))
-            raise AssertionError("unreachable: grpc's context.abort raises") from None
+            self._refused(refused, method, peer)
+            raise
 
-    def _authenticate(self, tokens: TokensFile, metadata, context) -> Caller:
-        headers = [value for key, value in metadata if key == "authorization"]
-        if headers:
-            scheme, _, token = headers[0].partition(" ")
-            if len(headers) > 1 or scheme.lower() != "bearer" or not token.strip():
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "malformed",
-                    "the authorization metadata must be one 'Bearer TOKEN'",
-                )
+    def _authenticate(
+        self, tokens: TokensFile, authorization: list[str], certificate_name: str | None
+    ) -> Caller:
+        if authorization:
+            scheme, _, token = authorization[0].partition(" ")
+            if len(authorization) > 1 or scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("malformed", "the authorization must be one 'Bearer TOKEN'")
             caller = tokens.by_token(token.strip())
             if caller is None:
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED,
+                raise Unauthenticated(
                     "unknown_token",
                     "the bearer token is not known here (mistyped, revoked or another deployment's)",
                 )
             return caller
-        names = context.auth_context().get("x509_common_name")
-        if names:
-            name = names[0].decode(errors="replace")
-            caller = tokens.by_certificate(name)
+        if certificate_name:
+            caller = tokens.by_certificate(certificate_name)
             if caller is None:
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED,
+                raise Unauthenticated(
                     "unknown_certificate",
-                    f"no token, and the client certificate's common name {name[:64]!r} "
+                    f"no token, and the client certificate's common name {certificate_name[:64]!r} "
                     "is not in the tokens file",
                 )
             return caller
-        raise Refused(
-            grpc.StatusCode.UNAUTHENTICATED,
+        raise Unauthenticated(
             "no_credentials",
-            "this server needs credentials: send the metadata 'authorization: Bearer TOKEN'",
+            "this server needs credentials: send 'authorization: Bearer TOKEN' "
+            "(gRPC metadata or an HTTP header)",
         )
 
     def _authorize(self, caller: Caller, method: str) -> None:
         if method not in self.roles:
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise Denied(
                 "unlisted",
                 f"{method} is not in the roles table (shared/security/access.py): no one may call it",
                 caller,
             )
         needed = self.roles[method]
-        if needed is OPEN:  # anyone may (intercept_service does not even ask)
+        if needed is OPEN:  # anyone may (the transports do not even ask)
             return
         if not any(caller.has(role) for role in needed):
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise Denied(
                 "role",
                 f"{caller.identity!r} (roles: {', '.join(sorted(caller.roles))}) may not call "
                 f"{method}: it needs the role {' or '.join(sorted(needed))}",
                 caller,
             )
 
-    def _refused(self, refused: Refused, method: str, context) -> None:
+    def _refused(self, refused: Refused, method: str, peer: str) -> None:
         FAILURES.labels(self.service, refused.reason).inc()
-        peer = context.peer()
         held_back = self._refusals.admit(peer)
         if held_back is not None:
             log.warning(
@@ -233,6 +254,56 @@ class AccessInterceptor(grpc.ServerInterceptor):
                 refused.caller.identity if refused.caller else "-",
                 held_back,
             )
+
+
+GRPC_STATUS_OF_REFUSAL = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Denied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def log_access(check: AccessCheck, settings: AccessSettings, transport: str) -> None:
+    """Say at start how `check` guards `transport` ("grpc", "http")."""
+    log.info(
+        "event=access service=%s transport=%s auth=%s tokens_file=%s reflection=%s",
+        check.service,
+        transport,
+        "on" if check.on else "off",
+        settings.tokens_file or "-",
+        settings.reflection,
+    )
+
+
+class AccessInterceptor(grpc.ServerInterceptor):
+    """The access check (AccessCheck) of one gRPC server, on METHOD_ROLES and reflection."""
+
+    def __init__(self, settings: AccessSettings, service: str, log_interval: float = 60.0):
+        roles = {**METHOD_ROLES}
+        if settings.reflection_served:
+            roles[REFLECTION_METHOD] = REFLECTION_ROLES[settings.reflection]
+        self.check = AccessCheck(settings, service, roles, log_interval)
+        log_access(self.check, settings, "grpc")
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or self.check.is_open(details.method):
+            return handler  # not served here (UNIMPLEMENTED, as without auth), or open to anyone
+        return _with_caller(handler, lambda context: self._admit(details, context))
+
+    def _admit(self, details, context) -> Caller:
+        """The caller, allowed to call this method; else abort the call with the status that says why."""
+        metadata = details.invocation_metadata or ()
+        names = context.auth_context().get("x509_common_name")
+        try:
+            return self.check.admit(
+                details.method,
+                [value for key, value in metadata if key == "authorization"],
+                names[0].decode(errors="replace") if names else None,
+                context.peer(),
+            )
+        except Refused as refused:
+            context.abort(GRPC_STATUS_OF_REFUSAL[type(refused)], str(refused))
+            raise AssertionError("unreachable: grpc's context.abort raises") from None
 
 
 def _with_caller(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:

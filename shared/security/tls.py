@@ -1,4 +1,7 @@
-"""TLS for Tandem's gRPC servers and clients: the settings, the credentials, and binding a port.
+"""TLS for Tandem's servers and clients: the settings, the credentials, and binding a port.
+
+gRPC servers take `ServerTLS.credentials()`; the inference service's HTTP port
+(infer_svc.http) takes `ServerTLS.ssl_context()`, from the same files.
 
 Servers (both services) read, from the environment:
 
@@ -21,7 +24,10 @@ presents a server's certificate by accident.
 A server's files are re-read when they change, without a restart: grpc calls
 the fetcher of its dynamic credentials before every new handshake, and the
 fetcher stats the files first (cheap) and reloads only when one changed.
-Connections already open keep the certificate they were made with.
+The HTTP port does the same from the ssl module's server-name callback, which
+OpenSSL calls in every handshake: it hands the connection the context made
+from the files' current contents. Connections already open keep the
+certificate they were made with.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ import logging
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 
 from shared.env import env
 
 log = logging.getLogger("tandem.tls")
+Loaded = TypeVar("Loaded")  # what a server's TLS files are loaded as: a grpc or an ssl configuration
 
 
 # ---------------------------------------------------------------- files
@@ -116,15 +125,52 @@ class ServerTLS:
         """Credentials that follow the files: each new connection gets their current contents.
         Checked first, so that a server given a bad pair stops at start."""
         self.check()
-        files = CertificateFiles(self)
+        files = CertificateFiles(self, grpc_configuration)
         return grpc.dynamic_ssl_server_credentials(
             files.initial, files, require_client_authentication=self.client_ca is not None
         )
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """An ssl server context that follows the files: each new connection gets their current
+        contents (through the context's server-name callback, which OpenSSL calls in every
+        handshake, with or without a name). Checked first, as `credentials` is."""
+        self.check()
+        files = CertificateFiles(self, ssl_server_context)
+        listening = files.initial  # every connection's SSL object is made from this one
+        current = listening
 
-class CertificateFiles:
-    """A ServerTLS's files as last loaded; called (by grpc, before each handshake) it returns a
-    new certificate configuration when they changed, else None (keep the current one).
+        def follow_the_files(connection, server_name, context) -> None:
+            nonlocal current
+            current = files() or current
+            if current is not listening:
+                connection.context = current  # OpenSSL's SSL_set_SSL_CTX: this connection's certificate
+
+        listening.sni_callback = follow_the_files
+        return listening
+
+
+def grpc_configuration(tls: ServerTLS) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+    )
+
+
+def ssl_server_context(tls: ServerTLS) -> ssl.SSLContext:
+    """An ssl context serving `tls`'s certificate; with a client CA, requiring a client certificate
+    it signed (as grpc's require_client_authentication does)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key, password=_no_password)
+    if tls.client_ca is not None:
+        context.load_verify_locations(cafile=tls.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class CertificateFiles(Generic[Loaded]):
+    """A ServerTLS's files as last loaded by `load`; called (before each handshake) it returns a
+    new configuration when they changed, else None (keep the current one).
 
     A change is seen by stat (inode, size, mtime), so an unchanged set costs
     a stat per file. A set that does not load (a rotation half done: a new
@@ -132,15 +178,15 @@ class CertificateFiles:
     logged once, and is tried again at the next handshake.
     """
 
-    def __init__(self, tls: ServerTLS):
-        self._tls = tls
+    def __init__(self, tls: ServerTLS, load: Callable[[ServerTLS], Loaded]):
+        self._tls, self._load = tls, load
         self._paths = [path for path in (tls.cert, tls.key, tls.client_ca) if path is not None]
         self._lock = threading.Lock()  # handshakes may call in from several threads
         self._failed: tuple | None = None  # the files' stat when they last failed to load
         self._loaded = self._stat()
-        self.initial = self._configuration()
+        self.initial = load(tls)
 
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+    def __call__(self) -> Loaded | None:
         signature = self._stat()
         if signature == self._loaded:
             return None
@@ -149,8 +195,8 @@ class CertificateFiles:
                 return None
             try:
                 self._tls.check()
-                configuration = self._configuration()
-            except (ValueError, OSError) as error:
+                configuration = self._load(self._tls)
+            except (ValueError, OSError, ssl.SSLError) as error:
                 if signature != self._failed:
                     log.warning(
                         "event=tls_reload_failed cert=%s: %s; serving the previous certificate",
@@ -174,13 +220,6 @@ class CertificateFiles:
             return status.st_ino, status.st_size, status.st_mtime_ns
 
         return tuple(one(path) for path in self._paths)
-
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        tls = self._tls
-        return grpc.ssl_server_certificate_configuration(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-        )
 
 
 def is_loopback(address: str) -> bool:
@@ -218,14 +257,21 @@ def listen(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
             f"required, signed by {tls.client_ca}" if tls.client_ca else "not asked for",
         )
         return server.add_secure_port(address, tls.credentials())
+    warn_if_plaintext_on_network(address, "gRPC")
+    return server.add_insecure_port(address)
+
+
+def warn_if_plaintext_on_network(address: str, protocol: str) -> None:
+    """Log loudly that `protocol` ("gRPC", "HTTP") is served without TLS at `address`, unless
+    that is loopback only."""
     if not is_loopback(address):
         log.warning(
-            "event=plaintext_on_network listen=%s: gRPC WITHOUT TLS on a non-loopback "
+            "event=plaintext_on_network listen=%s: %s WITHOUT TLS on a non-loopback "
             "address; anyone on the network can read and send calls. Set "
             "TANDEM_TLS_CERT and TANDEM_TLS_KEY to serve TLS.",
             address,
+            protocol,
         )
-    return server.add_insecure_port(address)
 
 
 # ---------------------------------------------------------------- the client's side
