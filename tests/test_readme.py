@@ -12,7 +12,8 @@ services that `make services` starts runs at the README's own addresses
 (trainer 127.0.0.1:50051, inference 127.0.0.1:50052, its HTTP port
 127.0.0.1:8000) on an embedded Redis: a reader who follows the README from the
 top has those running too. `sh` blocks run in bash with `set -euo pipefail`,
-`python` blocks in this interpreter; each in one working directory shared by
+`python` blocks in this interpreter (as doctests when they start with `>>>`, so
+that their printed answers are checked too); each in one working directory shared by
 all of them (a later block may read what an earlier one wrote, as a reader's
 would), where `.venv` leads to the checkout's. A block passes when it exits 0.
 
@@ -126,7 +127,13 @@ def test_runnable_block(readme_session, language, code, line):
     program = code.split()[0]
     if language == "sh" and not program.startswith(".") and shutil.which(program) is None:
         pytest.skip(f"README.md:{line} runs {program}, which is not installed here")
-    command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
+    if language == "sh":
+        command = ["bash", "-euo", "pipefail", "-c", code]
+    elif code.startswith(">>>"):  # a doctest: each example's output is checked too
+        (workdir / f"README-{line}.txt").write_text(code)
+        command = [sys.executable, "-m", "doctest", f"README-{line}.txt"]
+    else:
+        command = [sys.executable, "-c", code]
     done = subprocess.run(
         command,
         check=False,
