@@ -261,19 +261,11 @@ def upload(
 # ---------------------------------------------------------------- trainer processes
 
 
-@contextmanager
-def trainer_process(
-    redis_url: str,
-    port: int,
-    log_path: Path,
-    data_dir: Path,
-    metrics_port: int = 0,
-    extra_env: dict[str, str] | None = None,
-):
-    """`python -m trainer_svc` configured by environment variables, serving once this yields.
-
-    `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
-    """
+def trainer_env(
+    redis_url: str, port: int, data_dir: Path, metrics_port: int = 0, extra_env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a `python -m trainer_svc`: this one's without any TRAINER_, TANDEM_ or
+    REDIS_ variable, and the settings given (port 0: a free one)."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -288,6 +280,23 @@ def trainer_process(
         PYTHONUNBUFFERED="1",
         **(extra_env or {}),
     )
+    return env
+
+
+@contextmanager
+def trainer_process(
+    redis_url: str,
+    port: int,
+    log_path: Path,
+    data_dir: Path,
+    metrics_port: int = 0,
+    extra_env: dict[str, str] | None = None,
+):
+    """`python -m trainer_svc` configured by environment variables, serving once this yields.
+
+    `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
+    """
+    env = trainer_env(redis_url, port, data_dir, metrics_port, extra_env)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "trainer_svc"],
