@@ -6,9 +6,10 @@ nothing but say so. It still serves from the first moment, as the inference
 service does: live ("liveness" SERVING), not ready ("" and the service
 NOT_SERVING), every Trainer call refused with UNAVAILABLE and a message
 that says why (`check`, which the servicer runs before each call), and a
-SIGTERM stops it at once. Once Redis answers a PING, `on_reached` starts the
-work (the job manager: interrupted jobs are resumed, the pool is joined) and
-the trainer turns ready.
+SIGTERM stops it at once. Once Redis answers a PING, `start_work` starts the
+work (the job manager: interrupted jobs are resumed, the pool is joined),
+then calls are let through, and `on_ready` says so (health SERVING): a
+caller that sees the trainer ready is never refused as waiting.
 
 The first attempt is made by `begin`, in the caller: a trainer whose Redis
 is up is ready when its start returns, as before. The retries are on a
@@ -42,19 +43,20 @@ class WaitingForRedis(StoreUnavailable):
 
 
 class RedisWait:
-    """Pings `probe` until it answers, then runs `on_reached`, once (unless stopped first)."""
+    """Pings `probe` until it answers, then runs `start_work` and `on_ready`, once (unless stopped first)."""
 
     def __init__(
         self,
         probe: redis.Redis,
-        on_reached: Callable[[], None],
+        start_work: Callable[[], None],
+        on_ready: Callable[[], None],
         *,
         backoff: tuple[float, float] = BACKOFF,
     ):
-        self._probe, self._on_reached = probe, on_reached
+        self._probe, self._start_work, self._on_ready = probe, start_work, on_ready
         self._backoff = backoff
         self.address = describe(probe)  # without username or password
-        # Held by `on_reached` and by `stop`, so that the work is started once or not at all.
+        # Held while the work starts and by `stop`, so that the work is started once or not at all.
         self._lock = threading.Lock()
         self._reached = False
         self._stopping = threading.Event()
@@ -107,7 +109,8 @@ class RedisWait:
         with self._lock:
             if self._stopping.is_set():
                 return True
-            self._on_reached()
+            self._start_work()
             self._reached = True
+        self._on_ready()
         log.info("event=redis_connected url=%s after=%.1fs", self.address, time.monotonic() - self._began)
         return True

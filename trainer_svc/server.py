@@ -63,7 +63,6 @@ class TrainerServer(GrpcService):
         pool_client = connect_pool(config.redis_url, config.lease_renew_ms / 1000)
         probe = connect(config.redis_url, retries=0, timeout=PROBE_TIMEOUT)  # RedisWait does the retrying
         self._redis_clients = (client, pool_client, probe)
-        self.redis_wait = RedisWait(probe, self._start_work)
         self.store = CheckpointStore(
             client, retention=config.checkpoint_retention, on_unreplicated=metrics.record_unreplicated
         )
@@ -88,6 +87,7 @@ class TrainerServer(GrpcService):
             takeover_scan_seconds=config.takeover_scan_ms / 1000,
             queue_poll_seconds=config.queue_poll_ms / 1000,
         )
+        self.redis_wait = RedisWait(probe, self.manager.start, self._ready)  # the work waits for Redis
         health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
         for service in HEALTH_SERVICES:  # known from the first call on; SERVING once started
             health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -121,9 +121,8 @@ class TrainerServer(GrpcService):
         self.redis_wait.begin()
         return self
 
-    def _start_work(self) -> None:
-        """Once Redis has answered: the job manager starts, and the trainer is ready."""
-        self.manager.start()
+    def _ready(self) -> None:
+        """Once Redis has answered and the job manager has started: the trainer is ready."""
         if self.config.metrics_port:  # counted from the job records, which are in Redis
             self._job_states = metrics.register_job_states(
                 lambda: (r.state.value for r in self.manager.list(UNRESTRICTED))
