@@ -77,35 +77,30 @@ class Service:
 def planned_services() -> list[Service]:
     """The two services, as their settings (the environment) make them; ValueError for one that
     cannot work, naming the variable, as the services themselves would."""
-    trainer, infer = TrainerConfig(), InferConfig()
     return [
-        Service(
-            "trainer",
-            "trainer_svc",
-            trainer.listen,
-            "",  # ready: it has reached its Redis
-            trainer.grace_seconds,
-            service_ports(
-                ("TRAINER_LISTEN", trainer.listen),
-                ("TRAINER_METRICS_PORT", f"{trainer.metrics_address}:{trainer.metrics_port}"),
-                ("TRAINER_HEALTH_LISTEN", trainer.health_listen),
-            ),
-            metrics_url(trainer.metrics_address, trainer.metrics_port),
-        ),
-        Service(
-            "infer",
-            "infer_svc",
-            infer.listen,
-            LIVENESS,  # ready only once a model is published: live is what can be waited for
-            infer.grace_seconds,
-            service_ports(
-                ("INFER_LISTEN", infer.listen),
-                ("INFER_METRICS_PORT", f"{infer.metrics_address}:{infer.metrics_port}"),
-                ("INFER_HEALTH_LISTEN", infer.health_listen),
-            ),
-            metrics_url(infer.metrics_address, infer.metrics_port),
-        ),
+        planned("trainer", "trainer_svc", TrainerConfig(), "TRAINER", ready_when=""),  # "": Redis reached
+        # Ready only once a model is published: live is what can be waited for.
+        planned("infer", "infer_svc", InferConfig(), "INFER", ready_when=LIVENESS),
     ]
+
+
+def planned(
+    name: str, module: str, config: TrainerConfig | InferConfig, prefix: str, ready_when: str
+) -> Service:
+    """A service from its config, whose variables are PREFIX_LISTEN, PREFIX_METRICS_PORT, ..."""
+    return Service(
+        name,
+        module,
+        config.listen,
+        ready_when,
+        config.grace_seconds,
+        service_ports(
+            (f"{prefix}_LISTEN", config.listen),
+            (f"{prefix}_METRICS_PORT", f"{config.metrics_address}:{config.metrics_port}"),
+            (f"{prefix}_HEALTH_LISTEN", config.health_listen),
+        ),
+        metrics_url(config.metrics_address, config.metrics_port),
+    )
 
 
 def service_ports(*settings: tuple[str, str | None]) -> dict[str, str]:

@@ -29,6 +29,7 @@ from tests.trainer_harness import (
     list_checkpoints,
     mlp_job,
     rpc_error,
+    start_trainer_process,
     trainer_config,
     trainer_env,
 )
@@ -111,15 +112,7 @@ def test_the_trainer_process_waits_for_redis_with_one_log_line_and_stops_on_sigt
     log_path = tmp_path / "trainer.log"
     # A password in the URL, which no log line may show.
     env = trainer_env(f"redis://:hush-hush@127.0.0.1:{closed_port}/0", 0, tmp_path / "data")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trainer_svc"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_trainer_process(env, log_path)
     try:
         started = wait_until(
             lambda: re.search(r"event=trainer_started .* port=(\d+)", log_path.read_text()),

@@ -283,6 +283,19 @@ def trainer_env(
     return env
 
 
+def start_trainer_process(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m trainer_svc` from the checkout, with `env` only, its output added to `log_path`."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer_svc"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @contextmanager
 def trainer_process(
     redis_url: str,
@@ -296,16 +309,7 @@ def trainer_process(
 
     `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
     """
-    env = trainer_env(redis_url, port, data_dir, metrics_port, extra_env)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trainer_svc"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_trainer_process(trainer_env(redis_url, port, data_dir, metrics_port, extra_env), log_path)
     try:
         with bounded_channel(port) as channel:
             health = health_pb2_grpc.HealthStub(channel)
