@@ -137,8 +137,8 @@ def check_ports_free(services: list[Service]) -> None:
                     probe.bind(where)
                 except OSError as error:
                     raise ValueError(
-                        f"port {port} ({variable}={address}) is taken: {error.strerror}; "
-                        f"stop what listens there, or set {variable} to another"
+                        f"port {port} on {host} is taken ({error.strerror}): stop what listens "
+                        f"there, or set {variable} to another"
                     ) from None
 
 
@@ -210,7 +210,7 @@ def stop_all(children: list[Running], console: Console) -> bool:
 class Wakeups:
     """What the supervising loop waits for besides its children: SIGINT/SIGTERM, and readiness."""
 
-    SIGNAL, READY, NOT_READY = b"s", b"r", b"n"
+    SIGNAL, READY, NOT_READY = "s", "r", "n"
 
     def __init__(self):
         self.reader, self._writer = socket.socketpair()
@@ -218,11 +218,12 @@ class Wakeups:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.send(self.SIGNAL))
 
-    def send(self, what: bytes) -> None:
-        self._writer.send(what)
+    def send(self, what: str) -> None:
+        self._writer.send(what.encode())
 
-    def received(self) -> bytes:
-        return self.reader.recv(64)
+    def received(self) -> str:
+        """What was sent since the last call, in order."""
+        return self.reader.recv(64).decode()
 
 
 def tell_when_serving(children: list[Running], connection: Connection, wakeups: Wakeups) -> None:
@@ -255,10 +256,10 @@ def supervise(children: list[Running], wakeups: Wakeups, console: Console, redis
                 )
                 return 1
             for what in wakeups.received():
-                if bytes([what]) == Wakeups.SIGNAL:
+                if what == Wakeups.SIGNAL:
                     console.line("stopping the services (Redis last)")
                     return 0
-                if bytes([what]) == Wakeups.NOT_READY:
+                if what == Wakeups.NOT_READY:
                     console.line(
                         f"the services did not all serve within {READY_TIMEOUT:.0f} s "
                         f"(their lines above say why); stopping them",
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     wakeups = Wakeups()  # from here on a signal is a stop, in order
     children: list[Running] = []
+    status = 1  # unless supervise says otherwise
     try:
         with redis_for_local_use(given_url, data_dir=args.redis_dir, stop_with_owner=True) as redis_url:
             try:

@@ -227,6 +227,7 @@ def test_a_port_taken_fails_at_once_naming_its_variable(variable, launcher_env, 
             check=False,
         )
     assert done.returncode == 1, done
-    assert f"port {port} ({variable}=" in done.stderr and f"set {variable} to another" in done.stderr
+    assert f"port {port} on 127.0.0.1 is taken" in done.stderr, done.stderr
+    assert f"set {variable} to another" in done.stderr
     assert done.stdout == ""  # nothing was started: no service said anything
     assert not (tmp_path / "redis").exists()
