@@ -7,11 +7,17 @@ STAMP  := $(VENV)/.installed
 MLSERVER_VENV  := .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
 
-.PHONY: demo test test-slow test-compose compose-images bench venv clean lint
+.PHONY: demo services test test-slow test-compose compose-images bench venv clean lint
 
 # `make demo TLS=1`: every call over mutual TLS, with a throwaway CA (scripts/demo.py --tls).
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(filter 1,$(TLS)),--tls)
+
+# The trainer and the inference service in the foreground, their logs interleaved, Ctrl-C
+# stops both (scripts/services.py): on an embedded Redis that keeps its data in .tandem/redis/,
+# or on the Redis that REDIS_URL names (`make services REDIS_URL=redis://host:6379/0`).
+services: $(STAMP)
+	$(PY) scripts/services.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -33,7 +33,6 @@ copies of each (README: INFER_WORKERS).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -49,6 +48,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from infer_svc.config import InferConfig
 from infer_svc.malloc import keep_freed_memory_for_reuse
 from infer_svc.server import InferenceServer
+from shared.parent_death import stop_when_parent_dies
 from shared.rpc.health_listener import bind_tcp
 from shared.rpc.server import MetricsEndpoint, configure_logging, run_until_signalled
 
@@ -228,10 +228,7 @@ def run_worker(
 
 
 def stop_with_the_supervisor() -> None:
-    """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies (even
-    SIGKILL, which gives it no chance to stop us): an orphaned worker would go on holding the port."""
-    PR_SET_PDEATHSIG = 1  # prctl(2)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies: an
+    orphaned worker would go on holding the port (shared.parent_death)."""
     supervisor = multiprocessing.parent_process()
-    if supervisor is None or os.getppid() != supervisor.pid:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    stop_when_parent_dies(supervisor.pid if supervisor else None)

@@ -11,7 +11,7 @@ Each package imports only those listed after it (never one listed before it):
     checkpoints/  the checkpoint format and its Redis store  (nn, base)
     nn/           the NumPy learning core                    (data, base)
     data/         datasets                                   (base)
-    base: dtypes.py, env.py, limits.py, version.py           (nothing of ours)
+    base: dtypes.py, env.py, limits.py, parent_death.py, version.py  (nothing of ours)
 
 The services (trainer_svc, infer_svc) may import everything but cli, client
 and embedded; tests/test_architecture.py checks all of this.

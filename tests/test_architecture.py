@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"shared.dtypes", "shared.env", "shared.limits", "shared.version"}
+BASE = {"shared.dtypes", "shared.env", "shared.limits", "shared.parent_death", "shared.version"}
 SERVICE_MAY_IMPORT = BASE | {
     "shared.data",
     "shared.nn",

@@ -74,6 +74,19 @@ def test_restart_keeps_the_address_and_loses_the_data(tcp):
         assert client.get("k") is None
 
 
+def test_a_data_dir_keeps_the_data_for_the_next_server_on_it(tmp_path):
+    data_dir = tmp_path / "redis"
+    with EmbeddedRedis(data_dir=data_dir) as server:
+        client = connect(server.url)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("dir")["dir"] == str(data_dir)
+        client.set("k", b"v")
+        client.close()
+    with EmbeddedRedis(data_dir=data_dir) as server:
+        assert connect(server.url).get("k") == b"v"
+    assert data_dir.is_dir()  # not removed with the server's own directory
+
+
 def test_down_stops_redis_until_the_block_ends(private_redis):
     probe = redis.Redis.from_url(private_redis.url, retry=None, socket_connect_timeout=1)
     with private_redis.down(), pytest.raises(redis.ConnectionError):
@@ -116,10 +129,12 @@ def test_atexit_stops_a_server_left_running():
     assert not socket_path(url).parent.exists() and process_is_gone(int(pid))
 
 
-def test_redis_for_local_use_prefers_redis_url(monkeypatch):
+def test_redis_for_local_use_prefers_a_given_url_then_redis_url(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://cache.internal:6379/0")
     with redis_for_local_use() as url:
         assert url == "redis://cache.internal:6379/0"
+    with redis_for_local_use("redis://given.internal:6379/0") as url:
+        assert url == "redis://given.internal:6379/0"
     monkeypatch.delenv("REDIS_URL")
     with redis_for_local_use() as url:
         assert url.startswith("unix://") and connect(url).ping()

@@ -261,19 +261,11 @@ def upload(
 # ---------------------------------------------------------------- trainer processes
 
 
-@contextmanager
-def trainer_process(
-    redis_url: str,
-    port: int,
-    log_path: Path,
-    data_dir: Path,
-    metrics_port: int = 0,
-    extra_env: dict[str, str] | None = None,
-):
-    """`python -m trainer_svc` configured by environment variables, serving once this yields.
-
-    `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
-    """
+def trainer_env(
+    redis_url: str, port: int, data_dir: Path, metrics_port: int = 0, extra_env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a `python -m trainer_svc`: this one's without any TRAINER_, TANDEM_ or
+    REDIS_ variable, and the settings given (port 0: a free one)."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -288,8 +280,13 @@ def trainer_process(
         PYTHONUNBUFFERED="1",
         **(extra_env or {}),
     )
+    return env
+
+
+def start_trainer_process(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m trainer_svc` from the checkout, with `env` only, its output added to `log_path`."""
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "trainer_svc"],
             cwd=REPO,
             env=env,
@@ -297,6 +294,22 @@ def trainer_process(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+@contextmanager
+def trainer_process(
+    redis_url: str,
+    port: int,
+    log_path: Path,
+    data_dir: Path,
+    metrics_port: int = 0,
+    extra_env: dict[str, str] | None = None,
+):
+    """`python -m trainer_svc` configured by environment variables, serving once this yields.
+
+    `extra_env` are more of them (TRAINER_LEASE_MS="2000", ...).
+    """
+    process = start_trainer_process(trainer_env(redis_url, port, data_dir, metrics_port, extra_env), log_path)
     try:
         with bounded_channel(port) as channel:
             health = health_pb2_grpc.HealthStub(channel)

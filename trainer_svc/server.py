@@ -6,10 +6,12 @@ so that tests start a real server in-process and `python -m trainer_svc`
 runs the same thing until SIGTERM. Stopping is shared.rpc.server.GrpcService's;
 what is the trainer's own is letting running jobs checkpoint first.
 
-Health: "liveness" (shared.rpc.health.LIVENESS), "" and tandem.v1.Trainer are
-SERVING from start until a shutdown begins; with TRAINER_HEALTH_LISTEN they
-are served in plaintext on a port of their own too, for probes
-(shared.rpc.health_listener).
+The trainer serves as soon as it starts, with or without its Redis; its
+work (the job manager) starts once Redis answers (trainer_svc.redis_wait).
+Health: "liveness" (shared.rpc.health.LIVENESS) is SERVING from the start,
+"" and tandem.v1.Trainer once the work has started; all NOT_SERVING from the
+start of a shutdown. With TRAINER_HEALTH_LISTEN they are served in plaintext
+on a port of their own too, for probes (shared.rpc.health_listener).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from trainer_svc.events import EventHub
 from trainer_svc.job_repository import JobRepository
 from trainer_svc.manager import JobManager
 from trainer_svc.pool import JobPool, connect_pool
+from trainer_svc.redis_wait import RedisWait
 from trainer_svc.request_validator import RequestValidator
 from trainer_svc.servicer import TrainerServicer
 from trainer_svc.training import JobRunner
@@ -50,6 +53,7 @@ SERVICE = tandem_trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
 SERVICE_NAME = SERVICE.full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" = the server as a whole
 MAX_MESSAGE_BYTES = 8 * 2**20
+PROBE_TIMEOUT = 2.0  # seconds a PING has, while the trainer waits for its Redis at start
 
 
 class TrainerServer(GrpcService):
@@ -57,7 +61,8 @@ class TrainerServer(GrpcService):
         self.config = config
         client = connect(config.redis_url)
         pool_client = connect_pool(config.redis_url, config.lease_renew_ms / 1000)
-        self._redis_clients = (client, pool_client)
+        probe = connect(config.redis_url, retries=0, timeout=PROBE_TIMEOUT)  # RedisWait does the retrying
+        self._redis_clients = (client, pool_client, probe)
         self.store = CheckpointStore(
             client, retention=config.checkpoint_retention, on_unreplicated=metrics.record_unreplicated
         )
@@ -82,6 +87,7 @@ class TrainerServer(GrpcService):
             takeover_scan_seconds=config.takeover_scan_ms / 1000,
             queue_poll_seconds=config.queue_poll_ms / 1000,
         )
+        self.redis_wait = RedisWait(probe, self.manager.start, self._ready)  # the work waits for Redis
         health = HealthServicer.for_workers(config.grpc_workers, "TRAINER_GRPC_WORKERS")
         for service in HEALTH_SERVICES:  # known from the first call on; SERVING once started
             health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -92,7 +98,7 @@ class TrainerServer(GrpcService):
             "trainer", server, health, config.grace_seconds, config.health_listen, "TRAINER_HEALTH_LISTEN"
         )
         tandem_trainer_pb2_grpc.add_TrainerServicer_to_server(
-            TrainerServicer(self.manager, self.store, self.catalog), server
+            TrainerServicer(self.manager, self.store, self.catalog, self.redis_wait), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if config.auth.reflection_served:  # TANDEM_REFLECTION=off: not served
@@ -101,15 +107,10 @@ class TrainerServer(GrpcService):
         self._job_states: metrics.JobStates | None = None
 
     def start(self) -> TrainerServer:
-        self.manager.start()
+        """Serve (live, not yet ready), then start the work once Redis answers: now or later."""
         if self.config.metrics_port:
             self.metrics_http = MetricsEndpoint(self.config.metrics_port, self.config.metrics_address)
-            self._job_states = metrics.register_job_states(
-                lambda: (r.state.value for r in self.manager.list(UNRESTRICTED))
-            )
         self._serve()
-        for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "event=trainer_started listen=%s port=%d metrics_port=%d health_port=%s",
             self.config.listen,
@@ -117,11 +118,24 @@ class TrainerServer(GrpcService):
             self.config.metrics_port,
             self.health_listener.port if self.health_listener else "none",
         )
+        self.redis_wait.begin()
         return self
 
+    def _ready(self) -> None:
+        """Once Redis has answered and the job manager has started: the trainer is ready."""
+        if self.config.metrics_port:  # counted from the job records, which are in Redis
+            self._job_states = metrics.register_job_states(
+                lambda: (r.state.value for r in self.manager.list(UNRESTRICTED))
+            )
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
     def _drain(self, grace: float) -> None:
-        """Take no new jobs; let running ones stop at a step boundary with a final checkpoint."""
-        self.manager.shutdown(grace)
+        """Take no new jobs; let running ones stop at a step boundary with a final checkpoint.
+
+        A trainer still waiting for its Redis has no jobs: it stops waiting, and that is all."""
+        if self.redis_wait.stop():
+            self.manager.shutdown(grace)
         self._relay.close(timeout=2.0)  # the jobs' last events, for watchers on other trainers
 
     def _close(self) -> None:
@@ -133,4 +147,9 @@ class TrainerServer(GrpcService):
 
 def main() -> None:
     configure_logging()
-    run_until_signalled(TrainerServer(TrainerConfig()).start())
+    try:
+        server = TrainerServer(TrainerConfig())
+    except ValueError as error:  # a setting that cannot work; the message names the variable
+        log.error("event=trainer_misconfigured error=%s", error)
+        raise SystemExit(1) from None
+    run_until_signalled(server.start())

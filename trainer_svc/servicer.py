@@ -6,7 +6,8 @@ Status codes: a stored checkpoint that fails verification (CheckpointError)
 -> INVALID_ARGUMENT; LookupError (unknown job, preset, dataset, model or
 version) -> NOT_FOUND; an existing upload -> ALREADY_EXISTS; an upload over
 the size limit -> RESOURCE_EXHAUSTED; another caller's job or dataset (NotPermitted) ->
-PERMISSION_DENIED; Redis unreachable, the trainer shutting down, or a
+PERMISSION_DENIED; Redis unreachable (also every call while the trainer waits
+for its Redis at start: trainer_svc.redis_wait), the trainer shutting down, or a
 watched job moving to another trainer (watch again) -> UNAVAILABLE.
 Messages come from the domain and name the field.
 
@@ -42,6 +43,7 @@ from trainer_svc.events import (
 )
 from trainer_svc.jobs import JobRecord, JobState, JobSubmission
 from trainer_svc.manager import JobManager, NotAccepting
+from trainer_svc.redis_wait import RedisWait
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000  # a larger page_size is served as this many
@@ -58,6 +60,9 @@ STATUS_BY_ERROR = [  # the first match wins
     (NotAccepting, grpc.StatusCode.UNAVAILABLE),
     (WatchMoved, grpc.StatusCode.UNAVAILABLE),
 ]
+# Every Trainer call: refused while the trainer waits for its Redis (WaitingForRedis, a
+# StoreUnavailable), then whatever the domain raises, translated by the table above.
+answer = translate_errors(STATUS_BY_ERROR, check=lambda servicer: servicer.redis_wait.check())
 
 
 HYPERPARAMETER_FIELDS = [f.name for f in pb.Hyperparameters.DESCRIPTOR.fields]
@@ -149,18 +154,21 @@ def job_to_proto(record: JobRecord) -> pb.Job:
 
 
 class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, jobs: JobManager, store: CheckpointStore, catalog: DatasetCatalog):
+    def __init__(
+        self, jobs: JobManager, store: CheckpointStore, catalog: DatasetCatalog, redis_wait: RedisWait
+    ):
         self.jobs, self.store, self.catalog = jobs, store, catalog
+        self.redis_wait = redis_wait
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def StartJob(self, request, context):
         return job_to_proto(self.jobs.submit(submission_from_proto(request), current_caller()))
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def GetJob(self, request, context):
         return job_to_proto(self.jobs.get(request.job_id, current_caller()))
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def ListJobs(self, request, context):
         states = requested_states(request.states)
         if request.page_size < 0:
@@ -179,7 +187,7 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
             jobs=[job_to_proto(r) for r in page], next_page_token=str(offset + page_size) if more else ""
         )
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def WatchJob(self, request, context):
         record, subscription = self.jobs.watch(request.job_id, current_caller())
         try:
@@ -198,11 +206,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
         finally:
             subscription.close()
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def CancelJob(self, request, context):
         return job_to_proto(self.jobs.cancel(request.job_id, current_caller()))
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def ListCheckpoints(self, request, context):
         versions = self.store.versions(request.model_name)
         if not versions:
@@ -214,11 +222,11 @@ class TrainerServicer(tandem_trainer_pb2_grpc.TrainerServicer):
             ]
         )
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def ListDatasets(self, request, context):
         return pb.ListDatasetsResponse(datasets=[dataset_info(s) for s in self.catalog.summaries()])
 
-    @translate_errors(STATUS_BY_ERROR)
+    @answer
     def UploadDataset(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("chunk") != "header":

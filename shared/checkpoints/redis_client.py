@@ -215,7 +215,10 @@ def connect(
     }
     if scheme in SENTINEL_SCHEMES:
         return _connect_via_sentinels(parse_sentinel_url(url), settings, timeout, readonly)
-    return redis.Redis.from_url(url, **settings)
+    try:
+        return redis.Redis.from_url(url, **settings)
+    except ValueError as error:  # not an address redis-py can parse; never quoted: it may hold a password
+        raise ValueError(f"REDIS_URL: {error}") from None
 
 
 @dataclass(frozen=True)

