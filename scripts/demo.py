@@ -119,7 +119,13 @@ def running_inference(redis_url: str, tls: ServerTLS | None, connection: Connect
     """An inference service on a free port of 127.0.0.1 (no metrics) that serves MODEL_NAME's
     latest version; yields a client. It is live at once, and ready once a version serves."""
     config = InferConfig(
-        redis_url=redis_url, listen="127.0.0.1:0", models=(MODEL_NAME,), pinned={}, metrics_port=0, tls=tls
+        redis_url=redis_url,
+        listen="127.0.0.1:0",
+        http_listen=None,  # the demo speaks gRPC; `make services` may hold the HTTP port
+        models=(MODEL_NAME,),
+        pinned={},
+        metrics_port=0,
+        tls=tls,
     )
     server = InferenceServer(config).start()
     print(

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -72,6 +72,7 @@ class Service:
     grace_seconds: float
     ports: dict[str, str]  # the variable that sets it -> HOST:PORT, checked free before any start
     metrics: str  # the URL of its metrics, or "off"
+    http: str = "off"  # the URL of its Open Inference Protocol over HTTP/REST (inference), or "off"
 
 
 def planned_services() -> list[Service]:
@@ -80,8 +81,19 @@ def planned_services() -> list[Service]:
     return [
         planned("trainer", "trainer_svc", TrainerConfig(), "TRAINER", ready_when=""),  # "": Redis reached
         # Ready only once a model is published: live is what can be waited for.
-        planned("infer", "infer_svc", InferConfig(), "INFER", ready_when=LIVENESS),
+        planned_inference(InferConfig()),
     ]
+
+
+def planned_inference(config: InferConfig) -> Service:
+    """The inference service: as `planned` makes it, with its HTTP port (INFER_HTTP_LISTEN) too."""
+    service = planned("infer", "infer_svc", config, "INFER", ready_when=LIVENESS)
+    http = service_ports(("INFER_HTTP_LISTEN", config.http_listen))
+    return replace(
+        service,
+        ports={**service.ports, **http},
+        http=f"http://{config.http_listen}" if config.http_listen else "off",
+    )
 
 
 def planned(
@@ -279,12 +291,15 @@ def banner(children: list[Running], redis: str) -> str:
         "Tandem is up; Ctrl-C stops it all.",
         f"  trainer    {trainer.listen:<22} metrics {trainer.metrics}",
         f"  inference  {infer.listen:<22} metrics {infer.metrics}  (ready once a model is published)",
+        f"             HTTP/REST {infer.http}",
         f"  Redis      {redis}",
         "Try:",
         f"  {tandem} jobs start --trainer {trainer.listen} --model-name digits --preset digits-cnn "
         "--dataset digits --follow",
         f"  {tandem} predict --server {infer.listen} --model-name digits --dataset digits --limit 5",
     ]
+    if infer.http != "off":
+        rows.append(f"  curl -s {infer.http}/v2/models/digits")
     if trainer.metrics != "off":
         rows.append(f"  curl -s {trainer.metrics} | grep ^tandem_")
     return "\n".join([*rows, ""])

@@ -94,7 +94,8 @@ def readme_session(tmp_path_factory):
     }
     log = (workdir / "services.log").open("w")
     services = subprocess.Popen(
-        [sys.executable, "scripts/services.py"],
+        # Its Redis keeps its data in the test's directory, not the checkout's .tandem/redis/.
+        [sys.executable, "scripts/services.py", "--redis-dir", str(workdir / "redis")],
         cwd=REPO,
         env=environment,
         stdout=log,
