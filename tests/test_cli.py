@@ -397,8 +397,8 @@ def wrong_shape_npy(directory: Path) -> Path:
         ),
         (
             lambda d, m: ["predict", "--server", m, "--dataset", "digits"],
-            "--server takes the HOST:PORT of an inference service, and {m} is a model file; "
-            "to predict with it in this process: tandem predict {m} --dataset digits",
+            "--server takes the HOST:PORT of an inference service, and {m} is a file; "
+            "to predict with a model file in this process: tandem predict {m} --dataset digits",
         ),
         (
             lambda d, m: ["predict", "127.0.0.1:50052", "--npy", "x.npy"],

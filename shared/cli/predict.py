@@ -127,8 +127,8 @@ def check_not_swapped(args: argparse.Namespace) -> None:
     if model_file is None and server is not None and looks_like_a_model_file(server):
         meant = shlex.join(["tandem", "predict", server, *samples])
         raise ValueError(
-            f"--server takes the HOST:PORT of an inference service, and {server} is a model file; "
-            f"to predict with it in this process: {meant}"
+            f"--server takes the HOST:PORT of an inference service, and {server} is a file; "
+            f"to predict with a model file in this process: {meant}"
         )
     if server is None and model_file is not None and looks_like_an_address(model_file):
         model_name = ["--model-name", args.model_name or "NAME"]
