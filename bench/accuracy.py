@@ -25,11 +25,14 @@ from shared.nn.run import Hyperparameters, train
 
 # (preset, dataset, seeds, aim, where the aim comes from)
 RUNS = [
-    ("digits-cnn", "digits", (0, 1, 2), 0.983, "seed 002's article, one 90/10 split"),
+    ("digits-cnn", "digits", (0, 1, 2), 0.988, "seed 002's article: 98.3 %, one 90/10 split"),
     ("two-layer-net", "fashion-mnist", (0,), None, "book: 96.9 % on MNIST digits (easier)"),
     ("mlp", "fashion-mnist", (0,), 0.89, "Fashion-MNIST table: MLP 256-128-100 88.3 %"),
     ("cnn", "fashion-mnist", (0,), 0.915, "Fashion-MNIST table: 2 conv + pooling up to 91.6 %"),
+    ("fashion-mlp", "fashion-mnist", (0,), 0.905, "Fashion-MNIST table: MLP 256-128-100 88.3 %"),
+    ("fashion-cnn", "fashion-mnist", (0,), 0.935, "Fashion-MNIST table: 2 conv + pooling up to 91.6 %"),
 ]
+MAX_SECONDS = {"fashion-cnn": 20 * 60}  # the issue's budget for one run at BENCH_THREADS=2
 
 
 def train_once(preset: str, dataset, seed: int) -> tuple[float, float]:
@@ -57,17 +60,12 @@ def run() -> None:
             outcomes = [train_once(preset, dataset, seed) for seed in seeds]
             accuracy = float(np.mean([acc for acc, _ in outcomes]))
             seconds = float(np.mean([sec for _, sec in outcomes]))
-            mark = "-" if aim is None else ("pass" if accuracy >= aim else "MISS")
+            budget = MAX_SECONDS.get(preset)
+            within = budget is None or seconds <= budget
+            mark = "-" if aim is None else ("pass" if accuracy >= aim and within else "MISS")
+            aim_text = "" if aim is None else f" (aim {aim:.1%}" + (f" in {budget} s)" if budget else ")")
             rows.append(
-                [
-                    preset,
-                    name,
-                    len(seeds),
-                    f"{accuracy:.2%}",
-                    f"{seconds:.0f}",
-                    mark if aim is None else f"{mark} (aim {aim:.1%})",
-                    source,
-                ]
+                [preset, name, len(seeds), f"{accuracy:.2%}", f"{seconds:.0f}", mark + aim_text, source]
             )
             results.append(
                 {
@@ -78,6 +76,7 @@ def run() -> None:
                     "mean_accuracy": accuracy,
                     "seconds_per_run": seconds,
                     "aim": aim,
+                    "max_seconds": budget,
                     "source": source,
                 }
             )

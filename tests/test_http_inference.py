@@ -14,7 +14,6 @@ import http.client
 import json
 import logging
 import socket
-import ssl
 import threading
 import zlib
 from collections.abc import Iterator
@@ -712,7 +711,7 @@ def test_https_with_the_services_certificate(checkpoints, start_inference, certi
     client = triton_http.InferenceServerClient(
         url=inference.http_address,
         ssl=True,
-        ssl_context_factory=lambda: ssl.create_default_context(cafile=str(certificates.ca_file)),
+        ssl_options={"ca_certs": str(certificates.ca_file)},  # as the README shows it
     )
     try:
         assert client.is_server_ready()

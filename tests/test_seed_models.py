@@ -34,3 +34,7 @@ def test_mlp_beats_the_fashion_mnist_benchmark_table(fashion):
 
 def test_cnn_beats_the_fashion_mnist_benchmark_table(fashion):
     assert final_test_accuracy("cnn", fashion) >= 0.915
+
+
+def test_fashion_mlp_reaches_90_5_percent(fashion):
+    assert final_test_accuracy("fashion-mlp", fashion) >= 0.905

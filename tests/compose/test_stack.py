@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import ssl
 import subprocess
 import sys
 import time
@@ -360,9 +359,9 @@ def test_tritonclient_http_gets_the_same_predictions_from_every_replica(healthy_
         client = triton_http.InferenceServerClient(
             url=address,
             ssl=True,
-            ssl_context_factory=functools.partial(
-                ssl.create_default_context, cafile=str(healthy_stack.ca_file)
-            ),
+            # geventhttpclient builds its context with cafile=ssl_options["ca_certs"] (certifi's
+            # bundle unless given): the stack's CA goes there, not into a context factory.
+            ssl_options={"ca_certs": str(healthy_stack.ca_file)},
             connection_timeout=CALL_TIMEOUT,
             network_timeout=CALL_TIMEOUT,
         )
