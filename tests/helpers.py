@@ -6,6 +6,7 @@ Fixtures are in conftest.py.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -65,3 +66,14 @@ def wait_for_job(stub, job_id: str, condition, timeout: float, what: str) -> pb.
 
 def wait_finished(stub, job_id: str, timeout: float = 60) -> pb.Job:
     return wait_for_job(stub, job_id, lambda job: job.state in FINISHED, timeout, "to finish")
+
+
+def interruptible_module(module: str, *args: str) -> list[str]:
+    """The argv of `python -m MODULE ARGS...` with Ctrl-C raising KeyboardInterrupt in it, as in
+    a terminal. A shell that starts a command in the background (`make test &`, some CI runners)
+    starts it with SIGINT ignored; its children inherit that, and Python leaves an ignored SIGINT
+    ignored, so a test's SIGINT would do nothing. (Not a preexec_fn: that is unsafe in a process
+    with threads, as a test process serving gRPC is.)"""
+    restore = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    run = f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-c", restore + run, *args]

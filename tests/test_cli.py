@@ -23,6 +23,7 @@ from shared.cli.progress import TerminalProgress, UploadProgress
 from shared.data import load_dataset
 from shared.nn import EpochEvent, StepEvent
 from shared.rpc.stubs import tandem_common_pb2
+from tests.helpers import interruptible_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,7 +197,7 @@ def test_save_every_saves_the_model_of_each_nth_epoch(tmp_path, capsys):
 def interrupt_training(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run `tandem train` (endless epochs) in a process of its own, Ctrl-C it once it has
     printed its second epoch; its result and the lines it printed."""
-    argv = [sys.executable, "-m", "shared.cli", "train", "--preset", "mlp", "--hidden", "16"]
+    argv = interruptible_module("shared.cli", "train", "--preset", "mlp", "--hidden", "16")
     argv += ["--epochs", "1000000", "--out", str(tmp_path / "mlp.safetensors"), *flags]
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None

@@ -27,6 +27,7 @@ from shared.data import load_dataset
 from shared.embedded.redis_server import free_loopback_port
 from shared.rpc.convert import job_state_name
 from shared.rpc.stubs import tandem_trainer_pb2 as pb
+from tests.helpers import interruptible_module
 from trainer_svc.config import TrainerConfig
 from trainer_svc.server import TrainerServer
 
@@ -236,7 +237,7 @@ def test_ctrl_c_stops_the_watch_and_says_the_job_keeps_running(command, trainer,
         else:
             argv = ["start", "--model-name", model_name, *SMALL_JOB, "--epochs", "10000", "--follow"]
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "jobs", *argv, "--trainer", trainer],
+            interruptible_module("shared.cli", "jobs", *argv, "--trainer", trainer),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
