@@ -367,12 +367,13 @@ def test_tritonclient_http_gets_the_same_predictions_from_every_replica(healthy_
         )
         try:
             assert client.is_server_live(headers=token)
-            assert client.is_model_ready(model, headers=token)
             inputs = triton_http.InferInput("input", list(x.shape), "FP32")
             inputs.set_data_from_numpy(x, binary_data=True)
             result = client.infer(model, [inputs], headers=token)
             assert result.get_response()["model_version"] == str(version)
             answers.append(result.as_numpy("probabilities"))
+            # Ready once it serves here: without INFER_MODELS, a model loads on its first request.
+            assert client.is_model_ready(model, headers=token)
         finally:
             client.close()
     assert len(answers) == len(healthy_stack.infer_addresses()) >= 2
