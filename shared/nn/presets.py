@@ -10,6 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_MLP_HIDDEN = (256, 128, 100)
+# The MLPs' tuned settings (mlp, fashion-mlp): Adam with a cosine decay over 20 epochs.
+MLP_TRAINING = {
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "lr_schedule": "cosine",
+    "batch_size": 64,
+    "epochs": 20,
+}
 
 
 def _dense(units: int, **options) -> dict:
@@ -138,26 +146,14 @@ PRESETS: dict[str, Preset] = {
             "mlp",
             mlp,
             DEFAULT_MLP_HIDDEN,
-            {
-                "optimizer": "adam",
-                "learning_rate": 1e-3,
-                "lr_schedule": "cosine",
-                "batch_size": 64,
-                "epochs": 20,
-            },
+            {**MLP_TRAINING},
             fixed_depth=False,
         ),
         Preset(
             "fashion-mlp",
             fashion_mlp,
             (512, 256, 128),
-            {
-                "optimizer": "adam",
-                "learning_rate": 1e-3,
-                "lr_schedule": "cosine",
-                "batch_size": 64,
-                "epochs": 20,
-            },
+            {**MLP_TRAINING},
             fixed_depth=False,
         ),
         Preset(
