@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import safetensors.numpy
+from threadpoolctl import threadpool_limits
 
 from shared.data import load_dataset
 from shared.nn import SGD, Adam, EpochEvent, StepEvent, StopTraining, build_model, fit, make_optimizer
@@ -358,13 +359,19 @@ def test_a_spec_that_does_not_fit_the_dataset_is_refused(digits):
 
 
 def test_seed_digits_cnn_reaches_the_seeds_accuracy(digits):
-    """Seed 002's CNN: at least 98.3 % on the held-out 10 %, mean over 3 seeds."""
+    """Seed 002's CNN: at least 98.8 % on the held-out 10 %, mean over 3 seeds (its article: 98.3 %).
+
+    One test sample is 0.19 points of the mean, and BLAS sums in another order at another thread
+    count: at 1 thread the seeds give 98.32, 98.88 and 100 % (mean 99.07 %), at 2 threads 98.32,
+    98.88 and 99.44 % (98.88 %). One thread makes the figure the same on every machine's count.
+    """
     preset = get_preset("digits-cnn")
     spec = preset.spec(digits.input_shape, digits.num_classes)
-    accuracies = [
-        train(spec, digits, Hyperparameters.for_preset("digits-cnn", seed=seed)).history.epochs[-1][
-            "test_accuracy"
+    with threadpool_limits(1):
+        accuracies = [
+            train(spec, digits, Hyperparameters.for_preset("digits-cnn", seed=seed)).history.epochs[-1][
+                "test_accuracy"
+            ]
+            for seed in (0, 1, 2)
         ]
-        for seed in (0, 1, 2)
-    ]
-    assert np.mean(accuracies) >= 0.983, accuracies
+    assert np.mean(accuracies) >= 0.988, accuracies

@@ -19,6 +19,19 @@ MLP_TRAINING = {
     "epochs": 20,
 }
 
+# fashion-cnn's: 14 epochs fit the issue's 20 minutes at 2 threads on a 2-core machine (about
+# 80 s an epoch). Clothes are mirror-symmetric, so flips are fair here as they are not for digits.
+FASHION_CNN_TRAINING = {
+    "optimizer": "adam",
+    "learning_rate": 2e-3,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "batch_size": 64,
+    "epochs": 14,
+    "augment_shift": 1,
+    "augment_flip": True,
+}
+
 
 def _dense(units: int, **options) -> dict:
     return {"type": "dense", "units": units, **options}
@@ -93,19 +106,24 @@ def cnn(input_shape, num_classes, hidden=(128,)) -> dict:
     }
 
 
-def fashion_cnn(input_shape, num_classes, hidden=(128,)) -> dict:
-    """Two conv-batchnorm-ReLU blocks (32, 64 filters), dropout, dense 128 + batchnorm: for Fashion-MNIST."""
+def fashion_cnn(input_shape, num_classes, hidden=(256,)) -> dict:
+    """Two conv-batchnorm-ReLU blocks (32, 64 filters), dropout 0.1, dense 256 + batchnorm, dropout 0.2.
+
+    For Fashion-MNIST, trained on shifted and mirrored images (FASHION_CNN_TRAINING). Against
+    dense 128 and dropout 0.25/0.3 it gained 0.35 points (93.62 % against 93.27 %, 14 epochs,
+    seed 0): with augmentation the model underfits, so it needs width more than dropout.
+    """
     return {
         "input_shape": list(input_shape),
         "layers": [
             *_conv_block(32, normalised=True),
             *_conv_block(64, normalised=True),
-            {"type": "dropout", "rate": 0.25},
+            {"type": "dropout", "rate": 0.1},
             {"type": "flatten"},
             _dense(hidden[0]),
             {"type": "batchnorm"},
             {"type": "relu"},
-            {"type": "dropout", "rate": 0.3},
+            {"type": "dropout", "rate": 0.2},
             _dense(num_classes),
         ],
     }
@@ -177,14 +195,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "fashion-cnn",
             fashion_cnn,
-            (128,),
-            {
-                "optimizer": "adam",
-                "learning_rate": 2e-3,
-                "lr_schedule": "cosine",
-                "batch_size": 64,
-                "epochs": 10,
-            },
+            (256,),
+            FASHION_CNN_TRAINING,
         ),
     )
 }
