@@ -164,14 +164,14 @@ PRESETS: dict[str, Preset] = {
             "mlp",
             mlp,
             DEFAULT_MLP_HIDDEN,
-            {**MLP_TRAINING},
+            MLP_TRAINING,
             fixed_depth=False,
         ),
         Preset(
             "fashion-mlp",
             fashion_mlp,
             (512, 256, 128),
-            {**MLP_TRAINING},
+            MLP_TRAINING,
             fixed_depth=False,
         ),
         Preset(

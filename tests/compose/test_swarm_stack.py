@@ -26,6 +26,7 @@ import pytest
 
 from tests.compose.stack import REPO, find_engine
 from tests.compose.swarm import GATEWAY_NETWORK, SETTINGS, STACK_LABEL, ClientStream, SwarmStack
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.compose
 
@@ -313,12 +314,12 @@ def wait_until_the_name_resolves_to_the_tasks(stack: SwarmStack, timeout: float 
     a client that resolves at once still finds them; what a client is promised is the name's
     answer a little later."""
     started = time.monotonic()
-    while time.monotonic() < started + timeout:
-        if set(stack.client("resolves", "infer")) == stack.task_addresses("infer"):
-            return time.monotonic() - started
-        time.sleep(0.5)
-    tasks = stack.task_addresses("infer")
-    pytest.fail(f"`infer` did not resolve to its tasks {sorted(tasks)} alone within {timeout} s")
+    wait_until(
+        lambda: set(stack.client("resolves", "infer")) == stack.task_addresses("infer"),
+        "`infer` to resolve to its running tasks alone",
+        timeout,
+    )
+    return time.monotonic() - started
 
 
 def wait_until_every_task_serves_the_loop(stack: SwarmStack) -> float:
